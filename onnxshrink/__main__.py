@@ -1,0 +1,5 @@
+import sys
+
+from onnxshrink.cli import main
+
+sys.exit(main())

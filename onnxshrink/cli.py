@@ -1,0 +1,229 @@
+"""The ``onnxshrink`` command: compress, inspect, compare, passes.
+
+Exit codes: 0 success; 2 bad usage or bad input (one line on stderr); 1 a pass failed validation
+under ``--strict``; 3 an internal error (a bug: the line says so; ``--verbose`` shows the
+traceback). Heavy modules are imported inside the commands so ``--help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EPILOG = "Docs and examples: README.md. Pass specs: NAME[:KEY=VALUE[,KEY=VALUE]...]; see `onnxshrink passes`."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from onnxshrink import __version__
+
+    p = _Parser(prog="onnxshrink", description="Make trained ONNX models smaller and faster, with no retraining.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"onnxshrink {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    c = sub.add_parser("compress", help="apply passes, validate each with onnxruntime, write the result")
+    c.add_argument("model", metavar="MODEL", help="input .onnx file (never modified)")
+    c.add_argument("-o", "--output", required=True, metavar="OUT", help="output .onnx file (written atomically)")
+    c.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
+                   help="a pass to run, e.g. -p fold-batchnorm or -p prune:ratio=0.3 (repeatable; "
+                        "default: the exact passes simplify, fold-batchnorm)")
+    _data_args(c)
+    c.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    c.add_argument("--strict", action="store_true", help="fail (exit 1) when a pass is rolled back")
+    c.add_argument("--validate-samples", type=int, default=64, metavar="N",
+                   help="validate on the first N samples of the data (default 64)")
+    _common(c)
+
+    i = sub.add_parser("inspect", help="per-layer table: op, output shape, params, MACs; totals")
+    i.add_argument("model", metavar="MODEL")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--all", action="store_true", help="list every node, not only layers with params or MACs")
+    _common(i)
+
+    m = sub.add_parser("compare", help="fidelity of B against A, and B's latency relative to A")
+    m.add_argument("a", metavar="A", help="reference model (e.g. the original)")
+    m.add_argument("b", metavar="B", help="model to compare (e.g. the compressed one)")
+    _data_args(m)
+    m.add_argument("--runs", type=int, default=30, help="timed runs per model (median; default 30)")
+    m.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(m)
+
+    s = sub.add_parser("passes", help="list every pass with its options and defaults")
+    s.add_argument("--json", action="store_true")
+    _common(s)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DATA",
+                   help="calibration/validation data: .npz (keys = input names), .npy, an image "
+                        "folder, or random:N (default random:8)")
+    p.add_argument("--image-size", type=int, metavar="N", help="image folder: crop size (default: from the model)")
+    p.add_argument("--mean", default="0,0,0", help="image folder: per-channel mean on the 0..1 scale")
+    p.add_argument("--std", default="1,1,1", help="image folder: per-channel std on the 0..1 scale")
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), help="image folder: layout (default: from the model)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="list every skipped node with its reason; tracebacks on errors")
+
+
+def _images(args):
+    from onnxshrink.data import ImageOptions
+
+    return ImageOptions(image_size=args.image_size, mean=args.mean, std=args.std, layout=args.layout)
+
+
+def _consoles(args):
+    from rich.console import Console
+
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    err = Console(stderr=True)
+    return out, err
+
+
+def cmd_compress(args) -> int:
+    from onnxshrink.api import compress
+
+    out, err = _consoles(args)
+    _, report = compress(
+        args.model,
+        passes=args.passes,
+        data=args.data,
+        output=args.output,
+        strict=args.strict,
+        images=_images(args),
+        validate_samples=args.validate_samples,
+        progress=not args.quiet and err.is_terminal,
+        console=err,
+    )
+    if args.report:
+        report.write_json(args.report)
+    if not args.quiet:
+        report.render(out, verbose=args.verbose)
+        out.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from onnxshrink import io, metrics
+    from onnxshrink.report import human
+
+    loaded = io.load(args.model)
+    stats = metrics.model_stats(loaded.model, with_bytes=False)
+    stats.bytes = io.file_bytes(args.model)
+    layers = [l for l in stats.layers if args.all or l.params or l.macs or l.macs is None]
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "params": stats.params, "macs": stats.macs, "bytes": stats.bytes,
+            "macs_unknown": stats.macs_unknown,
+            "layers": [l.__dict__ for l in layers],
+        }, indent=2))
+        return 0
+    from rich.table import Table
+
+    out, _ = _consoles(args)
+    table = Table(title=f"{args.model}", title_justify="left", box=None)
+    for col, just in (("node", "left"), ("op", "left"), ("output shape", "left"),
+                      ("params", "right"), ("MACs", "right"), ("% MACs", "right")):
+        table.add_column(col, justify=just)
+    for l in layers:
+        share = f"{100 * l.macs / stats.macs:.1f}" if l.macs and stats.macs else ""
+        shape = "×".join(map(str, l.output_shape)) if l.output_shape is not None else "?"
+        table.add_row(l.name, l.op_type, shape, human(l.params) if l.params else "",
+                      human(l.macs) if l.macs else ("?" if l.macs is None else ""), share)
+    out.print(table)
+    out.print(f"[bold]total[/]: {human(stats.params)} params, {human(stats.macs)} MACs, "
+              f"{human(stats.bytes)}B on disk, {len(loaded.model.graph)} nodes")
+    if stats.macs_unknown:
+        out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from onnxshrink.compare import compare_models
+
+    result = compare_models(args.a, args.b, data=args.data, images=_images(args), runs=args.runs, threads=args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    out, _ = _consoles(args)
+    from onnxshrink.compare import render
+
+    render(result, out)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from onnxshrink.passes import DEFAULT_PIPELINE, REGISTRY
+    from onnxshrink.passes.base import option_fields
+
+    rows = []
+    for name, cls in REGISTRY.items():
+        opts = []
+        for f in option_fields(cls):
+            default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
+            opts.append({"name": f.name.replace("_", "-"), "type": str(f.type), "default": default})
+        rows.append({"name": name, "kind": "lossy" if cls.lossy else "exact", "data": cls.needs_data,
+                     "default": name in DEFAULT_PIPELINE, "description": cls.describe(), "options": opts})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    out, _ = _consoles(args)
+    for r in rows:
+        tag = ", default" if r["default"] else ""
+        out.print(f"[bold]{r['name']}[/] ({r['kind']}{', needs data' if r['data'] else ''}{tag}): {r['description']}")
+        for o in r["options"]:
+            out.print(f"    {o['name']} = {o['default']!r}  [dim]({o['type']})[/]")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "compare": cmd_compare, "passes": cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from onnxshrink.errors import OnnxShrinkError
+
+    try:
+        return COMMANDS[args.command](args)
+    except OnnxShrinkError as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless --verbose
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(e).__name__}: {first}); rerun with --verbose "
+              "and please report it", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Calibration and validation data: ``--data`` parsed, checked against the model, and batched.
+
+Accepted forms (first axis = samples everywhere):
+
+* ``.npz`` -- one array per model input, keyed by input name;
+* ``.npy`` -- one array, for single-input models;
+* a folder of images -- resized (shorter side to ``image_size / 0.875``), centre-cropped to
+  ``image_size``, scaled to [0, 1], normalised with ``mean``/``std``, laid out NCHW or NHWC;
+* ``random:N`` -- N seeded random samples (the report warns: random data makes data-driven
+  passes weak);
+* from the API also a ``dict`` of arrays or a single array.
+
+A sample's array either has the input's rank (the sample axis stands for the batch axis, which
+must then be dynamic or 1) or the input's rank + 1 (each sample is a whole input, batch
+included). Dynamic dimensions are resolved from the data; with random data only a dynamic
+batch can be resolved (to 1), anything else is refused with the dimension named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.errors import DataError
+
+__all__ = ["InputSpec", "Dataset", "ImageOptions", "input_specs", "load_data"]
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+_SEED = 20240229
+_MAX_BATCH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input as the data sees it: dims are ints or None (dynamic, with its name)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]
+    dim_names: tuple[str | None, ...]
+
+    def describe(self) -> str:
+        dims = [str(d) if d is not None else (n or "?") for d, n in zip(self.dims, self.dim_names)]
+        return f"{self.name}: {self.dtype} [{', '.join(dims)}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        if value.dtype is None or value.shape is None:
+            raise DataError(f"input '{value.name}' has no type or shape in the model")
+        dims, names = [], []
+        for d in value.shape:
+            if isinstance(d, int):
+                dims.append(d)
+                names.append(None)
+            else:
+                dims.append(None)
+                names.append(getattr(d, "value", None))
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(dims), tuple(names)))
+    return specs
+
+
+@dataclasses.dataclass
+class ImageOptions:
+    """How a folder of images becomes model input."""
+
+    image_size: int | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    layout: str | None = None  # "NCHW" | "NHWC"; None: from the input shape
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Samples for every model input; ``arrays[name]`` has the samples on axis 0.
+
+    ``per_sample_batch`` is True when each sample is a whole input (rank + 1 arrays).
+    """
+
+    arrays: dict[str, np.ndarray]
+    specs: list[InputSpec]
+    source: str
+    is_random: bool = False
+    per_sample_batch: bool = False
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batch_size(self) -> int:
+        """Samples per run: 1 for a fixed batch axis, up to 16 for a dynamic one."""
+        if self.per_sample_batch:
+            return 1
+        if any(s.dims and s.dims[0] is not None for s in self.specs):
+            return 1
+        return _MAX_BATCH
+
+    def batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for onnxruntime, in order, covering the first ``limit`` samples."""
+        n = self.n_samples if limit is None else min(limit, self.n_samples)
+        step = self.batch_size()
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            if self.per_sample_batch:
+                yield {k: v[start] for k, v in self.arrays.items()}
+            else:
+                yield {k: v[start:stop] for k, v in self.arrays.items()}
+
+    def subset(self, indices: np.ndarray | list[int]) -> Dataset:
+        return dataclasses.replace(
+            self, arrays={k: v[np.asarray(indices)] for k, v in self.arrays.items()}
+        )
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The concrete shape each input has when fed one batch of one sample."""
+        shapes = {}
+        for spec in self.specs:
+            arr = self.arrays[spec.name]
+            shapes[spec.name] = tuple(arr.shape[1:]) if self.per_sample_batch else (1, *arr.shape[1:])
+        return shapes
+
+
+def _parse_floats(text: str | tuple[float, ...] | list[float], what: str) -> tuple[float, ...]:
+    if isinstance(text, (tuple, list)):
+        return tuple(float(x) for x in text)
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as e:
+        raise DataError(f"--{what}: expected comma-separated numbers, got '{text}'") from e
+
+
+def load_data(
+    spec: str | os.PathLike | Mapping[str, np.ndarray] | np.ndarray | Dataset | None,
+    specs: list[InputSpec],
+    *,
+    images: ImageOptions | None = None,
+    default_random: int = 8,
+) -> Dataset:
+    """Reads ``spec`` and checks it against the model inputs ``specs``.
+
+    ``None`` gives ``random:<default_random>``.
+    """
+    if isinstance(spec, Dataset):
+        return spec
+    if spec is None:
+        spec = f"random:{default_random}"
+    if isinstance(spec, np.ndarray):
+        if len(specs) != 1:
+            raise DataError(f"a single array was given but the model has {len(specs)} inputs")
+        return _check(dict({specs[0].name: spec}), specs, "array")
+    if isinstance(spec, Mapping):
+        return _check(dict(spec), specs, "arrays")
+    text = os.fspath(spec)
+    if m := re.fullmatch(r"random(?::(\d+))?", text):
+        n = int(m.group(1) or default_random)
+        return _random(specs, n)
+    path = Path(text)
+    if not path.exists():
+        raise DataError(f"--data {text}: no such file or folder (expected .npz, .npy, an image "
+                        "folder or random:N)")
+    if path.is_dir():
+        return _check(_images(path, specs, images or ImageOptions()), specs, str(path))
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise DataError(f"--data {path}: cannot read .npz: {_line(e)}") from e
+        return _check(arrays, specs, str(path))
+    if path.suffix == ".npy":
+        if len(specs) != 1:
+            raise DataError(
+                f"--data {path}: a .npy holds one array but the model has {len(specs)} inputs "
+                f"({', '.join(s.name for s in specs)}); use a .npz keyed by input name"
+            )
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"--data {path}: cannot read .npy: {_line(e)}") from e
+        return _check({specs[0].name: arr}, specs, str(path))
+    raise DataError(f"--data {path}: unknown format (expected .npz, .npy, an image folder or random:N)")
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _random(specs: list[InputSpec], n: int) -> Dataset:
+    if n <= 0:
+        raise DataError("random:N needs N >= 1")
+    rng = np.random.default_rng(_SEED)
+    arrays = {}
+    for s in specs:
+        dims = list(s.dims)
+        for axis, d in enumerate(dims):
+            if d is None:
+                if axis == 0:
+                    dims[0] = 1
+                else:
+                    raise DataError(
+                        f"input '{s.name}' has a dynamic dimension "
+                        f"'{s.dim_names[axis] or '?'}' (axis {axis}); random data cannot guess "
+                        "its size: give --data with real samples"
+                    )
+        shape = (n, *dims[1:]) if dims else (n,)
+        if np.issubdtype(s.dtype, np.floating):
+            arr = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype == np.bool_:
+            arr = rng.integers(0, 2, shape).astype(np.bool_)
+        elif np.issubdtype(s.dtype, np.integer):
+            arr = rng.integers(0, 2, shape).astype(s.dtype)
+        else:
+            raise DataError(f"input '{s.name}' has dtype {s.dtype}: random data cannot fill it")
+        arrays[s.name] = arr
+    if not specs or not specs[0].dims:
+        raise DataError("random data needs inputs with a batch axis")
+    return Dataset(arrays, specs, f"random:{n}", is_random=True)
+
+
+def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> Dataset:
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in arrays]
+    extra = [k for k in arrays if k not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(missing)}")
+        if extra:
+            parts.append(f"unknown key(s) {', '.join(extra)}")
+        raise DataError(
+            f"--data {source}: {'; '.join(parts)}; the model's inputs are "
+            + "; ".join(s.describe() for s in specs)
+        )
+    counts = set()
+    per_sample = None
+    out = {}
+    for s in specs:
+        arr = np.asarray(arrays[s.name])
+        arr, mode = _fit(arr, s, source)
+        if per_sample is not None and mode != per_sample:
+            raise DataError(f"--data {source}: inputs disagree on whether axis 0 is the batch")
+        per_sample = mode
+        counts.add(arr.shape[0])
+        out[s.name] = arr
+    if len(counts) != 1:
+        raise DataError(f"--data {source}: inputs have different sample counts {sorted(counts)}")
+    if counts.pop() == 0:
+        raise DataError(f"--data {source}: zero samples")
+    return Dataset(out, specs, source, per_sample_batch=bool(per_sample))
+
+
+def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
+    rank = len(s.dims)
+    want = s.describe()
+    if arr.ndim == rank:
+        per_sample, dims = False, s.dims[1:]
+        got = arr.shape[1:]
+        if rank == 0:
+            raise DataError(f"--data {source}: input '{s.name}' is a scalar; give rank-1 samples")
+        if s.dims[0] not in (None, 1):
+            raise DataError(
+                f"--data {source}: input '{s.name}' has a fixed batch of {s.dims[0]}; give "
+                f"samples of shape {list(s.dims)} stacked on a new first axis"
+            )
+    elif arr.ndim == rank + 1:
+        per_sample, dims, got = True, s.dims, arr.shape[1:]
+    else:
+        raise DataError(
+            f"--data {source}: input '{s.name}' got shape {list(arr.shape)}, expected samples "
+            f"for {want} (samples on axis 0)"
+        )
+    for axis, (d, g) in enumerate(zip(dims, got)):
+        if d is not None and d != g:
+            raise DataError(
+                f"--data {source}: input '{s.name}' got shape {list(arr.shape)}, expected "
+                f"samples for {want}"
+            )
+    if arr.dtype != s.dtype:
+        same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(s.dtype, np.floating)) or (
+            np.issubdtype(arr.dtype, np.integer) and np.issubdtype(s.dtype, np.integer)
+        )
+        if not same_kind:
+            raise DataError(
+                f"--data {source}: input '{s.name}' got dtype {arr.dtype}, the model wants {s.dtype}"
+            )
+        arr = arr.astype(s.dtype)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.isfinite(arr).sum())
+        raise DataError(f"--data {source}: input '{s.name}' holds {bad} NaN/Inf values")
+    return np.ascontiguousarray(arr), per_sample
+
+
+def _images(folder: Path, specs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
+    from PIL import Image  # imported here: only image folders need it
+
+    if len(specs) != 1:
+        raise DataError(f"--data {folder}: an image folder feeds single-input models only")
+    s = specs[0]
+    if len(s.dims) != 4:
+        raise DataError(f"--data {folder}: input '{s.name}' is not an image batch (rank 4)")
+    layout = opts.layout or ("NHWC" if s.dims[3] in (1, 3) and s.dims[1] not in (1, 3) else "NCHW")
+    if layout not in ("NCHW", "NHWC"):
+        raise DataError(f"--layout must be NCHW or NHWC, got '{layout}'")
+    c_axis, hw = (1, (2, 3)) if layout == "NCHW" else (3, (1, 2))
+    channels = s.dims[c_axis] or 3
+    size = opts.image_size or s.dims[hw[0]]
+    if size is None:
+        raise DataError(f"--data {folder}: input '{s.name}' has dynamic height; give --image-size")
+    mean = np.asarray(_parse_floats(opts.mean, "mean"), np.float32)
+    std = np.asarray(_parse_floats(opts.std, "std"), np.float32)
+    if len(mean) not in (1, channels) or len(std) not in (1, channels) or (std == 0).any():
+        raise DataError(f"--mean/--std: need 1 or {channels} values, std non-zero")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--data {folder}: no images (.jpg, .png, ...) in the folder")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                out.append(_center_crop(im, size))
+        except Exception as e:
+            raise DataError(f"--data {folder}: cannot read image {f.name}: {_line(e)}") from e
+    x = np.stack(out).astype(np.float32) / 255.0  # N, H, W[, C]
+    if x.ndim == 3:
+        x = x[..., None]
+    x = (x - mean) / std
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return {s.name: np.ascontiguousarray(x.astype(s.dtype))}
+
+
+def _center_crop(im, size: int) -> np.ndarray:
+    from PIL import Image
+
+    short = round(size / 0.875)
+    w, h = im.size
+    scale = short / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))

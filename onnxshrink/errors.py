@@ -1,0 +1,45 @@
+"""Errors that reach the user as one line on stderr and an exit code.
+
+Every failure caused by the user's input (model file, data, options, paths) raises a subclass of
+:class:`OnnxShrinkError`; the CLI prints ``error: <message>`` and exits with ``exit_code``.
+Anything else escaping a command is a bug in onnxshrink and is reported as such.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxShrinkError",
+    "ModelError",
+    "DataError",
+    "OptionError",
+    "OutputError",
+    "ValidationError",
+]
+
+
+class OnnxShrinkError(Exception):
+    """Base class: a one-line message for the user and the exit code to use."""
+
+    exit_code = 2
+
+
+class ModelError(OnnxShrinkError):
+    """The model file is missing, not ONNX, truncated, invalid or not runnable."""
+
+
+class DataError(OnnxShrinkError):
+    """The calibration / validation data does not fit the model."""
+
+
+class OptionError(OnnxShrinkError):
+    """An unknown pass, an unknown option or a bad option value."""
+
+
+class OutputError(OnnxShrinkError):
+    """The output path cannot be written (missing folder, read-only, same as the input)."""
+
+
+class ValidationError(OnnxShrinkError):
+    """A pass failed validation and ``strict`` was asked for."""
+
+    exit_code = 1

@@ -1,0 +1,223 @@
+"""Params, MACs and bytes: per node and in total.
+
+MACs are multiply-accumulates for one run of the model with dynamic batch dimensions set to 1
+(or with the shapes the data gives). Counted ops (the float and the quantized forms):
+
+* Conv / ConvInteger / QLinearConv: ``prod(Y.shape) * (C_in / group) * prod(kernel)``
+  -- every output element is a dot product over one group's input channels and the kernel;
+  stride, pads and dilation enter through the output shape.
+* ConvTranspose: ``N * C_in * prod(X spatial) * (C_out / group) * prod(kernel)``
+  -- every input element is scattered to one group's outputs through the kernel.
+* Gemm / MatMul / MatMulInteger / QLinearMatMul: ``prod(Y.shape) * K`` with K the reduced axis;
+  batched and broadcast MatMul included.
+
+Other ops (element-wise, pooling, normalisation) are not counted as MACs, as is customary.
+Params are the elements of all initializers except INT64 ones (shapes, axes, indices); a node's
+params are those of the constants it reads, directly or through Identity / Cast /
+DequantizeLinear / Gather (decoded weights). Model-local functions are inlined before counting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+
+import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass, ShapeInferencePass
+
+__all__ = ["LayerStats", "ModelStats", "model_stats", "node_macs", "count_params", "serialized_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_CARRIERS = {"Identity", "Cast", "DequantizeLinear", "Gather", "Reshape", "Transpose"}
+
+
+@dataclasses.dataclass
+class LayerStats:
+    name: str
+    op_type: str
+    output_shape: list[int | str] | None
+    params: int
+    macs: int | None
+
+
+@dataclasses.dataclass
+class ModelStats:
+    params: int
+    macs: int
+    bytes: int | None
+    layers: list[LayerStats]
+    macs_unknown: list[str]  # nodes whose MACs could not be counted (dynamic shapes)
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "bytes": self.bytes}
+
+
+def _static(shape: ir.Shape | None) -> list[int] | None:
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _shape_of(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return list(value.const_value.shape)
+    return _static(value.shape)
+
+
+def _conv(node: ir.Node, w_index: int = 1) -> int | None:
+    w, y = _shape_of(node.inputs[w_index]), _static(node.outputs[0].shape)
+    if w is None or y is None:
+        return None
+    return math.prod(y) * math.prod(w[1:])
+
+
+def _conv_transpose(node: ir.Node) -> int | None:
+    x, w = _shape_of(node.inputs[0]), _shape_of(node.inputs[1])
+    if x is None or w is None:
+        return None
+    return math.prod(x) * math.prod(w[1:])  # w: [C_in, C_out / group, *kernel]
+
+
+def _matmul(node: ir.Node, a_index: int = 0) -> int | None:
+    a, y = _shape_of(node.inputs[a_index]), _static(node.outputs[0].shape)
+    if a is None or y is None or not a:
+        return None
+    return math.prod(y) * a[-1]
+
+
+def _gemm(node: ir.Node) -> int | None:
+    a, y = _shape_of(node.inputs[0]), _static(node.outputs[0].shape)
+    if a is None or y is None or len(a) != 2:
+        return None
+    k = a[0] if node.attributes.get_int("transA", 0) else a[1]
+    return math.prod(y) * k
+
+
+_MACS = {
+    "Conv": _conv,
+    "ConvInteger": _conv,
+    "QLinearConv": lambda n: _conv(n, w_index=3),
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "MatMulInteger": _matmul,
+    "QLinearMatMul": _matmul,
+}
+
+
+def node_macs(node: ir.Node) -> int | None:
+    """MACs of one node (0 for ops that are not counted, None when shapes are unknown)."""
+    fn = _MACS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    return fn(node) if fn else 0
+
+
+def _constants_read(node: ir.Node) -> list[ir.Value]:
+    """Initializers a node reads, directly or through weight-carrying ops."""
+    found: list[ir.Value] = []
+    stack = [v for v in node.inputs if v is not None]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.const_value is not None and v.is_initializer():
+            found.append(v)
+            continue
+        producer = v.producer()
+        if producer is not None and producer.op_type in _WEIGHT_CARRIERS:
+            stack.extend(i for i in producer.inputs if i is not None)
+    return found
+
+
+def _numel(value: ir.Value) -> int:
+    t = value.const_value
+    if t is None or t.dtype == ir.DataType.INT64:
+        return 0
+    return math.prod(t.shape)
+
+
+def count_params(model: ir.Model) -> int:
+    """Elements of all non-INT64 initializers, each counted once."""
+    return sum(_numel(v) for g in model.graphs() for v in g.initializers.values())
+
+
+def serialized_bytes(model: ir.Model) -> int:
+    """Bytes on disk of the model as onnxshrink would save it (model file + external data).
+
+    External tensors are counted by their length without being read; the rest is the size of
+    the serialized protobuf. Above protobuf's limit, tensor bytes plus the graph's size.
+    """
+    from onnxshrink import io
+
+    external = sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    in_memory = io.tensor_bytes(model) - external
+    if in_memory > io.EXTERNAL_DATA_THRESHOLD:
+        return in_memory + external
+    return ir.to_proto(model).ByteSize() + external
+
+
+def _with_shapes(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None) -> ir.Model:
+    clone = model.clone()
+    if clone.functions:
+        InlinePass()(clone)
+    for value in clone.graph.inputs:
+        if value.shape is None:
+            continue
+        if input_shapes and value.name in input_shapes:
+            value.shape = ir.Shape(input_shapes[value.name])
+        elif len(value.shape) and not isinstance(value.shape[0], int):
+            value.shape = ir.Shape([1, *value.shape[1:]])
+    for node in clone.graph:  # let inference recompute what depends on the new input shapes
+        for out in node.outputs:
+            if not out.is_graph_output():
+                out.shape = None
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
+    return clone
+
+
+def model_stats(
+    model: ir.Model,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    with_bytes: bool = True,
+) -> ModelStats:
+    """Counts params and MACs per node and in total (bytes by serializing, if asked)."""
+    shaped = _with_shapes(model, input_shapes)
+    layers, unknown, total = [], [], 0
+    for node in shaped.graph:
+        macs = node_macs(node)
+        params = sum(_numel(v) for v in _constants_read(node))
+        if node.op_type in _WEIGHT_CARRIERS:
+            params = 0  # counted at the node that uses the weight
+        if macs is None:
+            unknown.append(node.name or node.op_type)
+        else:
+            total += macs
+        shape = node.outputs[0].shape if node.outputs else None
+        layers.append(
+            LayerStats(
+                name=node.name or "",
+                op_type=node.op_type,
+                output_shape=None if shape is None else [d if isinstance(d, int) else str(d) for d in shape],
+                params=params,
+                macs=macs,
+            )
+        )
+    return ModelStats(
+        params=count_params(model),
+        macs=total,
+        bytes=serialized_bytes(model) if with_bytes else None,
+        layers=layers,
+        macs_unknown=unknown,
+    )

@@ -1,0 +1,32 @@
+"""The registry of passes: CLI name -> class. Explicit, so the order and the names are visible."""
+
+from __future__ import annotations
+
+from onnxshrink.errors import OptionError
+from onnxshrink.passes.base import PassContext, ShrinkPass, parse_spec
+from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
+from onnxshrink.passes.simplify import SimplifyPass
+
+__all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassContext", "ShrinkPass", "make_pass", "parse_spec"]
+
+REGISTRY: dict[str, type[ShrinkPass]] = {
+    cls.name: cls
+    for cls in (
+        SimplifyPass,
+        FoldBatchNormPass,
+    )
+}
+
+# What `compress` runs with no -p: the exact passes (lossy ones join as they land).
+DEFAULT_PIPELINE: tuple[str, ...] = ("simplify", "fold-batchnorm")
+
+
+def make_pass(spec: str | ShrinkPass) -> ShrinkPass:
+    """A pass from ``NAME[:KEY=VALUE,...]`` (or an instance, returned as is)."""
+    if isinstance(spec, ShrinkPass):
+        return spec
+    name, options = parse_spec(spec)
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise OptionError(f"unknown pass '{name}' (known: {', '.join(REGISTRY)})")
+    return cls.from_options(options)

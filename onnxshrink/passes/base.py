@@ -1,0 +1,189 @@
+"""The pass base class, its context, and option parsing from ``NAME:key=value,...`` specs.
+
+A pass is a dataclass whose fields are its options (the CLI reads names, types and defaults from
+there). It rewrites the model in place through the IR and records, for the report, what it
+changed (:meth:`ShrinkPass.change`) and what it refused and why (:meth:`ShrinkPass.skip`). It
+never validates itself: the pipeline's instruments do that around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+
+from onnxshrink.errors import OptionError
+from onnxshrink.report import Skip
+
+__all__ = ["PassContext", "ShrinkPass", "parse_spec", "option_fields"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the pipeline hands a pass: calibration data, a scratch folder, the original model."""
+
+    data: Any = None  # onnxshrink.data.Dataset | None
+    workdir: Path | None = None
+    original: ir.Model | None = None
+    progress: Any = None  # callable(description, total) -> advance(n) callback, or None
+
+
+@dataclasses.dataclass
+class ShrinkPass(ir.passes.InPlacePass):
+    """Base of all onnxshrink passes. Subclasses set ``name`` and implement ``call``."""
+
+    name: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False  # True: refuses to run on random data (with a warning)
+
+    def __post_init__(self) -> None:
+        self.context = PassContext()
+        self.changed: list[str] = []
+        self.skipped: list[Skip] = []
+        self.details: dict[str, Any] = {}
+
+    # -- for subclasses ---------------------------------------------------------------------
+    def skip(self, node: ir.Node | str, reason: str) -> None:
+        """Records that ``node`` was left unchanged, and why (goes into the report)."""
+        name = node if isinstance(node, str) else (node.name or node.op_type)
+        self.skipped.append(Skip(name, reason))
+        logger.debug("%s: skipped %s: %s", self.name, name, reason)
+
+    def change(self, what: str) -> None:
+        """Records one change (e.g. ``"Conv_3 <- BatchNormalization_4"``)."""
+        self.changed.append(what)
+
+    # -- for the pipeline -------------------------------------------------------------------
+    def bind(self, context: PassContext) -> None:
+        self.context = context
+        self.changed, self.skipped, self.details = [], [], {}
+
+    def options(self) -> dict[str, Any]:
+        """The option values that differ from the defaults (for the report)."""
+        out = {}
+        for f in option_fields(type(self)):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if value != default:
+                out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> ShrinkPass:
+        """Builds the pass from string options, converting each by its field's type."""
+        fields = {f.name: f for f in option_fields(cls)}
+        kwargs = {}
+        for key, raw in options.items():
+            fname = key.replace("-", "_")
+            if fname not in fields:
+                known = ", ".join(f.replace("_", "-") for f in fields) or "none"
+                raise OptionError(f"pass '{cls.name}' has no option '{key}' (options: {known})")
+            kwargs[fname] = _convert(raw, fields[fname], cls)
+        try:
+            return cls(**kwargs)
+        except OptionError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise OptionError(f"pass '{cls.name}': {e}") from e
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _resolved_type(field: dataclasses.Field, cls: type) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints.get(field.name, str)
+
+
+def _convert(raw: str | list[str], field: dataclasses.Field, cls: type) -> Any:
+    tp = _resolved_type(field, cls)
+    key = field.name.replace("_", "-")
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if isinstance(raw, str) and raw.lower() in ("none", "") and len(non_none) < len(args):
+            return None
+        last: Exception | None = None
+        for a in non_none:
+            try:
+                return _convert_to(raw, a, key, cls)
+            except OptionError as e:
+                last = e
+        raise last or OptionError(f"pass '{cls.name}': bad value for {key}")
+    return _convert_to(raw, tp, key, cls)
+
+
+def _convert_to(raw: str | list[str], tp: Any, key: str, cls: type) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        items = raw if isinstance(raw, list) else [x for x in raw.split("+") if x]
+        (item_tp, *_) = typing.get_args(tp) or (str,)
+        return tuple(_convert_to(x, item_tp, key, cls) for x in items)
+    if isinstance(raw, list):
+        raise OptionError(f"pass '{cls.name}': option {key} takes one value, got {','.join(raw)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if raw not in choices:
+            raise OptionError(
+                f"pass '{cls.name}': {key} must be one of {', '.join(map(str, choices))}; got '{raw}'"
+            )
+        return raw
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if tp is str:
+            return raw
+    except ValueError as e:
+        raise OptionError(
+            f"pass '{cls.name}': {key} expects {getattr(tp, '__name__', tp)}, got '{raw}'"
+        ) from e
+    raise OptionError(f"pass '{cls.name}': option {key} cannot be set from the command line")
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str | list[str]]]:
+    """``"prune:ratio=0.3,skip=a,b"`` -> ``("prune", {"ratio": "0.3", "skip": ["a", "b"]})``.
+
+    A comma-separated item without ``=`` continues the previous option's value as a list, so
+    node lists need no quoting: ``skip=conv1,conv2,ratio=0.2``.
+    """
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise OptionError(f"bad pass spec '{spec}': expected NAME[:KEY=VALUE[,KEY=VALUE]...]")
+    options: dict[str, str | list[str]] = {}
+    last = None
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        if "=" in item:
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if not key:
+                raise OptionError(f"bad pass spec '{spec}': empty option name")
+            options[key] = value.strip()
+            last = key
+        elif last is not None:
+            prev = options[last]
+            options[last] = [*(prev if isinstance(prev, list) else [prev]), item]
+        else:
+            raise OptionError(f"bad pass spec '{spec}': expected KEY=VALUE, got '{item}'")
+    return name, options

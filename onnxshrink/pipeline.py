@@ -1,0 +1,339 @@
+"""The pipeline: runs passes in order, with instruments observing every pass from outside.
+
+After each pass that changed the model the pipeline removes unused nodes, initializers and
+functions and re-sorts the graph. Instruments (TVM's ``PassInstrument`` idea) are called around
+every pass: ``before_pass`` in reverse order, ``after_pass`` in order, so :class:`Timing` measures
+the pass alone. :class:`Validate` may mark a pass ``rolled-back``; the pipeline then restores the
+model as it was before the pass (a clone taken beforehand: tensors are shared, never mutated) and
+goes on -- or raises :class:`ValidationError` when ``strict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    RemoveUnusedFunctionsPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+
+from onnxshrink import io, metrics, runtime
+from onnxshrink.data import Dataset
+from onnxshrink.errors import ModelError, ValidationError
+from onnxshrink.passes.base import PassContext, ShrinkPass
+from onnxshrink.report import Fidelity, PassRecord, Report
+from onnxshrink.validate import Invalid, Signature, check_file, compare, exact_ok, strict_inference_ok
+
+__all__ = [
+    "Pipeline",
+    "PassRun",
+    "Instrument",
+    "Validate",
+    "Timing",
+    "Progress",
+    "ReportCollector",
+    "cleanup",
+    "DEFAULT_FLOOR",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FLOOR = 0.99  # cosine with the original that a lossy pass must keep, unless set
+
+
+def cleanup(model: ir.Model) -> None:
+    """Dead nodes, initializers and functions removed; graph re-sorted."""
+    RemoveUnusedNodesPass()(model)
+    RemoveUnusedFunctionsPass()(model)
+    TopologicalSortPass()(model)
+
+
+@dataclasses.dataclass
+class PassRun:
+    """One pass application, as the instruments see it."""
+
+    index: int
+    total: int
+    pass_: ShrinkPass
+    record: PassRecord
+    snapshot: ir.Model
+    model: ir.Model
+    modified: bool = False
+    error: BaseException | None = None
+    traceback: str | None = None
+
+
+class Instrument:
+    """Observes the pipeline; default methods do nothing."""
+
+    def enter(self, model: ir.Model) -> None: ...
+
+    def before_pass(self, run: PassRun) -> None: ...
+
+    def after_pass(self, run: PassRun) -> None: ...
+
+    def exit(self, model: ir.Model) -> None: ...
+
+
+class Timing(Instrument):
+    """Seconds spent in each pass (validation excluded)."""
+
+    def before_pass(self, run: PassRun) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_pass(self, run: PassRun) -> None:
+        run.record.seconds = time.perf_counter() - self._t0
+
+
+class Progress(Instrument):
+    """A progress bar over the passes, and sub-tasks for long work, on a terminal only."""
+
+    def __init__(self, console=None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = console
+        self._progress = None
+
+    def enter(self, model: ir.Model) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn,
+            TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
+
+        self._progress = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._main = None
+
+    def task(self, description: str, total: int | None):
+        """Starts a sub-task; returns ``advance(n)`` (and ``done()`` via ``advance.done``)."""
+        if self._progress is None:
+            return _NullTask()
+        tid = self._progress.add_task(description, total=total)
+        return _Task(self._progress, tid)
+
+    def before_pass(self, run: PassRun) -> None:
+        if self._progress is None:
+            return
+        if self._main is None:
+            self._main = self._progress.add_task("passes", total=run.total)
+        self._progress.update(self._main, description=f"pass {run.index + 1}/{run.total}: {run.pass_.name}")
+
+    def after_pass(self, run: PassRun) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._main)
+
+    def exit(self, model: ir.Model) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class _Task:
+    def __init__(self, progress, tid) -> None:
+        self._p, self._tid = progress, tid
+
+    def __call__(self, n: int = 1) -> None:
+        self._p.advance(self._tid, n)
+
+    def done(self) -> None:
+        self._p.remove_task(self._tid)
+
+
+class _NullTask:
+    def __call__(self, n: int = 1) -> None: ...
+
+    def done(self) -> None: ...
+
+
+class Validate(Instrument):
+    """Checks every changed model against the one before it and the original; rolls back failures.
+
+    ``limit`` caps the validation samples (the first ones of the data).
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        workdir: Path,
+        *,
+        limit: int = 64,
+        progress: Progress | None = None,
+        original_path: Path | None = None,
+    ) -> None:
+        self.data = data
+        self.original_path = original_path
+        self.workdir = workdir
+        self.limit = limit
+        self.progress = progress
+        self.original_outputs: runtime.Outputs = []
+        self.before_outputs: runtime.Outputs = []
+        self.fidelity: Fidelity | None = None
+        self._strict = True
+        self._signature: Signature | None = None
+
+    def _run(self, path: Path, what: str) -> runtime.Outputs:
+        task = self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples)) if self.progress else _NullTask()
+        try:
+            sess = runtime.session(path)
+            return runtime.run(sess, self.data, limit=self.limit, on_batch=task)
+        finally:
+            task.done()
+
+    def enter(self, model: ir.Model) -> None:
+        # The user's file is the original as it is; an in-memory model is written out once.
+        path = self.original_path or self.workdir / "original.onnx"
+        if self.original_path is None:
+            io.write(model, path)
+        self._strict = strict_inference_ok(path)
+        try:
+            self._signature = check_file(path, strict_inference=self._strict)
+        except Invalid as e:
+            raise ModelError(f"the input model is not valid: {e}") from e
+        try:
+            self.original_outputs = self._run(path, "original")
+        except Exception as e:
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ModelError(f"onnxruntime cannot run the input model: {msg}") from e
+        self.before_outputs = self.original_outputs
+        self.fidelity = compare(self.original_outputs, self.original_outputs)
+        for extra in self.workdir.glob("original.onnx*"):
+            extra.unlink()
+
+    def after_pass(self, run: PassRun) -> None:
+        rec = run.record
+        if run.error is not None or not run.modified:
+            rec.fidelity = self.fidelity if run.error is None else None
+            return
+        t0 = time.perf_counter()
+        path = self.workdir / f"pass{run.index:02d}.onnx"
+        try:
+            size = io.write(run.model, path)
+            self._check(run, path)
+            outputs = self._run(path, run.pass_.name)
+            step = compare(self.before_outputs, outputs)
+            total = compare(self.original_outputs, outputs)
+            self._judge(run.pass_, step, total)
+        except Invalid as e:
+            rec.status, rec.reason = "rolled-back", str(e)
+        except Exception as e:  # onnxruntime refusing the model, a write failure, ...
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            rec.status, rec.reason = "rolled-back", f"onnxruntime: {msg}"
+        else:
+            rec.fidelity, rec.fidelity_step = total, step
+            rec.stats = {"bytes": size}
+            self.before_outputs, self.fidelity = outputs, total
+        finally:
+            for f in self.workdir.glob(f"pass{run.index:02d}.onnx*"):
+                f.unlink()
+            rec.validate_seconds = time.perf_counter() - t0
+
+    def _check(self, run: PassRun, path: Path) -> None:
+        sig = check_file(path, strict_inference=self._strict)
+        if diff := sig.differs(self._signature):
+            raise Invalid(diff)
+
+    def _judge(self, p: ShrinkPass, step: Fidelity, total: Fidelity) -> None:
+        if not p.lossy:
+            if not exact_ok(step, self.before_outputs):
+                raise Invalid(
+                    f"exact pass changed the outputs: max |Δ| = {step.max_abs:.3g} "
+                    f"(cosine {step.cosine:.6f})"
+                )
+            return
+        floor = getattr(p, "floor", None) or DEFAULT_FLOOR
+        if total.cosine < floor:
+            raise Invalid(
+                f"fidelity below the floor: cosine with the original {total.cosine:.5f} < {floor}"
+            )
+
+
+class ReportCollector(Instrument):
+    """Builds the :class:`Report`: totals before and after, one record per pass."""
+
+    def __init__(self, report: Report, input_shapes=None, validate: Validate | None = None) -> None:
+        self.report = report
+        self.input_shapes = input_shapes
+        self.validate = validate
+
+    def enter(self, model: ir.Model) -> None:
+        self.report.before = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
+
+    def after_pass(self, run: PassRun) -> None:
+        rec = run.record
+        if rec.status != "rolled-back" and run.modified:
+            s = metrics.model_stats(run.model, input_shapes=self.input_shapes, with_bytes=False)
+            rec.stats = {"params": s.params, "macs": s.macs, **(rec.stats or {})}
+        self.report.passes.append(rec)
+
+    def exit(self, model: ir.Model) -> None:
+        self.report.after = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
+        if self.validate is not None:
+            self.report.fidelity = self.validate.fidelity
+
+
+class Pipeline:
+    """Runs ``passes`` on a model with ``instruments`` around each one."""
+
+    def __init__(
+        self,
+        passes: Sequence[ShrinkPass],
+        instruments: Sequence[Instrument] = (),
+        *,
+        context: PassContext | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.context = context or PassContext()
+        self.strict = strict
+
+    def run(self, model: ir.Model) -> ir.Model:
+        for inst in self.instruments:
+            inst.enter(model)
+        for i, p in enumerate(self.passes):
+            p.bind(self.context)
+            record = PassRecord(name=p.name, options=p.options())
+            run = PassRun(i, len(self.passes), p, record, snapshot=model.clone(), model=model)
+            for inst in reversed(self.instruments):
+                inst.before_pass(run)
+            try:
+                result = p(model)
+                run.modified = result.modified
+                if run.modified:
+                    cleanup(model)
+            except Exception as e:  # a bug in a pass must not cost the user the model
+                run.error, run.traceback = e, traceback.format_exc()
+                logger.debug("pass %s raised:\n%s", p.name, run.traceback)
+            record.changed, record.skipped, record.details = list(p.changed), list(p.skipped), dict(p.details)
+            if run.error is not None:
+                msg = (str(run.error).strip().splitlines() or [""])[0][:300]
+                record.status, record.reason = "rolled-back", f"pass raised {type(run.error).__name__}: {msg}"
+            else:
+                record.status = "applied" if run.modified else "unchanged"
+            for inst in self.instruments:
+                inst.after_pass(run)
+            if record.status == "rolled-back":
+                model = run.snapshot
+                if self.strict:
+                    for inst in self.instruments:
+                        if isinstance(inst, Progress):
+                            inst.close()
+                    raise ValidationError(f"pass '{p.name}' failed validation: {record.reason}")
+        for inst in self.instruments:
+            inst.exit(model)
+        return model

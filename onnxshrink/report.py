@@ -1,0 +1,193 @@
+"""The report: what each pass did, what it refused and why, and what it cost in fidelity.
+
+Its JSON form (``--report FILE.json``) is a contract (DESIGN.md): ``before`` and ``after`` with
+``params``, ``macs``, ``bytes``; ``passes`` as a list of ``{name, options, status, seconds,
+changed, skipped: [{node, reason}], fidelity}``; ``fidelity`` of the final output against the
+original. Extra keys may be added; these never change meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Fidelity", "Skip", "PassRecord", "Report", "human"]
+
+
+@dataclasses.dataclass
+class Fidelity:
+    """Agreement of a model's outputs with a reference on the validation data.
+
+    ``cosine``: mean over samples (and outputs) of the cosine similarity of the flattened
+    sample outputs; ``cosine_min`` the worst sample. ``max_abs``: largest absolute difference;
+    ``rel_max_abs`` the same divided by the largest reference magnitude. ``top1_agreement``:
+    share of samples whose arg-max over the last axis agrees, for classifier-like outputs
+    (rank 2, float, at least 2 classes), else None.
+    """
+
+    cosine: float
+    cosine_min: float
+    max_abs: float
+    rel_max_abs: float
+    top1_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Skip:
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    status: str = "pending"  # applied | unchanged | rolled-back
+    seconds: float = 0.0
+    validate_seconds: float = 0.0
+    changed: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    fidelity: Fidelity | None = None  # against the original model
+    fidelity_step: Fidelity | None = None  # against the model before this pass
+    reason: str | None = None  # why it was rolled back
+    stats: dict[str, int | None] | None = None  # params / macs / bytes after the pass
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "options": self.options,
+            "status": self.status,
+            "seconds": round(self.seconds, 4),
+            "validate_seconds": round(self.validate_seconds, 4),
+            "changed": self.changed,
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "fidelity_step": self.fidelity_step.to_dict() if self.fidelity_step else None,
+            "reason": self.reason,
+            "stats": self.stats,
+        }
+        if self.details:
+            d["details"] = self.details
+        return d
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    data: str
+    before: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    after: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    fidelity: Fidelity | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [p for p in self.passes if p.status == "rolled-back"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "data": self.data,
+            "before": self.before,
+            "after": self.after,
+            "passes": [p.to_dict() for p in self.passes],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "warnings": self.warnings,
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+    def write_json(self, path: str | Path) -> None:
+        from onnxshrink.io import atomic_text
+
+        atomic_text(Path(path), self.to_json() + "\n")
+
+    # -- rendering ---------------------------------------------------------------------------
+    def render(self, console, *, verbose: bool = False) -> None:
+        """Prints the summary: totals before -> after, then one row per pass."""
+        from rich.table import Table
+
+        console.print(f"[bold]{self.model}[/] -> {self.output or '(in memory)'}  [dim](data: {self.data})[/]")
+        totals = Table(box=None)
+        totals.add_column("", style="bold")
+        for col in ("before", "after", "ratio"):
+            totals.add_column(col, justify="right")
+        for key in ("params", "macs", "bytes"):
+            b, a = self.before.get(key), self.after.get(key)
+            totals.add_row(key.upper() if key == "macs" else key, human(b), human(a), _ratio(a, b))
+        console.print(totals)
+
+        table = Table(box=None, title_justify="left", show_edge=False)
+        for col, just in (("pass", "left"), ("status", "left"), ("changed", "right"),
+                          ("skipped", "right"), ("seconds", "right"), ("cosine", "right"),
+                          ("max |Δ|", "right"), ("top-1", "right")):
+            table.add_column(col, justify=just)
+        for p in self.passes:
+            style = {"applied": "green", "unchanged": "dim", "rolled-back": "red"}.get(p.status, "")
+            f = p.fidelity
+            table.add_row(
+                p.name + (f" ({_opts(p.options)})" if p.options else ""),
+                f"[{style}]{p.status}[/]",
+                str(len(p.changed)),
+                str(len(p.skipped)),
+                f"{p.seconds + p.validate_seconds:.2f}",
+                f"{f.cosine:.6f}" if f else "",
+                f"{f.max_abs:.2e}" if f else "",
+                f"{f.top1_agreement:.1%}" if f and f.top1_agreement is not None else "",
+            )
+        console.print(table)
+        for p in self.passes:
+            if p.status == "rolled-back":
+                console.print(f"[red]rolled back[/] {p.name}: {p.reason}")
+            if verbose:
+                for s in p.skipped:
+                    console.print(f"  [dim]{p.name} skipped {s.node}: {s.reason}[/]")
+        for n in self.notes:
+            console.print(f"[dim]note: {n}[/]")
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+
+
+def _opts(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def _ratio(after: int | None, before: int | None) -> str:
+    if not after or not before:
+        return "" if after is None or before is None else "-"
+    return f"{after / before:.3f}×"
+
+
+def human(n: int | float | None) -> str:
+    """1234567 -> '1.23M'."""
+    if n is None:
+        return "?"
+    n = float(n)
+    if abs(n) < 1000:
+        return f"{n:.0f}"
+    exp = min(int(math.log10(abs(n)) // 3), 4)
+    return f"{n / 10 ** (3 * exp):.2f}{' KMGT'[exp]}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)

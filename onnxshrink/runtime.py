@@ -1,0 +1,79 @@
+"""onnxruntime sessions: opened by path (so external data works), run on a dataset, timed.
+
+Reference runs use ``ORT_DISABLE_ALL``: with optimizations on, onnxruntime fuses Conv+BN and
+similar patterns itself and would hide a rewrite's numerical bugs. Latency runs use the default
+(full) optimizations, as a deployed model would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from onnxshrink.data import Dataset
+
+__all__ = ["session", "run", "Outputs", "latency"]
+
+logger = logging.getLogger(__name__)
+
+# Outputs of a model on a dataset: one dict (output name -> array) per batch, in data order.
+Outputs = list[dict[str, np.ndarray]]
+
+
+def session(path: str | os.PathLike, *, optimize: bool = False, threads: int | None = None):
+    """An ``InferenceSession`` on CPU; graph optimizations off unless ``optimize``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(Path(path)), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, data: Dataset, *, limit: int | None = None, on_batch=None) -> Outputs:
+    """Runs ``sess`` on the first ``limit`` samples of ``data``; returns outputs per batch."""
+    names = [o.name for o in sess.get_outputs()]
+    outputs: Outputs = []
+    for feed in data.batches(limit):
+        values = sess.run(names, feed)
+        outputs.append({n: np.asarray(v) for n, v in zip(names, values)})
+        if on_batch is not None:
+            on_batch(next(iter(feed.values())).shape[0] if not data.per_sample_batch else 1)
+    return outputs
+
+
+def latency(
+    sessions: Mapping[str, object],
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int = 30,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median latency in ms of each session on ``feed``, measured interleaved in one loop.
+
+    Interleaving (A, B, A, B, ...) spreads machine noise evenly over the models compared.
+    """
+    names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(names[k], dict(feed))
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(names[k], dict(feed))
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,148 @@
+"""Validation: is the model after a pass still a valid model that agrees with the original?
+
+For each candidate model (saved by path to a scratch folder, so external data and > 2 GB work):
+
+1. ``onnx.checker.check_model`` on the file;
+2. shape inference on the file (strict, unless the original itself fails strict inference);
+3. output names and element types unchanged, static output dims unchanged;
+4. an onnxruntime session opened by path with graph optimizations *disabled*, run on the
+   validation data; each output's shape equal to the reference run's;
+5. agreement (:class:`Fidelity`) with the model before the pass and with the original.
+
+An exact pass must stay within ``max|Δ| <= EXACT_TOL * max(1, max|ref|)`` of the model before
+it; a lossy pass must keep the cosine with the original at or above its fidelity floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxshrink import runtime
+from onnxshrink.report import Fidelity
+
+__all__ = ["EXACT_TOL", "Invalid", "compare", "check_file", "exact_ok"]
+
+logger = logging.getLogger(__name__)
+
+EXACT_TOL = 1e-4
+
+
+class Invalid(Exception):
+    """The candidate model is broken; the message says how (one line)."""
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Names, element types and static dims of a model's outputs."""
+
+    outputs: tuple[tuple[str, int, tuple[int | None, ...]], ...]
+
+    @staticmethod
+    def of(proto: onnx.ModelProto) -> Signature:
+        outs = []
+        for o in proto.graph.output:
+            t = o.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+            outs.append((o.name, t.elem_type, dims))
+        return Signature(tuple(outs))
+
+    def differs(self, other: Signature) -> str | None:
+        if [o[0] for o in self.outputs] != [o[0] for o in other.outputs]:
+            return f"output names changed: {[o[0] for o in other.outputs]} -> {[o[0] for o in self.outputs]}"
+        for (name, t1, d1), (_, t2, d2) in zip(self.outputs, other.outputs):
+            if t1 != t2:
+                return f"output '{name}' changed element type"
+            if len(d1) != len(d2) or any(a is not None and b is not None and a != b for a, b in zip(d1, d2)):
+                return f"output '{name}' changed shape {list(d2)} -> {list(d1)}"
+        return None
+
+
+def check_file(path: Path, *, strict_inference: bool = True) -> Signature:
+    """Checker and shape inference on a saved model; raises :class:`Invalid`."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise Invalid(f"onnx.checker: {_line(e)}") from e
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-infer-") as tmp:
+        out = Path(tmp) / "inferred.onnx"
+        try:
+            onnx.shape_inference.infer_shapes_path(
+                str(path), str(out), check_type=True, strict_mode=strict_inference
+            )
+        except Exception as e:
+            raise Invalid(f"shape inference: {_line(e)}") from e
+    return Signature.of(onnx.load(str(path), load_external_data=False))
+
+
+def strict_inference_ok(path: Path) -> bool:
+    try:
+        check_file(path, strict_inference=True)
+        return True
+    except Invalid:
+        return False
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    return a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+def compare(ref: runtime.Outputs, out: runtime.Outputs) -> Fidelity:
+    """Agreement of ``out`` with ``ref`` (same data, same batches)."""
+    cosines: list[np.ndarray] = []
+    max_abs, ref_max = 0.0, 0.0
+    agree, total = 0, 0
+    for rb, ob in zip(ref, out):
+        for name, r in rb.items():
+            o = ob[name]
+            if r.shape != o.shape:
+                raise Invalid(f"output '{name}' has shape {list(o.shape)}, expected {list(r.shape)}")
+            if not np.issubdtype(r.dtype, np.number) or r.dtype == np.bool_:
+                mismatch = float(np.mean(r != o)) if r.size else 0.0
+                max_abs = max(max_abs, mismatch)
+                cosines.append(np.array([1.0 - mismatch]))
+                continue
+            r64, o64 = _rows(r), _rows(o)
+            if not np.isfinite(o64).all():
+                raise Invalid(f"output '{name}' has NaN or Inf values")
+            diff = np.abs(r64 - o64)
+            max_abs = max(max_abs, float(diff.max(initial=0.0)))
+            ref_max = max(ref_max, float(np.abs(r64).max(initial=0.0)))
+            nr, no = np.linalg.norm(r64, axis=1), np.linalg.norm(o64, axis=1)
+            dot = np.einsum("ij,ij->i", r64, o64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = np.where((nr == 0) & (no == 0), 1.0, dot / (nr * no))
+            cosines.append(np.nan_to_num(cos, nan=0.0))
+            if r.ndim == 2 and r.shape[-1] >= 2 and np.issubdtype(r.dtype, np.floating):
+                agree += int((r.argmax(-1) == o.argmax(-1)).sum())
+                total += r.shape[0]
+    cos_all = np.concatenate(cosines) if cosines else np.ones(1)
+    return Fidelity(
+        cosine=float(np.clip(cos_all.mean(), -1, 1)),
+        cosine_min=float(np.clip(cos_all.min(), -1, 1)),
+        max_abs=max_abs,
+        rel_max_abs=max_abs / ref_max if ref_max > 0 else max_abs,
+        top1_agreement=agree / total if total else None,
+        samples=sum(next(iter(b.values())).shape[0] if next(iter(b.values())).ndim else 1 for b in ref) if ref else 0,
+    )
+
+
+def exact_ok(f: Fidelity, ref: runtime.Outputs) -> bool:
+    ref_max = max(
+        (float(np.abs(np.asarray(v, np.float64)).max(initial=0.0)) for b in ref for v in b.values()
+         if np.issubdtype(np.asarray(v).dtype, np.number)),
+        default=0.0,
+    )
+    return f.max_abs <= EXACT_TOL * max(1.0, ref_max)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "models" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def digits_model() -> Path:
+    return FIXTURES / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="session")
+def digits_calib() -> Path:
+    return FIXTURES / "digits_calib.npz"
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(FIXTURES / "digits_test.npz") as z:
+        x = z["input"]
+    return x, np.load(FIXTURES / "digits_test_labels.npy")
+
+
+@pytest.fixture(scope="session")
+def mobilenet() -> dict[str, Path]:
+    """MobileNetV2 with ImageNet weights (built once into the cache; needs torch)."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("torch")  # locally without torch: skip; in CI: fail loudly
+    from models import mobilenet_v2
+
+    return mobilenet_v2.build()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Path]:
+    from models import photos
+
+    return photos.build()

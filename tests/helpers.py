@@ -1,0 +1,57 @@
+"""Test helpers: tiny models from ONNX text with seeded weights, onnxruntime reference runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+
+from onnxshrink.passes.base import ShrinkPass
+
+
+def make_model(text: str, inits: dict[str, np.ndarray] | None = None, check: bool = True) -> onnx.ModelProto:
+    """Parses ``text``; every name in ``inits`` declared as a graph input becomes an initializer."""
+    model = onnx.parser.parse_model(text)
+    inits = inits or {}
+    graph = model.graph
+    keep = [i for i in graph.input if i.name not in inits]
+    del graph.input[:]
+    graph.input.extend(keep)
+    for name, arr in inits.items():
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def ort_run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    data = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def apply(pass_: ShrinkPass, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Runs one pass directly (no pipeline) plus clean-up; returns the checked result."""
+    from onnxshrink.pipeline import cleanup
+
+    m = ir.from_proto(model)
+    result = pass_(m)
+    cleanup(result.model)
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, result.modified
+
+
+def op_count(model: onnx.ModelProto, op: str) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == op)
