@@ -38,6 +38,7 @@ def compress(
     strict: bool = False,
     images: ImageOptions | None = None,
     validate_samples: int = 64,
+    holdout: float = 0.25,
     progress: bool = False,
     console: Any = None,
 ) -> tuple[Any, Report]:
@@ -51,6 +52,9 @@ def compress(
         output: where to write the result (atomically); required when ``model`` is a path.
         strict: raise :class:`~onnxshrink.errors.ValidationError` when a pass is rolled back.
         validate_samples: how many samples of ``data`` validation runs on.
+        holdout: share of real ``data`` (the last samples) kept out of calibration and used for
+            validation, so data-fitted passes are judged on inputs they did not fit; 0 (or
+            fewer than 8 samples, or random data) validates on the calibration data itself.
         progress: show progress bars (on a terminal).
 
     Returns:
@@ -61,12 +65,21 @@ def compress(
         raise OptionError("compress(path, ...) needs output=<path> to write the result to")
     if validate_samples < 1:
         raise OptionError("validate_samples must be at least 1")
+    if not 0.0 <= holdout < 1.0:
+        raise OptionError(f"holdout must be in [0, 1), got {holdout}")
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
     if output is not None:
         io.check_output_path(Path(output), loaded.protected_paths)
     dataset = load_data(data, input_specs(loaded.model), images=images)
-    report = Report(model=str(model) if loaded.path else type(model).__name__, data=dataset.source)
+    if holdout > 0 and not dataset.is_random and dataset.n_samples >= 8:
+        calibration, validation = dataset.split(holdout)
+        source = (f"{dataset.source}: {calibration.n_samples} calibration + "
+                  f"{validation.n_samples} held-out validation samples")
+    else:
+        calibration = validation = dataset
+        source = f"{dataset.source}: {dataset.n_samples} samples (calibration = validation)"
+    report = Report(model=str(model) if loaded.path else type(model).__name__, data=source)
     if dataset.is_random:
         report.warnings.append(RANDOM_WARNING.format(source=dataset.source))
         for p in pass_list:
@@ -76,7 +89,8 @@ def compress(
         report.notes.append(
             f"{loaded.lifted_constants} Constant-node weights were turned into initializers"
         )
-    result = _run(loaded, pass_list, dataset, report, strict, validate_samples, progress, console)
+    result = _run(loaded, pass_list, calibration, validation, report, strict, validate_samples,
+                  progress, console)
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
     if output is not None:
@@ -90,13 +104,14 @@ def compress(
     return result, report
 
 
-def _run(loaded, pass_list, dataset: Dataset, report, strict, limit, progress, console) -> ir.Model:
+def _run(loaded, pass_list, calibration: Dataset, validation: Dataset, report, strict, limit,
+         progress, console) -> ir.Model:
     with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
         workdir = Path(tmp)
         bar = Progress(console=console, enabled=progress)
-        validate = Validate(dataset, workdir, limit=limit, progress=bar, original_path=loaded.path)
-        shapes = dataset.input_shapes()
-        context = PassContext(data=dataset, workdir=workdir, original=loaded.model.clone(), progress=bar)
+        validate = Validate(validation, workdir, limit=limit, progress=bar, original_path=loaded.path)
+        shapes = calibration.input_shapes()
+        context = PassContext(data=calibration, workdir=workdir, original=loaded.model.clone(), progress=bar)
         pipeline = Pipeline(
             pass_list,
             [bar, Timing(), validate, ReportCollector(report, shapes, validate)],

@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     c.add_argument("--strict", action="store_true", help="fail (exit 1) when a pass is rolled back")
     c.add_argument("--validate-samples", type=int, default=64, metavar="N",
-                   help="validate on the first N samples of the data (default 64)")
+                   help="validate on at most N samples (default 64)")
+    c.add_argument("--holdout", type=float, default=0.25, metavar="F",
+                   help="share of real data (its last samples) held out of calibration and used "
+                        "for validation (default 0.25; 0: validate on the calibration data)")
     _common(c)
 
     i = sub.add_parser("inspect", help="per-layer table: op, output shape, params, MACs; totals")
@@ -109,6 +112,7 @@ def cmd_compress(args) -> int:
         strict=args.strict,
         images=_images(args),
         validate_samples=args.validate_samples,
+        holdout=args.holdout,
         progress=not args.quiet and err.is_terminal,
         console=err,
     )
@@ -178,7 +182,7 @@ def cmd_passes(args) -> int:
         opts = []
         for f in option_fields(cls):
             default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
-            opts.append({"name": f.name.replace("_", "-"), "type": str(f.type), "default": default})
+            opts.append({"name": f.name.rstrip("_").replace("_", "-"), "type": str(f.type), "default": default})
         rows.append({"name": name, "kind": "lossy" if cls.lossy else "exact", "data": cls.needs_data,
                      "default": name in DEFAULT_PIPELINE, "description": cls.describe(), "options": opts})
     if args.json:
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     from onnxshrink.errors import OnnxShrinkError
 
     try:

@@ -33,8 +33,8 @@ def compare_models(
     out = runtime.run(_session(b, ModelError), dataset, limit=limit)
     fid = compare(ref, out)
     feed = next(dataset.batches(1))
-    sess = {"a": runtime.session(a, optimize=True, threads=threads),
-            "b": runtime.session(b, optimize=True, threads=threads)}
+    sess = {"a": runtime.session(a, optimize=True, threads=threads, spin=False),
+            "b": runtime.session(b, optimize=True, threads=threads, spin=False)}
     ms = runtime.latency(sess, feed, runs=runs)
     shapes = dataset.input_shapes()
     st_a = metrics.model_stats(la.model, input_shapes=shapes, with_bytes=False)

@@ -119,10 +119,22 @@ class Dataset:
             else:
                 yield {k: v[start:stop] for k, v in self.arrays.items()}
 
-    def subset(self, indices: np.ndarray | list[int]) -> Dataset:
+    def subset(self, indices: np.ndarray | list[int] | slice, source: str | None = None) -> Dataset:
+        idx = indices if isinstance(indices, slice) else np.asarray(indices)
         return dataclasses.replace(
-            self, arrays={k: v[np.asarray(indices)] for k, v in self.arrays.items()}
+            self, arrays={k: v[idx] for k, v in self.arrays.items()}, source=source or self.source
         )
+
+    def split(self, holdout: float) -> tuple[Dataset, Dataset]:
+        """(calibration, validation): the last ``holdout`` share of the samples is held out.
+
+        The tail, not a random draw: data files are often grouped (by photo, by speaker), and a
+        contiguous hold-out then measures fidelity on inputs unlike those a pass fitted to.
+        """
+        n = self.n_samples
+        k = min(n - 1, max(1, round(n * holdout)))
+        return (self.subset(slice(0, n - k), f"{self.source} [first {n - k}]"),
+                self.subset(slice(n - k, n), f"{self.source} [last {k}]"))
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """The concrete shape each input has when fed one batch of one sample."""

@@ -27,7 +27,10 @@ from collections.abc import Mapping
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
-__all__ = ["LayerStats", "ModelStats", "model_stats", "node_macs", "count_params", "serialized_bytes"]
+__all__ = [
+    "LayerStats", "ModelStats", "model_stats", "node_macs", "macs_by_node", "count_params",
+    "serialized_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +170,11 @@ def serialized_bytes(model: ir.Model) -> int:
     return ir.to_proto(model).ByteSize() + external
 
 
-def _with_shapes(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None) -> ir.Model:
+def _with_shapes(
+    model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None, inline: bool = True
+) -> ir.Model:
     clone = model.clone()
-    if clone.functions:
+    if clone.functions and inline:
         InlinePass()(clone)
     for value in clone.graph.inputs:
         if value.shape is None:
@@ -184,6 +189,20 @@ def _with_shapes(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | 
                 out.shape = None
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
     return clone
+
+
+def macs_by_node(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[int, int]:
+    """MACs of each node of ``model`` keyed by ``id(node)`` (nodes with unknown MACs omitted).
+
+    Relies on cloning preserving node order (model-local functions must not be present).
+    """
+    shaped = _with_shapes(model, input_shapes, inline=False)
+    out = {}
+    for orig, node in zip(model.graph, shaped.graph):
+        macs = node_macs(node)
+        if macs is not None:
+            out[id(orig)] = macs
+    return out
 
 
 def model_stats(

@@ -255,7 +255,8 @@ class Validate(Instrument):
                     f"(cosine {step.cosine:.6f})"
                 )
             return
-        floor = getattr(p, "floor", None) or DEFAULT_FLOOR
+        floor = getattr(p, "floor", None)
+        floor = DEFAULT_FLOOR if floor is None else floor
         if total.cosine < floor:
             raise Invalid(
                 f"fidelity below the floor: cosine with the original {total.cosine:.5f} < {floor}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import PassContext, ShrinkPass, parse_spec
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
+from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.simplify import SimplifyPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassContext", "ShrinkPass", "make_pass", "parse_spec"]
@@ -14,6 +15,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     for cls in (
         SimplifyPass,
         FoldBatchNormPass,
+        PruneChannelsPass,
     )
 }
 

@@ -72,7 +72,7 @@ class ShrinkPass(ir.passes.InPlacePass):
             value = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
             if value != default:
-                out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+                out[f.name.rstrip("_").replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -86,8 +86,10 @@ class ShrinkPass(ir.passes.InPlacePass):
         kwargs = {}
         for key, raw in options.items():
             fname = key.replace("-", "_")
+            if fname not in fields and fname + "_" in fields:  # python keywords: global -> global_
+                fname += "_"
             if fname not in fields:
-                known = ", ".join(f.replace("_", "-") for f in fields) or "none"
+                known = ", ".join(f.rstrip("_").replace("_", "-") for f in fields) or "none"
                 raise OptionError(f"pass '{cls.name}' has no option '{key}' (options: {known})")
             kwargs[fname] = _convert(raw, fields[fname], cls)
         try:

@@ -1,0 +1,108 @@
+"""Activation capture: run a model with chosen intermediate tensors exposed as outputs.
+
+The model is copied (its graph outputs become the requested tensors, and nodes they do not need
+are dropped), written to the pass's scratch folder and run by onnxruntime batch by batch, with
+graph optimizations on for speed (a requested tensor is a graph output, so onnxruntime keeps
+it). Callers reduce each batch to statistics right away -- per-channel
+moments, XᵀX and XᵀY sums -- so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxshrink import io, runtime
+from onnxshrink.data import Dataset
+
+__all__ = ["Probe", "ChannelMoments"]
+
+logger = logging.getLogger(__name__)
+
+_counter = itertools.count()
+
+
+class Probe:
+    """``model`` cut down to compute just the tensors ``names``; ``run`` yields one dict per batch.
+
+    The copy's graph outputs are exactly ``names`` and every node they do not need is dropped,
+    so probing an early layer runs only the graph up to it.
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], workdir: Path) -> None:
+        self.names = list(dict.fromkeys(names))
+        clone = model.clone()
+        values = {v.name: v for v in _all_values(clone.graph)}
+        missing = [n for n in self.names if n not in values]
+        if missing:
+            raise KeyError(f"no tensor named {missing[0]!r} in the model")
+        clone.graph.outputs.clear()
+        for n in self.names:
+            v = values[n]
+            if v.type is None:
+                v.type = ir.TensorType(ir.DataType.FLOAT)
+            clone.graph.outputs.append(v)
+        RemoveUnusedNodesPass()(clone)
+        self.path = workdir / f"probe{next(_counter)}.onnx"
+        io.write(clone, self.path)
+        self.session = runtime.session(self.path, optimize=True)
+
+    def run(
+        self, data: Dataset, limit: int | None = None, names: Sequence[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        fetch = list(names) if names is not None else self.names
+        for feed in data.batches(limit):
+            values = self.session.run(fetch, feed)
+            yield dict(zip(fetch, values))
+
+    def close(self) -> None:
+        del self.session
+        for f in self.path.parent.glob(self.path.name + "*"):
+            f.unlink(missing_ok=True)
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+class ChannelMoments:
+    """Running per-channel mean |x| and mean x² of a tensor along ``axis``."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.abs_sum: np.ndarray | None = None
+        self.sq_sum: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.moveaxis(np.asarray(x, np.float64), self.axis, -1).reshape(-1, x.shape[self.axis])
+        a, s = np.abs(x).sum(0), np.square(x).sum(0)
+        if self.abs_sum is None:
+            self.abs_sum, self.sq_sum = a, s
+        else:
+            self.abs_sum += a
+            self.sq_sum += s
+        self.count += x.shape[0]
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        return self.sq_sum / max(self.count, 1)

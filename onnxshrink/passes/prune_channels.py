@@ -1,0 +1,255 @@
+"""Structured filter pruning: removes whole channels, and every weight downstream that read them.
+
+Four separate pieces (as in Torch-Pruning's DepGraph):
+
+1. *what is coupled* -- :mod:`onnxshrink.analysis.channels` builds channel groups (Conv
+   filters, the BN / activation / pooling / depthwise ops they flow through, residual Add groups,
+   Concat offsets, Flatten -> Gemm rows) and freezes what it cannot follow, with a reason;
+2. *how important* -- :mod:`onnxshrink.analysis.importance`: l1, l2, bn, activation or hessian
+   scores per group channel, summed over the group's members;
+3. *how much* -- this module: ``ratio`` of each prunable group's channels; or, with
+   ``global=true`` or ``target-macs=<f>``, across all groups, the channels with the least damage
+   per MAC saved (damage = the channel's share of its group's score) until ``ratio`` of all
+   prunable channels go, or until the model keeps ``f`` of its MACs. The number kept is then
+   rounded to a multiple of ``round`` (for groups of 16 or more; onnxruntime's convolutions
+   lose their blocked layout otherwise) and never below ``min-channels``; never all of a group;
+4. *how to cut one op* -- :mod:`onnxshrink.analysis.cut`, a per-op table.
+
+Then, with real calibration data (``refit``, on by default when data is given), every layer
+whose inputs lost channels is re-fitted by ridge least squares to reproduce the model's
+pre-pruning outputs of that layer (:mod:`onnxshrink.analysis.refit`).
+
+``criterion=auto`` uses the strongest criterion the data allows: ``hessian`` with real data,
+``l1`` with random data or none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxshrink.analysis import channels as ch
+from onnxshrink.analysis.channels import const_array
+from onnxshrink.analysis.cut import cut_model
+from onnxshrink.analysis.importance import group_scores
+from onnxshrink.analysis.refit import refit_layers, refit_supported
+from onnxshrink.calibrate import ChannelMoments, Probe
+from onnxshrink.errors import OptionError
+from onnxshrink.passes.base import ShrinkPass
+
+__all__ = ["PruneChannelsPass", "keep_count"]
+
+logger = logging.getLogger(__name__)
+
+
+def keep_count(size: int, ratio: float, round_to: int, min_channels: int) -> int:
+    """Channels kept in a group of ``size`` when pruning ``ratio`` of them.
+
+    >>> keep_count(64, 0.3, 8, 8)   # 64 - floor(19.2) = 45 -> nearest multiple of 8
+    48
+    >>> keep_count(12, 0.5, 8, 8)   # small groups are not rounded; min-channels caps at the size
+    8
+    """
+    return _round_keep(size, size - math.floor(size * ratio + 1e-9), round_to, min_channels)
+
+
+def _round_keep(size: int, keep: int, round_to: int, min_channels: int) -> int:
+    """``keep`` to the nearest multiple of ``round_to`` (groups of 16 or more), within floors."""
+    if round_to > 1 and size >= 16:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return int(min(size, max(keep, min(min_channels, size), 1)))
+
+
+@dataclasses.dataclass
+class PruneChannelsPass(ShrinkPass):
+    """Structured channel pruning with downstream removal, importance criteria and LS re-fit."""
+
+    name: ClassVar[str] = "prune"
+    lossy: ClassVar[bool] = True
+
+    ratio: float = 0.3
+    criterion: Literal["auto", "l1", "l2", "bn", "activation", "hessian"] = "auto"
+    global_: bool = False
+    round: int = 8
+    min_channels: int = 8
+    skip_: tuple[str, ...] = ()  # CLI name: skip
+    refit: bool | None = None
+    ridge: float = 1e-3
+    samples: int = 128
+    target_macs: float | None = None
+    floor: float | None = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.ratio < 1.0:
+            raise OptionError(f"pass 'prune': ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
+            raise OptionError(f"pass 'prune': target-macs must be in (0, 1), got {self.target_macs}")
+        if self.round < 0 or self.min_channels < 1 or self.samples < 1 or self.ridge < 0:
+            raise OptionError("pass 'prune': round >= 0, min-channels >= 1, samples >= 1, ridge >= 0")
+
+    # -- the pass ---------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        cg = ch.analyze(model)
+        groups = self._prunable(cg)
+        data = self.context.data
+        real = data is not None and not getattr(data, "is_random", True)
+        criterion = self.criterion if self.criterion != "auto" else ("hessian" if real else "l1")
+        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-prune-"))
+        try:
+            needs_stats = criterion in ("activation", "hessian") and data is not None
+            moments = self._moments(model, groups, data, workdir) if needs_stats else None
+            plan = self._plan(model, groups, criterion, moments)
+            if not plan:
+                return ir.passes.PassResult(model, modified=False)
+            refit = self.refit if self.refit is not None else real
+            teacher = model.clone() if refit else None
+            removed = cg.removed_channels({gid: idx for gid, (idx, _, _) in plan.items()})
+            cut_model(model, removed, cg.info)
+            self._record(cg, plan)
+            if refit and teacher is not None:
+                self._refit(model, teacher, cg, plan, removed, data, workdir)
+        finally:
+            if self.context.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return ir.passes.PassResult(model, modified=True)
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _prunable(self, cg: ch.ChannelGraph) -> list[ch.Group]:
+        skip = set(self.skip_)
+        out = []
+        for g in cg.roots():
+            if g.frozen is None and skip & {p.name for p in g.producers}:
+                g.frozen = "listed in skip"
+            if g.frozen is not None:
+                self.skip(g.producers[0], f"group {g.name} ({g.size} channels) frozen: {g.frozen}")
+                continue
+            if g.size <= min(self.min_channels, g.size) or g.size < 2:
+                self.skip(g.producers[0], f"group {g.name} has only {g.size} channels")
+                continue
+            out.append(g)
+        return out
+
+    def _moments(self, model, groups, data, workdir) -> dict[str, ChannelMoments]:
+        acts = {m.value.name: m.axis for g in groups for m in g.members if m.kind == "act"}
+        if not acts:
+            return {}
+        moments = {name: ChannelMoments(axis) for name, axis in acts.items()}
+        task = self._task("prune: activation statistics", min(self.samples, data.n_samples))
+        with Probe(model, list(acts), workdir) as probe:
+            for batch in probe.run(data, self.samples):
+                for name, arr in batch.items():
+                    moments[name].update(arr)
+                task(next(iter(batch.values())).shape[0])
+        task.done()
+        return moments
+
+    def _plan(self, model, groups, criterion, moments) -> dict[int, tuple[np.ndarray, str, int]]:
+        """group id -> (group channels to remove, criterion used, size)."""
+        scored = [(g, *group_scores(g, criterion, moments)) for g in groups]
+        if self.global_ or self.target_macs is not None:
+            counts = self._global_counts(model, scored)
+        else:
+            counts = {g.id: g.size - keep_count(g.size, self.ratio, self.round, self.min_channels)
+                      for g, _, _ in scored}
+        plan = {}
+        for g, score, used in scored:
+            n = counts[g.id]
+            if n <= 0:
+                continue
+            order = np.argsort(score, kind="stable")
+            plan[g.id] = (np.sort(order[:n]), used, g.size)
+        return plan
+
+    def _global_counts(self, model, scored) -> dict[int, int]:
+        """Channels to remove per group, cheapest damage per MAC saved first.
+
+        A channel's damage is its share of its group's total score (the relative output energy
+        its consumers lose, for ``hessian``); the MACs it saves are its producers' MACs per
+        output channel plus its consumers' per input channel (depthwise filters included). The
+        budget is ``target-macs`` (fraction of the model's MACs to keep) when given, else
+        ``ratio`` of all prunable channels.
+        """
+        from onnxshrink.metrics import macs_by_node
+
+        macs = macs_by_node(model)
+        total_macs = sum(macs.values())
+        entries, per_channel = [], {}
+        for g, score, _ in scored:
+            per_channel[g.id] = _macs_per_channel(g, macs)
+            share = score / score.sum() if score.sum() > 0 else np.full(g.size, 1.0 / g.size)
+            entries += [(float(v) / max(per_channel[g.id], 1.0), g.id) for v in share]
+        sizes = {g.id: g.size for g, _, _ in scored}
+        removed = dict.fromkeys(sizes, 0)
+        budget_channels = math.floor(self.ratio * sum(sizes.values()))
+        target = None if self.target_macs is None else total_macs * (1.0 - self.target_macs)
+        saved = 0.0
+        for _, gid in sorted(entries):
+            if (target is not None and saved >= target) or (target is None and budget_channels <= 0):
+                break
+            floor_keep = max(min(self.min_channels, sizes[gid]), 1)
+            if sizes[gid] - removed[gid] - 1 < floor_keep:
+                continue
+            removed[gid] += 1
+            budget_channels -= 1
+            saved += per_channel[gid]
+        return {gid: sizes[gid] - _round_keep(sizes[gid], sizes[gid] - r, self.round, self.min_channels)
+                for gid, r in removed.items()}
+
+    def _record(self, cg, plan) -> None:
+        rows = []
+        for gid, (idx, used, size) in plan.items():
+            g = cg.groups[gid]
+            rows.append({"group": g.name, "channels": f"{size} -> {size - len(idx)}", "criterion": used,
+                         "producers": [p.name for p in g.producers]})
+            self.change(f"{g.name}: {size} -> {size - len(idx)} channels ({used})")
+        self.details["groups"] = rows
+
+    def _refit(self, model, teacher, cg, plan, removed, data, workdir) -> None:
+        consumers = {id(n): n for gid in plan for n in cg.groups[gid].consumers}
+        todo = []
+        for n in consumers.values():
+            if reason := refit_supported(n):
+                self.skip(n, f"not re-fitted: {reason}")
+            else:
+                todo.append(n)
+        if not todo:
+            return
+        task = self._task("prune: re-fit", len({n.inputs[0].name for n in todo}))
+        results = refit_layers(model, teacher, todo, removed, data, workdir, samples=self.samples,
+                               ridge=self.ridge, progress=task)
+        task.done()
+        self.details["refit"] = results
+
+    def _task(self, description: str, total: int):
+        progress = self.context.progress
+        if progress is None:
+            return _NullTask()
+        return progress.task(description, total)
+
+
+def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
+    """MACs saved by removing one channel of ``g``."""
+    total = 0.0
+    for m in g.members:
+        if m.kind not in ("in", "out"):
+            continue
+        shape = const_array(m.value).shape
+        total += macs.get(id(m.node), 0) / shape[m.axis] * m.segment.repeat
+    return total
+
+
+class _NullTask:
+    def __call__(self, n: int = 1) -> None: ...
+
+    def done(self) -> None: ...
