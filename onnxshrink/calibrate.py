@@ -35,7 +35,7 @@ class Probe:
     so probing an early layer runs only the graph up to it.
     """
 
-    def __init__(self, model: ir.Model, names: Sequence[str], workdir: Path) -> None:
+    def __init__(self, model: ir.Model, names: Sequence[str], workdir: Path, *, optimize: bool = True) -> None:
         self.names = list(dict.fromkeys(names))
         clone = model.clone()
         values = {v.name: v for v in _all_values(clone.graph)}
@@ -51,7 +51,7 @@ class Probe:
         RemoveUnusedNodesPass()(clone)
         self.path = workdir / f"probe{next(_counter)}.onnx"
         io.write(clone, self.path)
-        self.session = runtime.session(self.path, optimize=True)
+        self.session = runtime.session(self.path, optimize=optimize)
 
     def run(
         self, data: Dataset, limit: int | None = None, names: Sequence[str] | None = None
@@ -81,23 +81,29 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 
 class ChannelMoments:
-    """Running per-channel mean |x| and mean x² of a tensor along ``axis``."""
+    """Running per-channel mean x, mean |x| and mean x² of a tensor along ``axis``."""
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
+        self.sum: np.ndarray | None = None
         self.abs_sum: np.ndarray | None = None
         self.sq_sum: np.ndarray | None = None
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
         x = np.moveaxis(np.asarray(x, np.float64), self.axis, -1).reshape(-1, x.shape[self.axis])
-        a, s = np.abs(x).sum(0), np.square(x).sum(0)
-        if self.abs_sum is None:
-            self.abs_sum, self.sq_sum = a, s
+        m, a, s = x.sum(0), np.abs(x).sum(0), np.square(x).sum(0)
+        if self.sum is None:
+            self.sum, self.abs_sum, self.sq_sum = m, a, s
         else:
+            self.sum += m
             self.abs_sum += a
             self.sq_sum += s
         self.count += x.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
 
     @property
     def mean_abs(self) -> np.ndarray:

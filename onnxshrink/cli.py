@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     _data_args(m)
     m.add_argument("--runs", type=int, default=30, help="timed runs per model (median; default 30)")
     m.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    m.add_argument("--layers", action="store_true",
+                   help="also compare every intermediate tensor both models name alike: where B drifts")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(m)
 
@@ -163,13 +165,19 @@ def cmd_compare(args) -> int:
     from onnxshrink.compare import compare_models
 
     result = compare_models(args.a, args.b, data=args.data, images=_images(args), runs=args.runs, threads=args.threads)
+    if args.layers:
+        from onnxshrink.compare import layer_drift
+
+        result["layers"] = layer_drift(args.a, args.b, data=args.data, images=_images(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     out, _ = _consoles(args)
-    from onnxshrink.compare import render
+    from onnxshrink.compare import render, render_drift
 
     render(result, out)
+    if args.layers:
+        render_drift(result["layers"], out)
     return 0
 
 

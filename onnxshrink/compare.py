@@ -2,11 +2,16 @@
 
 Fidelity uses reference runs (graph optimizations off); latency uses full optimizations, both
 models timed interleaved in one loop on the first batch of the data (median of ``runs``).
+With ``--layers``, every intermediate tensor named alike in both models is compared too, in
+A's order, so a user sees *where* a quantized or pruned model starts to drift.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from onnxshrink import io, metrics, runtime
 from onnxshrink.data import ImageOptions, input_specs, load_data
@@ -14,7 +19,7 @@ from onnxshrink.errors import ModelError
 from onnxshrink.report import human
 from onnxshrink.validate import compare
 
-__all__ = ["compare_models", "render"]
+__all__ = ["compare_models", "render", "layer_drift", "render_drift"]
 
 
 def compare_models(
@@ -47,6 +52,76 @@ def compare_models(
         "macs": {"a": st_a.macs, "b": st_b.macs},
         "bytes": {"a": io.file_bytes(a), "b": io.file_bytes(b)},
     }
+
+
+def layer_drift(a: str, b: str, *, data=None, images: ImageOptions | None = None, limit: int = 32) -> list[dict[str, Any]]:
+    """Per-tensor agreement of B with A on every intermediate tensor both models name alike.
+
+    In A's order: where a quantized or pruned model first drifts from the original, and how
+    the error grows. Both run with optimizations off (B's QDQ pairs simulated in float).
+    """
+    import tempfile
+
+    from onnxshrink.calibrate import Probe
+
+    la, lb = io.load(a), io.load(b)
+    dataset = load_data(data, input_specs(la.model), images=images)
+    names_b = {o.name for n in lb.model.graph for o in n.outputs}
+    order, ops = [], {}
+    for node in la.model.graph:
+        for o in node.outputs:
+            if o.name in names_b and o.name not in ops:
+                order.append(o.name)
+                ops[o.name] = node.op_type
+    if not order:
+        return []
+    acc = {n: [0.0, 0.0, 0.0, 0.0, 0] for n in order}  # dot, |a|², |b|², max|Δ|, count
+    ref_max = dict.fromkeys(order, 0.0)
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-drift-") as tmp:
+        with Probe(la.model, order, Path(tmp), optimize=False) as pa, Probe(lb.model, order, Path(tmp), optimize=False) as pb:
+            for xa, xb in zip(pa.run(dataset, limit), pb.run(dataset, limit)):
+                for n in order:
+                    ra, rb = np.asarray(xa[n], np.float64), np.asarray(xb[n], np.float64)
+                    if ra.shape != rb.shape:
+                        acc[n][4] = -1
+                        continue
+                    s = acc[n]
+                    s[0] += float((ra * rb).sum())
+                    s[1] += float((ra * ra).sum())
+                    s[2] += float((rb * rb).sum())
+                    s[3] = max(s[3], float(np.abs(ra - rb).max(initial=0.0)))
+                    s[4] += 1
+                    ref_max[n] = max(ref_max[n], float(np.abs(ra).max(initial=0.0)))
+    rows = []
+    for n in order:
+        dot, na, nb, mx, cnt = acc[n]
+        if cnt <= 0:
+            continue
+        cos = dot / np.sqrt(na * nb) if na > 0 and nb > 0 else float(na == nb)
+        rows.append({"tensor": n, "op": ops[n], "cosine": float(cos), "max_abs": mx,
+                     "rel_max_abs": mx / ref_max[n] if ref_max[n] > 0 else mx})
+    return rows
+
+
+def render_drift(rows: list[dict[str, Any]], console, threshold: float = 0.999) -> None:
+    from rich.table import Table
+
+    if not rows:
+        console.print("no intermediate tensor is named alike in both models")
+        return
+    first = next((r for r in rows if r["cosine"] < threshold), None)
+    worst = min(rows, key=lambda r: r["cosine"])
+    t = Table(title=f"per-layer drift (cosine of B's tensor with A's; first below {threshold} marked)",
+              title_justify="left", box=None)
+    for col in ("tensor", "op", "cosine", "max |Δ| / max |A|"):
+        t.add_column(col, justify="left" if col in ("tensor", "op") else "right")
+    for r in rows:
+        mark = "[red]" if r is first else ""
+        t.add_row(f"{mark}{r['tensor']}", r["op"], f"{r['cosine']:.6f}", f"{r['rel_max_abs']:.3g}")
+    console.print(t)
+    if first is not None:
+        console.print(f"first drift below {threshold}: [bold]{first['tensor']}[/] ({first['op']}, cosine {first['cosine']:.6f})")
+    console.print(f"worst: {worst['tensor']} ({worst['op']}, cosine {worst['cosine']:.6f})")
 
 
 def _session(path: str, err):

@@ -232,7 +232,7 @@ class Validate(Instrument):
             rec.status, rec.reason = "rolled-back", str(e)
         except Exception as e:  # onnxruntime refusing the model, a write failure, ...
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            rec.status, rec.reason = "rolled-back", f"onnxruntime: {msg}"
+            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {msg}"
         else:
             rec.fidelity, rec.fidelity_step = total, step
             rec.stats = {"bytes": size}
@@ -257,10 +257,9 @@ class Validate(Instrument):
             return
         floor = getattr(p, "floor", None)
         floor = DEFAULT_FLOOR if floor is None else floor
-        if total.cosine < floor:
-            raise Invalid(
-                f"fidelity below the floor: cosine with the original {total.cosine:.5f} < {floor}"
-            )
+        against, what = (step, "the model before the pass") if p.compare_to == "before" else (total, "the original")
+        if against.cosine < floor:
+            raise Invalid(f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}")
 
 
 class ReportCollector(Instrument):

@@ -212,3 +212,29 @@ def test_help_is_fast_and_imports_nothing_heavy():
             "print(','.join(m for m in ('onnx', 'onnxruntime', 'onnxsim', 'tensorly', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == ""
+
+
+def test_compare_layers_shows_where_a_quantized_model_drifts(user_model, tmp_path, digits_calib):
+    out = tmp_path / "q.onnx"
+    assert run_cli("compress", str(user_model), "-o", str(out), "-p", "fold-batchnorm", "-p", "quantize",
+                   "--data", str(digits_calib), "-q").returncode == 0
+    proc = run_cli("compare", str(user_model), str(out), "--data", str(digits_calib), "--layers", "--json", "--runs", "3")
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(proc.stdout)["layers"]
+    assert len(layers) >= 10  # conv outputs keep their names through folding and quantization
+    assert all(0.9 < l["cosine"] <= 1.0 + 1e-9 for l in layers)
+    assert any(l["cosine"] < 0.99999 for l in layers)  # quantization error is visible per layer
+    proc = run_cli("compare", str(user_model), str(out), "--data", str(digits_calib), "--layers", "--runs", "3")
+    assert "worst:" in proc.stdout
+
+
+def test_holdout_option(user_model, tmp_path, digits_calib):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    proc = run_cli("compress", str(user_model), "-o", str(out), "--data", str(digits_calib), "--report", str(rep), "-q")
+    assert proc.returncode == 0
+    assert "150 calibration + 50 held-out validation samples" in json.loads(rep.read_text())["data"]
+    proc = run_cli("compress", str(user_model), "-o", str(out), "--data", str(digits_calib), "--report", str(rep),
+                   "-q", "--holdout", "0")
+    assert "calibration = validation" in json.loads(rep.read_text())["data"]
+    proc = run_cli("compress", str(user_model), "-o", str(out), "--holdout", "1.5")
+    _assert_one_line_error(proc, 2, "holdout")

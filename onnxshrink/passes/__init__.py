@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import PassContext, ShrinkPass, parse_spec
+from onnxshrink.passes.cluster_weights import ClusterWeightsPass
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
+from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
+from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass
 from onnxshrink.passes.simplify import SimplifyPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassContext", "ShrinkPass", "make_pass", "parse_spec"]
@@ -16,6 +19,10 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         SimplifyPass,
         FoldBatchNormPass,
         PruneChannelsPass,
+        QuantizePass,
+        InsertQDQPass,
+        FoldQDQPass,
+        ClusterWeightsPass,
     )
 }
 

@@ -41,7 +41,9 @@ class ShrinkPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
-    needs_data: ClassVar[bool] = False  # True: refuses to run on random data (with a warning)
+    needs_data: ClassVar[bool] = False  # True: data-driven (the report warns on random data)
+    # what a lossy pass's fidelity floor is measured against: "original" or "before" (the pass)
+    compare_to: ClassVar[str] = "original"
 
     def __post_init__(self) -> None:
         self.context = PassContext()

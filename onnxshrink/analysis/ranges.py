@@ -1,0 +1,181 @@
+"""Activation ranges from calibration data, and the int8 / uint8 parameters they give.
+
+Memory is bounded: one pass over the data keeps each tensor's running min and max; methods that
+need a distribution make a second pass filling a fixed histogram (2048 bins over [min, max])
+per tensor. No activation is stored.
+
+Methods (``calibration``):
+
+* ``minmax`` -- the observed range;
+* ``percentile=<p>`` -- the p-th and (100 − p)-th percentiles (lower end 0 for non-negative
+  tensors), clipping rare outliers;
+* ``entropy`` -- TensorRT's KL-divergence threshold T on the histogram of |x|: the clipping
+  whose quantized distribution (128 levels a side, or 256 for non-negative tensors, whose
+  exact zeros are left out) diverges least from the observed one; range [−T, T] (or [0, T])
+  intersected with the observed range;
+* ``mse`` -- the clipping of the observed range (a fraction of it, searched on a grid) that
+  minimises the expected squared error of quantizing the histogram: rounding error Δ²/12 inside,
+  squared distance to the edge outside.
+
+Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
+scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).
+int8 activations are asymmetric over [−128, 127] the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+__all__ = ["RangeStats", "choose_range", "qparams", "METHODS"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+_BINS = 2048
+
+
+@dataclasses.dataclass
+class RangeStats:
+    """Running min/max and, after ``start_histogram``, a histogram over [min, max]."""
+
+    lo: float = math.inf
+    hi: float = -math.inf
+    hist: np.ndarray | None = None
+    edges: tuple[float, float] | None = None
+
+    def update_range(self, x: np.ndarray) -> None:
+        if x.size:
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+
+    def start_histogram(self) -> None:
+        lo, hi = self.lo, self.hi
+        if not hi > lo:
+            hi = lo + 1e-6
+        self.edges = (lo, hi)
+        self.hist = np.zeros(_BINS, np.float64)
+
+    def update_histogram(self, x: np.ndarray) -> None:
+        h, _ = np.histogram(x, bins=_BINS, range=self.edges)
+        self.hist += h
+
+    @property
+    def centers(self) -> np.ndarray:
+        lo, hi = self.edges
+        w = (hi - lo) / _BINS
+        return lo + w * (np.arange(_BINS) + 0.5)
+
+
+def _percentile(st: RangeStats, p: float) -> tuple[float, float]:
+    cdf = np.cumsum(st.hist) / max(st.hist.sum(), 1)
+    c = st.centers
+    hi = float(c[min(np.searchsorted(cdf, p / 100.0), _BINS - 1)])
+    lo = 0.0 if st.lo >= 0 else float(c[min(np.searchsorted(cdf, 1 - p / 100.0), _BINS - 1)])
+    return min(lo, st.hi), max(hi, lo)
+
+
+def _abs_histogram(st: RangeStats) -> tuple[np.ndarray, float]:
+    """Histogram of |x| on [0, max|x|] with _BINS bins (re-binned from the signed one)."""
+    c, h = np.abs(st.centers), st.hist
+    top = max(abs(st.lo), abs(st.hi), 1e-12)
+    idx = np.minimum((c / top * _BINS).astype(int), _BINS - 1)
+    out = np.zeros(_BINS)
+    np.add.at(out, idx, h)
+    return out, top
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Gives empty bins a small mass ``eps`` taken evenly from the others (as onnxruntime's
+    calibrator does), so a bin holding only clipped outliers does not make the KL infinite."""
+    zero = p == 0
+    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
+    if n_nonzero == 0:
+        return None
+    if n_zero:  # small enough that no non-empty bin goes negative
+        eps = min(eps, 0.5 * float(p[~zero].min()) * n_nonzero / n_zero)
+    return p + eps * zero - (eps * n_zero / n_nonzero) * ~zero
+
+
+def _kl_threshold(hist: np.ndarray, top: float, levels: int = 128) -> float:
+    """TensorRT's entropy calibration on a |x| histogram: the best clipping threshold."""
+    best_t, best_kl = top, math.inf
+    total = hist.sum()
+    if total == 0:
+        return top
+    for i in range(levels, _BINS + 1, 16):
+        ref = hist[:i].copy()
+        ref[i - 1] += hist[i:].sum()  # clipped mass goes to the last bin
+        # quantize the first i bins into `levels` levels, then expand back
+        chunks = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for ch in chunks:
+            part = hist[ch]
+            nz = part > 0
+            if nz.any():
+                q[ch[nz]] = part.sum() / nz.sum()
+        p_ = _smooth(ref / ref.sum())
+        q_ = _smooth(q / max(q.sum(), 1e-30))
+        if p_ is None or q_ is None:
+            continue
+        mask = p_ > 0
+        kl = float(np.sum(p_[mask] * np.log(p_[mask] / q_[mask])))
+        if kl < best_kl:
+            best_kl, best_t = kl, (i / _BINS) * top
+    return best_t
+
+
+def _mse_range(st: RangeStats, levels: int) -> tuple[float, float]:
+    c, h = st.centers, st.hist
+    best, best_err = (st.lo, st.hi), math.inf
+    lo0, hi0 = min(st.lo, 0.0), max(st.hi, 0.0)
+    for frac in np.linspace(0.3, 1.0, 71):
+        lo, hi = lo0 * frac, hi0 * frac
+        delta = (hi - lo) / (levels - 1)
+        if delta <= 0:
+            continue
+        inside = (c >= lo) & (c <= hi)
+        err = (h[inside].sum() * delta * delta / 12.0
+               + float((h[c > hi] * (c[c > hi] - hi) ** 2).sum())
+               + float((h[c < lo] * (lo - c[c < lo]) ** 2).sum()))
+        if err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
+def choose_range(st: RangeStats, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    """The (lo, hi) range ``method`` picks from the statistics."""
+    if st.lo > st.hi:  # never observed
+        return 0.0, 1.0
+    if method == "minmax" or st.hist is None:
+        return st.lo, st.hi
+    if method == "percentile":
+        return _percentile(st, percentile)
+    if method == "entropy":
+        hist, top = _abs_histogram(st)
+        if st.lo >= 0:
+            # after a ReLU most values are exactly 0: that spike is exact in any range and
+            # would drag the threshold down (spreading it over a level costs the most KL)
+            hist[0] = 0.0
+            return 0.0, min(st.hi, _kl_threshold(hist, top, levels=256))
+        t = _kl_threshold(hist, top, levels=128)
+        return max(st.lo, -t), min(st.hi, t)
+    if method == "mse":
+        return _mse_range(st, 256)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.ndarray]:
+    """(scale, zero point) for an asymmetric range; 0 always representable exactly."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    scale = (hi - lo) / (qmax - qmin)
+    if scale <= 0 or not math.isfinite(scale):
+        scale = 1.0
+    zp = int(round(qmin - lo / scale))
+    zp = min(max(zp, qmin), qmax)
+    np_dtype = np.uint8 if dtype == "uint8" else np.int8
+    return np.float32(scale), np.array(zp, np_dtype)

@@ -1,0 +1,258 @@
+"""insert-qdq, fold-qdq, quantize: structure onnxruntime fuses, calibration, refusals, accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxshrink
+from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
+from onnxshrink.data import Dataset, input_specs
+from onnxshrink.passes.base import PassContext
+from onnxshrink.passes.fold_qdq import FoldQDQPass
+from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass, quantize_weight
+from tests.helpers import apply, make_model, op_count, ort_run, rand
+
+NET = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] W1, float[8] b1, float[8, 8, 3, 3] W2, float[8] b2,
+   float[10, 8] G, float[10] gb, float lo, float hi) => (float[N, 10] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, W1, b1)
+    r = Relu (h)
+    k = Conv <pads = [1, 1, 1, 1]> (r, W2, b2)
+    c = Clip (k, lo, hi)
+    s = Add (c, r)
+    m = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (s)
+    p = GlobalAveragePool (m)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, G, gb)
+}"""
+
+
+def _net(seed=0):
+    rng = np.random.default_rng(seed)
+    inits = {"W1": rand(rng, 8, 3, 3, 3, scale=0.5), "b1": rand(rng, 8, scale=0.1),
+             "W2": rand(rng, 8, 8, 3, 3, scale=0.2), "b2": rand(rng, 8, scale=0.1),
+             "G": rand(rng, 10, 8), "gb": rand(rng, 10), "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    return make_model(NET, inits)
+
+
+def _data(model, n=64, seed=1, random=False):
+    specs = input_specs(ir.from_proto(model))
+    rng = np.random.default_rng(seed)
+    arrays = {s.name: rng.standard_normal((n, *[d or 1 for d in s.dims[1:]])).astype(np.float32) for s in specs}
+    return Dataset(arrays, specs, "test", is_random=random)
+
+
+def _run(pass_, model, data):
+    pass_.context = PassContext(data=data)
+    return apply(pass_, model)
+
+
+def _cosine(a, b):
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float((np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+
+def test_quantize_structure_onnxruntime_fuses():
+    model = _net()
+    data = _data(model)
+    out, modified = _run(QuantizePass(), model, data)
+    assert modified
+    init = {i.name: i for i in out.graph.initializer}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    # activations fused: no Relu / Clip left between a Conv and its Q
+    assert op_count(out, "Relu") == 0 and op_count(out, "Clip") == 0
+    for conv in (n for n in out.graph.node if n.op_type in ("Conv", "Gemm")):
+        w_dq = producers[conv.input[1]]
+        assert w_dq.op_type == "DequantizeLinear"
+        assert init[w_dq.input[0]].data_type == onnx.TensorProto.INT8  # stored pre-quantized
+        b_dq = producers[conv.input[2]]
+        assert b_dq.op_type == "DequantizeLinear" and init[b_dq.input[0]].data_type == onnx.TensorProto.INT32
+        assert producers[conv.input[0]].op_type == "DequantizeLinear"
+    # no float weight for a quantized op, no QuantizeLinear on a constant
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in init for n in out.graph.node)
+    # no DQ -> Q pair with equal parameters
+    for q in (n for n in out.graph.node if n.op_type == "QuantizeLinear"):
+        dq = producers.get(q.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            assert dq.input[1:] != q.input[1:]
+    # MaxPool shares its input's scale: DQ(s) -> MaxPool -> Q(s)
+    mp = next(n for n in out.graph.node if n.op_type == "MaxPool")
+    q_after = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mp.output[0])
+    assert list(producers[mp.input[0]].input[1:]) == list(q_after.input[1:])
+    # the Gemm output feeds the graph output only: left float (QGemm with float output)
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert producers["y"].op_type == "Gemm"
+    x = data.arrays["x"][:16]
+    ref = ort_run(model, {"x": x})[0]
+    for optimize in (False, True):
+        got = ort_run(out, {"x": x}, optimize=optimize)[0]
+        assert got.shape == ref.shape
+        assert _cosine(ref, got) > 0.99  # measured 0.9996
+
+
+def test_insert_then_fold_equals_quantize():
+    model = _net(2)
+    data = _data(model)
+    inserted, _ = _run(InsertQDQPass(), model, data)
+    init = {i.name for i in inserted.graph.initializer}
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] in init for n in inserted.graph.node)
+    folded, modified = apply(FoldQDQPass(), inserted)
+    assert modified
+    x = data.arrays["x"][:8]
+    a, b = ort_run(inserted, {"x": x})[0], ort_run(folded, {"x": x})[0]
+    assert _cosine(a, b) > 0.9999
+    q, _ = _run(QuantizePass(), model, data)
+    np.testing.assert_allclose(ort_run(q, {"x": x})[0], b, atol=1e-5)
+    _, again = apply(FoldQDQPass(), folded)
+    assert again is False
+
+
+def test_fold_removes_equal_dq_q_pairs():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4] x, float s, uint8 z, float s2) => (float[1, 4] y, float[1, 4] w) {
+        a = QuantizeLinear (x, s, z)
+        b = DequantizeLinear (a, s, z)
+        c = QuantizeLinear (b, s, z)
+        y = DequantizeLinear (c, s, z)
+        d = QuantizeLinear (b, s2, z)
+        w = DequantizeLinear (d, s2, z)
+    }"""
+    model = make_model(text, {"s": np.array(0.1, np.float32), "z": np.array(128, np.uint8),
+                              "s2": np.array(0.2, np.float32)})
+    p = FoldQDQPass()
+    out, modified = apply(p, model)
+    assert modified and op_count(out, "QuantizeLinear") == 2  # the requantizing pair stays
+    x = np.array([[0.3, -1.0, 2.5, 0.0]], np.float32)
+    for r, g in zip(ort_run(model, {"x": x}), ort_run(out, {"x": x})):
+        np.testing.assert_array_equal(r, g)
+
+
+def test_graph_output_from_conv_keeps_its_name():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 3, 6, 6] x, float[4, 3, 3, 3] W) => (float[1, 4, 4, 4] y) {
+        y = Conv (x, W)
+    }"""
+    model = make_model(text, {"W": rand(np.random.default_rng(3), 4, 3, 3, 3)})
+    out, _ = _run(QuantizePass(), model, _data(model, 16))
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert next(n for n in out.graph.node if "y" in n.output).op_type == "DequantizeLinear"
+
+
+def test_exclude_keeps_float():
+    model = _net(4)
+    model.graph.node[0].name = "first"
+    out, _ = _run(QuantizePass(exclude=("first",), exclude_types=("Gemm",)), model, _data(model))
+    producers = {o: n for n in out.graph.node for o in n.output}
+    first = next(n for n in out.graph.node if n.name == "first")
+    assert producers.get(first.input[1]) is None  # float initializer weight
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert producers.get(gemm.input[1]) is None
+
+
+def test_refusals_old_opset_and_already_quantized():
+    text = """
+    <ir_version: 7, opset_import: ["" : 11]>
+    g (float[1, 3, 6, 6] x, float[4, 3, 3, 3] W) => (float[1, 4, 4, 4] y) {
+        y = Conv (x, W)
+    }"""
+    model = make_model(text, {"W": rand(np.random.default_rng(5), 4, 3, 3, 3)})
+    p = QuantizePass()
+    _, modified = _run(p, model, _data(model, 8))
+    assert not modified and "opset 11" in p.skipped[0].reason
+    q, _ = _run(QuantizePass(), _net(), _data(_net()))
+    p = QuantizePass()
+    _, modified = _run(p, q, _data(q))
+    assert not modified and "already quantized" in p.skipped[0].reason
+
+
+def test_bias_correction_reduces_output_bias():
+    model = _net(6)
+    data = _data(model, 128)
+    x = _data(model, 64, seed=9).arrays["x"]
+    ref = ort_run(model, {"x": x})[0]
+    errs = {}
+    for mode in ("off", "weights"):
+        out, _ = _run(QuantizePass(bias_correction=mode, calibration="minmax"), model, data)
+        errs[mode] = np.abs((ort_run(out, {"x": x})[0] - ref).mean(0)).mean()
+    assert errs["weights"] < errs["off"]
+
+
+def test_mixed_precision_keeps_sensitive_layers_float(digits_model, digits_calib):
+    model = onnx.load(str(digits_model))
+    out, rep = onnxshrink.compress(model, ["fold-batchnorm", "quantize:min-fidelity=0.99999,max-float=2"],
+                                   data=str(digits_calib))
+    q = rep.passes[1]
+    assert q.status == "applied", q.reason
+    mp = q.details["mixed_precision"]
+    assert 1 <= len(mp["float"]) <= 2
+    assert all(any(s.node == name and "mixed precision" in s.reason for s in q.skipped) for name in mp["float"])
+
+
+def test_digits_accuracy_within_half_a_point(digits_model, digits_calib, digits_test):
+    x, y = digits_test
+    model = onnx.load(str(digits_model))
+    out, rep = onnxshrink.compress(model, ["fold-batchnorm", "quantize"], data=str(digits_calib))
+    assert rep.passes[1].status == "applied"
+    base = (ort_run(model, {"input": x})[0].argmax(1) == y).mean()
+    acc = (ort_run(out, {"input": x}, optimize=True)[0].argmax(1) == y).mean()
+    assert acc >= base - 0.005, (acc, base)
+    assert rep.after["bytes"] < 0.4 * rep.before["bytes"]
+
+
+# -- calibration and parameters ------------------------------------------------------------
+def _stats(x):
+    st = RangeStats()
+    st.update_range(x)
+    st.start_histogram()
+    st.update_histogram(x)
+    return st
+
+
+def test_ranges_clip_outliers_but_not_the_body():
+    rng = np.random.default_rng(0)
+    relu = np.abs(rng.standard_normal(100_000))
+    relu[-10:] = 40.0  # rare outliers
+    relu[:50_000] = 0.0  # half exact zeros, as after a ReLU
+    st = _stats(relu)
+    lo, hi = choose_range(st, "minmax")
+    assert (lo, hi) == (0.0, 40.0)
+    for method in ("percentile", "entropy", "mse"):
+        lo, hi = choose_range(st, method)
+        assert lo == 0.0 and 2.5 < hi < 40.0, (method, hi)  # body (|N(0,1)|) kept, outliers clipped
+
+
+def test_qparams_make_zero_exact():
+    for lo, hi in ((-1.3, 2.7), (0.0, 6.0), (0.5, 3.0), (-4.0, -1.0)):
+        scale, zp = qparams(lo, hi, "uint8")
+        assert float(np.clip(np.round(0.0 / scale) + zp, 0, 255) - zp) * scale == 0.0
+        assert scale > 0 and zp.dtype == np.uint8
+
+
+def test_weight_quantization_per_channel():
+    w = np.stack([np.linspace(-1, 1, 27), np.linspace(-100, 100, 27)]).reshape(2, 3, 3, 3).astype(np.float32)
+    scale, q = quantize_weight(w, 0)
+    np.testing.assert_allclose(scale, [1 / 127, 100 / 127], rtol=1e-6)
+    assert q.dtype == np.int8 and q.min() >= -127
+    np.testing.assert_allclose(q * scale.reshape(-1, 1, 1, 1), w, atol=100 / 127 / 2 + 1e-6)
+
+
+@pytest.mark.slow
+def test_mobilenet_quantized_file_and_structure(mobilenet, photos):
+    out, rep = onnxshrink.compress(str(mobilenet["folded"]), ["quantize"], data=str(photos["calib"]),
+                                   output=mobilenet["folded"].parent.parent / "test_mnv2_int8.onnx")
+    try:
+        q = rep.passes[0]
+        assert q.status == "applied", q.reason
+        assert rep.after["bytes"] <= 0.30 * rep.before["bytes"]  # measured 0.281
+        proto = onnx.load(str(out))
+        init = {i.name for i in proto.graph.initializer}
+        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in init for n in proto.graph.node)
+        assert op_count(proto, "Clip") == 0  # ReLU6 fused
+    finally:
+        out.unlink(missing_ok=True)
