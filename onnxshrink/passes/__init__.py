@@ -10,6 +10,7 @@ from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass
 from onnxshrink.passes.simplify import SimplifyPass
+from onnxshrink.passes.tucker_conv import TuckerConvPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassContext", "ShrinkPass", "make_pass", "parse_spec"]
 
@@ -19,6 +20,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         SimplifyPass,
         FoldBatchNormPass,
         PruneChannelsPass,
+        TuckerConvPass,
         QuantizePass,
         InsertQDQPass,
         FoldQDQPass,
