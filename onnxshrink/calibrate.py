@@ -21,7 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxshrink import io, runtime
 from onnxshrink.data import Dataset
 
-__all__ = ["Probe", "ChannelMoments"]
+__all__ = ["Probe", "ChannelMoments", "all_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Probe:
     def __init__(self, model: ir.Model, names: Sequence[str], workdir: Path, *, optimize: bool = True) -> None:
         self.names = list(dict.fromkeys(names))
         clone = model.clone()
-        values = {v.name: v for v in _all_values(clone.graph)}
+        values = {v.name: v for v in all_values(clone.graph)}
         missing = [n for n in self.names if n not in values]
         if missing:
             raise KeyError(f"no tensor named {missing[0]!r} in the model")
@@ -73,7 +73,8 @@ class Probe:
         self.close()
 
 
-def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+def all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the graph: inputs, initializers, node outputs."""
     yield from graph.inputs
     yield from graph.initializers.values()
     for node in graph:

@@ -545,14 +545,20 @@ def _flatten(cg: ChannelGraph, node: ir.Node) -> None:
     cg.info[node.outputs[0]] = ChannelInfo(1, 2, x.size * hw, segs)
 
 
+def _ints(node: ir.Node, attr: str, index: int) -> list[int] | None:
+    """An int list given as attribute (older opsets) or as constant input ``index`` (newer)."""
+    values = node.attributes.get_ints(attr, None)
+    if values is None and len(node.inputs) > index and node.inputs[index] is not None:
+        arr = const_array(node.inputs[index])
+        values = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    return None if values is None else list(values)
+
+
 def _reduce_spatial(cg: ChannelGraph, node: ir.Node) -> None:
     x = _input_info(cg, node)
     if x is None:
         return
-    axes = node.attributes.get_ints("axes", None)
-    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = const_array(node.inputs[1])
-        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    axes = _ints(node, "axes", 1)
     keep = node.attributes.get_int("keepdims", 1)
     if axes is None or not keep or any((a + x.rank) % x.rank == x.axis for a in axes):
         cg.freeze(x, f"{node.op_type} '{_name(node)}' reduces over the channel axis or drops axes")
@@ -564,10 +570,7 @@ def _pad(cg: ChannelGraph, node: ir.Node) -> None:
     x = _input_info(cg, node)
     if x is None:
         return
-    pads = node.attributes.get_ints("pads", None)
-    if pads is None and len(node.inputs) > 1:
-        arr = const_array(node.inputs[1])
-        pads = None if arr is None else [int(p) for p in arr]
+    pads = _ints(node, "pads", 1)
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         pads = None  # explicit axes: not handled
     if pads is None or pads[x.axis] != 0 or pads[x.axis + x.rank] != 0:

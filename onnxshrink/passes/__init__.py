@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import PassContext, ShrinkPass, parse_spec
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass
+from onnxshrink.passes.equalize import EqualizePass
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
 from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         FoldBatchNormPass,
         PruneChannelsPass,
         TuckerConvPass,
+        EqualizePass,
         QuantizePass,
         InsertQDQPass,
         FoldQDQPass,

@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldBatchNormPass"]
@@ -44,41 +45,6 @@ class _Match:
     bias: np.ndarray | None  # Conv/ConvTranspose bias, or Gemm C
     scale: np.ndarray  # s = gamma / sqrt(var + eps)
     shift: np.ndarray  # beta - mean * s
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value``, following Identity chains; None if not constant."""
-    while value is not None:
-        if value.const_value is not None:
-            return value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity":
-            return None
-        value = producer.inputs[0]
-    return None
-
-
-def source_value(value: ir.Value) -> ir.Value:
-    """The value at the top of an Identity chain."""
-    while (p := value.producer()) is not None and p.op_type == "Identity":
-        value = p.inputs[0]
-    return value
-
-
-def users_outside(value: ir.Value, node: ir.Node) -> list[ir.Node]:
-    """Nodes other than ``node`` that read ``value``, directly or through Identity chains."""
-    src = source_value(value)
-    others, stack = [], [src]
-    while stack:
-        v = stack.pop()
-        for user in v.consumers():
-            if user is node:
-                continue
-            if user.op_type == "Identity":
-                stack.append(user.outputs[0])
-            else:
-                others.append(user)
-    return others
 
 
 def _bn_params(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
@@ -111,14 +77,14 @@ def _match(bn: ir.Node) -> _Match | str | None:
     weight = const_array(w_value)
     if weight is None:
         return f"{producer.op_type} weight is not constant"
-    if others := users_outside(w_value, producer):
+    if others := weight_users_outside(w_value, producer):
         return f"weight is shared with node '{others[0].name or others[0].op_type}'"
     bias = None
     if len(producer.inputs) > 2 and producer.inputs[2] is not None:
         bias = const_array(producer.inputs[2])
         if bias is None:
             return f"{producer.op_type} bias is not constant"
-        if users_outside(producer.inputs[2], producer):
+        if weight_users_outside(producer.inputs[2], producer):
             return "bias is shared with another node"
     params = _bn_params(bn)
     if isinstance(params, str):

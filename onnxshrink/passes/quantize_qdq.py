@@ -54,7 +54,7 @@ from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import unique_name
 from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
-from onnxshrink.calibrate import ChannelMoments, Probe
+from onnxshrink.calibrate import ChannelMoments, Probe, all_values
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
@@ -399,7 +399,7 @@ class InsertQDQPass(ShrinkPass):
     # -- rewrite ------------------------------------------------------------------------------
     def _rewrite(self, model, plan: QuantPlan, ranges, means, deltas=None, record: bool = True) -> None:
         graph = model.graph
-        values = {v.name: v for v in _all_values(graph)}
+        values = {v.name: v for v in all_values(graph)}
         params = plan.params(ranges)
         qp = {t: qparams(*params[t], self.activations) for t in plan.tensors}
         for node, act in plan.fused:
@@ -533,13 +533,6 @@ class InsertQDQPass(ShrinkPass):
 def _count(batch: dict) -> int:
     arr = next(iter(batch.values()))
     return arr.shape[0] if arr.ndim else 1
-
-
-def _all_values(graph: ir.Graph):
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for node in graph:
-        yield from node.outputs
 
 
 class _NullTask:
