@@ -21,7 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxshrink import io, runtime
 from onnxshrink.data import Dataset
 
-__all__ = ["Probe", "ChannelMoments", "all_values"]
+__all__ = ["Probe", "ChannelMoments", "all_values", "run_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,17 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_model(model: ir.Model, data: Dataset, limit: int | None, workdir: Path, *, optimize: bool = True):
+    """The model's outputs on the first ``limit`` samples (written to ``workdir``, then removed)."""
+    path = workdir / f"run{next(_counter)}.onnx"
+    io.write(model, path)
+    try:
+        return runtime.run(runtime.session(path, optimize=optimize), data, limit=limit)
+    finally:
+        for f in workdir.glob(path.name + "*"):
+            f.unlink(missing_ok=True)
 
 
 def all_values(graph: ir.Graph) -> Iterator[ir.Value]:

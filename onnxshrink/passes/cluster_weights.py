@@ -113,6 +113,8 @@ class ClusterWeightsPass(ShrinkPass):
     per_channel: bool = True
     bias_correction: Literal["auto", "off", "on"] = "auto"
     samples: int = 128
+    exclude: tuple[str, ...] = ()
+    min_fidelity: float | None = None
     floor: float | None = 0.99
 
     def __post_init__(self) -> None:
@@ -121,24 +123,39 @@ class ClusterWeightsPass(ShrinkPass):
             raise OptionError(f"pass 'cluster': bits must be between 1 and 8, got {self.bits}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        means = self._means(model)
+        exclude = set(self.exclude)
+        if self.min_fidelity is not None:
+            exclude |= self._sensitive(model, means, exclude)
+        modified, before, after = self._cluster(model, means, exclude, record=True)
+        if modified:
+            self.details["weight_bytes"] = {"before": int(before), "after": int(after)}
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _cluster(self, model: ir.Model, means, exclude: set[str], record: bool, only: str | None = None):
         graph = model.graph
         modified = False
         total_before = total_after = 0
-        means = self._means(model)
         for node in list(graph):
             if node.op_type not in _TARGETS or len(node.inputs) < 2 or node.inputs[1] is None:
+                continue
+            if node.name in exclude or (only is not None and node.name != only):
+                if record and node.name in exclude:
+                    self.skip(node, "excluded" if node.name in self.exclude else "kept by min-fidelity (most sensitive)")
                 continue
             w_val = node.inputs[1]
             w = const_array(w_val)
             if w is None:
                 continue
             if not np.issubdtype(w.dtype, np.floating):
-                self.skip(node, f"weight is {w.dtype}, not float")
+                if record:
+                    self.skip(node, f"weight is {w.dtype}, not float")
                 continue
             if w.size < self.min_size:
                 continue
             if weight_users_outside(w_val, node):
-                self.skip(node, "weight is shared with another node")
+                if record:
+                    self.skip(node, "weight is shared with another node")
                 continue
             axis = _out_axis(node) if self.per_channel else None
             scale = None
@@ -150,18 +167,56 @@ class ClusterWeightsPass(ShrinkPass):
                 scale = np.where(amax > 0, amax, 1.0).reshape(shape)
                 values = values / scale
             centroids, indices = kmeans_1d(values, 2**self.bits)
-            decoded = self._rewrite(graph, node, w, centroids, indices, scale)
+            decoded = self._rewrite(graph, node, w, centroids, indices, scale, record)
             mu = means.get(node.inputs[0].name) if node.op_type in ("Conv", "Gemm") else None
             if mu is not None:
                 subtract_from_bias(graph, node, apply_to_mean(node, decoded - w.astype(np.float64), mu))
             total_before += w.nbytes
             total_after += indices.size + centroids.size * 4 + (0 if scale is None else scale.size * 4)
             modified = True
-        if modified:
-            self.details["weight_bytes"] = {"before": int(total_before), "after": int(total_after)}
-        return ir.passes.PassResult(model, modified=modified)
+        return modified, total_before, total_after
 
-    def _rewrite(self, graph, node, w, centroids, indices, scale) -> None:
+    def _sensitive(self, model: ir.Model, means, exclude: set[str]) -> set[str]:
+        """Layers to leave unclustered so the cosine on 32 calibration samples reaches
+        ``min-fidelity``: each layer is clustered alone, the most damaging ones are kept float
+        one by one (re-measuring the whole model) until the floor holds."""
+        from onnxshrink.calibrate import run_model
+        from onnxshrink.validate import compare
+
+        data = self.context.data
+        if data is None:
+            return set()
+        n = min(32, data.n_samples)
+        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-cluster-"))
+        try:
+            reference = run_model(model, data, n, workdir, optimize=False)
+
+            def fidelity(excl: set[str], only: str | None = None) -> float:
+                trial = model.clone()
+                self._cluster(trial, means, excl, record=False, only=only)
+                return compare(reference, run_model(trial, data, n, workdir, optimize=False)).cosine
+
+            full = fidelity(exclude)
+            self.details["fidelity_all_clustered"] = round(full, 6)
+            if full >= self.min_fidelity:
+                return set()
+            names = [nd.name for nd in model.graph if nd.op_type in _TARGETS and nd.name not in exclude
+                     and const_array(nd.inputs[1]) is not None and const_array(nd.inputs[1]).size >= self.min_size]
+            damage = {name: 1.0 - fidelity(exclude, only=name) for name in names}
+            kept: set[str] = set()
+            current = full
+            for name in sorted(damage, key=damage.get, reverse=True):
+                kept.add(name)
+                current = fidelity(exclude | kept)
+                if current >= self.min_fidelity:
+                    break
+            self.details["min_fidelity"] = {"kept_float": sorted(kept), "fidelity": round(current, 6)}
+            return kept
+        finally:
+            if self.context.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _rewrite(self, graph, node, w, centroids, indices, scale, record: bool = True) -> np.ndarray:
         base = node.name or node.op_type
         codebook = ir.val(unique_name(graph, f"{base}.codebook"),
                           const_value=ir.tensor(centroids.astype(w.dtype)))
@@ -187,7 +242,8 @@ class ClusterWeightsPass(ShrinkPass):
         graph.insert_before(node, nodes)
         node.replace_input_with(1, out)
         err = float(np.sqrt(np.mean((decoded - w) ** 2)) / (np.std(w) + 1e-30))
-        self.change(f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})")
+        if record:
+            self.change(f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})")
         return decoded
 
     def _means(self, model: ir.Model) -> dict[str, np.ndarray]:

@@ -69,3 +69,14 @@ def test_mobilenet_cluster_file_size(mobilenet, photos, tmp_path):
                                    output=tmp_path / "clustered.onnx")
     assert rep.passes[0].status == "applied", rep.passes[0].reason
     assert rep.after["bytes"] <= 0.30 * rep.before["bytes"]  # measured 0.269
+
+
+def test_min_fidelity_keeps_the_most_damaging_layers(digits_model, digits_calib):
+    model = onnx.load(str(digits_model))
+    out, rep = onnxshrink.compress(model, ["fold-batchnorm", "cluster:bits=4,min-fidelity=0.9999,floor=0"],
+                                   data=str(digits_calib))
+    c = rep.passes[1]
+    assert c.status == "applied", c.reason
+    kept = c.details["min_fidelity"]["kept_float"]
+    assert kept and all(any(s.node == k and "min-fidelity" in s.reason for s in c.skipped) for k in kept)
+    assert c.details["fidelity_all_clustered"] < 0.9999
