@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
-    from onnxshrink.errors import OnnxShrinkError
+    from onnxshrink.errors import OnnxShrinkError, first_line
 
     try:
         return COMMANDS[args.command](args)
@@ -232,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"error: internal error ({type(e).__name__}: {first}); rerun with --verbose "
+        print(f"error: internal error ({type(e).__name__}: {first_line(e, empty='')}); rerun with --verbose "
               "and please report it", file=sys.stderr)
         return 3
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from onnxshrink import io, metrics, runtime
 from onnxshrink.data import ImageOptions, input_specs, load_data
-from onnxshrink.errors import ModelError
+from onnxshrink.errors import ModelError, first_line
 from onnxshrink.report import human
 from onnxshrink.validate import compare
 
@@ -128,8 +128,7 @@ def _session(path: str, err):
     try:
         return runtime.session(path)
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise err(f"{path}: onnxruntime cannot run the model: {msg}") from e
+        raise err(f"{path}: onnxruntime cannot run the model: {first_line(e)}") from e
 
 
 def render(r: dict[str, Any], console) -> None:

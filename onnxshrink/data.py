@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.errors import DataError
+from onnxshrink.errors import DataError, first_line
 
 __all__ = ["InputSpec", "Dataset", "ImageOptions", "input_specs", "load_data"]
 
@@ -190,7 +190,7 @@ def load_data(
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:
-            raise DataError(f"--data {path}: cannot read .npz: {_line(e)}") from e
+            raise DataError(f"--data {path}: cannot read .npz: {first_line(e, 200)}") from e
         return _check(arrays, specs, str(path))
     if path.suffix == ".npy":
         if len(specs) != 1:
@@ -201,13 +201,9 @@ def load_data(
         try:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise DataError(f"--data {path}: cannot read .npy: {_line(e)}") from e
+            raise DataError(f"--data {path}: cannot read .npy: {first_line(e, 200)}") from e
         return _check({specs[0].name: arr}, specs, str(path))
     raise DataError(f"--data {path}: unknown format (expected .npz, .npy, an image folder or random:N)")
-
-
-def _line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _random(specs: list[InputSpec], n: int) -> Dataset:
@@ -345,7 +341,7 @@ def _images(folder: Path, specs: list[InputSpec], opts: ImageOptions) -> dict[st
                 im = im.convert("L" if channels == 1 else "RGB")
                 out.append(_center_crop(im, size))
         except Exception as e:
-            raise DataError(f"--data {folder}: cannot read image {f.name}: {_line(e)}") from e
+            raise DataError(f"--data {folder}: cannot read image {f.name}: {first_line(e, 200)}") from e
     x = np.stack(out).astype(np.float32) / 255.0  # N, H, W[, C]
     if x.ndim == 3:
         x = x[..., None]

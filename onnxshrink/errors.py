@@ -14,7 +14,15 @@ __all__ = [
     "OptionError",
     "OutputError",
     "ValidationError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters; for an empty
+    message, ``empty`` (default: the exception's type name)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else (type(exc).__name__ if empty is None else empty)
 
 
 class OnnxShrinkError(Exception):

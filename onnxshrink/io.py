@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxshrink.errors import ModelError, OutputError
+from onnxshrink.errors import ModelError, OutputError, first_line
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -65,11 +65,6 @@ class LoadedModel:
         return paths
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _read_proto(path: Path) -> onnx.ModelProto:
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -81,14 +76,14 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # DecodeError, UnicodeDecodeError, RuntimeError from the C parser...
         raise ModelError(
-            f"{path}: not an ONNX model (protobuf parse failed: {_first_line(e)}); "
+            f"{path}: not an ONNX model (protobuf parse failed: {first_line(e)}); "
             "is the file truncated or of another format?"
         ) from e
     _check_structure(proto, str(path))
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise ModelError(f"{path}: invalid ONNX model: {_first_line(e)}") from e
+        raise ModelError(f"{path}: invalid ONNX model: {first_line(e)}") from e
     return proto
 
 
@@ -148,7 +143,7 @@ def load(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> LoadedModel:
                 onnx.checker.check_model(source)
             model = ir.serde.deserialize_model(source)
         except Exception as e:
-            raise ModelError(f"invalid ONNX model: {_first_line(e)}") from e
+            raise ModelError(f"invalid ONNX model: {first_line(e)}") from e
         loaded = LoadedModel(model, "proto")
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -156,7 +151,7 @@ def load(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> LoadedModel:
         try:
             model = ir.serde.deserialize_model(proto)
         except Exception as e:
-            raise ModelError(f"{path}: cannot read the model: {_first_line(e)}") from e
+            raise ModelError(f"{path}: cannot read the model: {first_line(e)}") from e
         ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
         _check_external_files(model, path)
         loaded = LoadedModel(model, "path", path=path)

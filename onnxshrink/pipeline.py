@@ -26,8 +26,8 @@ from onnx_ir.passes.common import (
 
 from onnxshrink import io, metrics, runtime
 from onnxshrink.data import Dataset
-from onnxshrink.errors import ModelError, ValidationError
-from onnxshrink.passes.base import PassContext, ShrinkPass
+from onnxshrink.errors import ModelError, ValidationError, first_line
+from onnxshrink.passes.base import NullTask, PassContext, ShrinkPass
 from onnxshrink.report import Fidelity, PassRecord, Report
 from onnxshrink.validate import Invalid, Signature, check_file, compare, exact_ok, strict_inference_ok
 
@@ -119,7 +119,7 @@ class Progress(Instrument):
     def task(self, description: str, total: int | None):
         """Starts a sub-task; returns ``advance(n)`` (and ``done()`` via ``advance.done``)."""
         if self._progress is None:
-            return _NullTask()
+            return NullTask()
         tid = self._progress.add_task(description, total=total)
         return _Task(self._progress, tid)
 
@@ -154,12 +154,6 @@ class _Task:
         self._p.remove_task(self._tid)
 
 
-class _NullTask:
-    def __call__(self, n: int = 1) -> None: ...
-
-    def done(self) -> None: ...
-
-
 class Validate(Instrument):
     """Checks every changed model against the one before it and the original; rolls back failures.
 
@@ -187,7 +181,7 @@ class Validate(Instrument):
         self._signature: Signature | None = None
 
     def _run(self, path: Path, what: str) -> runtime.Outputs:
-        task = self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples)) if self.progress else _NullTask()
+        task = self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples)) if self.progress else NullTask()
         try:
             sess = runtime.session(path)
             return runtime.run(sess, self.data, limit=self.limit, on_batch=task)
@@ -207,8 +201,7 @@ class Validate(Instrument):
         try:
             self.original_outputs = self._run(path, "original")
         except Exception as e:
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ModelError(f"onnxruntime cannot run the input model: {msg}") from e
+            raise ModelError(f"onnxruntime cannot run the input model: {first_line(e)}") from e
         self.before_outputs = self.original_outputs
         self.fidelity = compare(self.original_outputs, self.original_outputs)
         for extra in self.workdir.glob("original.onnx*"):
@@ -231,8 +224,7 @@ class Validate(Instrument):
         except Invalid as e:
             rec.status, rec.reason = "rolled-back", str(e)
         except Exception as e:  # onnxruntime refusing the model, a write failure, ...
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {msg}"
+            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {first_line(e)}"
         else:
             rec.fidelity, rec.fidelity_step = total, step
             rec.stats = {"bytes": size}
@@ -321,7 +313,7 @@ class Pipeline:
                 logger.debug("pass %s raised:\n%s", p.name, run.traceback)
             record.changed, record.skipped, record.details = list(p.changed), list(p.skipped), dict(p.details)
             if run.error is not None:
-                msg = (str(run.error).strip().splitlines() or [""])[0][:300]
+                msg = first_line(run.error, empty="")
                 record.status, record.reason = "rolled-back", f"pass raised {type(run.error).__name__}: {msg}"
             else:
                 record.status = "applied" if run.modified else "unchanged"

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from onnxshrink import runtime
+from onnxshrink.errors import first_line
 from onnxshrink.report import Fidelity
 
 __all__ = ["EXACT_TOL", "Invalid", "compare", "check_file", "exact_ok"]
@@ -35,10 +36,6 @@ EXACT_TOL = 1e-4
 
 class Invalid(Exception):
     """The candidate model is broken; the message says how (one line)."""
-
-
-def _line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,7 @@ def check_file(path: Path, *, strict_inference: bool = True) -> Signature:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise Invalid(f"onnx.checker: {_line(e)}") from e
+        raise Invalid(f"onnx.checker: {first_line(e)}") from e
     with tempfile.TemporaryDirectory(prefix="onnxshrink-infer-") as tmp:
         out = Path(tmp) / "inferred.onnx"
         try:
@@ -80,7 +77,7 @@ def check_file(path: Path, *, strict_inference: bool = True) -> Signature:
                 str(path), str(out), check_type=True, strict_mode=strict_inference
             )
         except Exception as e:
-            raise Invalid(f"shape inference: {_line(e)}") from e
+            raise Invalid(f"shape inference: {first_line(e)}") from e
     return Signature.of(onnx.load(str(path), load_external_data=False))
 
 

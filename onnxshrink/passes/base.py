@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnxshrink.errors import OptionError
 from onnxshrink.report import Skip
 
-__all__ = ["PassContext", "ShrinkPass", "parse_spec", "option_fields"]
+__all__ = ["PassContext", "ShrinkPass", "NullTask", "parse_spec", "option_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ class ShrinkPass(ir.passes.InPlacePass):
         name = node if isinstance(node, str) else (node.name or node.op_type)
         self.skipped.append(Skip(name, reason))
         logger.debug("%s: skipped %s: %s", self.name, name, reason)
+
+    def task(self, description: str, total: int):
+        """A progress sub-task for long work: call it with the amount done, ``.done()`` at the end
+        (a no-op when the pipeline shows no progress)."""
+        progress = self.context.progress
+        return NullTask() if progress is None else progress.task(description, total)
 
     def change(self, what: str) -> None:
         """Records one change (e.g. ``"Conv_3 <- BatchNormalization_4"``)."""
@@ -100,6 +106,14 @@ class ShrinkPass(ir.passes.InPlacePass):
             raise
         except (TypeError, ValueError) as e:
             raise OptionError(f"pass '{cls.name}': {e}") from e
+
+
+class NullTask:
+    """A progress task that shows nothing."""
+
+    def __call__(self, n: int = 1) -> None: ...
+
+    def done(self) -> None: ...
 
 
 def option_fields(cls: type) -> list[dataclasses.Field]:

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
+from onnxshrink.analysis.cut import unique_name
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldBatchNormPass"]
@@ -131,20 +132,11 @@ def _fold_gemm(m: _Match) -> tuple[np.ndarray, np.ndarray] | str:
 _FOLD = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fold_gemm}
 
 
-def _unique(graph: ir.Graph, base: str) -> str:
-    taken = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
-    taken |= {o.name for n in graph for o in n.outputs}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def _rewrite(graph: ir.Graph, m: _Match, w: np.ndarray, b: np.ndarray) -> None:
     dtype = m.weight.dtype
     base = m.producer.name or m.producer.outputs[0].name or m.producer.op_type
-    w_val = ir.val(_unique(graph, f"{base}.bn_folded.weight"), const_value=ir.tensor(w.astype(dtype)))
-    b_val = ir.val(_unique(graph, f"{base}.bn_folded.bias"), const_value=ir.tensor(b.astype(dtype)))
+    w_val = ir.val(unique_name(graph, f"{base}.bn_folded.weight"), const_value=ir.tensor(w.astype(dtype)))
+    b_val = ir.val(unique_name(graph, f"{base}.bn_folded.bias"), const_value=ir.tensor(b.astype(dtype)))
     graph.register_initializer(w_val)
     graph.register_initializer(b_val)
     attrs = dict(m.producer.attributes)

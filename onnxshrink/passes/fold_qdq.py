@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import set_const_input, unique_name
+from onnxshrink.analysis.cut import unique_name
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldQDQPass"]

@@ -145,7 +145,7 @@ class PruneChannelsPass(ShrinkPass):
         if not acts:
             return {}
         moments = {name: ChannelMoments(axis) for name, axis in acts.items()}
-        task = self._task("prune: activation statistics", min(self.samples, data.n_samples))
+        task = self.task("prune: activation statistics", min(self.samples, data.n_samples))
         with Probe(model, list(acts), workdir) as probe:
             for batch in probe.run(data, self.samples):
                 for name, arr in batch.items():
@@ -225,17 +225,11 @@ class PruneChannelsPass(ShrinkPass):
                 todo.append(n)
         if not todo:
             return
-        task = self._task("prune: re-fit", len({n.inputs[0].name for n in todo}))
+        task = self.task("prune: re-fit", len({n.inputs[0].name for n in todo}))
         results = refit_layers(model, teacher, todo, removed, data, workdir, samples=self.samples,
                                ridge=self.ridge, progress=task)
         task.done()
         self.details["refit"] = results
-
-    def _task(self, description: str, total: int):
-        progress = self.context.progress
-        if progress is None:
-            return _NullTask()
-        return progress.task(description, total)
 
 
 def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
@@ -248,8 +242,3 @@ def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
         total += macs.get(id(m.node), 0) / shape[m.axis] * m.segment.repeat
     return total
 
-
-class _NullTask:
-    def __call__(self, n: int = 1) -> None: ...
-
-    def done(self) -> None: ...

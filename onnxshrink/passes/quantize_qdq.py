@@ -345,7 +345,7 @@ class InsertQDQPass(ShrinkPass):
         if full >= self.min_fidelity:
             return []
         candidates = [node.name for node in plan.nodes if node.op_type in _COMPUTE]
-        task = self._task(f"{self.name}: layer sensitivity", len(candidates))
+        task = self.task(f"{self.name}: layer sensitivity", len(candidates))
         gains = {}
         for name in candidates:
             f = self._fidelity(self._variant(model, base_excl | {name}, ranges, means), reference, data, n, workdir)
@@ -375,7 +375,7 @@ class InsertQDQPass(ShrinkPass):
         names = sorted(set(sources) | set(mean_names))
         n = min(self.samples, data.n_samples)
         passes = 1 if self.calibration == "minmax" else 2
-        task = self._task(f"{self.name}: calibration", n * passes)
+        task = self.task(f"{self.name}: calibration", n * passes)
         with Probe(model, names, workdir) as probe:
             for batch in probe.run(data, n):
                 for s in sources:
@@ -436,7 +436,7 @@ class InsertQDQPass(ShrinkPass):
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = dict.fromkeys(pairs, 0)
         n = min(self.samples, data.n_samples)
-        task = self._task(f"{self.name}: bias correction", n)
+        task = self.task(f"{self.name}: bias correction", n)
         with Probe(model, list(pairs), workdir) as probe:
             for batch in probe.run(data, n):
                 for f, x in batch.items():
@@ -523,22 +523,11 @@ class InsertQDQPass(ShrinkPass):
         else:
             graph.insert_after(producer, [q_node, dq_node])
 
-    def _task(self, description: str, total: int):
-        progress = self.context.progress
-        if progress is None:
-            return _NullTask()
-        return progress.task(description, total)
-
 
 def _count(batch: dict) -> int:
     arr = next(iter(batch.values()))
     return arr.shape[0] if arr.ndim else 1
 
-
-class _NullTask:
-    def __call__(self, n: int = 1) -> None: ...
-
-    def done(self) -> None: ...
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from onnxshrink.errors import first_line
 from onnxshrink.io import lift_constants, tensor_bytes
 from onnxshrink.passes.base import ShrinkPass
 
@@ -56,8 +57,7 @@ class SimplifyPass(ShrinkPass):
         try:
             simplified = self._run_onnxsim(model)
         except Exception as e:  # onnxsim's own failure: report it, keep the model
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            self.skip("model", f"onnxsim failed: {msg}")
+            self.skip("model", f"onnxsim failed: {first_line(e, 200)}")
             return ir.passes.PassResult(model, modified=bool(lifted))
         if simplified is None:
             return ir.passes.PassResult(model, modified=bool(lifted))

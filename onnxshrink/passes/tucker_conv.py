@@ -304,12 +304,10 @@ class TuckerConvPass(ShrinkPass):
 
         workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-tucker-"))
         try:
-            progress = self.context.progress
-            task = progress.task("tucker: re-fit", len(nodes)) if progress is not None else None
+            task = self.task("tucker: re-fit", len(nodes))
             self.details["refit"] = refit_layers(model, teacher, nodes, {}, data, workdir,
                                                  samples=self.samples, ridge=self.ridge, progress=task)
-            if task is not None:
-                task.done()
+            task.done()
         finally:
             if self.context.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
