@@ -42,3 +42,13 @@ def photos() -> dict[str, Path]:
     from models import photos
 
     return photos.build()
+
+
+@pytest.fixture(scope="session")
+def minilm() -> dict[str, Path]:
+    """all-MiniLM-L6-v2 with its real weights and the sentence sets (built once; needs torch)."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("torch")
+    from models import minilm
+
+    return minilm.build()

@@ -8,6 +8,7 @@ from onnxshrink.passes.cluster_weights import ClusterWeightsPass
 from onnxshrink.passes.equalize import EqualizePass
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
 from onnxshrink.passes.fold_qdq import FoldQDQPass
+from onnxshrink.passes.low_rank_matmul import LowRankMatMulPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass
 from onnxshrink.passes.simplify import SimplifyPass
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         FoldBatchNormPass,
         PruneChannelsPass,
         TuckerConvPass,
+        LowRankMatMulPass,
         EqualizePass,
         QuantizePass,
         InsertQDQPass,
