@@ -40,7 +40,9 @@ def session(
     opts = ort.SessionOptions()
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    # errors reach the user as one line from the exception; onnxruntime's own log would add a
+    # second (coloured) line on stderr
+    opts.log_severity_level = 4
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize

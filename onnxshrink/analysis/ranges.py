@@ -54,13 +54,17 @@ class RangeStats:
 
     def start_histogram(self) -> None:
         lo, hi = self.lo, self.hi
-        if not hi > lo:
-            hi = lo + 1e-6
+        # a (nearly) constant tensor: widen the range so the bins stay distinct in float64
+        span = 1e-5 * max(abs(lo), abs(hi), 1.0)
+        if not hi - lo >= span:
+            hi = lo + span
         self.edges = (lo, hi)
         self.hist = np.zeros(_BINS, np.float64)
 
     def update_histogram(self, x: np.ndarray) -> None:
-        h, _ = np.histogram(x, bins=_BINS, range=self.edges)
+        # float64: numpy builds the bin edges in the data's type, and float32 edges over a
+        # narrow range collapse ("Too many bins for data range")
+        h, _ = np.histogram(np.asarray(x, np.float64), bins=_BINS, range=self.edges)
         self.hist += h
 
     @property

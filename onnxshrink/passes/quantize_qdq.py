@@ -271,6 +271,12 @@ class InsertQDQPass(ShrinkPass):
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
             self.skip("model", "the model is already quantized (has QuantizeLinear/DequantizeLinear)")
             return ir.passes.PassResult(model, modified=False)
+        coarse = {v.type.dtype.name for v in [*model.graph.inputs, *model.graph.initializers.values()]
+                  if v.type is not None and v.type.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
+        if coarse:
+            self.skip("model", f"{'/'.join(sorted(coarse)).lower()} model: int8 QDQ is implemented for float32 "
+                               f"models (convert to float32 first)")
+            return ir.passes.PassResult(model, modified=False)
         NameFixPass()(model)  # every node named: exclusions and the report refer to names
         for bn in (n for n in model.graph if n.op_type == "BatchNormalization"):
             self.skip(bn, "BatchNormalization stays float between DQ and Q: run fold-batchnorm first")

@@ -256,3 +256,25 @@ def test_mobilenet_quantized_file_and_structure(mobilenet, photos):
         assert op_count(proto, "Clip") == 0  # ReLU6 fused
     finally:
         out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_nearly_constant_tensor_calibrates(method):
+    # found by tests/test_properties.py: an SE gate's sigmoid on tiny maps gave a float32 tensor
+    # of range ~1e-8 around 0.5, and numpy's float32 bin edges collapsed ("Too many bins")
+    x = (0.5 + 1e-8 * np.random.default_rng(0).standard_normal(4096)).astype(np.float32)
+    st = _stats(x)
+    lo, hi = choose_range(st, method)
+    assert np.isfinite([lo, hi]).all() and lo <= 0.5 + 1e-4 and hi >= 0.5 - 1e-4
+
+
+def test_quantize_net_with_constant_activation():
+    # the same through the pass: a Conv with zero weights makes a constant map
+    model = _net()
+    inits = {i.name: i for i in model.graph.initializer}
+    zero = onnx.numpy_helper.from_array(np.zeros((8, 8, 3, 3), np.float32), "W2")
+    inits["W2"].CopyFrom(zero)
+    out, modified = _run(QuantizePass(), model, _data(model))
+    assert modified
+    x = rand(np.random.default_rng(3), 4, 3, 8, 8)
+    assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x})[0]) > 0.99
