@@ -269,6 +269,11 @@ class Validate(Instrument):
                     f"(cosine {step.cosine:.6f})"
                 )
             return
+        if p.compare_to == "improve":  # a pass meant to raise fidelity must not lower it
+            if self.fidelity is not None and total.cosine < self.fidelity.cosine - 1e-4:
+                raise Invalid(f"fidelity fell: cosine with the original {self.fidelity.cosine:.5f} -> "
+                              f"{total.cosine:.5f}")
+            return
         floor = getattr(p, "floor", None)
         floor = DEFAULT_FLOOR if floor is None else floor
         against, what = (step, "the model before the pass") if p.compare_to == "before" else (total, "the original")

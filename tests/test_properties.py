@@ -34,13 +34,14 @@ PASS_SPECS = {
     "insert-qdq": "insert-qdq",
     "fold-qdq": "fold-qdq",
     "cluster": "cluster:bits=4,min-size=16",
+    "distill": "distill",
 }
 PIPELINES = {
     "default": ["simplify", "fold-batchnorm"],
     "prune+quantize": ["fold-batchnorm", "prune:ratio=0.2,min-channels=1,round=0", "quantize"],
     "equalize+quantize": ["fold-batchnorm", "equalize", "quantize"],
     "decompose+cluster": ["fold-batchnorm", "tucker:rank=0.5,min-channels=2,round=0",
-                          "lowrank:rank=0.5,min-size=2,round=0", "cluster:bits=6,min-size=16"],
+                          "lowrank:rank=0.5,min-size=2,round=0,fused=false", "distill", "cluster:bits=6,min-size=16"],
 }
 
 

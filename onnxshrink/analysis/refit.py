@@ -217,9 +217,10 @@ def _choose(graph: ir.Graph, node: ir.Node, fit: NormalEquations, hold: NormalEq
     cut = current_solution(node, fit.bias)
     best_err, best_ridge = hold.error(cut), None
     before = best_err
+    margin = max(1e-3 * before, 1e-9)  # a gain below this is rounding noise, not a better fit
     for lam in ridge * 10.0 ** np.arange(6):
         err = hold.error(solve(fit, float(lam), prior=cut))
-        if err < best_err:
+        if err < best_err - margin:
             best_err, best_ridge = err, float(lam)
     record = {"node": node.name, "heldout_error_before": round(before, 6),
               "heldout_error_after": round(best_err, 6), "ridge": best_ridge,

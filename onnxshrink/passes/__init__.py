@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import PassContext, ShrinkPass, parse_spec
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass
+from onnxshrink.passes.distill import DistillPass
 from onnxshrink.passes.equalize import EqualizePass
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
 from onnxshrink.passes.fold_qdq import FoldQDQPass
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         InsertQDQPass,
         FoldQDQPass,
         ClusterWeightsPass,
+        DistillPass,
     )
 }
 

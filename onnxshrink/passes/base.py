@@ -42,7 +42,8 @@ class ShrinkPass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False  # True: data-driven (the report warns on random data)
-    # what a lossy pass's fidelity floor is measured against: "original" or "before" (the pass)
+    # what a lossy pass's fidelity floor is measured against: "original" or "before" (the pass);
+    # "improve": no floor, but the cosine with the original must not fall (distill)
     compare_to: ClassVar[str] = "original"
 
     def __post_init__(self) -> None:

@@ -116,6 +116,7 @@ class PruneChannelsPass(ShrinkPass):
             teacher = model.clone() if refit else None
             removed = cg.removed_channels({gid: idx for gid, (idx, _, _) in plan.items()})
             cut_model(model, removed, cg.info)
+            _mark_kept(removed)
             self._record(cg, plan)
             if refit and teacher is not None:
                 self._refit(model, teacher, cg, plan, removed, data, workdir)
@@ -230,6 +231,28 @@ class PruneChannelsPass(ShrinkPass):
                                ridge=self.ridge, progress=task)
         task.done()
         self.details["refit"] = results
+
+
+KEPT = "onnxshrink.kept_channels"  # node metadata: the original output channels a layer still has
+
+
+def _mark_kept(removed: dict[ir.Value, np.ndarray]) -> None:
+    """Records on each pruned weight layer which of its original output channels it kept (as
+    indices into the original model's, composed over repeated pruning), so ``distill`` can
+    match its output to the original layer's kept channels."""
+    for value, rem in removed.items():
+        node = value.producer()
+        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not len(rem):
+            continue
+        w = const_array(node.inputs[1])
+        if w is None:
+            continue
+        now = w.shape[1] if node.op_type == "ConvTranspose" or (node.op_type == "MatMul") or \
+            (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0)) else w.shape[0]
+        kept = np.setdiff1d(np.arange(now + len(rem)), rem)
+        if prior := node.metadata_props.get(KEPT):
+            kept = np.array([int(i) for i in prior.split(",")])[kept]
+        node.metadata_props[KEPT] = ",".join(map(str, kept.tolist()))
 
 
 def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
