@@ -41,6 +41,9 @@ def compress(
     holdout: float = 0.25,
     progress: bool = False,
     console: Any = None,
+    target: str | None = None,
+    max_drop: float = 0.01,
+    report_html: str | os.PathLike | None = None,
 ) -> tuple[Any, Report]:
     """Compresses ``model`` with ``passes`` (default: the exact passes), validating each one.
 
@@ -56,6 +59,11 @@ def compress(
             validation, so data-fitted passes are judged on inputs they did not fit; 0 (or
             fewer than 8 samples, or random data) validates on the calibration data itself.
         progress: show progress bars (on a terminal).
+        target: ``"speedup=2"``, ``"macs=0.5"``, ``"size=0.25"`` or ``"latency-ms=5"``: after
+            ``passes`` (default: the exact ones), search per-layer pruning, decomposition and
+            int8 choices that meet it (:mod:`onnxshrink.target`), losing at most ``max_drop``
+            of top-1 agreement (cosine for non-classifiers) on the held-out data.
+        report_html: write a self-contained HTML report there (plots with matplotlib if installed).
 
     Returns:
         ``(result, report)``: the result is of the kind given -- the output ``Path`` for a path,
@@ -67,6 +75,13 @@ def compress(
         raise OptionError("validate_samples must be at least 1")
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"holdout must be in [0, 1), got {holdout}")
+    parsed_target = None
+    if target is not None:
+        from onnxshrink.target import Target
+
+        parsed_target = Target.parse(target)
+        if not 0.0 <= max_drop < 1.0:
+            raise OptionError(f"--max-drop must be in [0, 1), got {max_drop}")
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
     if output is not None:
@@ -91,17 +106,67 @@ def compress(
         )
     result = _run(loaded, pass_list, calibration, validation, report, strict, validate_samples,
                   progress, console)
+    if parsed_target is not None:
+        if dataset.is_random:
+            raise OptionError("--target needs real calibration data (--data): sensitivity on random "
+                              "inputs says nothing about yours")
+        result = _search(result, loaded.model, parsed_target, max_drop, calibration, validation, report,
+                         strict, validate_samples, progress, console)
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
     if output is not None:
         io.save(result, output, protect=loaded.protected_paths)
         report.output = str(output)
         report.after["bytes"] = io.file_bytes(output)
+    if report_html is not None:
+        from onnxshrink.report_html import write_report
+
+        write_report(report, loaded.model, result, Path(report_html), calibration.input_shapes())
     if loaded.kind == "path":
         return Path(output), report
     if loaded.kind == "proto":
         return ir.to_proto(result), report
     return result, report
+
+
+def _search(model: ir.Model, original: ir.Model, target, max_drop, calibration, validation, report, strict,
+            limit, progress, console) -> ir.Model:
+    """``target`` search on ``model`` (the result of the exact passes); merges into ``report``."""
+    from onnxshrink import runtime
+    from onnxshrink.target import search
+
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-target-") as tmp:
+        workdir = Path(tmp)
+        original_path = workdir / "original.onnx"
+        io.write(original, original_path)
+        feed = next(iter(validation.batches(1)))
+
+        def apply(specs):
+            rep = Report(model="target", data=report.data)
+            out = _run(io.LoadedModel(model.clone(), "ir"), [make_pass(s) for s in specs], calibration,
+                       validation, rep, strict, limit, progress, console)
+            return out, rep
+
+        def measure_latency(candidate):
+            path = workdir / "candidate.onnx"
+            io.write(candidate, path)
+            sess = {"a": runtime.session(original_path, optimize=True, spin=False),
+                    "b": runtime.session(path, optimize=True, spin=False)}
+            ms = runtime.latency(sess, feed, runs=30, warmup=5)
+            return ms["a"], ms["b"]
+
+        bar = Progress(console=console, enabled=progress)
+        try:
+            result, info = search(model, target, max_drop, calibration, workdir, apply, measure_latency,
+                                  progress=bar, original_totals=report.before)
+        finally:
+            bar.close()
+    final = info.pop("report")
+    report.passes += final.passes
+    report.fidelity = final.fidelity
+    report.after = final.after
+    report.target = info
+    return result
 
 
 def _run(loaded, pass_list, calibration: Dataset, validation: Dataset, report, strict, limit,

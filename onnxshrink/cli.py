@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the exact passes simplify, fold-batchnorm)")
     _data_args(c)
     c.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    c.add_argument("--report-html", metavar="FILE.html",
+                   help="write a self-contained HTML report (plots need matplotlib: pip install 'onnxshrink[report]')")
+    c.add_argument("--target", metavar="KIND=X",
+                   help="compress to a target: speedup=2, macs=0.5, size=0.25 or latency-ms=5 (after the -p passes; "
+                        "per-layer choices from measured sensitivity)")
+    c.add_argument("--max-drop", type=float, default=0.01, metavar="F",
+                   help="with --target: largest loss of top-1 agreement (cosine for non-classifiers) on the "
+                        "held-out data (default 0.01)")
     c.add_argument("--strict", action="store_true", help="fail (exit 1) when a pass is rolled back")
     c.add_argument("--validate-samples", type=int, default=64, metavar="N",
                    help="validate on at most N samples (default 64)")
@@ -116,6 +124,9 @@ def cmd_compress(args) -> int:
         holdout=args.holdout,
         progress=not args.quiet and err.is_terminal,
         console=err,
+        target=args.target,
+        max_drop=args.max_drop,
+        report_html=args.report_html,
     )
     if args.report:
         report.write_json(args.report)

@@ -90,6 +90,7 @@ class Report:
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
+    target: dict[str, Any] | None = None  # what --target searched, chose and reached
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -106,6 +107,7 @@ class Report:
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "warnings": self.warnings,
             "notes": self.notes,
+            "target": self.target,
         }
 
     def to_json(self) -> str:
@@ -156,10 +158,29 @@ class Report:
             if verbose:
                 for s in p.skipped:
                     console.print(f"  [dim]{p.name} skipped {s.node}: {s.reason}[/]")
+        if self.target:
+            self._render_target(console, verbose)
         for n in self.notes:
             console.print(f"[dim]note: {n}[/]")
         for w in self.warnings:
             console.print(f"[yellow]warning:[/] {w}")
+
+
+    def _render_target(self, console, verbose: bool) -> None:
+        t = self.target
+        r = t.get("reached", {})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k in ("speedup", "macs", "size"))
+        verdict = "[green]met[/]" if t.get("met") else "[yellow]not met[/]"
+        console.print(f"target {t['target']}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
+                      f"(budget {t['max_drop']:.2%}); {len(t.get('choices', []))} layer choice(s), "
+                      f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} attempt(s)")
+        if not t.get("met"):
+            console.print("[yellow]the target cannot be met within the fidelity budget; the result is the "
+                          "most compression that kept it[/]")
+        if verbose:
+            for c in t.get("choices", []):
+                console.print(f"  [dim]{c['method']} {c['layer'] or '(model)'} @ {c['level']:g}: "
+                              f"drop {c['drop']:.4f}[/]")
 
 
 def _opts(options: dict[str, Any]) -> str:

@@ -160,6 +160,7 @@ class LowRankMatMulPass(ShrinkPass):
     samples: int = 128
     shrink_only: bool = True
     skip_: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     floor: float | None = 0.9
 
     def __post_init__(self) -> None:
@@ -188,6 +189,8 @@ class LowRankMatMulPass(ShrinkPass):
         targets = []
         for node in list(model.graph):
             if node.op_type not in self.ops or node.domain not in ("", "ai.onnx"):
+                continue
+            if self.only and node.name not in self.only:
                 continue
             found = self._target(node)
             if isinstance(found, str):

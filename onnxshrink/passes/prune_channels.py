@@ -82,6 +82,7 @@ class PruneChannelsPass(ShrinkPass):
     round: int = 8
     min_channels: int = 8
     skip_: tuple[str, ...] = ()  # CLI name: skip
+    only: tuple[str, ...] = ()  # producer names: prune only their groups
     refit: bool | None = None
     ridge: float = 1e-3
     samples: int = 128
@@ -127,9 +128,11 @@ class PruneChannelsPass(ShrinkPass):
 
     # -- pieces -----------------------------------------------------------------------------
     def _prunable(self, cg: ch.ChannelGraph) -> list[ch.Group]:
-        skip = set(self.skip_)
+        skip, only = set(self.skip_), set(self.only)
         out = []
         for g in cg.roots():
+            if only and not only & {p.name for p in g.producers}:
+                continue  # not asked for (``only``): not a refusal, nothing to report
             if g.frozen is None and skip & {p.name for p in g.producers}:
                 g.frozen = "listed in skip"
             if g.frozen is not None:

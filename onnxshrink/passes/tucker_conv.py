@@ -133,6 +133,7 @@ class TuckerConvPass(ShrinkPass):
     ridge: float = 1e-3
     samples: int = 128
     skip_: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     floor: float | None = 0.9
 
     def __post_init__(self) -> None:
@@ -156,6 +157,8 @@ class TuckerConvPass(ShrinkPass):
         layers = []
         for node in list(graph):
             if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            if self.only and node.name not in self.only:
                 continue
             if reason := self._refusal(node):
                 self.skip(node, reason)
