@@ -17,10 +17,13 @@
    the next level of a layer already chosen; one method per layer) with the least drop per unit
    of saving (MACs, ms or bytes, by target) is taken until the predicted saving meets the target.
 5. **Apply and verify**: the chosen steps run as one pipeline (grouped by pass and level,
-   ``distill`` after the structural passes, ``quantize`` last), validated on the held-out data;
-   while the drop (1 − top-1 agreement for classifiers, else 1 − cosine) exceeds ``max_drop``,
-   the most damaging choice is backed off one level and the pipeline re-run. The report says
-   whether the target was met, what was reached, and every choice.
+   ``distill`` after the structural passes, ``quantize`` last), validated on the held-out data.
+   When the drop (1 − top-1 agreement for classifiers, else 1 − cosine) exceeds ``max_drop``,
+   the request is bisected between what held and what broke the budget (the greedy takes the
+   least damaging steps first, so less compression drops the most damaging layers); when the
+   budget holds but the target is not reached -- savings do not add up exactly -- more is asked
+   for. At most ten attempts; the report says whether the target was met, what was reached, and
+   every choice and attempt.
 """
 
 from __future__ import annotations
@@ -395,17 +398,18 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
                             "candidates": [dataclasses.asdict(c) for c in measured], "attempts": []}
     caps: dict[tuple[str, str], float] = {}
     want, best, tried = need, None, set()
-    for _attempt in range(8):
+    ok_want, fail_want = 0.0, math.inf  # the largest request that held the budget, the smallest that broke it
+    for _attempt in range(10):
         chosen = allocate(measured, target.kind, want, caps)
         specs = _pipeline(chosen)
         for _ in range(80):  # the greedy moves in discrete steps: ask for a little more until it changes
-            if tuple(specs) not in tried:
+            if tuple(specs) not in tried or want * 1.03 >= fail_want:
                 break
             want *= 1.03
             chosen = allocate(measured, target.kind, want, caps)
             specs = _pipeline(chosen)
         if tuple(specs) in tried:
-            break  # every candidate is taken: nothing new to try
+            break  # nothing new to try
         tried.add(tuple(specs))
         result, rep = apply(specs)
         drop = _drop(rep)
@@ -413,17 +417,25 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
         info["attempts"].append({"passes": specs, "drop": round(drop, 5), "reached": reached,
                                  "choices": {k: f"{c.method}@{c.level:g}" for k, c in chosen.items()}})
         if drop > max_drop:
-            if not _back_off(chosen, measured, caps):
-                break
+            # less compression: the greedy takes the least damaging steps first, so a smaller
+            # request drops the most damaging choices; a single all-or-nothing step (int8 of the
+            # whole model) that broke the budget alone is excluded
+            if len(chosen) == 1:
+                _back_off(chosen, measured, caps)
+            else:
+                fail_want = min(fail_want, want)
+                want = (ok_want + want) / 2
             continue
         if best is None or _better(target, reached, best[2]):
             best = (result, rep, reached, drop, dict(chosen))
         if _met(target, reached):
             break
+        ok_want = max(ok_want, want)
         # savings are not additive (a pruned group and a decomposed consumer share MACs):
-        # ask the allocation for more, by the measured shortfall
+        # ask the allocation for more, by the measured shortfall, below what broke the budget
         got = budget.saved(target, reached)
-        want = want * min(4.0, need / max(got, 1e-9 * need)) if got > 0 else want * 2
+        more = want * min(4.0, need / max(got, 1e-9 * need)) if got > 0 else want * 2
+        want = min(more, (want + fail_want) / 2) if fail_want < math.inf else more
     if best is None:  # nothing within the budget: the model as it was
         result, rep = apply([])
         best = (result, rep, _reached(target, rep, result, measure_latency, budget), _drop(rep), {})

@@ -27,6 +27,7 @@ PASS_SPECS = {
     "simplify": "simplify",
     "fold-batchnorm": "fold-batchnorm",
     "prune": "prune:ratio=0.3,min-channels=1,round=0",
+    "prune-kernel": "prune-kernel:ratio=0.3",
     "tucker": "tucker:rank=0.5,min-channels=2,round=0",
     "lowrank": "lowrank:rank=0.5,min-size=2,round=0",
     "equalize": "equalize",
@@ -35,6 +36,7 @@ PASS_SPECS = {
     "fold-qdq": "fold-qdq",
     "cluster": "cluster:bits=4,min-size=16",
     "distill": "distill",
+    "sparsify": "sparsify:sparsity=0.5,min-size=16,floor=0",
 }
 PIPELINES = {
     "default": ["simplify", "fold-batchnorm"],

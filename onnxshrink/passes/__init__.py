@@ -11,8 +11,10 @@ from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
 from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.low_rank_matmul import LowRankMatMulPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
+from onnxshrink.passes.prune_kernel import PruneKernelPass
 from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass
 from onnxshrink.passes.simplify import SimplifyPass
+from onnxshrink.passes.sparsify import SparsifyPass
 from onnxshrink.passes.tucker_conv import TuckerConvPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassContext", "ShrinkPass", "make_pass", "parse_spec"]
@@ -23,6 +25,8 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         SimplifyPass,
         FoldBatchNormPass,
         PruneChannelsPass,
+        PruneKernelPass,
+        SparsifyPass,
         TuckerConvPass,
         LowRankMatMulPass,
         EqualizePass,
