@@ -42,7 +42,7 @@ def test_mask_storage_decodes_to_the_sparse_weights(values):
     packed, modified = apply(SparsifyPass(sparsity=0.7, method="magnitude", storage="mask", values=values,
                                           min_size=16), model)
     assert modified
-    assert any(n.op_type == "ScatterND" for n in packed.graph.node)
+    assert any(n.op_type == "CumSum" for n in packed.graph.node)
     x = rand(rng, 8, 64)
     ref, got = ort_run(dense, {"x": x})[0], ort_run(packed, {"x": x})[0]
     if values == "float":
@@ -55,6 +55,22 @@ def test_mask_storage_decodes_to_the_sparse_weights(values):
     w1 = next(v for k, v in dense_w.items() if v.shape == (64, 128))
     assert abs((w1 == 0).mean() - 0.7) < 0.01
     assert packed.ByteSize() < (0.45 if values == "float" else 0.25) * model.ByteSize()
+
+
+@pytest.mark.parametrize("values", ["float", "int8"])
+def test_onnxruntime_folds_the_decoder_at_load(tmp_path, values):
+    # an unfolded decoder rebuilds every weight on every run (found: NonZero and DequantizeLinear
+    # are not folded; MobileNetV2 ran 7-8× slower)
+    import onnxruntime as ort
+
+    packed, _ = apply(SparsifyPass(sparsity=0.5, method="magnitude", storage="mask", min_size=16, values=values),
+                      _mlp(np.random.default_rng(5)))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(packed.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert ops <= {"MatMul", "Add", "Relu", "Gemm"}, ops
 
 
 def test_encoded_bytes():
