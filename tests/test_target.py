@@ -145,3 +145,18 @@ def test_html_report_without_matplotlib_is_tables(tmp_path, digits_model, digits
     text = html.read_text()
     assert "data:image/png" not in text and "plots need matplotlib" in text
     assert text.count("<tr") > 10  # totals, passes and the per-layer table
+
+
+@pytest.mark.slow
+def test_digits_size_target_uses_int8(tmp_path, digits_model, digits_calib, digits_test):
+    x, labels = digits_test
+    out, report = tmp_path / "s.onnx", tmp_path / "s.json"
+    proc = _run_with_cache(["compress", str(digits_model), "-o", str(out), "--data", str(digits_calib), "--target",
+                            "size=0.3", "--max-drop", "0.01", "--report", str(report)], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads(report.read_text())["target"]
+    assert t["met"] and t["reached"]["size"] <= 0.3
+    assert out.stat().st_size <= 0.3 * digits_model.stat().st_size
+    assert any(c["method"] == "quantize" for c in t["choices"])  # 4× smaller weights: the cheapest bytes
+    acc = float((ort_run(str(out), {"input": x})[0].argmax(1) == labels).mean())
+    assert acc >= 0.99, acc

@@ -123,7 +123,7 @@ class SparsifyPass(ShrinkPass):
         real = data is not None and not getattr(data, "is_random", True)
         method = self.method if self.method != "auto" else ("activation" if real else "magnitude")
         norms = self._input_norms(model, [n for n, _ in layers], data) if method == "activation" else {}
-        scores = {id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(n.inputs[0].name, 1.0) for n, w in layers}
+        scores = {id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(id(n), 1.0) for n, w in layers}
         threshold = None
         if self.scope == "global" and self._nm is None:
             threshold = np.quantile(np.concatenate([s.ravel() for s in scores.values()]), self.sparsity)
@@ -176,31 +176,37 @@ class SparsifyPass(ShrinkPass):
         np.put_along_axis(keep, order[:, :k], False, axis=1)
         return keep
 
-    def _input_norms(self, model, nodes, data) -> dict[str, np.ndarray]:
-        """‖X_c‖₂ per input feature (per input channel × kernel position for a Conv)."""
+    def _input_norms(self, model, nodes, data) -> dict[int, np.ndarray]:
+        """Per node, ‖x‖₂ of the input feature each weight multiplies, shaped like its rows
+        [outputs, inputs] (a Conv's input channel repeated over the kernel taps, by group)."""
         from onnxshrink.calibrate import ChannelMoments, Probe
 
-        names = {n.inputs[0].name: n for n in nodes}
-        moments = {}
+        axes = {n.inputs[0].name: (1 if n.op_type == "Conv" else -1) for n in nodes}
+        moments: dict[str, ChannelMoments] = {}
         workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-sparsify-"))
         try:
-            with Probe(model, list(names), workdir) as probe:
+            with Probe(model, list(axes), workdir) as probe:
                 for batch in probe.run(data, self.samples):
                     for name, arr in batch.items():
-                        axis = 1 if names[name].op_type == "Conv" else arr.ndim - 1
+                        axis = axes[name] % arr.ndim
                         moments.setdefault(name, ChannelMoments(axis)).update(arr)
         finally:
             if self.context.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
         out = {}
-        for name, node in names.items():
-            norm = np.sqrt(moments[name].mean_sq)
-            if node.op_type == "Conv":  # one norm per input channel, repeated over the kernel taps
-                w = const_array(node.inputs[1])
-                norm = np.repeat(norm[: w.shape[1]] if norm.size >= w.shape[1] else norm, int(np.prod(w.shape[2:])))
-                if norm.size != int(np.prod(w.shape[1:])):
-                    norm = np.ones(int(np.prod(w.shape[1:])))  # grouped conv: channel mapping skipped
-            out[name] = norm[None, :]
+        for node in nodes:
+            norm = np.sqrt(moments[node.inputs[0].name].mean_sq)
+            w = const_array(node.inputs[1])
+            if node.op_type == "Conv":
+                group = node.attributes.get_int("group", 1)
+                per_group = w.shape[1]
+                taps = int(np.prod(w.shape[2:]))
+                if norm.size != group * per_group:
+                    continue  # the input's channel count does not match: magnitude for this layer
+                rows = np.repeat(norm.reshape(group, per_group), taps, axis=1)  # [group, in/g · taps]
+                out[id(node)] = np.repeat(rows, w.shape[0] // group, axis=0)  # [outputs, ...]
+            elif norm.size == _rows(node, w).shape[1]:
+                out[id(node)] = norm[None, :]
         return out
 
     def _store(self, graph: ir.Graph, node: ir.Node, sparse: np.ndarray) -> str:

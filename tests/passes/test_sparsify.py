@@ -136,3 +136,23 @@ def test_digits_half_sparse(digits_model, digits_calib, digits_test):
     assert rep.after["macs"] == rep.before["macs"]  # dense kernels: MACs (and speed) unchanged
     acc = float((ort_run(out, {"input": x})[0].argmax(1) == labels).mean())
     assert acc >= 0.9, acc  # measured 94.25% (magnitude: 90.5%)
+
+
+def test_two_convs_of_different_kernels_reading_one_tensor(tmp_path):
+    # found by tests/test_properties.py: a 3×3 and a 1×1 conv on the same input (a Concat of two
+    # branches) shared one norm vector sized for the last of them -> broadcast error
+    rng = np.random.default_rng(6)
+    model = make_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8, 6, 6] x, float[4, 8, 3, 3] A, float[6, 8, 1, 1] B, float[8, 2, 3, 3] D) => (float[N, 18, 6, 6] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, A)
+        b = Conv (x, B)
+        d = Conv <pads = [1, 1, 1, 1], group = 4> (x, D)
+        y = Concat <axis = 1> (a, b, d)
+    }""", {"A": rand(rng, 4, 8, 3, 3), "B": rand(rng, 6, 8, 1, 1), "D": rand(rng, 8, 2, 3, 3)})
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 8, 6, 6)).astype(np.float32))
+    out, rep = onnxshrink.compress(model, ["sparsify:sparsity=0.5,method=activation,min-size=16,floor=0"],
+                                   data=tmp_path / "c.npz", holdout=0)
+    rec = rep.passes[0]
+    assert rec.status == "applied", rec.reason
+    assert sorted(r["sparsity"] for r in rec.details["layers"]) == [0.5, 0.5, 0.5]
