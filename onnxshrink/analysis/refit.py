@@ -10,8 +10,9 @@ and Y the teacher's layer outputs on the same samples and positions. Only the no
 are kept: A = Σ [X,1]ᵀ[X,1] and B = Σ [X,1]ᵀY, accumulated batch by batch (memory does not grow
 with the number of samples); at most ``rows`` positions per batch are sampled (seeded).
 
-Supported layers: Conv (2-D, group = 1) and Gemm (bias refitted; alpha, beta reset to 1) and
-MatMul with a 2-D input (weights only).
+Supported layers: Conv (2-D; grouped and depthwise ones as one small system per group, stacked:
+A is [groups, d+1, d+1]) and Gemm (bias refitted; alpha, beta reset to 1) and MatMul with a 2-D
+input (weights only).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ def refit_supported(node: ir.Node) -> str | None:
         w = const_array(node.inputs[1])
         if w is None or w.ndim != 4:
             return "only 2-D convolutions are re-fitted"
-        if node.attributes.get_int("group", 1) != 1:
-            return "grouped convolutions are not re-fitted"
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "auto_pad SAME_* convolutions are not re-fitted"
         return None
@@ -77,7 +76,8 @@ def rows_of(y: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class NormalEquations:
-    """Σ [X, 1]ᵀ[X, 1], Σ [X, 1]ᵀY and Σ‖Y‖² for one layer."""
+    """Σ [X, 1]ᵀ[X, 1], Σ [X, 1]ᵀY and Σ‖Y‖² for one layer, one system per group:
+    A [G, d(+1), d(+1)], B [G, d(+1), outputs per group] (G = 1 but for grouped convs)."""
 
     bias: bool
     A: np.ndarray | None = None
@@ -86,11 +86,15 @@ class NormalEquations:
     n: int = 0
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        """Rows X [R, d] and Y [R, o], or per group X [R, G, d] and Y [R, G, o/G]."""
         X = np.asarray(X, np.float64)
         Y = np.asarray(Y, np.float64)
+        if X.ndim == 2:
+            X, Y = X[:, None, :], Y[:, None, :]
         if self.bias:
-            X = np.concatenate([X, np.ones((X.shape[0], 1))], axis=1)
-        a, b = X.T @ X, X.T @ Y
+            X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
+        Xg = X.transpose(1, 2, 0)  # [G, d, R]: batched BLAS products
+        a, b = Xg @ Xg.transpose(0, 2, 1), Xg @ Y.transpose(1, 0, 2)
         if self.A is None:
             self.A, self.B = a, b
         else:
@@ -101,61 +105,67 @@ class NormalEquations:
 
     def error(self, W: np.ndarray) -> float:
         """Relative squared error ‖Y − XW‖² / ‖Y‖² of the (bias-augmented) solution ``W``."""
-        err = float(np.einsum("ij,ij->", W, self.A @ W) - 2 * np.einsum("ij,ij->", W, self.B) + self.yy)
+        err = float(np.einsum("gio,gio->", W, self.A @ W) - 2 * np.einsum("gio,gio->", W, self.B) + self.yy)
         return max(err, 0.0) / max(self.yy, 1e-30)
 
 
 def solve(eq: NormalEquations, ridge: float, prior: np.ndarray | None = None) -> np.ndarray:
-    """The ridge solution [W; bᵀ] of shape (d [+1], outputs), shrunk towards ``prior``.
+    """The ridge solution [W; bᵀ] per group, [G, d (+1), outputs/G], shrunk towards ``prior``.
 
     Minimises ‖Y − XW‖² + λ‖W − prior‖² (prior = 0 without one): λ → ∞ keeps the prior (the
-    cut weights), λ → 0 is plain least squares. λ = ridge · trace(XᵀX) / d.
+    cut weights), λ → 0 is plain least squares. λ = ridge · trace(XᵀX) / d (over all groups).
     """
     A = eq.A.copy()
     B = eq.B.copy()
-    d = A.shape[0] - (1 if eq.bias else 0)
-    lam = max(ridge * float(np.trace(A[:d, :d])) / max(d, 1), 1e-12)
-    A[np.arange(d), np.arange(d)] += lam
+    d = A.shape[1] - (1 if eq.bias else 0)
+    lam = max(ridge * float(np.trace(A[:, :d, :d], axis1=1, axis2=2).sum()) / max(d * A.shape[0], 1), 1e-12)
+    A[:, np.arange(d), np.arange(d)] += lam
     if prior is not None:
-        B[:d] += lam * prior[:d]
+        B[:, :d] += lam * prior[:, :d]
     try:
         return np.linalg.solve(A, B)
     except np.linalg.LinAlgError:
-        return np.linalg.lstsq(A, B, rcond=None)[0]
+        return np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(A, B)])
+
+
+def _groups(node: ir.Node) -> int:
+    return node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
 
 
 def current_solution(node: ir.Node, bias: bool) -> np.ndarray:
-    """The layer's present weights as an augmented [W; bᵀ] matrix (for the error before)."""
+    """The layer's present weights as augmented [W; bᵀ] per group (for the error before)."""
     w = const_array(node.inputs[1]).astype(np.float64)
     if node.op_type == "Conv":
-        W = w.reshape(w.shape[0], -1).T
+        g = _groups(node)
+        W = w.reshape(g, w.shape[0] // g, -1).transpose(0, 2, 1)  # [G, d, O/G]
         b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(w.shape[0])
+        b = np.asarray(b, np.float64).reshape(g, 1, -1)
     elif node.op_type == "Gemm":
         W = (w.T if node.attributes.get_int("transB", 0) else w) * node.attributes.get_float("alpha", 1.0)
         c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(W.shape[1])
         b = np.broadcast_to(np.asarray(c, np.float64).reshape(-1)[-W.shape[1]:] if np.size(c) > 1 else c, (W.shape[1],))
-        b = b * node.attributes.get_float("beta", 1.0)
+        W, b = W[None], (b * node.attributes.get_float("beta", 1.0))[None, None, :]
     else:
-        W, b = w, None
-    return np.concatenate([W, np.asarray(b, np.float64)[None, :]], axis=0) if bias else W
+        W, b = w[None], None
+    return np.concatenate([W, b], axis=1) if bias else W
 
 
 def write_weights(graph: ir.Graph, node: ir.Node, sol: np.ndarray, bias: bool) -> None:
-    """Stores the solution as the node's new weights (new initializers, the node rewired)."""
+    """Stores the solution (per group) as the node's new weights (new initializers, rewired)."""
     w_old = const_array(node.inputs[1])
     dtype = w_old.dtype
-    W, b = (sol[:-1], sol[-1]) if bias else (sol, None)
+    W, b = (sol[:, :-1], sol[:, -1]) if bias else (sol, None)
     if node.op_type == "Conv":
-        set_const_input(graph, node, 1, W.T.reshape(w_old.shape).astype(dtype), "refit.weight")
-        set_const_input(graph, node, 2, b.astype(dtype), "refit.bias")
+        set_const_input(graph, node, 1, W.transpose(0, 2, 1).reshape(w_old.shape).astype(dtype), "refit.weight")
+        set_const_input(graph, node, 2, b.reshape(-1).astype(dtype), "refit.bias")
     elif node.op_type == "Gemm":
-        B = W.T if node.attributes.get_int("transB", 0) else W
+        B = W[0].T if node.attributes.get_int("transB", 0) else W[0]
         set_const_input(graph, node, 1, np.ascontiguousarray(B).astype(dtype), "refit.weight")
-        set_const_input(graph, node, 2, b.astype(dtype), "refit.bias")
+        set_const_input(graph, node, 2, b[0].astype(dtype), "refit.bias")
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     else:
-        set_const_input(graph, node, 1, np.ascontiguousarray(W).astype(dtype), "refit.weight")
+        set_const_input(graph, node, 1, np.ascontiguousarray(W[0]).astype(dtype), "refit.weight")
 
 
 def refit_layers(
@@ -239,5 +249,7 @@ def _rows(node: ir.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray |
         w = const_array(node.inputs[1])
         total = y.shape[0] * y.shape[2] * y.shape[3]
         idx = np.sort(rng.choice(total, min(rows, total), replace=False))
-        return conv_patches(x, node, (w.shape[2], w.shape[3]), idx), rows_of(y)[idx][:, keep]
+        X, Y = conv_patches(x, node, (w.shape[2], w.shape[3]), idx), rows_of(y)[idx][:, keep]
+        g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
+        return (X.reshape(len(idx), g, -1), Y.reshape(len(idx), g, -1)) if g > 1 else (X, Y)
     return x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)[:, keep]

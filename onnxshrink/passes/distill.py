@@ -13,7 +13,7 @@ held-out calibration batches, a new solution kept only where it beats the presen
 there). Layers go from input to output, the student re-run before each, so later layers see the
 already corrected earlier ones and absorb what is left of their error.
 
-Layers left alone, with the reason: grouped/depthwise convs and Gemm with transA (not
+Layers left alone, with the reason: Gemm with transA (not
 re-fitted), quantized or otherwise non-constant weights (run distill before quantize), layers
 whose output the teacher does not have or has in another shape -- except a pruned layer, which
 ``prune`` marks with the original channels it kept (node metadata ``onnxshrink.kept_channels``):

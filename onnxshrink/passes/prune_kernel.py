@@ -18,7 +18,7 @@ numerator. E.g. 3×3, pads 1, stride 1: dropping the top row gives 2×3 with pad
 shape whose pads would go negative is not representable without cropping the input: the next
 best shape is tried, and a layer with none is left alone with the reason.
 
-With real data (``refit``), the remaining taps of each changed layer (group 1) are re-fitted by
+With real data (``refit``), the remaining taps of each changed layer (group by group) are re-fitted by
 ridge least squares to the original layer's outputs (:mod:`onnxshrink.analysis.refit`).
 """
 

@@ -110,3 +110,23 @@ def test_digits_every_3x3_conv_loses_a_quarter_of_its_taps(digits_model, digits_
     acc = float((ort_run(out, {"input": x})[0].argmax(1) == labels).mean())
     assert acc >= 0.98, acc
     assert [o.name for o in out.graph.output] == ["logits"]
+
+
+def test_depthwise_layers_are_refitted_per_group(tmp_path):
+    # grouped / depthwise convs are re-fitted as one small system per group
+    model, _ = _conv(group=8, size=9, seed=3)
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((32, 2, 8, 1, 1)).astype(np.float32)
+    x = (base + 0.3 * rng.standard_normal((32, 2, 8, 9, 9))).astype(np.float32)  # spatially smooth inputs
+    np.savez(tmp_path / "c.npz", x=x)  # the model's batch is fixed at 2: 32 samples of [2, 8, 9, 9]
+    out, rep = onnxshrink.compress(model, ["prune-kernel:ratio=0.5,floor=0"], data=tmp_path / "c.npz", holdout=0)
+    rec = rep.passes[0]
+    assert rec.status == "applied"
+    assert not any("re-fitted" in s.reason for s in rec.skipped)
+    (fit,) = rec.details["refit"]
+    assert fit["applied"] and fit["heldout_error_after"] < 0.5 * fit["heldout_error_before"], fit
+    no_refit, _ = onnxshrink.compress(model, ["prune-kernel:ratio=0.5,refit=false,floor=0"], data=tmp_path / "c.npz",
+                                      holdout=0)
+    ref = ort_run(model, {"x": x[0]})[0]
+    err = lambda m: np.linalg.norm(ort_run(m, {"x": x[0]})[0] - ref)  # noqa: E731
+    assert err(out) < err(no_refit)
