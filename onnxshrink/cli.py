@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--all", action="store_true", help="list every node, not only layers with params or MACs")
+    i.add_argument("--data", metavar="DATA",
+                   help="take dynamic dims (other than the batch) from this data, e.g. a sequence length "
+                        "(.npz / .npy; one sample)")
     _common(i)
 
     m = sub.add_parser("compare", help="fidelity of B against A, and B's latency relative to A")
@@ -141,7 +144,12 @@ def cmd_inspect(args) -> int:
     from onnxshrink.report import human
 
     loaded = io.load(args.model)
-    stats = metrics.model_stats(loaded.model, with_bytes=False)
+    shapes = None
+    if args.data:
+        from onnxshrink.data import input_specs, load_data
+
+        shapes = load_data(args.data, input_specs(loaded.model)).input_shapes()
+    stats = metrics.model_stats(loaded.model, input_shapes=shapes, with_bytes=False)
     stats.bytes = io.file_bytes(args.model)
     layers = [l for l in stats.layers if args.all or l.params or l.macs or l.macs is None]
     if args.json:
@@ -167,7 +175,8 @@ def cmd_inspect(args) -> int:
     out.print(f"[bold]total[/]: {human(stats.params)} params, {human(stats.macs)} MACs, "
               f"{human(stats.bytes)}B on disk, {len(loaded.model.graph)} nodes")
     if stats.macs_unknown:
-        out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]")
+        out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]"
+                  + ("" if args.data else " (give --data to take the shapes from data)"))
     return 0
 
 

@@ -238,3 +238,20 @@ def test_holdout_option(user_model, tmp_path, digits_calib):
     assert "calibration = validation" in json.loads(rep.read_text())["data"]
     proc = run_cli("compress", str(user_model), "-o", str(out), "--holdout", "1.5")
     _assert_one_line_error(proc, 2, "holdout")
+
+
+def test_inspect_takes_dynamic_dims_from_data(tmp_path):
+    from tests.helpers import make_model, rand
+
+    model = make_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, S, 16] x, float[16, 32] W) => (float[N, S, 32] y) { y = MatMul(x, W) }""",
+                       {"W": rand(np.random.default_rng(0), 16, 32)})
+    path = tmp_path / "seq.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 10, 16), np.float32))
+    proc = run_cli("inspect", str(path), "--json")
+    assert json.loads(proc.stdout)["macs_unknown"]  # the sequence length is unknown
+    proc = run_cli("inspect", str(path), "--json", "--data", str(tmp_path / "d.npz"))
+    info = json.loads(proc.stdout)
+    assert info["macs"] == 10 * 16 * 32 and not info["macs_unknown"]  # one sample of 10 tokens
