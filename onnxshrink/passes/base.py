@@ -8,10 +8,14 @@ never validates itself: the pipeline's instruments do that around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shutil
+import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -68,6 +72,45 @@ class ShrinkPass(ir.passes.InPlacePass):
     def change(self, what: str) -> None:
         """Records one change (e.g. ``"Conv_3 <- BatchNormalization_4"``)."""
         self.changed.append(what)
+
+    @property
+    def has_real_data(self) -> bool:
+        """Calibration data given by the user (not absent, not ``random:N``)."""
+        data = self.context.data
+        return data is not None and not getattr(data, "is_random", True)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """The pipeline's scratch folder, or (a pass run alone) a temporary one removed after."""
+        if self.context.workdir is not None:
+            yield self.context.workdir
+            return
+        path = Path(tempfile.mkdtemp(prefix=f"onnxshrink-{self.name}-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def refit_nodes(self, model, teacher, nodes, data, workdir: Path, removed=None) -> list[dict]:
+        """Least-squares re-fit of ``nodes`` to ``teacher``'s outputs (the pass's ``samples`` and
+        ``ridge``; :func:`onnxshrink.analysis.refit.refit_layers`); the layers it cannot re-fit
+        are skipped with the reason. One record per re-fitted layer."""
+        from onnxshrink.analysis.refit import refit_layers, refit_supported
+
+        todo = []
+        for n in nodes:
+            if reason := refit_supported(n):
+                self.skip(n, f"not re-fitted: {reason}")
+            else:
+                todo.append(n)
+        if not todo:
+            return []
+        task = self.task(f"{self.name}: re-fit", len({n.inputs[0].name for n in todo}))
+        try:
+            return refit_layers(model, teacher, todo, removed or {}, data, workdir, samples=self.samples,
+                                ridge=self.ridge, progress=task)
+        finally:
+            task.done()
 
     # -- for the pipeline -------------------------------------------------------------------
     def bind(self, context: PassContext) -> None:

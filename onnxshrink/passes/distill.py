@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.refit import refit_layers, refit_supported
+from onnxshrink.analysis.refit import refit_supported
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.prune_channels import KEPT
@@ -75,20 +73,16 @@ class DistillPass(ShrinkPass):
         teacher, data = self.context.original, self.context.data
         if teacher is None or data is None:
             raise OptionError("pass 'distill' needs the original model and calibration data")
-        if getattr(data, "is_random", False):
+        if not self.has_real_data:
             self.skip("model", "random data: distilling on noise would fit the noise; give --data")
             return ir.passes.PassResult(model, modified=False)
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-distill-"))
-        try:
+        with self.scratch() as workdir:
             self.removed: dict[ir.Value, np.ndarray] = {}  # teacher channels a pruned layer lacks
             nodes = self._eligible(model, teacher, data, workdir)
             if not nodes:
                 return ir.passes.PassResult(model, modified=False)
             before = self._fidelity(model, teacher, data, workdir)
-            task = self.task("distill: re-fit", len({n.inputs[0].name for n in nodes}))
-            results = refit_layers(model, teacher, nodes, self.removed, data, workdir, samples=self.samples,
-                                   ridge=self.ridge, progress=task)
-            task.done()
+            results = self.refit_nodes(model, teacher, nodes, data, workdir, self.removed)
             changed = [r for r in results if r["applied"]]
             for r in changed:
                 self.change(f"{r['node']}: held-out error {r['heldout_error_before']:.4g} -> "
@@ -101,9 +95,6 @@ class DistillPass(ShrinkPass):
                 self.details["calibration_cosine"] = {"before": round(before, 6),
                                                       "after": round(self._fidelity(model, teacher, data, workdir), 6)}
             return ir.passes.PassResult(model, modified=bool(changed))
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
 
     def _eligible(self, model: ir.Model, teacher: ir.Model, data, workdir: Path) -> list[ir.Node]:
         from onnxshrink.calibrate import Probe, all_values

@@ -39,9 +39,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -200,8 +197,7 @@ class LowRankMatMulPass(ShrinkPass):
         if not targets:
             return ir.passes.PassResult(model, modified=False)
         data = self.context.data
-        real = data is not None and not getattr(data, "is_random", True)
-        aware = self.method == "activation" or (self.method == "auto" and real)
+        aware = self.method == "activation" or (self.method == "auto" and self.has_real_data)
         teacher = model.clone() if aware and self.sequential else None
         moments = self._moments(model, targets, data) if aware else {}
         spectra = []
@@ -255,29 +251,27 @@ class LowRankMatMulPass(ShrinkPass):
         steps: dict[tuple, list] = {}
         for entry in sorted(plan, key=lambda e: order[id(e[0].node)]):
             steps.setdefault(entry[0].row_key, []).append(entry)
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-lowrank-"))
         task = self.task("lowrank: sequential fit", len(steps))
         layers = []
         try:
-            for i, (key, entries) in enumerate(steps.items()):
-                n_in = entries[0][0].W.shape[0]
-                cm = CrossMoments(n_in)
-                rng = np.random.default_rng(i)
-                with Probe(model, [key[0]], workdir) as sp, Probe(teacher, [key[0]], workdir) as tp:
-                    for bs, bt in zip(sp.run(data, self.samples), tp.run(data, self.samples)):
-                        xs, xt = _rows(key, bs[key[0]], n_in), _rows(key, bt[key[0]], n_in)
-                        if xs.shape[0] > _ROWS_PER_BATCH:
-                            idx = np.sort(rng.choice(xs.shape[0], _ROWS_PER_BATCH, replace=False))
-                            xs, xt = xs[idx], xt[idx]
-                        cm.update(xs, xt)
-                for t, _, _, _, r in entries:
-                    W_ls, G, mu_s, mu_t = cm.fit(t.W, t.has_bias_slot, self.ridge)
-                    layers.append(self._apply(model, t, W_ls, r, spectrum(W_ls, G, self.ridge), G, mu_s, mu_t))
-                task(1)
+            with self.scratch() as workdir:
+                for i, (key, entries) in enumerate(steps.items()):
+                    n_in = entries[0][0].W.shape[0]
+                    cm = CrossMoments(n_in)
+                    rng = np.random.default_rng(i)
+                    with Probe(model, [key[0]], workdir) as sp, Probe(teacher, [key[0]], workdir) as tp:
+                        for bs, bt in zip(sp.run(data, self.samples), tp.run(data, self.samples)):
+                            xs, xt = _rows(key, bs[key[0]], n_in), _rows(key, bt[key[0]], n_in)
+                            if xs.shape[0] > _ROWS_PER_BATCH:
+                                idx = np.sort(rng.choice(xs.shape[0], _ROWS_PER_BATCH, replace=False))
+                                xs, xt = xs[idx], xt[idx]
+                            cm.update(xs, xt)
+                    for t, _, _, _, r in entries:
+                        W_ls, G, mu_s, mu_t = cm.fit(t.W, t.has_bias_slot, self.ridge)
+                        layers.append(self._apply(model, t, W_ls, r, spectrum(W_ls, G, self.ridge), G, mu_s, mu_t))
+                    task(1)
         finally:
             task.done()
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
         return layers
 
     # -- matching ---------------------------------------------------------------------------------
@@ -393,11 +387,10 @@ class LowRankMatMulPass(ShrinkPass):
         keys = {t.row_key: t.W.shape[0] for t in targets}
         moments = {k: InputMoments(n) for k, n in keys.items()}
         names = sorted({k[0] for k in keys})
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-lowrank-"))
         rng = np.random.default_rng(0)
         task = self.task("lowrank: input statistics", sum(1 for _ in data.batches(self.samples)))
         try:
-            with Probe(model, names, workdir) as probe:
+            with self.scratch() as workdir, Probe(model, names, workdir) as probe:
                 for batch in probe.run(data, self.samples):
                     for key, m in moments.items():
                         rows = _rows(key, batch[key[0]], m.sum.shape[0])
@@ -407,8 +400,6 @@ class LowRankMatMulPass(ShrinkPass):
                     task(1)
         finally:
             task.done()
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
         return moments
 
     # -- rewrite ----------------------------------------------------------------------------------

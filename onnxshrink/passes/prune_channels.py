@@ -28,9 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -41,7 +38,6 @@ from onnxshrink.analysis import channels as ch
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import cut_model
 from onnxshrink.analysis.importance import group_scores
-from onnxshrink.analysis.refit import refit_layers, refit_supported
 from onnxshrink.calibrate import ChannelMoments, Probe
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
@@ -104,10 +100,9 @@ class PruneChannelsPass(ShrinkPass):
         cg = ch.analyze(model)
         groups = self._prunable(cg)
         data = self.context.data
-        real = data is not None and not getattr(data, "is_random", True)
+        real = self.has_real_data
         criterion = self.criterion if self.criterion != "auto" else ("hessian" if real else "l1")
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-prune-"))
-        try:
+        with self.scratch() as workdir:
             needs_stats = criterion in ("activation", "hessian") and data is not None
             moments = self._moments(model, groups, data, workdir) if needs_stats else None
             plan = self._plan(model, groups, criterion, moments)
@@ -120,10 +115,9 @@ class PruneChannelsPass(ShrinkPass):
             _mark_kept(removed)
             self._record(cg, plan)
             if refit and teacher is not None:
-                self._refit(model, teacher, cg, plan, removed, data, workdir)
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+                consumers = {id(n): n for gid in plan for n in cg.groups[gid].consumers}
+                if results := self.refit_nodes(model, teacher, list(consumers.values()), data, workdir, removed):
+                    self.details["refit"] = results
         return ir.passes.PassResult(model, modified=True)
 
     # -- pieces -----------------------------------------------------------------------------
@@ -218,22 +212,6 @@ class PruneChannelsPass(ShrinkPass):
                          "producers": [p.name for p in g.producers]})
             self.change(f"{g.name}: {size} -> {size - len(idx)} channels ({used})")
         self.details["groups"] = rows
-
-    def _refit(self, model, teacher, cg, plan, removed, data, workdir) -> None:
-        consumers = {id(n): n for gid in plan for n in cg.groups[gid].consumers}
-        todo = []
-        for n in consumers.values():
-            if reason := refit_supported(n):
-                self.skip(n, f"not re-fitted: {reason}")
-            else:
-                todo.append(n)
-        if not todo:
-            return
-        task = self.task("prune: re-fit", len({n.inputs[0].name for n in todo}))
-        results = refit_layers(model, teacher, todo, removed, data, workdir, samples=self.samples,
-                               ridge=self.ridge, progress=task)
-        task.done()
-        self.details["refit"] = results
 
 
 KEPT = "onnxshrink.kept_channels"  # node metadata: the original output channels a layer still has

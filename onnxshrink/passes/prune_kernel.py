@@ -27,9 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -37,7 +34,6 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input
-from onnxshrink.analysis.refit import refit_layers, refit_supported
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
@@ -145,10 +141,10 @@ class PruneKernelPass(ShrinkPass):
         if not changed:
             return ir.passes.PassResult(model, modified=False)
         self.details["layers"] = layers
-        data = self.context.data
-        real = data is not None and not getattr(data, "is_random", True)
-        if self.refit if self.refit is not None else real:
-            self._refit(model, teacher, changed, data)
+        if self.refit if self.refit is not None else self.has_real_data:
+            with self.scratch() as workdir:
+                if results := self.refit_nodes(model, teacher, changed, self.context.data, workdir):
+                    self.details["refit"] = results
         return ir.passes.PassResult(model, modified=True)
 
     def _refusal(self, node: ir.Node) -> str | None:
@@ -166,22 +162,3 @@ class PruneKernelPass(ShrinkPass):
         if weight_users_outside(node.inputs[1], node):
             return "weight is shared with another node"
         return None
-
-    def _refit(self, model, teacher, nodes, data) -> None:
-        todo = []
-        for n in nodes:
-            if reason := refit_supported(n):
-                self.skip(n, f"not re-fitted: {reason}")
-            else:
-                todo.append(n)
-        if not todo:
-            return
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-kernel-"))
-        try:
-            task = self.task("prune-kernel: re-fit", len({n.inputs[0].name for n in todo}))
-            self.details["refit"] = refit_layers(model, teacher, todo, {}, data, workdir, samples=self.samples,
-                                                 ridge=self.ridge, progress=task)
-            task.done()
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)

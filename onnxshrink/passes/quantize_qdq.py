@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -289,10 +286,8 @@ class InsertQDQPass(ShrinkPass):
         data = self.context.data
         if data is None:
             raise OptionError(f"pass '{self.name}' needs calibration data")
-        real = not getattr(data, "is_random", True)
-        mode = self.bias_correction if self.bias_correction != "auto" else ("weights" if real else "off")
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-quant-"))
-        try:
+        mode = self.bias_correction if self.bias_correction != "auto" else ("weights" if self.has_real_data else "off")
+        with self.scratch() as workdir:
             ranges, means = self._calibrate(model, plan, data, workdir)
             means = means if mode != "off" else None
             if self.min_fidelity is not None:
@@ -302,9 +297,6 @@ class InsertQDQPass(ShrinkPass):
                 exclude |= set(kept)
                 plan, _ = plan_quantization(model, exclude, set(self.exclude_types))
             deltas = self._input_errors(model, plan, ranges, data, workdir) if mode == "full" else None
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
         self._rewrite(model, plan, ranges, means, deltas)
         return ir.passes.PassResult(model, modified=True)
 

@@ -25,9 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -120,8 +117,7 @@ class SparsifyPass(ShrinkPass):
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         data = self.context.data
-        real = data is not None and not getattr(data, "is_random", True)
-        method = self.method if self.method != "auto" else ("activation" if real else "magnitude")
+        method = self.method if self.method != "auto" else ("activation" if self.has_real_data else "magnitude")
         norms = self._input_norms(model, [n for n, _ in layers], data) if method == "activation" else {}
         scores = {id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(id(n), 1.0) for n, w in layers}
         threshold = None
@@ -183,16 +179,12 @@ class SparsifyPass(ShrinkPass):
 
         axes = {n.inputs[0].name: (1 if n.op_type == "Conv" else -1) for n in nodes}
         moments: dict[str, ChannelMoments] = {}
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-sparsify-"))
-        try:
+        with self.scratch() as workdir:
             with Probe(model, list(axes), workdir) as probe:
                 for batch in probe.run(data, self.samples):
                     for name, arr in batch.items():
                         axis = axes[name] % arr.ndim
                         moments.setdefault(name, ChannelMoments(axis)).update(arr)
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
         out = {}
         for node in nodes:
             norm = np.sqrt(moments[node.inputs[0].name].mean_sq)

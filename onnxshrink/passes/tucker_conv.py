@@ -38,9 +38,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
-import tempfile
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -176,10 +173,9 @@ class TuckerConvPass(ShrinkPass):
         if not done:
             return ir.passes.PassResult(model, modified=False)
         self.details["layers"] = layers
-        data = self.context.data
-        real = data is not None and not getattr(data, "is_random", True)
-        if self.refit if self.refit is not None else real:
-            self._refit(model, teacher, done, data)
+        if self.refit if self.refit is not None else self.has_real_data:
+            with self.scratch() as workdir:
+                self.details["refit"] = self.refit_nodes(model, teacher, done, self.context.data, workdir)
         return ir.passes.PassResult(model, modified=True)
 
     # -- checks and ranks ----------------------------------------------------------------------
@@ -302,15 +298,3 @@ class TuckerConvPass(ShrinkPass):
                   "macs_before": c_out * c_in * kh * kw, "macs_after": int(after)}
         return last, record
 
-    def _refit(self, model, teacher, nodes, data) -> None:
-        from onnxshrink.analysis.refit import refit_layers
-
-        workdir = self.context.workdir or Path(tempfile.mkdtemp(prefix="onnxshrink-tucker-"))
-        try:
-            task = self.task("tucker: re-fit", len(nodes))
-            self.details["refit"] = refit_layers(model, teacher, nodes, {}, data, workdir,
-                                                 samples=self.samples, ridge=self.ridge, progress=task)
-            task.done()
-        finally:
-            if self.context.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
