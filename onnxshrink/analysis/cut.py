@@ -27,6 +27,7 @@ Cut = Callable[["_Ctx", ir.Node], None]
 def unique_name(graph: ir.Graph, base: str) -> str:
     taken = set(graph.initializers) | {v.name for v in graph.inputs}
     taken |= {o.name for n in graph for o in n.outputs}
+    taken |= {n.name for n in graph if n.name}  # node names too: ONNX wants them unique
     name, i = base, 1
     while name in taken:
         name, i = f"{base}_{i}", i + 1
