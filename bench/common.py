@@ -39,9 +39,10 @@ def session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, threa
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def outputs(model, x: np.ndarray, batch: int = 30) -> np.ndarray:
-    """First output on ``x``, reference run (optimizations off), in batches."""
-    s = session(model, optimize=False)
+def outputs(model, x: np.ndarray, batch: int = 30, optimize: bool = False) -> np.ndarray:
+    """First output on ``x``, in batches: by default the reference run (optimizations off: QDQ
+    computed as written); ``optimize=True`` is what a user's session runs (integer kernels)."""
+    s = session(model, optimize=optimize)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 

@@ -27,7 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import set_const_input
 
-__all__ = ["NormalEquations", "conv_patches", "rows_of", "solve", "write_weights", "refit_supported"]
+__all__ = ["NormalEquations", "conv_patches", "input_rows", "refit_supported", "rows_of", "solve", "write_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,28 @@ def conv_patches(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np
     n, _, ho, wo = win.shape[:4]
     ni, hi, wi = np.unravel_index(rows, (n, ho, wo))
     return win[ni, :, hi, wi].reshape(len(rows), -1)
+
+
+def _positions(x: np.ndarray, node: ir.Node, kernel: tuple[int, int]) -> int:
+    """N·Ho·Wo: the number of output positions of a 2-D Conv on input ``x``."""
+    (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(node, kernel)
+    ho = (x.shape[2] + pt + pb - ((kernel[0] - 1) * dh + 1)) // sh + 1
+    wo = (x.shape[3] + pl + pr - ((kernel[1] - 1) * dw + 1)) // sw + 1
+    return x.shape[0] * ho * wo
+
+
+def input_rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """The rows a layer multiplies its weights by, [R, d] (grouped Conv: [R, G, d/G]): sampled
+    im2col patches (at most ``rows`` per batch) for a Conv, samples for Gemm/MatMul."""
+    if node.op_type == "Conv":
+        w = const_array(node.inputs[1])
+        kernel = (w.shape[2], w.shape[3])
+        total = _positions(x, node, kernel)
+        idx = np.sort(rng.choice(total, min(rows, total), replace=False))
+        X = conv_patches(x, node, kernel, idx)
+        g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
+        return X.reshape(len(idx), g, -1) if g > 1 else X
+    return x.reshape(-1, x.shape[-1])
 
 
 def rows_of(y: np.ndarray) -> np.ndarray:

@@ -11,8 +11,13 @@ The graph stores i as uint8, c as float32 (and s as float32 per channel) and dec
 session start, so inference runs the float layer at full speed while the file holds one byte
 per weight (ONNX's Gather takes only int32/int64 indices, hence the Cast).
 
-With real data (``bias-correction=auto``), each layer's bias is corrected for the output mean
-shift the clustering causes, (Ŵ − W)·E[x] (:mod:`onnxshrink.analysis.bias`).
+With real data (``rounding=auto`` → ``hessian``) each weight is assigned its centroid
+Hessian-aware (GPTQ, :mod:`onnxshrink.analysis.rounding`): inputs one by one, each assignment
+error pushed onto the inputs not yet assigned so the layer *output* on the calibration data
+moves least, and the bias re-solved with them. On MobileNetV2 this halves the output error of
+clustering (1 − cosine 4.6e-4 → 2.2e-4). Without it (``nearest``), each layer's bias is
+corrected for the output mean shift, (Ŵ − W)·E[x] (``bias-correction``,
+:mod:`onnxshrink.analysis.bias`).
 
 This is a storage format: the model runs exactly as a float model whose weights are the
 centroids. ``bits`` < 8 gives fewer centroids (coarser) but the same one byte per index.
@@ -27,10 +32,19 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.analysis.bias import apply_to_mean, input_moments, subtract_from_bias
 from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
+from onnxshrink.analysis.cut import set_const_input, unique_name
+from onnxshrink.analysis.refit import current_solution
+from onnxshrink.analysis.rounding import (
+    collect_grams,
+    from_system,
+    gram_refusal,
+    hessian_round,
+    system_scale,
+)
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
@@ -109,6 +123,7 @@ class ClusterWeightsPass(ShrinkPass):
     min_size: int = 1024
     per_channel: bool = True
     bias_correction: Literal["auto", "off", "on"] = "auto"
+    rounding: Literal["auto", "nearest", "hessian"] = "auto"
     samples: int = 128
     exclude: tuple[str, ...] = ()
     min_fidelity: float | None = None
@@ -118,13 +133,19 @@ class ClusterWeightsPass(ShrinkPass):
         super().__post_init__()
         if not 1 <= self.bits <= 8:
             raise OptionError(f"pass 'cluster': bits must be between 1 and 8, got {self.bits}")
+        self._grams: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rounding = self.rounding if self.rounding != "auto" else ("hessian" if self.has_real_data else "nearest")
+        if rounding == "hessian":
+            NameFixPass()(model)  # the layer Grams (and min-fidelity's trial copies) go by node name
+        self._grams = self._hessians(model) if rounding == "hessian" else {}
         means = self._means(model)
         exclude = set(self.exclude)
         if self.min_fidelity is not None:
             exclude |= self._sensitive(model, means, exclude)
         modified, before, after = self._cluster(model, means, exclude, record=True)
+        self._grams = {}
         if modified:
             self.details["weight_bytes"] = {"before": int(before), "after": int(after)}
         return ir.passes.PassResult(model, modified=modified)
@@ -164,14 +185,59 @@ class ClusterWeightsPass(ShrinkPass):
                 scale = np.where(amax > 0, amax, 1.0).reshape(shape)
                 values = values / scale
             centroids, indices = kmeans_1d(values, 2**self.bits)
+            new_bias = None
+            if node.name in self._grams:
+                indices, new_bias = self._hessian_assign(node, self._grams[node.name], centroids, scale)
             decoded = self._rewrite(graph, node, w, centroids, indices, scale, record)
             mu = means.get(node.inputs[0].name) if node.op_type in ("Conv", "Gemm") else None
-            if mu is not None:
+            if new_bias is not None:
+                set_const_input(graph, node, 2, new_bias.astype(w.dtype), "bias_clustered")
+            elif mu is not None:
                 subtract_from_bias(graph, node, apply_to_mean(node, decoded - w.astype(np.float64), mu))
             total_before += w.nbytes
             total_after += indices.size + centroids.size * 4 + (0 if scale is None else scale.size * 4)
             modified = True
         return modified, total_before, total_after
+
+    def _hessians(self, model: ir.Model) -> dict[str, np.ndarray]:
+        """Layer input Grams H for Hessian-aware assignment (one pass over the data)."""
+        data = self.context.data
+        nodes = []
+        for n in model.graph:
+            if n.op_type not in _TARGETS or len(n.inputs) < 2 or n.inputs[1] is None or n.name in self.exclude:
+                continue
+            w = const_array(n.inputs[1])
+            if w is None or w.size < self.min_size or not np.issubdtype(w.dtype, np.floating):
+                continue
+            if reason := gram_refusal(n):
+                self.details.setdefault("nearest_rounding", {})[n.name] = reason
+            else:
+                nodes.append(n)
+        if not nodes or data is None:
+            return {}
+        n = min(self.samples, data.n_samples)
+        task = self.task(f"{self.name}: layer Hessians", n)
+        with self.scratch() as workdir:
+            grams, left = collect_grams(model, nodes, data, workdir, n, progress=task)
+        task.done()
+        for node in left:
+            self.details.setdefault("nearest_rounding", {})[node.name] = "Gram budget (2 GB) used up"
+        return grams
+
+    def _hessian_assign(self, node: ir.Node, H: np.ndarray, centroids: np.ndarray, scale) -> tuple:
+        """(indices in the weight's layout, new bias or None): centroids assigned GPTQ-style."""
+        bias = node.op_type != "MatMul"
+        W = current_solution(node, bias)
+        G, _, o = W.shape
+        s = system_scale(node, 1.0 if scale is None else scale, G, o)
+        mids = (centroids[:-1] + centroids[1:]) / 2.0
+
+        def project(rows, _src):
+            return centroids[np.searchsorted(mids, rows / s)] * s
+
+        w_hat, b = from_system(node, hessian_round(H, W, project, bias=bias), bias)
+        norm = w_hat if scale is None else w_hat / scale
+        return np.searchsorted(mids, np.asarray(norm, np.float64).reshape(-1)), b
 
     def _sensitive(self, model: ir.Model, means, exclude: set[str]) -> set[str]:
         """Layers to leave unclustered so the cosine on 32 calibration samples reaches

@@ -30,6 +30,19 @@ calibration data (Nagel et al. 2019). ``full`` also corrects Q(W)·E[Q(x) − x]
 quantizing the layer's input (clipping mostly) -- measured to help with ``minmax`` and ``mse``
 ranges and to hurt with ``percentile`` on MobileNetV2, so it is not the default.
 
+Rounding (``rounding``; ``auto`` = ``hessian`` with real data, ``nearest`` without): each
+weight is rounded to its per-channel int8 grid, either to the nearest point or Hessian-aware
+(GPTQ, :mod:`onnxshrink.analysis.rounding`): inputs rounded one by one, each error pushed onto
+the inputs not yet rounded so the *layer output* on the calibration data moves least; the bias
+is re-solved in the same system (this replaces ``weights`` bias correction for those layers).
+On MobileNetV2 it cuts the output error of weight quantization about 3× (1 − cosine 8.1e-4 →
+2.8e-4, activations float).
+
+Range balancing (``balance``; ``auto`` = on with real data): every activation tensor that only
+depthwise Convs read has its channels scaled by (R/m_c)^α in the producer and divided back in
+the depthwise filters (:mod:`onnxshrink.analysis.balance`) -- exact on the calibration data,
+per-channel activation steps in effect. MobileNetV2: top-1 agreement 82.2% → 89.4%.
+
 The weights are left as float -> QuantizeLinear -> DequantizeLinear (bias in float): the
 ``fold-qdq`` pass stores them pre-quantized; ``quantize`` runs both.
 
@@ -49,13 +62,21 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
 from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
+from onnxshrink.analysis.cut import set_const_input, unique_name
 from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
+from onnxshrink.analysis.refit import current_solution
+from onnxshrink.analysis.rounding import (
+    collect_grams,
+    from_system,
+    gram_refusal,
+    hessian_round,
+    system_scale,
+)
 from onnxshrink.calibrate import ChannelMoments, Probe, all_values
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
-__all__ = ["InsertQDQPass", "QuantizePass", "QuantPlan", "plan_quantization", "quantize_weight"]
+__all__ = ["InsertQDQPass", "QuantPlan", "QuantizePass", "plan_quantization", "quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +267,9 @@ class InsertQDQPass(ShrinkPass):
     percentile: float = 99.99
     weights: Literal["minmax", "mse"] = "minmax"
     bias_correction: Literal["auto", "off", "weights", "full"] = "auto"
+    rounding: Literal["auto", "nearest", "hessian"] = "auto"
+    balance: Literal["auto", "on", "off"] = "auto"
+    balance_alpha: float = 0.5
     exclude: tuple[str, ...] = ()
     exclude_types: tuple[str, ...] = ()
     samples: int = 128
@@ -259,6 +283,9 @@ class InsertQDQPass(ShrinkPass):
             raise OptionError(f"pass '{self.name}': percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1:
             raise OptionError(f"pass '{self.name}': samples must be >= 1")
+        if not 0.0 < self.balance_alpha <= 1.0:
+            raise OptionError(f"pass '{self.name}': balance-alpha must be in (0, 1], got {self.balance_alpha}")
+        self._presets: dict[str, tuple] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.graph.opset_imports.get("", 0)
@@ -287,9 +314,15 @@ class InsertQDQPass(ShrinkPass):
         if data is None:
             raise OptionError(f"pass '{self.name}' needs calibration data")
         mode = self.bias_correction if self.bias_correction != "auto" else ("weights" if self.has_real_data else "off")
+        rounding = self.rounding if self.rounding != "auto" else ("hessian" if self.has_real_data else "nearest")
+        self._presets = {}
         with self.scratch() as workdir:
+            if self.balance == "on" or (self.balance == "auto" and self.has_real_data):
+                self._balance(model, plan, data, workdir)
             ranges, means = self._calibrate(model, plan, data, workdir)
             means = means if mode != "off" else None
+            if rounding == "hessian":
+                self._presets = self._hessian_rounding(model, plan, data, workdir)
             if self.min_fidelity is not None:
                 kept = self._mixed_precision(model, plan, ranges, means, data, workdir)
                 for name in kept:
@@ -394,6 +427,94 @@ class InsertQDQPass(ShrinkPass):
             means[m] = moments[m].mean
         return ranges, means
 
+    # -- range balancing ----------------------------------------------------------------------
+    def _balance(self, model, plan: QuantPlan, data, workdir) -> None:
+        """Scales the channels of every quantized tensor that only depthwise Convs read so they
+        use more of the per-tensor range (:mod:`onnxshrink.analysis.balance`; exact on the
+        calibration data)."""
+        from onnxshrink.analysis.balance import apply_balance, balance_pairs, channel_max
+
+        sources = set(plan.tensors.values())
+        pairs = [p for p in balance_pairs(model.graph, set(self.exclude)) if p.tensor.name in sources]
+        if not pairs:
+            return
+        n = min(self.samples, data.n_samples)
+        task = self.task(f"{self.name}: channel ranges", n)
+        maxes = channel_max(model, [p.tensor.name for p in pairs], data, workdir, n, progress=task)
+        task.done()
+        gains = []
+        for p in pairs:
+            m = maxes[p.tensor.name]
+            s = apply_balance(model.graph, p, m, self.balance_alpha)
+            gains.append(float(np.mean(s)))
+            self.change(f"balanced {p.tensor.name} ({len(m)} channels, scale x{s.min():.2g}..x{s.max():.2g}) "
+                        f"between {p.producer.name} and {', '.join(u.name for u in p.consumers)}")
+        self.details["balanced"] = {"tensors": len(pairs), "mean_scale": round(float(np.mean(gains)), 3)}
+
+    # -- Hessian-aware rounding ---------------------------------------------------------------
+    def _hessian_rounding(self, model, plan: QuantPlan, data, workdir) -> dict[str, tuple]:
+        """Per weighted layer: (scale, int8 weights, new bias or None), rounded GPTQ-style."""
+        nodes = []
+        for node in plan.nodes:
+            if node.op_type not in _WEIGHTED or len(node.inputs) < 2 or const_array(node.inputs[1]) is None:
+                continue
+            if reason := gram_refusal(node):
+                self.details.setdefault("nearest_rounding", {})[node.name] = reason
+            else:
+                nodes.append(node)
+        if not nodes:
+            return {}
+        n = min(self.samples, data.n_samples)
+        task = self.task(f"{self.name}: layer Hessians", n)
+        grams, left = collect_grams(model, nodes, data, workdir, n, progress=task)
+        task.done()
+        for node in left:
+            self.details.setdefault("nearest_rounding", {})[node.name] = "Gram budget (2 GB) used up"
+        presets = {}
+        errors = []
+        task = self.task(f"{self.name}: rounding", len(grams))
+        for node in nodes:
+            if node.name in grams:
+                presets[node.name] = self._round_layer(node, grams.pop(node.name))
+                errors.append(presets[node.name][3])
+                task(1)
+        task.done()
+        if errors:
+            self.details["rounding"] = {"layers": len(errors),
+                                        "output_error_nearest": round(float(np.mean([e[0] for e in errors])), 8),
+                                        "output_error_hessian": round(float(np.mean([e[1] for e in errors])), 8)}
+        return presets
+
+    def _round_layer(self, node: ir.Node, H: np.ndarray) -> tuple:
+        from onnxshrink.analysis.rounding import output_error
+
+        w = const_array(node.inputs[1])
+        bias = node.op_type != "MatMul"
+        W = current_solution(node, bias)  # [G, D, o]: D = inputs per group (+ 1 for the bias)
+        G, D, o = W.shape
+        d = D - 1 if bias else D
+        axis = weight_axis(node)
+        if axis is None:
+            amax = float(np.abs(w).max())
+            scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
+        else:
+            scale, _ = quantize_weight(w, axis, self.weights)
+        s = system_scale(node, scale, G, o)
+
+        def project(rows, _src):
+            return np.clip(np.round(rows / s), -127, 127) * s
+
+        nearest = W.copy()
+        nearest[:, :d] = project(W[:, :d].transpose(1, 0, 2), None).transpose(1, 0, 2)
+        W_hat = hessian_round(H, W, project, bias=bias)
+        w_hat, b = from_system(node, W_hat, bias)
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = -1
+        q_node = np.clip(np.round(w_hat / np.reshape(scale, shape)), -127, 127)
+        errs = (output_error(H, W, nearest), output_error(H, W, W_hat))
+        return scale, q_node.astype(np.int8), b, errs
+
     # -- rewrite ------------------------------------------------------------------------------
     def _rewrite(self, model, plan: QuantPlan, ranges, means, deltas=None, record: bool = True) -> None:
         graph = model.graph
@@ -451,7 +572,25 @@ class InsertQDQPass(ShrinkPass):
     def _quantize_weights(self, graph, node, mu, delta, record: bool = True) -> None:
         w = const_array(node.inputs[1])
         axis = weight_axis(node)
-        if axis is None:
+        preset = self._presets.get(node.name)
+        if preset is not None:
+            scale, q, b, _ = preset
+            shape = [1] * w.ndim
+            if axis is not None:
+                shape[axis] = -1
+            deq = q.astype(np.float64) * np.reshape(scale, shape)
+            zp = np.zeros(len(scale), np.int8) if axis is not None else np.array(0, np.int8)
+            # the weight is stored on its grid: QuantizeLinear gives back exactly q
+            set_const_input(graph, node, 1, deq.astype(w.dtype), "weight_rounded")
+            if b is not None:
+                set_const_input(graph, node, 2, np.asarray(b).astype(w.dtype), "bias_rounded")
+                if node.op_type == "Gemm":
+                    node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+                    node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+            if delta is not None:
+                subtract_from_bias(graph, node, apply_to_mean(node, deq, delta))
+            mu = None  # the bias was re-solved with the weights
+        elif axis is None:
             amax = float(np.abs(w).max())
             scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
@@ -463,6 +602,8 @@ class InsertQDQPass(ShrinkPass):
             shape = [1] * w.ndim
             shape[axis] = -1
             deq = q.astype(np.float64) * scale.reshape(shape)
+        if preset is not None:
+            w = const_array(node.inputs[1])
         base = node.name or node.op_type
         s_val = _scalar_init(graph, f"{base}.weight_scale", scale)
         z_val = _scalar_init(graph, f"{base}.weight_zero_point", zp)
@@ -478,7 +619,8 @@ class InsertQDQPass(ShrinkPass):
         if mu is not None and node.op_type in ("Conv", "Gemm"):
             self._correct_bias(graph, node, w, deq, mu, delta)
         if record:
-            self.change(f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}")
+            how = ", Hessian-aware rounding" if preset is not None else ""
+            self.change(f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}{how}")
 
     def _correct_bias(self, graph, node, w, deq, mu, delta=None) -> None:
         """b -= (Q(W) − W)·E[x] + Q(W)·E[Q(x) − x]: the output mean shift that weight rounding and

@@ -1,0 +1,192 @@
+"""Hessian-aware rounding of a layer's weights onto a grid (GPTQ: Frantar et al., ICLR 2023,
+after Optimal Brain Quantization).
+
+Rounding each weight to its nearest grid point minimises the *weight* error; what matters is
+the *output* error on the data the layer sees, ‖X·(Ŵ − W)‖² = tr((Ŵ − W)ᵀ H (Ŵ − W)) with
+H = Σ xᵀx over the calibration rows. GPTQ rounds the inputs one at a time and moves each
+rounding error onto the inputs not yet rounded, in proportion to the inverse of H (one upper
+Cholesky factor U of H⁻¹ does it all: row i's error e_i / U_ii, times U_i,i+1:), so later
+weights compensate for earlier ones. Inputs go in decreasing order of H's diagonal (the most
+active first, "act order"); H is damped by ``damp`` · mean(diag H).
+
+With a bias the system is augmented by a constant input 1 (H's last row holds Σx): that row is
+not rounded and is last, so the bias absorbs whatever mean shift is left -- bias correction
+falls out of the same solve.
+
+The grid is a function ``project(values [G, o]) -> [G, o]`` applied to one input row of every
+output channel at once: uniform per-channel int8, a k-means codebook, anything. Grouped and
+depthwise convolutions are one system per group (H is [G, D, D]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.analysis.channels import const_array
+from onnxshrink.analysis.refit import input_rows
+
+__all__ = ["MAX_INPUTS", "collect_grams", "from_system", "gram_refusal", "hessian_round", "output_error",
+           "system_scale"]
+
+MAX_INPUTS = 4096  # inputs per output (C_in/group · k²) above which H is not collected (128 MB)
+_BUDGET = 1 << 31  # bytes of Gram matrices held at once; layers beyond it are rounded to nearest
+
+
+def _inputs_per_group(node: ir.Node) -> tuple[int, int]:
+    w = const_array(node.inputs[1])
+    if node.op_type == "Conv":
+        return node.attributes.get_int("group", 1), int(np.prod(w.shape[1:]))
+    if node.op_type == "Gemm":
+        return 1, int(w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0])
+    return 1, int(w.shape[0])
+
+
+def gram_refusal(node: ir.Node) -> str | None:
+    """None when :func:`collect_grams` handles ``node``, else why it is rounded to nearest."""
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if w is None:
+        return "weight is not constant"
+    if node.op_type == "Conv":
+        if w.ndim != 4:
+            return "only 2-D convolutions get Hessian-aware rounding"
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "auto_pad SAME_* convolutions get nearest rounding"
+    elif node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1 gets nearest rounding"
+        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+            return "Gemm with alpha or beta != 1 gets nearest rounding"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = const_array(node.inputs[2])
+            if c is None or c.size not in (1, w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]):
+                return "Gemm whose C is not a constant bias vector gets nearest rounding"
+    elif node.op_type != "MatMul" or w.ndim != 2:
+        return f"{node.op_type} gets nearest rounding"
+    d = _inputs_per_group(node)[1]
+    if d > MAX_INPUTS:
+        return f"{d} inputs per output (> {MAX_INPUTS}): nearest rounding (H would be too large)"
+    return None
+
+
+def collect_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, *,
+                  rows: int = 2048, progress=None) -> tuple[dict[str, np.ndarray], list[ir.Node]]:
+    """H = Σ [x, 1]ᵀ[x, 1] per layer ([G, D, D]; no constant input for a MatMul), from the rows the
+    layer multiplies (im2col patches, at most ``rows`` per batch, seeded), in one pass over the
+    first ``samples`` calibration samples. Returns the Grams by node name (the nodes must have
+    distinct names: run ``NameFixPass`` first) and the layers left out because the Gram budget
+    (2 GB) ran out -- those are rounded to nearest."""
+    from onnxshrink.calibrate import Probe
+
+    names = [n.name for n in nodes]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError("collect_grams needs distinct node names")
+    todo, left, used = [], [], 0
+    for n in nodes:
+        g, d = _inputs_per_group(n)
+        size = g * (d + 1) ** 2 * 8
+        if used + size > _BUDGET:
+            left.append(n)
+            continue
+        used += size
+        todo.append(n)
+    grams: dict[str, np.ndarray] = {}
+    if not todo:
+        return grams, left
+    rng = np.random.default_rng(0)
+    with Probe(model, sorted({n.inputs[0].name for n in todo}), workdir) as probe:
+        for batch in probe.run(data, samples):
+            for n in todo:
+                X = input_rows(n, batch[n.inputs[0].name], rng, rows).astype(np.float64)
+                if X.ndim == 2:
+                    X = X[:, None, :]
+                if n.op_type != "MatMul":
+                    X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
+                Xg = X.transpose(1, 2, 0)
+                h = Xg @ Xg.transpose(0, 2, 1)
+                grams[n.name] = h if n.name not in grams else grams[n.name] + h
+            if progress is not None:
+                arr = next(iter(batch.values()))
+                progress(arr.shape[0] if arr.ndim else 1)
+    return grams, left
+
+
+def hessian_round(H: np.ndarray, W: np.ndarray, project: Callable[[np.ndarray, int], np.ndarray], *,
+                  bias: bool, damp: float = 0.01) -> np.ndarray:
+    """Ŵ on the grid (bias row free) that approximately minimises tr((Ŵ − W)ᵀ H (Ŵ − W)).
+
+    ``H`` [G, D, D] and ``W`` [G, D, o] (D = d + 1 with ``bias``: the last row is the bias);
+    ``project(rows, i)`` maps input ``i``'s weights of every output, [G, o], onto the grid.
+    Inputs that never fire (zero diagonal) are rounded to nearest and give no error downstream.
+    """
+    H = np.array(H, np.float64)
+    W = np.array(W, np.float64)
+    G, D, _ = W.shape
+    d = D - 1 if bias else D
+    diag = np.einsum("gii->gi", H)[:, :d]
+    lam = np.maximum(damp * diag.mean(1), 1e-12)
+    dead = diag <= 0
+    # act order: most active inputs first, per group; the bias row stays last
+    order = np.argsort(-diag, axis=1, kind="stable")
+    if bias:
+        order = np.concatenate([order, np.full((G, 1), d)], axis=1)
+    Hp = np.take_along_axis(np.take_along_axis(H, order[:, :, None], 1), order[:, None, :], 2)
+    Wp = np.take_along_axis(W, order[:, :, None], 1)
+    deadp = np.take_along_axis(dead, order[:, :d], 1)
+    for g, i in zip(*np.nonzero(deadp)):
+        Hp[g, i, :] = 0.0
+        Hp[g, :, i] = 0.0
+        Hp[g, i, i] = 1.0
+    idx = np.arange(d)
+    Hp[:, idx, idx] += lam[:, None]
+    if bias:  # the constant input: damped too, so H stays positive definite with dead inputs
+        Hp[:, d, d] += lam
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(Hp)).transpose(0, 2, 1)
+    except np.linalg.LinAlgError:
+        Hp[:, idx, idx] += 100 * lam[:, None]
+        U = np.linalg.cholesky(np.linalg.inv(Hp)).transpose(0, 2, 1)
+    Q = Wp.copy()
+    gi = np.arange(G)
+    for k in range(d):
+        src = order[:, k]  # the original input index per group (project may depend on it)
+        w = Wp[:, k, :]
+        q = project(w, src)
+        Q[:, k, :] = q
+        err = (w - q) / U[:, k, k][:, None]
+        Wp[:, k + 1:, :] -= U[:, k, k + 1:][:, :, None] * err[:, None, :]
+    if bias:
+        Q[:, d, :] = Wp[:, d, :]
+    out = np.empty_like(Q)
+    out[gi[:, None], order, :] = Q
+    return out
+
+
+def output_error(H: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
+    """tr((Ŵ − W)ᵀ H (Ŵ − W)) / tr(Wᵀ H W): the relative output error on the calibration rows."""
+    E = np.asarray(W_hat, np.float64) - W
+    num = float(np.einsum("gio,gio->", E, H @ E))
+    den = float(np.einsum("gio,gio->", W, H @ W))
+    return num / max(den, 1e-30)
+
+
+def system_scale(node: ir.Node, scale: np.ndarray | float, G: int, o: int) -> np.ndarray:
+    """A per-output-channel scale (or one scalar) laid out like the system's outputs, [G, o]."""
+    return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (G * o,)).reshape(G, o) \
+        if np.size(scale) > 1 else np.full((G, o), float(np.asarray(scale).reshape(-1)[0]))
+
+
+def from_system(node: ir.Node, W: np.ndarray, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weight in the node's own layout, bias [outputs] or None) from a system [G, D, o]
+    (the inverse of :func:`onnxshrink.analysis.refit.current_solution` for alpha = beta = 1)."""
+    w = const_array(node.inputs[1])
+    Wm = W[:, :-1] if bias else W
+    b = W[:, -1].reshape(-1) if bias else None
+    if node.op_type == "Conv":
+        return Wm.transpose(0, 2, 1).reshape(w.shape), b
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return Wm[0].T, b
+    return Wm[0], b
