@@ -20,7 +20,7 @@ depthwise convolutions are one system per group (H is [G, D, D]).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,11 @@ import onnx_ir as ir
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.refit import input_rows
 
-__all__ = ["MAX_INPUTS", "collect_grams", "from_system", "gram_refusal", "hessian_round", "output_error",
-           "system_scale"]
+__all__ = ["MAX_INPUTS", "chunks_needed", "from_system", "gram_refusal", "hessian_round", "iter_grams",
+           "output_error", "system_scale"]
 
 MAX_INPUTS = 4096  # inputs per output (C_in/group · k²) above which H is not collected (128 MB)
-_BUDGET = 1 << 31  # bytes of Gram matrices held at once; layers beyond it are rounded to nearest
+_BUDGET = 1 << 29  # bytes of Gram matrices held at once (more layers: more passes over the data)
 
 
 def _inputs_per_group(node: ir.Node) -> tuple[int, int]:
@@ -46,7 +46,7 @@ def _inputs_per_group(node: ir.Node) -> tuple[int, int]:
 
 
 def gram_refusal(node: ir.Node) -> str | None:
-    """None when :func:`collect_grams` handles ``node``, else why it is rounded to nearest."""
+    """None when :func:`iter_grams` handles ``node``, else why it is rounded to nearest."""
     w = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
     if w is None:
         return "weight is not constant"
@@ -72,46 +72,59 @@ def gram_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def collect_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, *,
-                  rows: int = 2048, progress=None) -> tuple[dict[str, np.ndarray], list[ir.Node]]:
-    """H = Σ [x, 1]ᵀ[x, 1] per layer ([G, D, D]; no constant input for a MatMul), from the rows the
-    layer multiplies (im2col patches, at most ``rows`` per batch, seeded), in one pass over the
-    first ``samples`` calibration samples. Returns the Grams by node name (the nodes must have
-    distinct names: run ``NameFixPass`` first) and the layers left out because the Gram budget
-    (2 GB) ran out -- those are rounded to nearest."""
+def iter_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, *,
+               rows: int = 2048, budget: int = _BUDGET, progress=None) -> Iterator[tuple[ir.Node, np.ndarray]]:
+    """(node, H) for every node, H = Σ [x, 1]ᵀ[x, 1] ([G, D, D]; no constant input for a MatMul)
+    from the rows the layer multiplies (im2col patches, at most ``rows`` per batch, seeded) on the
+    first ``samples`` calibration samples.
+
+    Memory stays bounded: the nodes go in chunks whose Grams fit in ``budget`` bytes, one pass
+    over the data per chunk, and a chunk's Grams are handed out (and can be dropped) before the
+    next is collected. ``progress`` advances by samples seen, ``samples`` × chunks in all."""
     from onnxshrink.calibrate import Probe
 
-    names = [n.name for n in nodes]
-    if not all(names) or len(set(names)) != len(names):
-        raise ValueError("collect_grams needs distinct node names")
-    todo, left, used = [], [], 0
+    chunks: list[list[ir.Node]] = [[]]
+    used = 0
     for n in nodes:
         g, d = _inputs_per_group(n)
         size = g * (d + 1) ** 2 * 8
-        if used + size > _BUDGET:
-            left.append(n)
-            continue
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(n)
         used += size
-        todo.append(n)
-    grams: dict[str, np.ndarray] = {}
-    if not todo:
-        return grams, left
-    rng = np.random.default_rng(0)
-    with Probe(model, sorted({n.inputs[0].name for n in todo}), workdir) as probe:
-        for batch in probe.run(data, samples):
-            for n in todo:
-                X = input_rows(n, batch[n.inputs[0].name], rng, rows).astype(np.float64)
-                if X.ndim == 2:
-                    X = X[:, None, :]
-                if n.op_type != "MatMul":
-                    X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
-                Xg = X.transpose(1, 2, 0)
-                h = Xg @ Xg.transpose(0, 2, 1)
-                grams[n.name] = h if n.name not in grams else grams[n.name] + h
-            if progress is not None:
-                arr = next(iter(batch.values()))
-                progress(arr.shape[0] if arr.ndim else 1)
-    return grams, left
+    # one generator per layer: the rows sampled do not depend on how the layers were chunked
+    rngs = {id(n): np.random.default_rng(i) for i, n in enumerate(nodes)}
+    for chunk in (c for c in chunks if c):
+        grams: dict[int, np.ndarray] = {}
+        with Probe(model, sorted({n.inputs[0].name for n in chunk}), workdir) as probe:
+            for batch in probe.run(data, samples):
+                for n in chunk:
+                    X = input_rows(n, batch[n.inputs[0].name], rngs[id(n)], rows).astype(np.float64)
+                    if X.ndim == 2:
+                        X = X[:, None, :]
+                    if n.op_type != "MatMul":
+                        X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
+                    Xg = X.transpose(1, 2, 0)
+                    h = Xg @ Xg.transpose(0, 2, 1)
+                    grams[id(n)] = h if id(n) not in grams else grams[id(n)] + h
+                if progress is not None:
+                    arr = next(iter(batch.values()))
+                    progress(arr.shape[0] if arr.ndim else 1)
+        for n in chunk:
+            yield n, grams.pop(id(n))
+
+
+def chunks_needed(nodes: list[ir.Node], budget: int = _BUDGET) -> int:
+    """How many passes over the data :func:`iter_grams` makes for ``nodes``."""
+    count, used = 0, budget + 1
+    for n in nodes:
+        g, d = _inputs_per_group(n)
+        size = g * (d + 1) ** 2 * 8
+        if used + size > budget:
+            count, used = count + 1, 0
+        used += size
+    return count
 
 
 def hessian_round(H: np.ndarray, W: np.ndarray, project: Callable[[np.ndarray, int], np.ndarray], *,

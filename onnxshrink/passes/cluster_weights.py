@@ -39,10 +39,11 @@ from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input, unique_name
 from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import (
-    collect_grams,
+    chunks_needed,
     from_system,
     gram_refusal,
     hessian_round,
+    iter_grams,
     system_scale,
 )
 from onnxshrink.errors import OptionError
@@ -133,19 +134,19 @@ class ClusterWeightsPass(ShrinkPass):
         super().__post_init__()
         if not 1 <= self.bits <= 8:
             raise OptionError(f"pass 'cluster': bits must be between 1 and 8, got {self.bits}")
-        self._grams: dict[str, np.ndarray] = {}
+        self._assigned: dict[str, tuple] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rounding = self.rounding if self.rounding != "auto" else ("hessian" if self.has_real_data else "nearest")
         if rounding == "hessian":
-            NameFixPass()(model)  # the layer Grams (and min-fidelity's trial copies) go by node name
-        self._grams = self._hessians(model) if rounding == "hessian" else {}
+            NameFixPass()(model)  # assignments (and min-fidelity's trial copies) go by node name
+        self._assigned = self._assign(model) if rounding == "hessian" else {}
         means = self._means(model)
         exclude = set(self.exclude)
         if self.min_fidelity is not None:
             exclude |= self._sensitive(model, means, exclude)
         modified, before, after = self._cluster(model, means, exclude, record=True)
-        self._grams = {}
+        self._assigned = {}
         if modified:
             self.details["weight_bytes"] = {"before": int(before), "after": int(after)}
         return ir.passes.PassResult(model, modified=modified)
@@ -175,19 +176,11 @@ class ClusterWeightsPass(ShrinkPass):
                 if record:
                     self.skip(node, "weight is shared with another node")
                 continue
-            axis = _out_axis(node) if self.per_channel else None
-            scale = None
-            values = w.astype(np.float64)
-            if axis is not None:
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                amax = np.abs(np.moveaxis(values, axis, 0).reshape(w.shape[axis], -1)).max(1)
-                scale = np.where(amax > 0, amax, 1.0).reshape(shape)
-                values = values / scale
-            centroids, indices = kmeans_1d(values, 2**self.bits)
-            new_bias = None
-            if node.name in self._grams:
-                indices, new_bias = self._hessian_assign(node, self._grams[node.name], centroids, scale)
+            if node.name in self._assigned:
+                centroids, indices, scale, new_bias = self._assigned[node.name]
+            else:
+                centroids, indices, scale = self._codebook(node, w)
+                new_bias = None
             decoded = self._rewrite(graph, node, w, centroids, indices, scale, record)
             mu = means.get(node.inputs[0].name) if node.op_type in ("Conv", "Gemm") else None
             if new_bias is not None:
@@ -199,8 +192,23 @@ class ClusterWeightsPass(ShrinkPass):
             modified = True
         return modified, total_before, total_after
 
-    def _hessians(self, model: ir.Model) -> dict[str, np.ndarray]:
-        """Layer input Grams H for Hessian-aware assignment (one pass over the data)."""
+    def _codebook(self, node: ir.Node, w: np.ndarray):
+        """(centroids, nearest indices, per-channel scale or None) of one weight."""
+        axis = _out_axis(node) if self.per_channel else None
+        scale = None
+        values = w.astype(np.float64)
+        if axis is not None:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            amax = np.abs(np.moveaxis(values, axis, 0).reshape(w.shape[axis], -1)).max(1)
+            scale = np.where(amax > 0, amax, 1.0).reshape(shape)
+            values = values / scale
+        centroids, indices = kmeans_1d(values, 2**self.bits)
+        return centroids, indices, scale
+
+    def _assign(self, model: ir.Model) -> dict[str, tuple]:
+        """Per eligible layer: (centroids, indices, scale, new bias) with the centroids assigned
+        Hessian-aware; the layer Grams are collected in bounded chunks and dropped after use."""
         data = self.context.data
         nodes = []
         for n in model.graph:
@@ -216,13 +224,15 @@ class ClusterWeightsPass(ShrinkPass):
         if not nodes or data is None:
             return {}
         n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: layer Hessians", n)
+        task = self.task(f"{self.name}: Hessian-aware assignment", n * chunks_needed(nodes))
+        out = {}
         with self.scratch() as workdir:
-            grams, left = collect_grams(model, nodes, data, workdir, n, progress=task)
+            for node, H in iter_grams(model, nodes, data, workdir, n, progress=task):
+                centroids, _, scale = self._codebook(node, const_array(node.inputs[1]))
+                indices, bias = self._hessian_assign(node, H, centroids, scale)
+                out[node.name] = (centroids, indices, scale, bias)
         task.done()
-        for node in left:
-            self.details.setdefault("nearest_rounding", {})[node.name] = "Gram budget (2 GB) used up"
-        return grams
+        return out
 
     def _hessian_assign(self, node: ir.Node, H: np.ndarray, centroids: np.ndarray, scale) -> tuple:
         """(indices in the weight's layout, new bias or None): centroids assigned GPTQ-style."""

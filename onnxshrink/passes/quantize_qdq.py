@@ -66,10 +66,11 @@ from onnxshrink.analysis.cut import set_const_input, unique_name
 from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
 from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import (
-    collect_grams,
+    chunks_needed,
     from_system,
     gram_refusal,
     hessian_round,
+    iter_grams,
     system_scale,
 )
 from onnxshrink.calibrate import ChannelMoments, Probe, all_values
@@ -465,19 +466,12 @@ class InsertQDQPass(ShrinkPass):
         if not nodes:
             return {}
         n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: layer Hessians", n)
-        grams, left = collect_grams(model, nodes, data, workdir, n, progress=task)
-        task.done()
-        for node in left:
-            self.details.setdefault("nearest_rounding", {})[node.name] = "Gram budget (2 GB) used up"
+        task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(nodes))
         presets = {}
         errors = []
-        task = self.task(f"{self.name}: rounding", len(grams))
-        for node in nodes:
-            if node.name in grams:
-                presets[node.name] = self._round_layer(node, grams.pop(node.name))
-                errors.append(presets[node.name][3])
-                task(1)
+        for node, H in iter_grams(model, nodes, data, workdir, n, progress=task):
+            presets[node.name] = self._round_layer(node, H)
+            errors.append(presets[node.name][3])
         task.done()
         if errors:
             self.details["rounding"] = {"layers": len(errors),

@@ -72,6 +72,20 @@ def test_weights_on_the_grid_and_dead_inputs_stay():
     np.testing.assert_allclose(out, W, atol=1e-12)
 
 
+def test_grams_in_small_chunks_equal_one_pass(tmp_path):
+    from onnxshrink.analysis.rounding import chunks_needed, iter_grams
+
+    model = ir.from_proto(_block())
+    nodes = [n for n in model.graph if n.op_type == "Conv"]
+    data = _data(_block(), 24)
+    whole = {id(n): h for n, h in iter_grams(model, nodes, data, tmp_path, 24)}
+    budget = 9 * 9 * 8 * 32 + 1  # room for the depthwise conv's Grams alone: one layer per pass
+    assert chunks_needed(nodes, budget) == 3
+    for n, h in iter_grams(model, nodes, data, tmp_path, 24, budget=budget):
+        np.testing.assert_allclose(h, whole[id(n)], rtol=1e-12)
+        assert h.shape == ((32, 10, 10) if n.attributes.get_int("group", 1) == 32 else (1, h.shape[1], h.shape[1]))
+
+
 # -- in the passes ---------------------------------------------------------------------------
 NET = """
 <ir_version: 8, opset_import: ["" : 17]>
