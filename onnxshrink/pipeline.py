@@ -29,7 +29,14 @@ from onnxshrink.data import Dataset
 from onnxshrink.errors import ModelError, ValidationError, first_line
 from onnxshrink.passes.base import NullTask, PassContext, ShrinkPass
 from onnxshrink.report import Fidelity, PassRecord, Report
-from onnxshrink.validate import Invalid, Signature, check_file, compare, exact_ok, strict_inference_ok
+from onnxshrink.validate import (
+    Invalid,
+    Signature,
+    check_file,
+    compare,
+    exact_ok,
+    strict_inference_ok,
+)
 
 __all__ = [
     "Pipeline",
@@ -115,8 +122,15 @@ class Progress(Instrument):
         if not self.enabled:
             return
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn,
-            TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
         )
 
         self._progress = RichProgress(

@@ -94,8 +94,12 @@ def balance_pairs(graph: ir.Graph, skip: set[str] = frozenset()) -> list[Balance
                 continue
         channels = const_array(node.inputs[1]).shape[0]
         if not users or any(
-            u.op_type != "Conv" or u.name in skip or u.inputs[0] is not out or not _owned(u, 1)
-            or u.attributes.get_int("group", 1) != channels for u in users
+            u.op_type != "Conv"
+            or u.name in skip
+            or u.inputs[0] is not out
+            or not _owned(u, 1)
+            or u.attributes.get_int("group", 1) != channels
+            for u in users
         ):
             continue
         if any(v is out for u in users for v in u.inputs[1:]):
@@ -104,7 +108,9 @@ def balance_pairs(graph: ir.Graph, skip: set[str] = frozenset()) -> list[Balance
     return pairs
 
 
-def channel_max(model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None) -> dict[str, np.ndarray]:
+def channel_max(
+    model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
+) -> dict[str, np.ndarray]:
     """Largest |value| per channel (axis 1) of the tensors ``names`` on the calibration data."""
     from onnxshrink.calibrate import Probe
 
@@ -112,7 +118,11 @@ def channel_max(model: ir.Model, names: list[str], data, workdir: Path, samples:
     with Probe(model, names, workdir) as probe:
         for batch in probe.run(data, samples):
             for n, arr in batch.items():
-                m = np.abs(np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1)).max(1).astype(np.float64)
+                m = (
+                    np.abs(np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1))
+                    .max(1)
+                    .astype(np.float64)
+                )
                 out[n] = m if n not in out else np.maximum(out[n], m)
             if progress is not None:
                 arr = next(iter(batch.values()))
@@ -130,13 +140,22 @@ def apply_balance(graph: ir.Graph, pair: BalancePair, m: np.ndarray, alpha: floa
     w = const_array(pair.producer.inputs[1])
     dtype = w.dtype
     shape = (-1,) + (1,) * (w.ndim - 1)
-    set_const_input(graph, pair.producer, 1, (w.astype(np.float64) * s.reshape(shape)).astype(dtype), "balanced")
+    set_const_input(
+        graph, pair.producer, 1, (w.astype(np.float64) * s.reshape(shape)).astype(dtype), "balanced"
+    )
     if len(pair.producer.inputs) > 2 and pair.producer.inputs[2] is not None:
         b = const_array(pair.producer.inputs[2])
-        set_const_input(graph, pair.producer, 2, (b.astype(np.float64) * s).astype(dtype), "balanced")
+        set_const_input(
+            graph, pair.producer, 2, (b.astype(np.float64) * s).astype(dtype), "balanced"
+        )
     for u in pair.consumers:
         wu = const_array(u.inputs[1])
         per = wu.shape[0] // len(s)  # depthwise multiplier: filters per input channel
-        set_const_input(graph, u, 1, (wu.astype(np.float64) / np.repeat(s, per).reshape(shape)).astype(wu.dtype),
-                        "balanced")
+        set_const_input(
+            graph,
+            u,
+            1,
+            (wu.astype(np.float64) / np.repeat(s, per).reshape(shape)).astype(wu.dtype),
+            "balanced",
+        )
     return s

@@ -29,8 +29,18 @@ import onnx_ir as ir
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.refit import input_rows
 
-__all__ = ["MAX_INPUTS", "chunks_needed", "from_system", "gram_refusal", "hessian_round", "iter_grams",
-           "output_error", "system_scale"]
+__all__ = [
+    "MAX_INPUTS",
+    "chunks_needed",
+    "from_system",
+    "gram_refusal",
+    "hessian_round",
+    "iter_grams",
+    "output_error",
+    "round_int8",
+    "system_scale",
+    "too_few_rows",
+]
 
 MAX_INPUTS = 4096  # inputs per output (C_in/group · k²) above which H is not collected (128 MB)
 _BUDGET = 1 << 29  # bytes of Gram matrices held at once (more layers: more passes over the data)
@@ -58,11 +68,17 @@ def gram_refusal(node: ir.Node) -> str | None:
     elif node.op_type == "Gemm":
         if node.attributes.get_int("transA", 0):
             return "Gemm with transA=1 gets nearest rounding"
-        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+        if (
+            node.attributes.get_float("alpha", 1.0) != 1.0
+            or node.attributes.get_float("beta", 1.0) != 1.0
+        ):
             return "Gemm with alpha or beta != 1 gets nearest rounding"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             c = const_array(node.inputs[2])
-            if c is None or c.size not in (1, w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]):
+            if c is None or c.size not in (
+                1,
+                w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1],
+            ):
                 return "Gemm whose C is not a constant bias vector gets nearest rounding"
     elif node.op_type != "MatMul" or w.ndim != 2:
         return f"{node.op_type} gets nearest rounding"
@@ -72,11 +88,20 @@ def gram_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def iter_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, *,
-               rows: int = 2048, budget: int = _BUDGET, progress=None) -> Iterator[tuple[ir.Node, np.ndarray]]:
-    """(node, H) for every node, H = Σ [x, 1]ᵀ[x, 1] ([G, D, D]; no constant input for a MatMul)
-    from the rows the layer multiplies (im2col patches, at most ``rows`` per batch, seeded) on the
-    first ``samples`` calibration samples.
+def iter_grams(
+    model: ir.Model,
+    nodes: list[ir.Node],
+    data,
+    workdir: Path,
+    samples: int,
+    *,
+    rows: int = 2048,
+    budget: int = _BUDGET,
+    progress=None,
+) -> Iterator[tuple[ir.Node, np.ndarray, int]]:
+    """(node, H, rows seen) for every node, H = Σ [x, 1]ᵀ[x, 1] ([G, D, D]; no constant input for
+    a MatMul) from the rows the layer multiplies (im2col patches, at most ``rows`` per batch,
+    seeded) on the first ``samples`` calibration samples.
 
     Memory stays bounded: the nodes go in chunks whose Grams fit in ``budget`` bytes, one pass
     over the data per chunk, and a chunk's Grams are handed out (and can be dropped) before the
@@ -97,6 +122,7 @@ def iter_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, sampl
     rngs = {id(n): np.random.default_rng(i) for i, n in enumerate(nodes)}
     for chunk in (c for c in chunks if c):
         grams: dict[int, np.ndarray] = {}
+        counts: dict[int, int] = {}
         with Probe(model, sorted({n.inputs[0].name for n in chunk}), workdir) as probe:
             for batch in probe.run(data, samples):
                 for n in chunk:
@@ -108,11 +134,23 @@ def iter_grams(model: ir.Model, nodes: list[ir.Node], data, workdir: Path, sampl
                     Xg = X.transpose(1, 2, 0)
                     h = Xg @ Xg.transpose(0, 2, 1)
                     grams[id(n)] = h if id(n) not in grams else grams[id(n)] + h
+                    counts[id(n)] = counts.get(id(n), 0) + X.shape[0]
                 if progress is not None:
                     arr = next(iter(batch.values()))
                     progress(arr.shape[0] if arr.ndim else 1)
         for n in chunk:
-            yield n, grams.pop(id(n))
+            yield n, grams.pop(id(n)), counts.pop(id(n))
+
+
+def too_few_rows(H: np.ndarray, rows: int) -> str | None:
+    """Why ``H`` (from ``rows`` calibration rows) should not steer rounding, or None.
+
+    With fewer rows than 2 × its inputs, H is (nearly) rank-deficient: GPTQ would push the
+    rounding errors into directions the calibration data never excites but new data does.
+    """
+    if rows < 2 * H.shape[-1]:
+        return f"{rows} calibration rows for {H.shape[-1]} inputs (< 2x): nearest rounding"
+    return None
 
 
 def chunks_needed(nodes: list[ir.Node], budget: int = _BUDGET) -> int:
@@ -127,8 +165,14 @@ def chunks_needed(nodes: list[ir.Node], budget: int = _BUDGET) -> int:
     return count
 
 
-def hessian_round(H: np.ndarray, W: np.ndarray, project: Callable[[np.ndarray, int], np.ndarray], *,
-                  bias: bool, damp: float = 0.01) -> np.ndarray:
+def hessian_round(
+    H: np.ndarray,
+    W: np.ndarray,
+    project: Callable[[np.ndarray, int], np.ndarray],
+    *,
+    bias: bool,
+    damp: float = 0.01,
+) -> np.ndarray:
     """Ŵ on the grid (bias row free) that approximately minimises tr((Ŵ − W)ᵀ H (Ŵ − W)).
 
     ``H`` [G, D, D] and ``W`` [G, D, o] (D = d + 1 with ``bias``: the last row is the bias);
@@ -170,7 +214,7 @@ def hessian_round(H: np.ndarray, W: np.ndarray, project: Callable[[np.ndarray, i
         q = project(w, src)
         Q[:, k, :] = q
         err = (w - q) / U[:, k, k][:, None]
-        Wp[:, k + 1:, :] -= U[:, k, k + 1:][:, :, None] * err[:, None, :]
+        Wp[:, k + 1 :, :] -= U[:, k, k + 1 :][:, :, None] * err[:, None, :]
     if bias:
         Q[:, d, :] = Wp[:, d, :]
     out = np.empty_like(Q)
@@ -188,8 +232,11 @@ def output_error(H: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
 
 def system_scale(node: ir.Node, scale: np.ndarray | float, G: int, o: int) -> np.ndarray:
     """A per-output-channel scale (or one scalar) laid out like the system's outputs, [G, o]."""
-    return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (G * o,)).reshape(G, o) \
-        if np.size(scale) > 1 else np.full((G, o), float(np.asarray(scale).reshape(-1)[0]))
+    return (
+        np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (G * o,)).reshape(G, o)
+        if np.size(scale) > 1
+        else np.full((G, o), float(np.asarray(scale).reshape(-1)[0]))
+    )
 
 
 def from_system(node: ir.Node, W: np.ndarray, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -203,3 +250,33 @@ def from_system(node: ir.Node, W: np.ndarray, bias: bool) -> tuple[np.ndarray, n
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
         return Wm[0].T, b
     return Wm[0], b
+
+
+def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None):
+    """A layer's weights rounded Hessian-aware onto its symmetric int8 grid.
+
+    ``scale`` is per output channel along ``axis`` (None: one scale for the tensor). Returns the
+    int8 weights in the node's layout, the re-solved bias (None for a MatMul) and the relative
+    output errors (nearest, Hessian) on the calibration rows, for the report.
+    """
+    from onnxshrink.analysis.refit import current_solution
+
+    w = const_array(node.inputs[1])
+    bias = node.op_type != "MatMul"
+    W = current_solution(node, bias)  # [G, D, o]: D = inputs per group (+ 1 for the bias)
+    G, D, o = W.shape
+    d = D - 1 if bias else D
+    s = system_scale(node, scale, G, o)
+
+    def project(rows, _src):
+        return np.clip(np.round(rows / s), -127, 127) * s
+
+    nearest = W.copy()
+    nearest[:, :d] = project(W[:, :d].transpose(1, 0, 2), None).transpose(1, 0, 2)
+    W_hat = hessian_round(H, W, project, bias=bias)
+    w_hat, b = from_system(node, W_hat, bias)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(w_hat / np.reshape(scale, shape)), -127, 127).astype(np.int8)
+    return q, b, (output_error(H, W, nearest), output_error(H, W, W_hat))

@@ -45,6 +45,7 @@ from onnxshrink.analysis.rounding import (
     hessian_round,
     iter_grams,
     system_scale,
+    too_few_rows,
 )
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
@@ -227,7 +228,10 @@ class ClusterWeightsPass(ShrinkPass):
         task = self.task(f"{self.name}: Hessian-aware assignment", n * chunks_needed(nodes))
         out = {}
         with self.scratch() as workdir:
-            for node, H in iter_grams(model, nodes, data, workdir, n, progress=task):
+            for node, H, rows in iter_grams(model, nodes, data, workdir, n, progress=task):
+                if reason := too_few_rows(H, rows):
+                    self.details.setdefault("nearest_rounding", {})[node.name] = reason
+                    continue
                 centroids, _, scale = self._codebook(node, const_array(node.inputs[1]))
                 indices, bias = self._hessian_assign(node, H, centroids, scale)
                 out[node.name] = (centroids, indices, scale, bias)

@@ -64,14 +64,12 @@ from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input, unique_name
 from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
-from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import (
     chunks_needed,
-    from_system,
     gram_refusal,
-    hessian_round,
     iter_grams,
-    system_scale,
+    round_int8,
+    too_few_rows,
 )
 from onnxshrink.calibrate import ChannelMoments, Probe, all_values
 from onnxshrink.errors import OptionError
@@ -469,7 +467,10 @@ class InsertQDQPass(ShrinkPass):
         task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(nodes))
         presets = {}
         errors = []
-        for node, H in iter_grams(model, nodes, data, workdir, n, progress=task):
+        for node, H, rows in iter_grams(model, nodes, data, workdir, n, progress=task):
+            if reason := too_few_rows(H, rows):
+                self.details.setdefault("nearest_rounding", {})[node.name] = reason
+                continue
             presets[node.name] = self._round_layer(node, H)
             errors.append(presets[node.name][3])
         task.done()
@@ -480,34 +481,16 @@ class InsertQDQPass(ShrinkPass):
         return presets
 
     def _round_layer(self, node: ir.Node, H: np.ndarray) -> tuple:
-        from onnxshrink.analysis.rounding import output_error
-
+        """(scale, int8 weights, bias or None, (error nearest, error Hessian)) of one layer."""
         w = const_array(node.inputs[1])
-        bias = node.op_type != "MatMul"
-        W = current_solution(node, bias)  # [G, D, o]: D = inputs per group (+ 1 for the bias)
-        G, D, o = W.shape
-        d = D - 1 if bias else D
         axis = weight_axis(node)
         if axis is None:
             amax = float(np.abs(w).max())
             scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
         else:
             scale, _ = quantize_weight(w, axis, self.weights)
-        s = system_scale(node, scale, G, o)
-
-        def project(rows, _src):
-            return np.clip(np.round(rows / s), -127, 127) * s
-
-        nearest = W.copy()
-        nearest[:, :d] = project(W[:, :d].transpose(1, 0, 2), None).transpose(1, 0, 2)
-        W_hat = hessian_round(H, W, project, bias=bias)
-        w_hat, b = from_system(node, W_hat, bias)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        q_node = np.clip(np.round(w_hat / np.reshape(scale, shape)), -127, 127)
-        errs = (output_error(H, W, nearest), output_error(H, W, W_hat))
-        return scale, q_node.astype(np.int8), b, errs
+        q, b, errs = round_int8(node, H, scale, axis)
+        return scale, q, b, errs
 
     # -- rewrite ------------------------------------------------------------------------------
     def _rewrite(self, model, plan: QuantPlan, ranges, means, deltas=None, record: bool = True) -> None:

@@ -41,7 +41,9 @@ def test_hessian_rounding_lowers_output_error_on_correlated_inputs():
     assert e_hess < e_near, (e_hess, e_near)  # measured 1.7x lower
     # inputs whose energy lies in 8 of 64 directions (as im2col patches mostly do): the rounding
     # errors can be moved into the 56 quiet ones, so the output error falls by far more than d/r
-    X = rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 64)) + 0.1 * rng.standard_normal((4000, 64))
+    X = rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 64)) + 0.1 * rng.standard_normal(
+        (4000, 64)
+    )
     e_near, e_hess = _errors(X, W)
     assert e_hess < e_near / 8, (e_hess, e_near)  # measured ~30x
 
@@ -78,12 +80,15 @@ def test_grams_in_small_chunks_equal_one_pass(tmp_path):
     model = ir.from_proto(_block())
     nodes = [n for n in model.graph if n.op_type == "Conv"]
     data = _data(_block(), 24)
-    whole = {id(n): h for n, h in iter_grams(model, nodes, data, tmp_path, 24)}
+    whole = {id(n): h for n, h, _ in iter_grams(model, nodes, data, tmp_path, 24)}
     budget = 9 * 9 * 8 * 32 + 1  # room for the depthwise conv's Grams alone: one layer per pass
     assert chunks_needed(nodes, budget) == 3
-    for n, h in iter_grams(model, nodes, data, tmp_path, 24, budget=budget):
+    for n, h, rows in iter_grams(model, nodes, data, tmp_path, 24, budget=budget):
+        assert rows == 24 * 64  # every output position of 24 8x8 samples
         np.testing.assert_allclose(h, whole[id(n)], rtol=1e-12)
-        assert h.shape == ((32, 10, 10) if n.attributes.get_int("group", 1) == 32 else (1, h.shape[1], h.shape[1]))
+        assert h.shape == (
+            (32, 10, 10) if n.attributes.get_int("group", 1) == 32 else (1, h.shape[1], h.shape[1])
+        )
 
 
 # -- in the passes ---------------------------------------------------------------------------
@@ -104,10 +109,16 @@ def _block(seed=0):
     rng = np.random.default_rng(seed)
     spread = np.geomspace(0.01, 1.0, 32).astype(np.float32)
     rng.shuffle(spread)
-    inits = {"W1": rand(rng, 32, 8, 1, 1, scale=0.6) * spread[:, None, None, None], "b1": rand(rng, 32, scale=0.01),
-             "lo": np.array(0, np.float32), "hi": np.array(6, np.float32),
-             "D": rand(rng, 32, 1, 3, 3, scale=0.5) / spread[:, None, None, None], "db": rand(rng, 32, scale=0.1),
-             "W2": rand(rng, 16, 32, 1, 1, scale=0.3), "b2": rand(rng, 16, scale=0.1)}
+    inits = {
+        "W1": rand(rng, 32, 8, 1, 1, scale=0.6) * spread[:, None, None, None],
+        "b1": rand(rng, 32, scale=0.01),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+        "D": rand(rng, 32, 1, 3, 3, scale=0.5) / spread[:, None, None, None],
+        "db": rand(rng, 32, scale=0.1),
+        "W2": rand(rng, 16, 32, 1, 1, scale=0.3),
+        "b2": rand(rng, 16, scale=0.1),
+    }
     return make_model(NET, inits)
 
 
@@ -129,7 +140,9 @@ def test_balance_refuses_what_does_not_commute_with_scaling():
     inits = onnx_inits(_block())
     inits["lo"] = np.array(0.5, np.float32)  # Clip(0.5, 6): a floor above 0 moves with the scale
     assert balance_pairs(ir.from_proto(make_model(NET, inits)).graph) == []
-    plain = NET.replace("<group = 32, pads", "<pads").replace("float[32, 1, 3, 3] D", "float[32, 32, 3, 3] D")
+    plain = NET.replace("<group = 32, pads", "<pads").replace(
+        "float[32, 1, 3, 3] D", "float[32, 32, 3, 3] D"
+    )
     inits = dict(onnx_inits(_block()), D=rand(rng, 32, 32, 3, 3, scale=0.1))
     assert balance_pairs(ir.from_proto(make_model(plain, inits)).graph) == []  # not depthwise
 
@@ -151,13 +164,18 @@ def test_balance_and_hessian_rounding_raise_quantized_fidelity():
     x = _data(model, 64, seed=9).arrays["x"]
     ref = ort_run(model, {"x": x})[0]
     cos = {}
-    for label, opts in {"plain": {"balance": "off", "rounding": "nearest"}, "balanced": {"rounding": "nearest"},
-                        "both": {}}.items():
+    for label, opts in {
+        "plain": {"balance": "off", "rounding": "nearest"},
+        "balanced": {"rounding": "nearest"},
+        "both": {},
+    }.items():
         out, modified = _run(QuantizePass(calibration="minmax", **opts), model, data)
         assert modified
         cos[label] = _cosine(ref, ort_run(out, {"x": x}, optimize=True)[0])
     # the small channels get up to 10x (= sqrt(100)) finer steps after balancing
-    assert 1 - cos["balanced"] < 0.5 * (1 - cos["plain"]), cos  # measured 24x lower (1.0e-2 -> 4.3e-4)
+    assert 1 - cos["balanced"] < 0.5 * (1 - cos["plain"]), (
+        cos
+    )  # measured 24x lower (1.0e-2 -> 4.3e-4)
     assert cos["both"] >= cos["balanced"] - 1e-5, cos
 
 
@@ -181,7 +199,21 @@ def test_cluster_hessian_assignment_beats_nearest():
     ref = ort_run(model, {"x": x})[0]
     err = {}
     for rounding in ("nearest", "hessian"):
-        out, modified = _run(ClusterWeightsPass(bits=4, min_size=256, rounding=rounding), model, data)
+        out, modified = _run(
+            ClusterWeightsPass(bits=4, min_size=256, rounding=rounding), model, data
+        )
         assert modified
         err[rounding] = 1 - _cosine(ref, ort_run(out, {"x": x})[0])
     assert err["hessian"] < 0.85 * err["nearest"], err  # measured 0.71x (MobileNetV2: 0.48x)
+
+
+def test_too_few_calibration_rows_fall_back_to_nearest():
+    from tests.passes.test_quantize import _net
+
+    model = _net()
+    p = QuantizePass()
+    _, modified = _run(p, model, _data(model, 6))  # the Gemm sees 6 rows for its 9 inputs
+    assert modified
+    reasons = p.details["nearest_rounding"]
+    assert any("calibration rows" in r for r in reasons.values()), reasons
+    assert p.details["rounding"]["layers"] >= 1  # the convs (6 x 64 positions) still get it
