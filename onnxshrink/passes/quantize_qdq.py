@@ -75,7 +75,8 @@ from onnxshrink.calibrate import ChannelMoments, Probe, all_values
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
-__all__ = ["InsertQDQPass", "QuantPlan", "QuantizePass", "plan_quantization", "quantize_weight"]
+__all__ = ["InsertQDQPass", "QuantPlan", "QuantizePass", "plan_quantization", "quantize_weight",
+           "weight_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,15 @@ def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax") -> tuple[n
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
     return scale.astype(np.float32), np.moveaxis(q.reshape(w64.shape), 0, axis)
+
+
+def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax"):
+    """The symmetric int8 scale of a weight: per channel along ``axis`` (:func:`quantize_weight`),
+    or one float32 scalar max|w| / 127 for the whole tensor (``axis`` None)."""
+    if axis is not None:
+        return quantize_weight(w, axis, method)[0]
+    amax = float(np.abs(w).max())
+    return np.float32(amax / 127.0 if amax > 0 else 1.0)
 
 
 def weight_axis(node: ir.Node) -> int | None:
@@ -482,13 +492,8 @@ class InsertQDQPass(ShrinkPass):
 
     def _round_layer(self, node: ir.Node, H: np.ndarray) -> tuple:
         """(scale, int8 weights, bias or None, (error nearest, error Hessian)) of one layer."""
-        w = const_array(node.inputs[1])
         axis = weight_axis(node)
-        if axis is None:
-            amax = float(np.abs(w).max())
-            scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
-        else:
-            scale, _ = quantize_weight(w, axis, self.weights)
+        scale = weight_scale(const_array(node.inputs[1]), axis, self.weights)
         q, b, errs = round_int8(node, H, scale, axis)
         return scale, q, b, errs
 
@@ -568,8 +573,7 @@ class InsertQDQPass(ShrinkPass):
                 subtract_from_bias(graph, node, apply_to_mean(node, deq, delta))
             mu = None  # the bias was re-solved with the weights
         elif axis is None:
-            amax = float(np.abs(w).max())
-            scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
+            scale = weight_scale(w, None)
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
             zp = np.array(0, np.int8)
             deq = q.astype(np.float64) * float(scale)
@@ -579,8 +583,6 @@ class InsertQDQPass(ShrinkPass):
             shape = [1] * w.ndim
             shape[axis] = -1
             deq = q.astype(np.float64) * scale.reshape(shape)
-        if preset is not None:
-            w = const_array(node.inputs[1])
         base = node.name or node.op_type
         s_val = _scalar_init(graph, f"{base}.weight_scale", scale)
         z_val = _scalar_init(graph, f"{base}.weight_zero_point", zp)
