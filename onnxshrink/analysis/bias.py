@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input
 
-__all__ = ["input_moments", "input_means", "apply_to_mean", "subtract_from_bias"]
+__all__ = ["apply_to_mean", "input_means", "input_moments", "quantization_shift", "subtract_from_bias"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +77,26 @@ def subtract_from_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray, what: 
     dtype = const_array(node.inputs[1]).dtype if const_array(node.inputs[1]) is not None else np.float32
     set_const_input(graph, node, 2, new_b.astype(dtype if np.issubdtype(dtype, np.floating) else np.float32), what)
     return True
+
+
+def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, workdir: Path, samples: int,
+                       progress=None) -> dict[str, np.ndarray]:
+    """Per-channel mean of Q(x) − x for each tensor x named in ``qparams`` (its (scale, zero
+    point)) on the calibration data: clipping to a calibrated range and rounding shift a
+    tensor's mean, and the layer reading it sees that shift times its weights."""
+    from onnxshrink.calibrate import Probe
+
+    lo, hi = (0, 255) if activations == "uint8" else (-128, 127)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(qparams, 0)
+    with Probe(model, list(qparams), workdir) as probe:
+        for batch in probe.run(data, samples):
+            for f, x in batch.items():
+                scale, zp = qparams[f]
+                xq = (np.clip(np.rint(x / scale) + int(zp), lo, hi) - int(zp)) * float(scale)
+                err = np.moveaxis(xq.astype(np.float64) - x, 1, -1).reshape(-1, x.shape[1])
+                sums[f] = err.sum(0) + sums.get(f, 0.0)
+                counts[f] += err.shape[0]
+            if progress is not None:
+                progress(x.shape[0] if x.ndim else 1)
+    return {f: sums[f] / max(counts[f], 1) for f in sums}

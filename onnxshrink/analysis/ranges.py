@@ -27,10 +27,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RangeStats", "choose_range", "qparams", "METHODS"]
+__all__ = ["METHODS", "RangeStats", "calibrate", "choose_range", "qparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +184,38 @@ def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.
     zp = min(max(zp, qmin), qmax)
     np_dtype = np.uint8 if dtype == "uint8" else np.int8
     return np.float32(scale), np.array(zp, np_dtype)
+
+
+def calibrate(model, sources: list[str], mean_names: list[str], data, workdir: Path, samples: int,
+              method: str, percentile: float, progress=None):
+    """(range of each tensor in ``sources`` by ``method``, per-channel mean of each tensor in
+    ``mean_names``) from onnxruntime runs on the first ``samples`` calibration samples: one
+    pass for min/max and means, a second filling the histograms unless ``method`` is minmax.
+    ``progress`` advances by samples seen (``samples`` × passes in all)."""
+    from onnxshrink.calibrate import ChannelMoments, Probe
+
+    stats = {s: RangeStats() for s in sources}
+    moments = {m: ChannelMoments(1) for m in mean_names}
+    with Probe(model, sorted(set(sources) | set(mean_names)), workdir) as probe:
+        for batch in probe.run(data, samples):
+            for s in sources:
+                stats[s].update_range(batch[s])
+            for m in mean_names:
+                moments[m].update(batch[m])
+            if progress is not None:
+                progress(_count(batch))
+        if method != "minmax":
+            for st in stats.values():
+                st.start_histogram()
+            for batch in probe.run(data, samples):
+                for s in sources:
+                    stats[s].update_histogram(batch[s])
+                if progress is not None:
+                    progress(_count(batch))
+    ranges = {s: choose_range(st, method, percentile) for s, st in stats.items()}
+    return ranges, {m: moments[m].mean for m in mean_names}
+
+
+def _count(batch: dict) -> int:
+    arr = next(iter(batch.values()))
+    return arr.shape[0] if arr.ndim else 1

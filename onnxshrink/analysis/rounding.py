@@ -38,8 +38,10 @@ __all__ = [
     "iter_grams",
     "output_error",
     "round_int8",
+    "steerable",
     "system_scale",
     "too_few_rows",
+    "usable_grams",
 ]
 
 MAX_INPUTS = 4096  # inputs per output (C_in/group · k²) above which H is not collected (128 MB)
@@ -140,6 +142,30 @@ def iter_grams(
                     progress(arr.shape[0] if arr.ndim else 1)
         for n in chunk:
             yield n, grams.pop(id(n)), counts.pop(id(n))
+
+
+def steerable(nodes: list[ir.Node], refused: dict[str, str]) -> list[ir.Node]:
+    """The ``nodes`` whose Grams :func:`iter_grams` collects; each other one is named in
+    ``refused`` with the reason (it gets nearest rounding)."""
+    out = []
+    for node in nodes:
+        if reason := gram_refusal(node):
+            refused[node.name] = reason
+        else:
+            out.append(node)
+    return out
+
+
+def usable_grams(
+    model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, refused: dict[str, str], progress=None
+) -> Iterator[tuple[ir.Node, np.ndarray]]:
+    """(node, H) from :func:`iter_grams` for every node whose H saw enough calibration rows to
+    steer rounding (:func:`too_few_rows`); the others are named in ``refused`` with the reason."""
+    for node, H, rows in iter_grams(model, nodes, data, workdir, samples, progress=progress):
+        if reason := too_few_rows(H, rows):
+            refused[node.name] = reason
+        else:
+            yield node, H
 
 
 def too_few_rows(H: np.ndarray, rows: int) -> str | None:

@@ -41,11 +41,10 @@ from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import (
     chunks_needed,
     from_system,
-    gram_refusal,
     hessian_round,
-    iter_grams,
+    steerable,
     system_scale,
-    too_few_rows,
+    usable_grams,
 )
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
@@ -211,31 +210,27 @@ class ClusterWeightsPass(ShrinkPass):
         """Per eligible layer: (centroids, indices, scale, new bias) with the centroids assigned
         Hessian-aware; the layer Grams are collected in bounded chunks and dropped after use."""
         data = self.context.data
+        refused: dict[str, str] = {}
         nodes = []
         for n in model.graph:
             if n.op_type not in _TARGETS or len(n.inputs) < 2 or n.inputs[1] is None or n.name in self.exclude:
                 continue
             w = const_array(n.inputs[1])
-            if w is None or w.size < self.min_size or not np.issubdtype(w.dtype, np.floating):
-                continue
-            if reason := gram_refusal(n):
-                self.details.setdefault("nearest_rounding", {})[n.name] = reason
-            else:
+            if w is not None and w.size >= self.min_size and np.issubdtype(w.dtype, np.floating):
                 nodes.append(n)
-        if not nodes or data is None:
-            return {}
-        n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: Hessian-aware assignment", n * chunks_needed(nodes))
+        nodes = steerable(nodes, refused)
         out = {}
-        with self.scratch() as workdir:
-            for node, H, rows in iter_grams(model, nodes, data, workdir, n, progress=task):
-                if reason := too_few_rows(H, rows):
-                    self.details.setdefault("nearest_rounding", {})[node.name] = reason
-                    continue
-                centroids, _, scale = self._codebook(node, const_array(node.inputs[1]))
-                indices, bias = self._hessian_assign(node, H, centroids, scale)
-                out[node.name] = (centroids, indices, scale, bias)
-        task.done()
+        if nodes and data is not None:
+            n = min(self.samples, data.n_samples)
+            task = self.task(f"{self.name}: Hessian-aware assignment", n * chunks_needed(nodes))
+            with self.scratch() as workdir:
+                for node, H in usable_grams(model, nodes, data, workdir, n, refused, progress=task):
+                    centroids, _, scale = self._codebook(node, const_array(node.inputs[1]))
+                    indices, bias = self._hessian_assign(node, H, centroids, scale)
+                    out[node.name] = (centroids, indices, scale, bias)
+            task.done()
+        if refused:
+            self.details["nearest_rounding"] = refused
         return out
 
     def _hessian_assign(self, node: ir.Node, H: np.ndarray, centroids: np.ndarray, scale) -> tuple:

@@ -1,7 +1,7 @@
 """Inserts int8 QuantizeLinear/DequantizeLinear pairs, calibrated on data, so onnxruntime runs
 the model on its integer kernels.
 
-The rule, op by op (``_ROLE``):
+The rule, op by op (:func:`onnxshrink.analysis.qplan.plan_quantization`):
 
 * *compute* ops -- Conv, ConvTranspose, Gemm, MatMul, Add, Mul, AveragePool,
   GlobalAveragePool, Concat -- read dequantized inputs and have their output quantized;
@@ -60,18 +60,21 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
-from onnxshrink.analysis.channels import const_array, weight_users_outside
+from onnxshrink.analysis.bias import apply_to_mean, quantization_shift, subtract_from_bias
+from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import set_const_input, unique_name
-from onnxshrink.analysis.ranges import RangeStats, choose_range, qparams
-from onnxshrink.analysis.rounding import (
-    chunks_needed,
-    gram_refusal,
-    iter_grams,
-    round_int8,
-    too_few_rows,
+from onnxshrink.analysis.qplan import (
+    COMPUTE_OPS,
+    WEIGHTED_OPS,
+    QuantPlan,
+    plan_quantization,
+    quantize_weight,
+    weight_axis,
+    weight_scale,
 )
-from onnxshrink.calibrate import ChannelMoments, Probe, all_values
+from onnxshrink.analysis.ranges import calibrate, qparams
+from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
+from onnxshrink.calibrate import all_values
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
@@ -79,183 +82,6 @@ __all__ = ["InsertQDQPass", "QuantPlan", "QuantizePass", "plan_quantization", "q
            "weight_scale"]
 
 logger = logging.getLogger(__name__)
-
-_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
-_SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
-_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-_FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
-
-
-def _data_inputs(node: ir.Node) -> list[ir.Value]:
-    """The activation inputs a quantized node reads (constants and shape inputs excluded)."""
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "Reshape", "Resize", "Squeeze", "Unsqueeze"):
-        return [node.inputs[0]]
-    return [v for v in node.inputs if v is not None and const_array(v) is None]
-
-
-def _fusable_activation(node: ir.Node) -> ir.Node | None:
-    """The Relu / Clip(min >= 0) that is the only reader of ``node``'s output, if any."""
-    out = node.outputs[0]
-    if out.is_graph_output() or len(out.uses()) != 1:
-        return None
-    act = out.consumers()[0]
-    if act.op_type == "Relu":
-        return act
-    if act.op_type == "Clip":
-        if len(act.inputs) > 1 and act.inputs[1] is not None:
-            lo = const_array(act.inputs[1])
-        else:
-            lo = act.attributes.get_float("min", None)
-        if lo is not None and float(np.asarray(lo)) >= 0.0:
-            return act
-    return None
-
-
-@dataclasses.dataclass
-class QuantPlan:
-    """What gets quantized: nodes, tensors (with the tensor whose range they use), fusions."""
-
-    nodes: list[ir.Node]
-    tensors: dict[str, str]  # quantized tensor -> tensor (float model) its range comes from
-    share: dict[str, str]  # tensor -> tensor whose parameters it reuses (scale-preserving ops)
-    concat: list[list[str]]  # tensors that must share one scale
-    fused: list[tuple[ir.Node, ir.Node]]  # (compute node, activation removed)
-    float_out: set[str]  # outputs of Gemm/MatMul left float
-    inputs: dict[str, tuple[str, str]]  # Conv/Gemm node name -> (float input, quantized input)
-
-    def params(self, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        """Each quantized tensor's range: its source's, unified over a Concat, shared through
-        scale-preserving ops. Tensors whose source was not calibrated are dropped (float)."""
-        for t in [t for t, src in self.tensors.items() if src not in ranges]:
-            self.tensors.pop(t)
-        params = {t: ranges[src] for t, src in self.tensors.items()}
-        for group in self.concat:
-            inside = [t for t in group if t in params]
-            if inside:
-                lo, hi = min(params[t][0] for t in inside), max(params[t][1] for t in inside)
-                for t in inside:
-                    params[t] = (lo, hi)
-        for t, src in self.share.items():
-            if t in params:
-                params[t] = params.get(src, params[t])
-        return params
-
-
-def plan_quantization(model: ir.Model, exclude: set[str], exclude_types: set[str]) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
-    """Decides what to quantize (no change to the model). Returns the plan and refusals."""
-    refused = []
-    nodes, tensors, share, concat, fused = [], {}, {}, [], []
-    inputs: dict[str, tuple[str, str]] = {}
-    quantized: set[str] = set()
-    alias: dict[str, str] = {}  # output of a fused activation -> output of the op it is fused into
-    for node in model.graph:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx") or (op not in _COMPUTE and op not in _SHARE):
-            continue
-        if node.name in exclude or op in exclude_types:
-            refused.append((node, "excluded by option"))
-            continue
-        if op in _WEIGHTED:
-            if reason := _weight_refusal(node):
-                refused.append((node, reason))
-                continue
-        data_in = [alias.get(v.name, v.name) for v in _data_inputs(node)]
-        if op in _SHARE:
-            if not data_in or data_in[0] not in quantized:
-                continue  # only worth it between quantized ops
-            nodes.append(node)
-            out = node.outputs[0].name
-            tensors[out] = out
-            share[out] = data_in[0]
-            quantized.add(out)
-            continue
-        nodes.append(node)
-        if op in ("Conv", "Gemm"):
-            inputs[node.name] = (node.inputs[0].name, data_in[0])
-        for name in data_in:
-            tensors.setdefault(name, name)
-            quantized.add(name)
-        out = node.outputs[0]
-        source = out.name
-        if op in _FUSABLE and (act := _fusable_activation(node)) is not None:
-            fused.append((node, act))
-            source = act.outputs[0].name
-            alias[source] = out.name
-        tensors[out.name] = source
-        quantized.add(out.name)
-        if op == "Concat":
-            concat.append(data_in + [out.name])
-    # A Gemm / MatMul whose output no quantized op reads keeps a float output (QGemm /
-    # MatMulIntegerToFloat): no Q after it, and its activation (if any) stays a float op.
-    qnames = {id(n) for n in nodes}
-    fused_by = {id(n): act for n, act in fused}
-    float_out = set()
-    for node in nodes:
-        if node.op_type not in ("Gemm", "MatMul"):
-            continue
-        act = fused_by.get(id(node))
-        out = act.outputs[0] if act is not None else node.outputs[0]
-        if not any(id(u) in qnames for u in out.consumers()):
-            float_out.add(node.outputs[0].name)
-            tensors.pop(node.outputs[0].name, None)
-            fused = [(n, a) for n, a in fused if n is not node]
-    return QuantPlan(nodes, tensors, share, concat, fused, float_out, inputs), refused
-
-
-def _weight_refusal(node: ir.Node) -> str | None:
-    op = node.op_type
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if op == "MatMul" and (w is None or const_array(w) is None):
-        return None  # activation x activation: both inputs are quantized as activations
-    if w is None or const_array(w) is None:
-        return f"{op} weight is not constant"
-    if weight_users_outside(w, node):
-        return f"{op} weight is shared with another node"
-    if op == "ConvTranspose" and node.attributes.get_int("group", 1) != 1:
-        return "grouped ConvTranspose is left float"
-    if op == "Gemm" and node.attributes.get_int("transA", 0):
-        return "Gemm with transA=1 is left float"
-    return None
-
-
-def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
-    """(per-channel scale, int8 weights): symmetric int8 along ``axis`` (all other axes reduced)."""
-    w64 = np.moveaxis(np.asarray(w, np.float64), axis, 0)
-    flat = w64.reshape(w64.shape[0], -1)
-    amax = np.abs(flat).max(1)
-    if method == "mse":
-        best = amax.copy()
-        best_err = np.full(len(amax), np.inf)
-        for frac in np.linspace(0.5, 1.0, 51):
-            s = np.where(amax > 0, amax * frac / 127.0, 1.0)
-            q = np.clip(np.round(flat / s[:, None]), -127, 127) * s[:, None]
-            err = np.square(q - flat).sum(1)
-            better = err < best_err
-            best[better], best_err[better] = amax[better] * frac, err[better]
-        amax = best
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
-    q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
-    return scale.astype(np.float32), np.moveaxis(q.reshape(w64.shape), 0, axis)
-
-
-def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax"):
-    """The symmetric int8 scale of a weight: per channel along ``axis`` (:func:`quantize_weight`),
-    or one float32 scalar max|w| / 127 for the whole tensor (``axis`` None)."""
-    if axis is not None:
-        return quantize_weight(w, axis, method)[0]
-    amax = float(np.abs(w).max())
-    return np.float32(amax / 127.0 if amax > 0 else 1.0)
-
-
-def weight_axis(node: ir.Node) -> int | None:
-    """Output-channel axis of the weight of a quantized node (None: per-tensor)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    return None  # MatMul: per-tensor (the safe form for onnxruntime's integer MatMul)
 
 
 def _scalar_init(graph: ir.Graph, base: str, arr) -> ir.Value:
@@ -384,7 +210,7 @@ class InsertQDQPass(ShrinkPass):
         self.details["fidelity_all_quantized"] = round(full, 6)
         if full >= self.min_fidelity:
             return []
-        candidates = [node.name for node in plan.nodes if node.op_type in _COMPUTE]
+        candidates = [node.name for node in plan.nodes if node.op_type in COMPUTE_OPS]
         task = self.task(f"{self.name}: layer sensitivity", len(candidates))
         gains = {}
         for name in candidates:
@@ -407,33 +233,15 @@ class InsertQDQPass(ShrinkPass):
 
     # -- calibration --------------------------------------------------------------------------
     def _calibrate(self, model, plan: QuantPlan, data, workdir):
+        """(range per calibrated tensor, per-channel mean of every Conv/Gemm input)."""
         sources = sorted(set(plan.tensors.values()))
-        stats = {s: RangeStats() for s in sources}
         mean_names = sorted({n.inputs[0].name for n in plan.nodes if n.op_type in ("Conv", "Gemm")})
-        means = {m: None for m in mean_names}
-        moments = {m: ChannelMoments(1) for m in mean_names}
-        names = sorted(set(sources) | set(mean_names))
         n = min(self.samples, data.n_samples)
         passes = 1 if self.calibration == "minmax" else 2
         task = self.task(f"{self.name}: calibration", n * passes)
-        with Probe(model, names, workdir) as probe:
-            for batch in probe.run(data, n):
-                for s in sources:
-                    stats[s].update_range(batch[s])
-                for m in mean_names:
-                    moments[m].update(batch[m])
-                task(_count(batch))
-            if passes == 2:
-                for st in stats.values():
-                    st.start_histogram()
-                for batch in probe.run(data, n):
-                    for s in sources:
-                        stats[s].update_histogram(batch[s])
-                    task(_count(batch))
+        ranges, means = calibrate(model, sources, mean_names, data, workdir, n, self.calibration,
+                                  self.percentile, progress=task)
         task.done()
-        ranges = {s: choose_range(st, self.calibration, self.percentile) for s, st in stats.items()}
-        for m in mean_names:
-            means[m] = moments[m].mean
         return ranges, means
 
     # -- range balancing ----------------------------------------------------------------------
@@ -463,27 +271,20 @@ class InsertQDQPass(ShrinkPass):
     # -- Hessian-aware rounding ---------------------------------------------------------------
     def _hessian_rounding(self, model, plan: QuantPlan, data, workdir) -> dict[str, tuple]:
         """Per weighted layer: (scale, int8 weights, new bias or None), rounded GPTQ-style."""
-        nodes = []
-        for node in plan.nodes:
-            if node.op_type not in _WEIGHTED or len(node.inputs) < 2 or const_array(node.inputs[1]) is None:
-                continue
-            if reason := gram_refusal(node):
-                self.details.setdefault("nearest_rounding", {})[node.name] = reason
-            else:
-                nodes.append(node)
-        if not nodes:
-            return {}
-        n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(nodes))
+        refused: dict[str, str] = {}
+        nodes = steerable([node for node in plan.nodes if node.op_type in WEIGHTED_OPS and len(node.inputs) > 1
+                           and const_array(node.inputs[1]) is not None], refused)
         presets = {}
         errors = []
-        for node, H, rows in iter_grams(model, nodes, data, workdir, n, progress=task):
-            if reason := too_few_rows(H, rows):
-                self.details.setdefault("nearest_rounding", {})[node.name] = reason
-                continue
-            presets[node.name] = self._round_layer(node, H)
-            errors.append(presets[node.name][3])
-        task.done()
+        if nodes:
+            n = min(self.samples, data.n_samples)
+            task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(nodes))
+            for node, H in usable_grams(model, nodes, data, workdir, n, refused, progress=task):
+                presets[node.name] = self._round_layer(node, H)
+                errors.append(presets[node.name][3])
+            task.done()
+        if refused:
+            self.details["nearest_rounding"] = refused
         if errors:
             self.details["rounding"] = {"layers": len(errors),
                                         "output_error_nearest": round(float(np.mean([e[0] for e in errors])), 8),
@@ -510,7 +311,7 @@ class InsertQDQPass(ShrinkPass):
             if record:
                 self.change(f"fused {act.op_type} into {node.name or node.op_type}")
         for node in plan.nodes:
-            if node.op_type in _WEIGHTED and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
+            if node.op_type in WEIGHTED_OPS and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
                 float_in = plan.inputs.get(node.name, (None, None))[0]
                 mu = means.get(float_in) if means is not None else None
                 delta = deltas.get(float_in) if deltas is not None else None
@@ -523,33 +324,18 @@ class InsertQDQPass(ShrinkPass):
             self.details["nodes"] = len(plan.nodes)
 
     def _input_errors(self, model, plan: QuantPlan, ranges, data, workdir) -> dict[str, np.ndarray]:
-        """Per-channel mean of Q(x) − x for each Conv/Gemm input x, on the calibration data.
-
-        Clipping to a calibrated range and rounding shift a tensor's mean; the layer reading it
-        sees that shift times its weights -- the part of the output bias error that weight
-        rounding does not explain.
-        """
+        """Per-channel mean of Q(x) − x for each Conv/Gemm input x, on the calibration data:
+        the part of the output bias error that weight rounding does not explain."""
         params = plan.params(dict(ranges))
         pairs = {f: q for f, q in plan.inputs.values() if q in params}
         if not pairs:
             return {}
         qp = {f: qparams(*params[q], self.activations) for f, q in pairs.items()}
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = dict.fromkeys(pairs, 0)
         n = min(self.samples, data.n_samples)
         task = self.task(f"{self.name}: bias correction", n)
-        with Probe(model, list(pairs), workdir) as probe:
-            for batch in probe.run(data, n):
-                for f, x in batch.items():
-                    scale, zp = qp[f]
-                    lo, hi = (0, 255) if self.activations == "uint8" else (-128, 127)
-                    xq = (np.clip(np.rint(x / scale) + int(zp), lo, hi) - int(zp)) * float(scale)
-                    err = np.moveaxis(xq.astype(np.float64) - x, 1, -1).reshape(-1, x.shape[1])
-                    sums[f] = err.sum(0) + sums.get(f, 0.0)
-                    counts[f] += err.shape[0]
-                task(_count(batch))
+        shifts = quantization_shift(model, qp, self.activations, data, workdir, n, progress=task)
         task.done()
-        return {f: sums[f] / max(counts[f], 1) for f in sums}
+        return shifts
 
     def _quantize_weights(self, graph, node, mu, delta, record: bool = True) -> None:
         w = const_array(node.inputs[1])
@@ -641,12 +427,6 @@ class InsertQDQPass(ShrinkPass):
             graph.insert_before(next(iter(graph)), [q_node, dq_node])
         else:
             graph.insert_after(producer, [q_node, dq_node])
-
-
-def _count(batch: dict) -> int:
-    arr = next(iter(batch.values()))
-    return arr.shape[0] if arr.ndim else 1
-
 
 
 @dataclasses.dataclass

@@ -1,0 +1,200 @@
+"""What int8 QDQ quantization covers, decided without changing the model, and the int8 weight
+grid.
+
+:func:`plan_quantization` walks the graph once: *compute* ops (``COMPUTE_OPS``) get quantized
+inputs and output; *scale-preserving* ops take their input's parameters (``share``); a Concat's
+inputs and output share one range; a Relu / Clip(min >= 0) that is the only reader of a Conv,
+Gemm, MatMul or Add output is *fused* (its range used for the op's output, the node removed at
+rewrite); a Gemm / MatMul that feeds no quantized op keeps a float output. Weights are int8,
+symmetric, per output channel (:func:`weight_axis`; MatMul per tensor), scale max|w| / 127 or
+the MSE-best clipping (:func:`quantize_weight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.analysis.channels import const_array, weight_users_outside
+
+__all__ = ["COMPUTE_OPS", "WEIGHTED_OPS", "QuantPlan", "plan_quantization", "quantize_weight", "weight_axis",
+           "weight_scale"]
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
+_SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
+
+
+def _data_inputs(node: ir.Node) -> list[ir.Value]:
+    """The activation inputs a quantized node reads (constants and shape inputs excluded)."""
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "Reshape", "Resize", "Squeeze", "Unsqueeze"):
+        return [node.inputs[0]]
+    return [v for v in node.inputs if v is not None and const_array(v) is None]
+
+
+def _fusable_activation(node: ir.Node) -> ir.Node | None:
+    """The Relu / Clip(min >= 0) that is the only reader of ``node``'s output, if any."""
+    out = node.outputs[0]
+    if out.is_graph_output() or len(out.uses()) != 1:
+        return None
+    act = out.consumers()[0]
+    if act.op_type == "Relu":
+        return act
+    if act.op_type == "Clip":
+        if len(act.inputs) > 1 and act.inputs[1] is not None:
+            lo = const_array(act.inputs[1])
+        else:
+            lo = act.attributes.get_float("min", None)
+        if lo is not None and float(np.asarray(lo)) >= 0.0:
+            return act
+    return None
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """What gets quantized: nodes, tensors (with the tensor whose range they use), fusions."""
+
+    nodes: list[ir.Node]
+    tensors: dict[str, str]  # quantized tensor -> tensor (float model) its range comes from
+    share: dict[str, str]  # tensor -> tensor whose parameters it reuses (scale-preserving ops)
+    concat: list[list[str]]  # tensors that must share one scale
+    fused: list[tuple[ir.Node, ir.Node]]  # (compute node, activation removed)
+    float_out: set[str]  # outputs of Gemm/MatMul left float
+    inputs: dict[str, tuple[str, str]]  # Conv/Gemm node name -> (float input, quantized input)
+
+    def params(self, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        """Each quantized tensor's range: its source's, unified over a Concat, shared through
+        scale-preserving ops. Tensors whose source was not calibrated are dropped (float)."""
+        for t in [t for t, src in self.tensors.items() if src not in ranges]:
+            self.tensors.pop(t)
+        params = {t: ranges[src] for t, src in self.tensors.items()}
+        for group in self.concat:
+            inside = [t for t in group if t in params]
+            if inside:
+                lo, hi = min(params[t][0] for t in inside), max(params[t][1] for t in inside)
+                for t in inside:
+                    params[t] = (lo, hi)
+        for t, src in self.share.items():
+            if t in params:
+                params[t] = params.get(src, params[t])
+        return params
+
+
+def plan_quantization(model: ir.Model, exclude: set[str], exclude_types: set[str]) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
+    """Decides what to quantize (no change to the model). Returns the plan and refusals."""
+    refused = []
+    nodes, tensors, share, concat, fused = [], {}, {}, [], []
+    inputs: dict[str, tuple[str, str]] = {}
+    quantized: set[str] = set()
+    alias: dict[str, str] = {}  # output of a fused activation -> output of the op it is fused into
+    for node in model.graph:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or (op not in COMPUTE_OPS and op not in _SHARE):
+            continue
+        if node.name in exclude or op in exclude_types:
+            refused.append((node, "excluded by option"))
+            continue
+        if op in WEIGHTED_OPS:
+            if reason := _weight_refusal(node):
+                refused.append((node, reason))
+                continue
+        data_in = [alias.get(v.name, v.name) for v in _data_inputs(node)]
+        if op in _SHARE:
+            if not data_in or data_in[0] not in quantized:
+                continue  # only worth it between quantized ops
+            nodes.append(node)
+            out = node.outputs[0].name
+            tensors[out] = out
+            share[out] = data_in[0]
+            quantized.add(out)
+            continue
+        nodes.append(node)
+        if op in ("Conv", "Gemm"):
+            inputs[node.name] = (node.inputs[0].name, data_in[0])
+        for name in data_in:
+            tensors.setdefault(name, name)
+            quantized.add(name)
+        out = node.outputs[0]
+        source = out.name
+        if op in _FUSABLE and (act := _fusable_activation(node)) is not None:
+            fused.append((node, act))
+            source = act.outputs[0].name
+            alias[source] = out.name
+        tensors[out.name] = source
+        quantized.add(out.name)
+        if op == "Concat":
+            concat.append(data_in + [out.name])
+    # A Gemm / MatMul whose output no quantized op reads keeps a float output (QGemm /
+    # MatMulIntegerToFloat): no Q after it, and its activation (if any) stays a float op.
+    qnames = {id(n) for n in nodes}
+    fused_by = {id(n): act for n, act in fused}
+    float_out = set()
+    for node in nodes:
+        if node.op_type not in ("Gemm", "MatMul"):
+            continue
+        act = fused_by.get(id(node))
+        out = act.outputs[0] if act is not None else node.outputs[0]
+        if not any(id(u) in qnames for u in out.consumers()):
+            float_out.add(node.outputs[0].name)
+            tensors.pop(node.outputs[0].name, None)
+            fused = [(n, a) for n, a in fused if n is not node]
+    return QuantPlan(nodes, tensors, share, concat, fused, float_out, inputs), refused
+
+
+def _weight_refusal(node: ir.Node) -> str | None:
+    op = node.op_type
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if op == "MatMul" and (w is None or const_array(w) is None):
+        return None  # activation x activation: both inputs are quantized as activations
+    if w is None or const_array(w) is None:
+        return f"{op} weight is not constant"
+    if weight_users_outside(w, node):
+        return f"{op} weight is shared with another node"
+    if op == "ConvTranspose" and node.attributes.get_int("group", 1) != 1:
+        return "grouped ConvTranspose is left float"
+    if op == "Gemm" and node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1 is left float"
+    return None
+
+
+def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
+    """(per-channel scale, int8 weights): symmetric int8 along ``axis`` (all other axes reduced)."""
+    w64 = np.moveaxis(np.asarray(w, np.float64), axis, 0)
+    flat = w64.reshape(w64.shape[0], -1)
+    amax = np.abs(flat).max(1)
+    if method == "mse":
+        best = amax.copy()
+        best_err = np.full(len(amax), np.inf)
+        for frac in np.linspace(0.5, 1.0, 51):
+            s = np.where(amax > 0, amax * frac / 127.0, 1.0)
+            q = np.clip(np.round(flat / s[:, None]), -127, 127) * s[:, None]
+            err = np.square(q - flat).sum(1)
+            better = err < best_err
+            best[better], best_err[better] = amax[better] * frac, err[better]
+        amax = best
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
+    return scale.astype(np.float32), np.moveaxis(q.reshape(w64.shape), 0, axis)
+
+
+def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax"):
+    """The symmetric int8 scale of a weight: per channel along ``axis`` (:func:`quantize_weight`),
+    or one float32 scalar max|w| / 127 for the whole tensor (``axis`` None)."""
+    if axis is not None:
+        return quantize_weight(w, axis, method)[0]
+    amax = float(np.abs(w).max())
+    return np.float32(amax / 127.0 if amax > 0 else 1.0)
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """Output-channel axis of the weight of a quantized node (None: per-tensor)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return None  # MatMul: per-tensor (the safe form for onnxruntime's integer MatMul)
