@@ -45,13 +45,13 @@ def main() -> None:
         for criterion in args.criteria:
             for refit in (False, True):
                 src = bn_path if criterion == "bn" else folded_path
-                passes = [f"prune:ratio={ratio},criterion={criterion},refit={str(refit).lower()},floor=0,samples={args.samples}"]
+                passes = [f"prune:ratio={ratio},criterion={criterion},refit={str(refit).lower()},floor=-1,samples={args.samples}"]
                 if criterion == "bn":
                     passes.append("fold-batchnorm")
                 with Timer() as t:
                     out, rep = onnxshrink.compress(onnx.load(str(src)), passes, data=str(calib), holdout=0)
                 key = f"ours {criterion}{' + refit' if refit else ''}"
-                if rep.passes[0].status == "rolled-back":  # outputs unusable (e.g. cosine < 0)
+                if rep.passes[0].status == "rolled-back":  # floor=-1 keeps any fidelity: only a failure
                     key += " [rolled back]"
                 models[key] = out
                 rows.append((key, out, t.seconds))
@@ -62,7 +62,7 @@ def main() -> None:
         if anchor_macs is not None:
             with Timer() as t:
                 out, rep = onnxshrink.compress(
-                    original, [f"prune:target-macs={anchor_macs:.4f},criterion=hessian,floor=0,samples={args.samples}"],
+                    original, [f"prune:target-macs={anchor_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"],
                     data=str(calib), holdout=0)
             rows.append(("ours hessian + refit, global", out, t.seconds))
             models["ours hessian + refit, global"] = out
@@ -74,7 +74,7 @@ def main() -> None:
         sim_macs = stats(sim).macs / base.macs
         with Timer() as t:  # ours at exactly onnxsim's MACs, for the equal-MACs comparison
             out, rep = onnxshrink.compress(
-                original, [f"prune:target-macs={sim_macs:.4f},criterion=hessian,floor=0,samples={args.samples}"],
+                original, [f"prune:target-macs={sim_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"],
                 data=str(calib), holdout=0)
         rows.append(("ours hessian + refit, global @ onnxsim", out, t.seconds))
         models["ours hessian + refit, global @ onnxsim"] = out

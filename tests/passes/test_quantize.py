@@ -278,3 +278,30 @@ def test_quantize_net_with_constant_activation():
     assert modified
     x = rand(np.random.default_rng(3), 4, 3, 8, 8)
     assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x})[0]) > 0.99
+
+
+def test_quantization_shift_is_the_mean_clipping_and_rounding_error(tmp_path):
+    from onnxshrink.analysis.bias import quantization_shift
+
+    model = _net()
+    data = _data(model, 16)
+    # uint8, scale 0.01, zero point 50: range [-0.5, 2.05] -- the standard-normal input clips below
+    shift = quantization_shift(ir.from_proto(model), {"x": (np.float32(0.01), np.uint8(50))}, "uint8",
+                               data, tmp_path, 16)
+    x = data.arrays["x"].astype(np.float64)
+    expected = ((np.clip(np.rint(x / 0.01) + 50, 0, 255) - 50) * 0.01 - x).mean((0, 2, 3))
+    np.testing.assert_allclose(shift["x"], expected, atol=1e-6)
+    assert expected.min() > 0.1  # clipping at -0.5 dominates: a real shift, not rounding noise
+
+
+def test_full_bias_correction_applies_the_input_shift():
+    model = _net(6)
+    data = _data(model, 64)
+    outs = {}
+    for mode in ("weights", "full"):
+        # percentile 99: the ranges clip, so E[Q(x) − x] is far from zero
+        p = QuantizePass(bias_correction=mode, percentile=99.0, rounding="nearest")
+        out, modified = _run(p, model, data)
+        assert modified
+        outs[mode] = ort_run(out, {"x": data.arrays["x"][:8]})[0]
+    assert np.abs(outs["full"] - outs["weights"]).max() > 1e-4  # the extra term changed the biases
