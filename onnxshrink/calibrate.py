@@ -21,7 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxshrink import io, runtime
 from onnxshrink.data import Dataset
 
-__all__ = ["Probe", "ChannelMoments", "all_values", "run_model"]
+__all__ = ["ChannelMoments", "Probe", "all_values", "batch_samples", "run_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def batch_samples(batch: dict[str, np.ndarray]) -> int:
+    """How many samples one batch of :meth:`Probe.run` holds (progress counts samples)."""
+    arr = next(iter(batch.values()))
+    return arr.shape[0] if arr.ndim else 1
 
 
 def run_model(model: ir.Model, data: Dataset, limit: int | None, workdir: Path, *, optimize: bool = True):

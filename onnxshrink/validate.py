@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from onnxshrink import runtime
+from onnxshrink.calibrate import batch_samples
 from onnxshrink.errors import first_line
 from onnxshrink.report import Fidelity
 
@@ -132,7 +133,7 @@ def compare(ref: runtime.Outputs, out: runtime.Outputs) -> Fidelity:
         max_abs=max_abs,
         rel_max_abs=max_abs / ref_max if ref_max > 0 else max_abs,
         top1_agreement=agree / total if total else None,
-        samples=sum(next(iter(b.values())).shape[0] if next(iter(b.values())).ndim else 1 for b in ref) if ref else 0,
+        samples=sum(batch_samples(b) for b in ref),
     )
 
 

@@ -112,7 +112,7 @@ def channel_max(
     model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
 ) -> dict[str, np.ndarray]:
     """Largest |value| per channel (axis 1) of the tensors ``names`` on the calibration data."""
-    from onnxshrink.calibrate import Probe
+    from onnxshrink.calibrate import Probe, batch_samples
 
     out: dict[str, np.ndarray] = {}
     with Probe(model, names, workdir) as probe:
@@ -125,8 +125,7 @@ def channel_max(
                 )
                 out[n] = m if n not in out else np.maximum(out[n], m)
             if progress is not None:
-                arr = next(iter(batch.values()))
-                progress(arr.shape[0] if arr.ndim else 1)
+                progress(batch_samples(batch))
     return out
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def input_moments(model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None):
     """Per-channel (axis 1) moments of the tensors ``names`` on the calibration data."""
-    from onnxshrink.calibrate import ChannelMoments, Probe
+    from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 
     moments = {n: ChannelMoments(1) for n in names}
     with Probe(model, names, workdir) as probe:
@@ -33,8 +33,7 @@ def input_moments(model: ir.Model, names: list[str], data, workdir: Path, sample
             for n, arr in batch.items():
                 moments[n].update(arr)
             if progress is not None:
-                arr = next(iter(batch.values()))
-                progress(arr.shape[0] if arr.ndim else 1)
+                progress(batch_samples(batch))
     return moments
 
 
@@ -84,7 +83,7 @@ def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, w
     """Per-channel mean of Q(x) − x for each tensor x named in ``qparams`` (its (scale, zero
     point)) on the calibration data: clipping to a calibrated range and rounding shift a
     tensor's mean, and the layer reading it sees that shift times its weights."""
-    from onnxshrink.calibrate import Probe
+    from onnxshrink.calibrate import Probe, batch_samples
 
     lo, hi = (0, 255) if activations == "uint8" else (-128, 127)
     sums: dict[str, np.ndarray] = {}
@@ -98,5 +97,5 @@ def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, w
                 sums[f] = err.sum(0) + sums.get(f, 0.0)
                 counts[f] += err.shape[0]
             if progress is not None:
-                progress(x.shape[0] if x.ndim else 1)
+                progress(batch_samples(batch))
     return {f: sums[f] / max(counts[f], 1) for f in sums}

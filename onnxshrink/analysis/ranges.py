@@ -192,7 +192,7 @@ def calibrate(model, sources: list[str], mean_names: list[str], data, workdir: P
     ``mean_names``) from onnxruntime runs on the first ``samples`` calibration samples: one
     pass for min/max and means, a second filling the histograms unless ``method`` is minmax.
     ``progress`` advances by samples seen (``samples`` × passes in all)."""
-    from onnxshrink.calibrate import ChannelMoments, Probe
+    from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 
     stats = {s: RangeStats() for s in sources}
     moments = {m: ChannelMoments(1) for m in mean_names}
@@ -203,7 +203,7 @@ def calibrate(model, sources: list[str], mean_names: list[str], data, workdir: P
             for m in mean_names:
                 moments[m].update(batch[m])
             if progress is not None:
-                progress(_count(batch))
+                progress(batch_samples(batch))
         if method != "minmax":
             for st in stats.values():
                 st.start_histogram()
@@ -211,11 +211,6 @@ def calibrate(model, sources: list[str], mean_names: list[str], data, workdir: P
                 for s in sources:
                     stats[s].update_histogram(batch[s])
                 if progress is not None:
-                    progress(_count(batch))
+                    progress(batch_samples(batch))
     ranges = {s: choose_range(st, method, percentile) for s, st in stats.items()}
     return ranges, {m: moments[m].mean for m in mean_names}
-
-
-def _count(batch: dict) -> int:
-    arr = next(iter(batch.values()))
-    return arr.shape[0] if arr.ndim else 1

@@ -108,7 +108,7 @@ def iter_grams(
     Memory stays bounded: the nodes go in chunks whose Grams fit in ``budget`` bytes, one pass
     over the data per chunk, and a chunk's Grams are handed out (and can be dropped) before the
     next is collected. ``progress`` advances by samples seen, ``samples`` × chunks in all."""
-    from onnxshrink.calibrate import Probe
+    from onnxshrink.calibrate import Probe, batch_samples
 
     chunks: list[list[ir.Node]] = [[]]
     used = 0
@@ -138,8 +138,7 @@ def iter_grams(
                     grams[id(n)] = h if id(n) not in grams else grams[id(n)] + h
                     counts[id(n)] = counts.get(id(n), 0) + X.shape[0]
                 if progress is not None:
-                    arr = next(iter(batch.values()))
-                    progress(arr.shape[0] if arr.ndim else 1)
+                    progress(batch_samples(batch))
         for n in chunk:
             yield n, grams.pop(id(n)), counts.pop(id(n))
 

@@ -38,7 +38,7 @@ from onnxshrink.analysis import channels as ch
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import cut_model
 from onnxshrink.analysis.importance import group_scores
-from onnxshrink.calibrate import ChannelMoments, Probe
+from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
 
@@ -148,7 +148,7 @@ class PruneChannelsPass(ShrinkPass):
             for batch in probe.run(data, self.samples):
                 for name, arr in batch.items():
                     moments[name].update(arr)
-                task(next(iter(batch.values())).shape[0])
+                task(batch_samples(batch))
         task.done()
         return moments
 
