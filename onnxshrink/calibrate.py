@@ -109,15 +109,19 @@ class ChannelMoments:
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
-        x = np.moveaxis(np.asarray(x, np.float64), self.axis, -1).reshape(-1, x.shape[self.axis])
-        m, a, s = x.sum(0), np.abs(x).sum(0), np.square(x).sum(0)
+        x = np.asarray(x)
+        axes = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+        # reduced in place with float64 accumulators (no transposed float64 copy of x)
+        m = np.sum(x, axis=axes, dtype=np.float64)
+        a = np.sum(np.abs(x), axis=axes, dtype=np.float64)
+        s = np.sum(np.square(x), axis=axes, dtype=np.float64)
         if self.sum is None:
             self.sum, self.abs_sum, self.sq_sum = m, a, s
         else:
             self.sum += m
             self.abs_sum += a
             self.sq_sum += s
-        self.count += x.shape[0]
+        self.count += x.size // max(x.shape[self.axis], 1)
 
     @property
     def mean(self) -> np.ndarray:

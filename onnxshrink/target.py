@@ -54,7 +54,7 @@ _LEVELS = {"prune": (0.25, 0.5, 0.75), "tucker": (1.5, 2.0, 4.0, 8.0), "lowrank"
 _SPEC = {"prune": "prune:only={layer},ratio={level},floor=0",
          "tucker": "tucker:only={layer},speedup={level},floor=0",
          "lowrank": "lowrank:only={layer},speedup={level},floor=0,fused=false"}
-_CACHE_VERSION = "2"  # bump when a candidate pass changes its output (2: quantize rounding)
+_CACHE_VERSION = "3"  # bump when a candidate pass changes its output (2: quantize rounding, 3: cascade ranges)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,16 @@ Methods (``calibration``):
   minimises the expected squared error of quantizing the histogram: rounding error Δ²/12 inside,
   squared distance to the edge outside.
 
+Cascade (:func:`cascade_calibrate`): the ranges are measured again on the float model with
+every quantized tensor saturated where its grid ends (:func:`clipped_copy`), round after round
+until they settle, so each range is that of the tensor the quantized model actually computes.
+On MobileNetV2 the feature maps' border pixels carry activations that grow block after block
+along the residual stream (features.16's residual Add: |x| up to 35 at the two top corners of
+the 7×7 map, against a median channel maximum of 6.7); the float model's ranges are set by them
+(the 99.99th percentile keeps them: values above half of it are 0.13% of that tensor, nearly all
+at those corners), while upstream saturation already removes most of them. In cascade that Add's range is 0.098 of the float model's, and
+top-1 agreement on the evaluation crops goes from 90.0% to 94.4% (bench/quantize.py).
+
 Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
 scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).
 int8 activations are asymmetric over [−128, 127] the same way.
@@ -31,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METHODS", "RangeStats", "calibrate", "choose_range", "qparams"]
+__all__ = ["METHODS", "Cascade", "RangeStats", "cascade_calibrate", "choose_range",
+           "clipped_copy", "grid_bounds", "qparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +74,16 @@ class RangeStats:
         self.hist = np.zeros(_BINS, np.float64)
 
     def update_histogram(self, x: np.ndarray) -> None:
-        # float64: numpy builds the bin edges in the data's type, and float32 edges over a
-        # narrow range collapse ("Too many bins for data range")
-        h, _ = np.histogram(np.asarray(x, np.float64), bins=_BINS, range=self.edges)
-        self.hist += h
+        """Counts ``x`` into the bins; values beyond the edges go to the end bins."""
+        lo, hi = self.edges
+        x = np.asarray(x)
+        # bin index by arithmetic, then bincount (np.histogram is ~10x slower here); float64
+        # where float32 could not tell the bins of a narrow range far from 0 apart
+        if x.dtype != np.float32 or (hi - lo) < 1e-3 * max(abs(lo), abs(hi)):
+            x = x.astype(np.float64)
+        idx = ((x - x.dtype.type(lo)) * x.dtype.type(_BINS / (hi - lo))).ravel()
+        idx = np.clip(idx, 0, _BINS - 1, out=idx).astype(np.intp)
+        self.hist += np.bincount(idx, minlength=_BINS)
 
     @property
     def centers(self) -> np.ndarray:
@@ -186,31 +203,125 @@ def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.
     return np.float32(scale), np.array(zp, np_dtype)
 
 
-def calibrate(model, sources: list[str], mean_names: list[str], data, workdir: Path, samples: int,
-              method: str, percentile: float, progress=None):
-    """(range of each tensor in ``sources`` by ``method``, per-channel mean of each tensor in
-    ``mean_names``) from onnxruntime runs on the first ``samples`` calibration samples: one
-    pass for min/max and means, a second filling the histograms unless ``method`` is minmax.
-    ``progress`` advances by samples seen (``samples`` × passes in all)."""
+def _collect(model, sources: list[str], mean_names: list[str], data, workdir: Path, samples: int,
+             method: str, progress=None, seed: dict[str, RangeStats] | None = None):
+    """(RangeStats of each tensor in ``sources``, per-channel mean of each in ``mean_names``).
+
+    Without ``seed``: one pass for min/max and means, a second filling the histograms (unless
+    ``method`` is minmax). With ``seed`` (the statistics of a previous round): one pass, the
+    histograms laid over the seed's [min, max], values beyond it counted in the end bins."""
     from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 
     stats = {s: RangeStats() for s in sources}
+    histograms = method != "minmax"
+    if seed is not None and histograms:
+        for name, st in stats.items():
+            st.lo, st.hi = seed[name].lo, seed[name].hi
+            st.start_histogram()
+            st.lo, st.hi = math.inf, -math.inf
     moments = {m: ChannelMoments(1) for m in mean_names}
     with Probe(model, sorted(set(sources) | set(mean_names)), workdir) as probe:
         for batch in probe.run(data, samples):
-            for s in sources:
-                stats[s].update_range(batch[s])
+            for name in sources:
+                stats[name].update_range(batch[name])
+                if seed is not None and histograms:
+                    stats[name].update_histogram(batch[name])
             for m in mean_names:
                 moments[m].update(batch[m])
             if progress is not None:
                 progress(batch_samples(batch))
-        if method != "minmax":
+        if seed is None and histograms:
             for st in stats.values():
                 st.start_histogram()
             for batch in probe.run(data, samples):
-                for s in sources:
-                    stats[s].update_histogram(batch[s])
+                for name in sources:
+                    stats[name].update_histogram(batch[name])
                 if progress is not None:
                     progress(batch_samples(batch))
+    return stats, {m: moments[m].mean for m in mean_names}
+
+
+@dataclasses.dataclass
+class Cascade:
+    """What :func:`cascade_calibrate` found: ranges, input means, and how the rounds went."""
+
+    ranges: dict[str, tuple[float, float]]
+    means: dict[str, np.ndarray]  # per-channel means of ``mean_names`` on the float model
+    changes: list[float]  # per re-measuring round: the largest move of a range end / its width
+    shrunk: dict[str, float]  # tensor -> final width / first-round width, for those that moved
+
+
+def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[str], data, workdir: Path,
+                      samples: int, method: str, percentile: float, rounds: int, tol: float = 0.01,
+                      progress=None) -> Cascade:
+    """Ranges measured on the model *as the quantized one runs it*, up to saturation.
+
+    Round 0 measures every range on the float model (what onnxruntime's calibrators do). Each further round measures them again on a copy in which every quantized
+    tensor saturates where its uint8 grid ends (``saturation(ranges)`` gives tensor -> (lo, hi);
+    :func:`clipped_copy`) -- the model's own clipping without its rounding. A tensor's range
+    then reflects what the quantized model feeds it: large values that an upstream tensor's
+    range already clips (on MobileNetV2, activations at the feature maps' border pixels that
+    grow block after block along the residual stream) no longer widen the ranges downstream.
+    Ranges at depth d settle after d rounds; the rounds stop when no range end moves by more
+    than ``tol`` of its width, or after ``rounds``. One pass over the data per round (the
+    histograms reuse the previous round's span); ``progress`` advances by samples seen.
+    """
+    stats, means = _collect(model, sources, mean_names, data, workdir, samples, method, progress)
     ranges = {s: choose_range(st, method, percentile) for s, st in stats.items()}
-    return ranges, {m: moments[m].mean for m in mean_names}
+    first = dict(ranges)
+    changes: list[float] = []
+    for _ in range(rounds):
+        clipped = clipped_copy(model, saturation(ranges))
+        stats, _ = _collect(clipped, sources, [], data, workdir, samples, method, progress, seed=stats)
+        new = {s: choose_range(st, method, percentile) for s, st in stats.items()}
+        changes.append(max((_moved(ranges[s], new[s]) for s in new), default=0.0))
+        ranges = new
+        if changes[-1] <= tol:
+            break
+    shrunk = {s: (ranges[s][1] - ranges[s][0]) / (first[s][1] - first[s][0]) for s in ranges
+              if first[s][1] > first[s][0] and _moved(first[s], ranges[s]) > tol}
+    return Cascade(ranges, means, changes, shrunk)
+
+
+def _moved(old: tuple[float, float], new: tuple[float, float]) -> float:
+    width = max(old[1] - old[0], 1e-12)
+    return max(abs(new[0] - old[0]), abs(new[1] - old[1])) / width
+
+
+def grid_bounds(lo: float, hi: float, dtype: str = "uint8") -> tuple[float, float]:
+    """The real interval a quantized tensor with range (lo, hi) covers: its grid's two ends."""
+    scale, zp = qparams(lo, hi, dtype)
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    return float(scale) * (qmin - int(zp)), float(scale) * (qmax - int(zp))
+
+
+def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
+    """A copy of ``model`` in which every reader of tensor ``t`` in ``bounds`` reads
+    ``Clip(t, lo, hi)`` instead (``t`` itself, what a probe reads, is unchanged)."""
+    import onnx_ir as ir
+
+    from onnxshrink.analysis.cut import unique_name
+    from onnxshrink.calibrate import all_values
+
+    clone = model.clone()
+    graph = clone.graph
+    values = {v.name: v for v in all_values(graph)}
+    for name, (lo, hi) in bounds.items():
+        value = values[name]
+        ends = []
+        for end, x in (("lo", lo), ("hi", hi)):
+            v = ir.val(unique_name(graph, f"{name}.saturate_{end}"), const_value=ir.tensor(np.array(x, np.float32)))
+            graph.register_initializer(v)
+            ends.append(v)
+        clip = ir.node("Clip", [value, *ends], name=unique_name(graph, f"{name}.saturate"))
+        out = clip.outputs[0]
+        out.name, out.type = unique_name(graph, f"{name}.saturated"), value.type
+        out.shape = value.shape.copy() if value.shape is not None else None
+        for node, i in [(n, i) for n, i in value.uses() if n is not clip]:
+            node.replace_input_with(i, out)
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(next(iter(graph)), [clip])
+        else:
+            graph.insert_after(producer, [clip])
+    return clone
