@@ -26,7 +26,7 @@ samples:
 ``kernels`` is the fidelity of the same file run with onnxruntime's optimizations on (integer
 kernels, what a user's session gives); the other fidelity columns run the graph as written.
 
-    python bench/quantize.py                 # ~9 min on 2 cores
+    python bench/quantize.py                 # ~15 min on 2 cores
 """
 
 from __future__ import annotations
