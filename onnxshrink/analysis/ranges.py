@@ -24,8 +24,9 @@ On MobileNetV2 the feature maps' border pixels carry activations that grow block
 along the residual stream (features.16's residual Add: |x| up to 35 at the two top corners of
 the 7×7 map, against a median channel maximum of 6.7); the float model's ranges are set by them
 (the 99.99th percentile keeps them: values above half of it are 0.13% of that tensor, nearly all
-at those corners), while upstream saturation already removes most of them. In cascade that Add's range is 0.098 of the float model's, and
-top-1 agreement on the evaluation crops goes from 90.0% to 94.4% (bench/quantize.py).
+at those corners), while upstream saturation already removes most of them. In cascade that
+Add's range is 0.098 of the float model's, and top-1 agreement on the evaluation crops goes from
+90.0% to 94.4% (bench/quantize.py).
 
 Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
 scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).
@@ -256,8 +257,9 @@ def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[st
                       progress=None) -> Cascade:
     """Ranges measured on the model *as the quantized one runs it*, up to saturation.
 
-    Round 0 measures every range on the float model (what onnxruntime's calibrators do). Each further round measures them again on a copy in which every quantized
-    tensor saturates where its uint8 grid ends (``saturation(ranges)`` gives tensor -> (lo, hi);
+    Round 0 measures every range on the float model (what onnxruntime's calibrators do). Each
+    further round measures them again on a copy in which every quantized tensor saturates where
+    its uint8 grid ends (``saturation(ranges)`` gives tensor -> (lo, hi);
     :func:`clipped_copy`) -- the model's own clipping without its rounding. A tensor's range
     then reflects what the quantized model feeds it: large values that an upstream tensor's
     range already clips (on MobileNetV2, activations at the feature maps' border pixels that
@@ -310,7 +312,8 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
         value = values[name]
         ends = []
         for end, x in (("lo", lo), ("hi", hi)):
-            v = ir.val(unique_name(graph, f"{name}.saturate_{end}"), const_value=ir.tensor(np.array(x, np.float32)))
+            v = ir.val(unique_name(graph, f"{name}.saturate_{end}"),
+                       const_value=ir.tensor(np.array(x, np.float32)))
             graph.register_initializer(v)
             ends.append(v)
         clip = ir.node("Clip", [value, *ends], name=unique_name(graph, f"{name}.saturate"))
