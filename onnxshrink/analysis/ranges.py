@@ -42,13 +42,19 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METHODS", "Cascade", "RangeStats", "cascade_calibrate", "choose_range",
+__all__ = ["METHODS", "SETTLED", "Cascade", "RangeStats", "cascade_calibrate", "choose_range",
            "clipped_copy", "grid_bounds", "qparams"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 _BINS = 2048
+SETTLED = 0.01  # cascade rounds stop once no range end moves by more than this of its width
+
+
+def _levels(dtype: str) -> tuple[int, int]:
+    """(qmin, qmax) of a uint8 / int8 activation grid."""
+    return (0, 255) if dtype == "uint8" else (-128, 127)
 
 
 @dataclasses.dataclass
@@ -194,7 +200,7 @@ def choose_range(st: RangeStats, method: str, percentile: float = 99.99) -> tupl
 def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.ndarray]:
     """(scale, zero point) for an asymmetric range; 0 always representable exactly."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    qmin, qmax = _levels(dtype)
     scale = (hi - lo) / (qmax - qmin)
     if scale <= 0 or not math.isfinite(scale):
         scale = 1.0
@@ -253,7 +259,7 @@ class Cascade:
 
 
 def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[str], data, workdir: Path,
-                      samples: int, method: str, percentile: float, rounds: int, tol: float = 0.01,
+                      samples: int, method: str, percentile: float, rounds: int, tol: float = SETTLED,
                       progress=None) -> Cascade:
     """Ranges measured on the model *as the quantized one runs it*, up to saturation.
 
@@ -293,7 +299,7 @@ def _moved(old: tuple[float, float], new: tuple[float, float]) -> float:
 def grid_bounds(lo: float, hi: float, dtype: str = "uint8") -> tuple[float, float]:
     """The real interval a quantized tensor with range (lo, hi) covers: its grid's two ends."""
     scale, zp = qparams(lo, hi, dtype)
-    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    qmin, qmax = _levels(dtype)
     return float(scale) * (qmin - int(zp)), float(scale) * (qmax - int(zp))
 
 

@@ -78,7 +78,7 @@ from onnxshrink.analysis.qplan import (
     weight_axis,
     weight_scale,
 )
-from onnxshrink.analysis.ranges import cascade_calibrate, grid_bounds, qparams
+from onnxshrink.analysis.ranges import SETTLED, cascade_calibrate, grid_bounds, qparams
 from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
 from onnxshrink.calibrate import all_values
 from onnxshrink.errors import OptionError
@@ -260,7 +260,7 @@ class InsertQDQPass(ShrinkPass):
                                        "largest_move": [round(c, 4) for c in found.changes],
                                        "narrowed": len(narrowed),
                                        "narrowest": {k: round(v, 3) for k, v in narrowed[:5]}}
-            if found.changes and found.changes[-1] > 0.01:
+            if found.changes and found.changes[-1] > SETTLED:
                 self.details["cascade"]["note"] = (f"ranges still moved {found.changes[-1]:.1%} in the last "
                                                    f"round (cascade-rounds={self.cascade_rounds})")
         return found.ranges, found.means
