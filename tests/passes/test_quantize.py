@@ -162,6 +162,29 @@ def test_exclude_keeps_float():
     assert producers.get(gemm.input[1]) is None
 
 
+def test_excluded_layers_stay_float_in_an_onnxruntime_session():
+    """onnxruntime's WeightBiasQuantization quantizes (per tensor) the float weight of a Conv /
+    Gemm that reads a per-tensor DQ; the excluded layers must read a per-channel DQ instead."""
+    model = _net(4)
+    model.graph.node[2].name = "second"  # k = Conv(r): r is quantized (it also feeds the Add)
+    data = _data(model)
+    p = QuantizePass(exclude=("second",), exclude_types=("Gemm",))
+    out, _ = _run(p, model, data)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    for node in (n for n in out.graph.node if n.name == "second" or n.op_type == "Gemm"):
+        dq = producers[node.input[0]]
+        assert dq.op_type == "DequantizeLinear" and init[dq.input[1]].shape == (8,)
+        assert len(set(init[dq.input[1]].tolist())) == 1  # one scale, repeated per channel
+    x = data.arrays["x"][:16]
+    written = ort_run(out, {"x": x})[0]
+    session = ort_run(out, {"x": x}, optimize=True)[0]
+    # as written and in a default session: the same float layers (up to kernel rounding)
+    np.testing.assert_allclose(session, written, rtol=0, atol=1e-4 * np.abs(written).max())
+    _, again = apply(FoldQDQPass(), out)
+    assert again is False
+
+
 def test_refusals_old_opset_and_already_quantized():
     text = """
     <ir_version: 7, opset_import: ["" : 11]>
