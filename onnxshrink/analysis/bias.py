@@ -5,6 +5,16 @@ E[ŷ] − E[y] = (Ŵ − W)·E[x] per output channel -- for a Conv, Σ_{c,k} (Ŵ
 (group by group; zero padding at the borders is ignored). Subtracting it from the bias removes
 the systematic part of the error (Nagel et al. 2019, "Data-Free Quantization", empirical form
 with E[x] measured on calibration data).
+
+Empirical, sequential (:func:`empirical_correction`): the mean shift of a quantized model's
+layer output is not only its own weights' doing. Upstream rounding noise, passed through a ReLU
+(E[relu(y + n)] > relu(y) for zero-mean noise n) or a saturating grid, moves the mean of every
+later layer's input, and the analytic form above never sees it. So the layers are visited in
+graph order and each one's per-channel output mean is measured on the quantized model itself --
+every earlier layer already corrected -- and compared with a reference model; the bias absorbs
+the difference (Finkelstein et al. 2019, "Fighting Quantization Bias With Bias"; Nagel et al.
+2019 §4.2). Correcting all layers at once from one measurement diverges: a layer would also
+cancel the part of its shift that its corrected predecessors no longer cause.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input
 
-__all__ = ["apply_to_mean", "input_means", "input_moments", "quantization_shift", "subtract_from_bias"]
+__all__ = ["apply_to_mean", "empirical_correction", "input_means", "input_moments", "quantization_shift", "subtract_from_bias"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +109,22 @@ def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, w
             if progress is not None:
                 progress(batch_samples(batch))
     return {f: sums[f] / max(counts[f], 1) for f in sums}
+
+
+def empirical_correction(model: ir.Model, reference: ir.Model, nodes: list[ir.Node], data, workdir: Path,
+                         samples: int, progress=None) -> dict[str, float]:
+    """Corrects the bias of each of ``nodes`` (Conv / Gemm of ``model``, in graph order) so its
+    output's per-channel mean on the calibration data equals that of the same tensor in
+    ``reference``, one node after the other (each measurement sees the earlier corrections; the
+    probe is cut down to the graph up to that node). Returns node name -> largest |shift| / the
+    reference output's standard deviation, for the nodes corrected."""
+    names = [n.outputs[0].name for n in nodes]
+    want = input_moments(reference, names, data, workdir, samples, progress)
+    moved: dict[str, float] = {}
+    for node, name in zip(nodes, names):
+        got = input_moments(model, [name], data, workdir, samples, progress)[name]
+        shift = got.mean - want[name].mean
+        if subtract_from_bias(model.graph, node, shift, "bias_empirical"):
+            std = np.sqrt(np.maximum(want[name].mean_sq - want[name].mean ** 2, 1e-24))
+            moved[node.name] = float(np.max(np.abs(shift) / std))
+    return moved

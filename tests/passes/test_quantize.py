@@ -427,3 +427,47 @@ def test_full_bias_correction_applies_the_input_shift():
         assert modified
         outs[mode] = ort_run(out, {"x": data.arrays["x"][:8]})[0]
     assert np.abs(outs["full"] - outs["weights"]).max() > 1e-4  # the extra term changed the biases
+
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 8, 8] x, float[16, 4, 3, 3] W1, float[16] b1, float[16, 16, 1, 1] W2, float[16] b2,
+   float[8, 16, 1, 1] W3, float[8] b3) => (float[N, 8, 4, 4] y) {
+    h1 = Conv <pads = [1, 1, 1, 1]> (x, W1, b1)
+    r1 = Relu (h1)
+    h2 = Conv (r1, W2, b2)
+    r2 = Relu (h2)
+    h3 = Conv (r2, W3, b3)
+    y = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (h3)
+}"""
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_empirical_bias_correction_removes_the_mean_shift_rounding_noise_causes(seed):
+    """One wide channel sets r1's uint8 step, so the other channels carry rounding noise of the
+    order of their values; through r2 = Relu(h2) that noise has a positive mean
+    (E[relu(h + n)] > relu(h)) which the analytic correction, (Q(W) − W)·E[x], cannot see.
+    Measured on held-out inputs: per-channel mean error of y 0.29 → 0.11 (seed 0), 0.49 → 0.11."""
+    rng = np.random.default_rng(seed)
+    W1 = rand(rng, 16, 4, 3, 3, scale=0.3)
+    W1[0] *= 60
+    W2 = rand(rng, 16, 16, 1, 1, scale=1.0)
+    W2[:, 0] = 0
+    model = make_model(CHAIN, {"W1": W1, "b1": rand(rng, 16, scale=0.1), "W2": W2, "b2": rand(rng, 16, scale=0.1),
+                               "W3": np.abs(rand(rng, 8, 16, 1, 1, scale=0.5)), "b3": rand(rng, 8, scale=0.1)})
+    data = _data(model, 64)
+    x = _data(model, 64, seed=9).arrays["x"]
+    ref = ort_run(model, {"x": x})[0]
+    errors = {}
+    for mode in ("weights", "empirical"):
+        p = QuantizePass(bias_correction=mode)
+        out, _ = _run(p, model, data)
+        got = ort_run(out, {"x": x}, optimize=True)[0]
+        errors[mode] = (np.abs((got - ref).mean((0, 2, 3))).mean(), np.sum((got - ref) ** 2) / np.sum(ref ** 2))
+    assert p.details["empirical_bias"]["layers"] == 3
+    assert errors["empirical"][0] < 0.5 * errors["weights"][0]
+    assert errors["empirical"][1] < errors["weights"][1]
+    # the default with real data
+    default = QuantizePass()
+    _run(default, model, data)
+    assert "empirical_bias" in default.details
