@@ -13,19 +13,10 @@ Rules, on any QDQ model (ours or another tool's):
 4. *one scale through scale-preserving ops*: DQ -> MaxPool/Reshape/Flatten/Transpose/Squeeze/
    Unsqueeze -> Q whose Q parameters differ from the DQ's is left alone (it requantizes);
    the inserting pass gives them the same parameters, so nothing is left to fix here;
-5. *float layers stay float*: a Conv / ConvTranspose / Gemm with a float weight (excluded, kept
-   float by mixed precision) that reads a per-tensor DequantizeLinear gets a DQ of its own with
-   the same scale and zero point repeated along the channel axis (``axis=1``, one entry per
-   channel: the same numbers). onnxruntime's ``WeightBiasQuantization`` (level 1, on in every
-   default session) quantizes the weight of exactly that pattern -- per-tensor scalar DQ on the
-   input, float weight initializer -- to per-*tensor* int8, which on BatchNorm-folded weights
-   loses more than quantizing the layer per channel would: on MobileNetV2 mixed precision with
-   8 layers "float" gave 96.1% top-1 agreement as written and 90.0% in a session. A per-axis
-   scale does not match its pattern, so the layer runs in float as the graph says.
+5. *float layers stay float*: a Conv / ConvTranspose / Gemm with a float weight that reads a
+   per-tensor DQ gets a per-channel copy of that DQ (:func:`onnxshrink.analysis.qdq.shield_float_layer`:
+   otherwise onnxruntime quantizes its weight per tensor at session start).
 
-Rule 2 rounds the bias to the accumulator's grid, which can move an output across a rounding
-boundary of its own quantization: the pass is validated against the model before it (cosine
-floor 0.9999), not as bit-exact.
 """
 
 from __future__ import annotations
@@ -39,18 +30,12 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import unique_name
+from onnxshrink.analysis.qdq import dq_of, qdq_params, shield_float_layer
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldQDQPass"]
 
 logger = logging.getLogger(__name__)
-
-def _qdq_params(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-    scale = const_array(node.inputs[1])
-    zp = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if scale is None or (len(node.inputs) > 2 and node.inputs[2] is not None and zp is None):
-        return None
-    return scale, zp, node.attributes.get_int("axis", 1)
 
 
 def _broadcast(arr: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -67,7 +52,7 @@ def _fold_weight(graph: ir.Graph, dq: ir.Node) -> str | None:
     if q is None or q.op_type != "QuantizeLinear" or len(q_out.uses()) != 1:
         return None
     w = const_array(q.inputs[0])
-    params = _qdq_params(q)
+    params = qdq_params(q)
     if w is None or params is None:
         return None
     scale, zp, axis = params
@@ -88,21 +73,16 @@ def _fold_weight(graph: ir.Graph, dq: ir.Node) -> str | None:
     return f"{q_out.name}: weight stored as {np.dtype(dtype).name}"
 
 
-def _dq_of(value: ir.Value | None) -> ir.Node | None:
-    p = value.producer() if value is not None else None
-    return p if p is not None and p.op_type == "DequantizeLinear" else None
-
-
 def _fold_bias(graph: ir.Graph, node: ir.Node) -> str | None:
     if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
-    if _dq_of(node.inputs[2]) is not None:
+    if dq_of(node.inputs[2]) is not None:
         return None
-    x_dq, w_dq = _dq_of(node.inputs[0]), _dq_of(node.inputs[1])
+    x_dq, w_dq = dq_of(node.inputs[0]), dq_of(node.inputs[1])
     b = const_array(node.inputs[2])
     if x_dq is None or w_dq is None or b is None or weight_users_outside(node.inputs[2], node):
         return None
-    px, pw = _qdq_params(x_dq), _qdq_params(w_dq)
+    px, pw = qdq_params(x_dq), qdq_params(w_dq)
     if px is None or pw is None or px[0].size != 1:
         return None
     if node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
@@ -146,61 +126,14 @@ def _same(a: tuple | None, b: tuple | None) -> bool:
 
 def _drop_pair(q: ir.Node) -> str | None:
     """Q(DQ(x)) with equal parameters: readers of the Q output read x."""
-    dq = _dq_of(q.inputs[0])
-    if dq is None or not _same(_qdq_params(dq), _qdq_params(q)):
+    dq = dq_of(q.inputs[0])
+    if dq is None or not _same(qdq_params(dq), qdq_params(q)):
         return None
     out = q.outputs[0]
     if out.is_graph_output():
         return None
     out.replace_all_uses_with(dq.inputs[0])
     return f"removed DQ -> Q pair {dq.name or ''} -> {q.name or ''}"
-
-
-def _channels(node: ir.Node, w: np.ndarray) -> tuple[int, int]:
-    """(axis, size) of the input's channel axis -- the one the layer reduces over -- from the
-    weight: Conv (O, C/g, ...) → C; ConvTranspose (C, O/g, ...) → C; Gemm → K, on axis 0 of A
-    when transA."""
-    if node.op_type == "Conv":
-        return 1, w.shape[1] * node.attributes.get_int("group", 1)
-    if node.op_type == "ConvTranspose":
-        return 1, w.shape[0]
-    k = w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0]
-    return (0 if node.attributes.get_int("transA", 0) else 1), k
-
-
-def _shield_float_layer(graph: ir.Graph, node: ir.Node) -> tuple[str | None, str | None]:
-    """(change, refusal): a float-weight layer after a per-tensor DQ reads a per-axis copy."""
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
-        return None, None
-    x_dq = _dq_of(node.inputs[0])
-    w = const_array(node.inputs[1]) if node.inputs[1] is not None else None
-    if x_dq is None or w is None or _dq_of(node.inputs[1]) is not None or w.dtype != np.float32:
-        return None, None
-    params = _qdq_params(x_dq)
-    if params is None or params[0].size != 1:
-        return None, None
-    axis, n = _channels(node, w)
-    if n < 2:
-        return None, ("one input channel: onnxruntime quantizes this float layer's weight per tensor "
-                      "at session start (WeightBiasQuantization)")
-    scale, zp, _ = params
-    base = node.name or node.op_type
-    s_val = ir.val(unique_name(graph, f"{base}.float_input_scale"),
-                   const_value=ir.tensor(np.full(n, scale.reshape(()), np.float32)))
-    ins = [x_dq.inputs[0], s_val]
-    graph.register_initializer(s_val)
-    if zp is not None:
-        z_val = ir.val(unique_name(graph, f"{base}.float_input_zero_point"),
-                       const_value=ir.tensor(np.full(n, zp.reshape(()), zp.dtype)))
-        graph.register_initializer(z_val)
-        ins.append(z_val)
-    dq = ir.node("DequantizeLinear", ins, attributes={"axis": axis}, name=unique_name(graph, f"{base}.float_input_dq"))
-    x, out = node.inputs[0], dq.outputs[0]
-    out.name, out.type = unique_name(graph, f"{base}.float_input"), x.type
-    out.shape = x.shape.copy() if x.shape is not None else None
-    graph.insert_before(node, dq)
-    node.replace_input_with(0, out)
-    return f"{base}: float layer reads a per-channel DQ (onnxruntime leaves its weight float)", None
 
 
 @dataclasses.dataclass
@@ -229,7 +162,7 @@ class FoldQDQPass(ShrinkPass):
                 self.change(what)
                 modified = True
         for node in list(graph):
-            what, refusal = _shield_float_layer(graph, node)
+            what, refusal = shield_float_layer(graph, node)
             if what:
                 self.change(what)
                 modified = True

@@ -86,6 +86,7 @@ from onnxshrink.analysis.qplan import (
     weight_axis,
     weight_scale,
 )
+from onnxshrink.analysis.qdq import shield_float_layer
 from onnxshrink.analysis.ranges import SETTLED, cascade_calibrate, clipped_copy, grid_bounds, qparams
 from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
 from onnxshrink.calibrate import all_values
@@ -363,6 +364,12 @@ class InsertQDQPass(ShrinkPass):
         shared: dict[tuple[float, int], tuple[ir.Value, ir.Value]] = {}
         for t in plan.tensors:
             self._insert(graph, values[t], *qp[t], shared)
+        for node in list(graph):  # layers left float must stay float in onnxruntime too
+            what, refusal = shield_float_layer(graph, node)
+            if record and what:
+                self.change(what)
+            elif record and refusal:
+                self.skip(node, refusal)
         if record:
             self.details["tensors"] = len(plan.tensors)
             self.details["nodes"] = len(plan.nodes)
