@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.channels import ChannelInfo, const_array
 
-__all__ = ["cut_model", "unique_name", "set_const_input"]
+__all__ = ["cut_model", "insert_after_value", "unique_name", "set_const_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,19 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def insert_after_value(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value) -> None:
+    """Puts ``nodes`` (which read ``value`` and compute ``out``) right after ``value``'s producer,
+    or first in the graph for an input or initializer, and moves every other reader of ``value``
+    to ``out``. Graph outputs are left to the caller."""
+    for node, i in [(n, i) for n, i in value.uses() if n not in nodes]:
+        node.replace_input_with(i, out)
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph)), nodes)
+    else:
+        graph.insert_after(producer, nodes)
 
 
 def set_const_input(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str) -> ir.Value:

@@ -308,7 +308,7 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
     ``Clip(t, lo, hi)`` instead (``t`` itself, what a probe reads, is unchanged)."""
     import onnx_ir as ir
 
-    from onnxshrink.analysis.cut import unique_name
+    from onnxshrink.analysis.cut import insert_after_value, unique_name
     from onnxshrink.calibrate import all_values
 
     clone = model.clone()
@@ -326,11 +326,5 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
         out = clip.outputs[0]
         out.name, out.type = unique_name(graph, f"{name}.saturated"), value.type
         out.shape = value.shape.copy() if value.shape is not None else None
-        for node, i in [(n, i) for n, i in value.uses() if n is not clip]:
-            node.replace_input_with(i, out)
-        producer = value.producer()
-        if producer is None:
-            graph.insert_before(next(iter(graph)), [clip])
-        else:
-            graph.insert_after(producer, [clip])
+        insert_after_value(graph, value, [clip], out)
     return clone

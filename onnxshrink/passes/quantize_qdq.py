@@ -76,7 +76,7 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.analysis.bias import apply_to_mean, quantization_shift, subtract_from_bias
 from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.cut import set_const_input, unique_name
+from onnxshrink.analysis.cut import insert_after_value, set_const_input, unique_name
 from onnxshrink.analysis.qplan import (
     COMPUTE_OPS,
     WEIGHTED_OPS,
@@ -482,9 +482,7 @@ class InsertQDQPass(ShrinkPass):
         dq.name = unique_name(graph, f"{base}.dequantized")
         if value.dtype is not None:
             dq.dtype = value.dtype
-        uses = [(n, i) for n, i in value.uses() if n is not q_node]
-        for n, i in uses:
-            n.replace_input_with(i, dq)
+        insert_after_value(graph, value, [q_node, dq_node], dq)
         if value.is_graph_output():  # the dequantized tensor takes the output's name and type
             dq.type, dq.shape = value.type, value.shape
             idx = [i for i, o in enumerate(graph.outputs) if o is value]
@@ -493,11 +491,6 @@ class InsertQDQPass(ShrinkPass):
             dq.name = name
             for i in idx:
                 graph.outputs[i] = dq
-        producer = value.producer()
-        if producer is None:
-            graph.insert_before(next(iter(graph)), [q_node, dq_node])
-        else:
-            graph.insert_after(producer, [q_node, dq_node])
 
 
 @dataclasses.dataclass
