@@ -11,7 +11,8 @@ samples:
   activations, after ``quant_pre_process``, MinMax (its default);
 * ``onnxsim.quantize_static``: per-channel, uint8, minmax;
 * ours, default options (``quantize``: percentile 99.99 ranges measured in cascade, depthwise
-  range balancing, Hessian-aware weight rounding); the same with the ranges of the float model
+  range balancing, Hessian-aware weight rounding, empirical bias correction); the same with the
+  ranges of the float model
   (``cascade-rounds=0``, as onnxruntime calibrates); and with balancing and Hessian rounding
   turned off (nearest rounding + weight bias correction);
 * ours with mixed precision (``min-fidelity=0.997``: the most sensitive layers kept float; the
