@@ -77,6 +77,7 @@ from onnx_ir.passes.common import NameFixPass
 from onnxshrink.analysis.bias import apply_to_mean, quantization_shift, subtract_from_bias
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import insert_after_value, set_const_input, unique_name
+from onnxshrink.analysis.qdq import shield_float_layer
 from onnxshrink.analysis.qplan import (
     COMPUTE_OPS,
     WEIGHTED_OPS,
@@ -86,8 +87,13 @@ from onnxshrink.analysis.qplan import (
     weight_axis,
     weight_scale,
 )
-from onnxshrink.analysis.qdq import shield_float_layer
-from onnxshrink.analysis.ranges import SETTLED, cascade_calibrate, clipped_copy, grid_bounds, qparams
+from onnxshrink.analysis.ranges import (
+    SETTLED,
+    cascade_calibrate,
+    clipped_copy,
+    grid_bounds,
+    qparams,
+)
 from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
 from onnxshrink.calibrate import all_values
 from onnxshrink.errors import OptionError
