@@ -17,6 +17,9 @@ Rules, on any QDQ model (ours or another tool's):
    per-tensor DQ gets a per-channel copy of that DQ (:func:`onnxshrink.analysis.qdq.shield_float_layer`:
    otherwise onnxruntime quantizes its weight per tensor at session start).
 
+Rule 2 rounds the bias to the accumulator's grid, which can move an output across a rounding
+boundary of its own quantization: the pass is validated against the model before it (cosine
+floor 0.9999), not as bit-exact.
 """
 
 from __future__ import annotations
