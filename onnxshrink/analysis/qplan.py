@@ -19,8 +19,8 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 
-__all__ = ["COMPUTE_OPS", "WEIGHTED_OPS", "QuantPlan", "plan_quantization", "quantize_weight", "weight_axis",
-           "weight_scale"]
+__all__ = ["COMPUTE_OPS", "WEIGHTED_OPS", "QuantPlan", "plan_quantization", "quantize_weight", "stem_layers",
+           "weight_axis", "weight_scale"]
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
 _SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
@@ -81,6 +81,40 @@ class QuantPlan:
             if t in params:
                 params[t] = params.get(src, params[t])
         return params
+
+
+def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
+    """The planned layers of the model's *stem*: a non-grouped Conv that reads a graph input,
+    with the depthwise Convs that alone read its output (directly or through its fused Relu /
+    Clip) -- the layers that see the image at full resolution.
+
+    With ``rule`` only the stems where int8 loses on onnxruntime's CPU kernels, measured
+    (``InsertQDQPass``, option ``stem``): at most 4 input channels (an image: at 3×3 to 7×7 the
+    QLinearConv took 1.2-4.5× the float Conv's time with 1-4 input channels, 0.9× with 8), and
+    only quantized compute ops reading the output (after a float stem onnxruntime moves the
+    QuantizeLinear above a MaxPool and runs that on uint8 NCHW: 2.8 ms against 0.1 ms in NHWC
+    on ResNet-18). Something quantized must follow, or the stem stays as it is.
+    """
+    planned = {id(n) for n in plan.nodes}
+    fused = {id(c): a for c, a in plan.fused}
+    stem = []
+    for node in plan.nodes:
+        if (node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1
+                or node.inputs[0] is None or not node.inputs[0].is_graph_input()):
+            continue
+        w = const_array(node.inputs[1])
+        out = fused[id(node)].outputs[0] if id(node) in fused else node.outputs[0]
+        readers = out.consumers()
+        if w is None or out.is_graph_output() or not readers:
+            continue
+        if rule and (w.shape[1] > 4 or any(id(r) not in planned or r.op_type not in COMPUTE_OPS
+                                           for r in readers)):
+            continue
+        stem.append(node)
+        if all(r.op_type == "Conv" and id(r) in planned and r.inputs[0] is out
+               and r.attributes.get_int("group", 1) == w.shape[0] for r in readers):
+            stem.extend(readers)
+    return stem
 
 
 def plan_quantization(model: ir.Model, exclude: set[str], exclude_types: set[str]) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
