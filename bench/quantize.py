@@ -16,8 +16,8 @@ samples:
   the ranges of the float model
   (``cascade-rounds=0``, as onnxruntime calibrates); and with balancing and Hessian rounding
   turned off (nearest rounding + weight bias correction);
-* ours with mixed precision (``min-fidelity=0.998``: the most sensitive layers kept float; the
-  default reaches 0.997 on MobileNetV2's calibration crops by itself);
+* ours with mixed precision (``min-fidelity=0.998``: the most sensitive layers kept float; a
+  floor the default does not reach by itself on MobileNetV2's calibration crops);
 * ours with cross-layer equalization (ReLU6 -> ReLU where it sits between equalized layers, as
   in the paper), bias correction and mixed precision;
 * ``cluster`` (8 bits, Hessian-aware assignment) and with nearest assignment -- storage only,
@@ -28,7 +28,7 @@ samples:
 ``kernels`` is the fidelity of the same file run with onnxruntime's optimizations on (integer
 kernels, what a user's session gives); the other fidelity columns run the graph as written.
 
-    python bench/quantize.py                 # ~15 min on 2 cores
+    python bench/quantize.py                 # ~25 min on 2 cores
 """
 
 from __future__ import annotations
