@@ -70,11 +70,11 @@ def _owned(node: ir.Node, index: int) -> bool:
     return v is not None and const_array(v) is not None and not weight_users_outside(v, node)
 
 
-def balance_pairs(graph: ir.Graph, skip: set[str] = frozenset()) -> list[BalancePair]:
+def balance_pairs(graph: ir.Graph) -> list[BalancePair]:
     """Every Conv → (Relu | Clip(min = 0)) → depthwise-Conv-only tensor that can be balanced."""
     pairs = []
     for node in graph:
-        if node.op_type != "Conv" or node.name in skip or not _owned(node, 1):
+        if node.op_type != "Conv" or not _owned(node, 1):
             continue
         if len(node.inputs) > 2 and node.inputs[2] is not None and not _owned(node, 2):
             continue
@@ -95,7 +95,6 @@ def balance_pairs(graph: ir.Graph, skip: set[str] = frozenset()) -> list[Balance
         channels = const_array(node.inputs[1]).shape[0]
         if not users or any(
             u.op_type != "Conv"
-            or u.name in skip
             or u.inputs[0] is not out
             or not _owned(u, 1)
             or u.attributes.get_int("group", 1) != channels
