@@ -161,23 +161,30 @@ class InsertQDQPass(ShrinkPass):
             raise OptionError(f"pass '{self.name}': balance-alpha must be in (0, 1], got {self.balance_alpha}")
         self._presets: dict[str, tuple] = {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def _model_refusal(self, model: ir.Model) -> str | None:
+        """Why the whole model cannot be quantized, or None."""
         opset = model.graph.opset_imports.get("", 0)
         if opset < 13:
-            self.skip("model", f"opset {opset} < 13: per-channel QDQ needs opset 13 or later")
-            return ir.passes.PassResult(model, modified=False)
+            return f"opset {opset} < 13: per-channel QDQ needs opset 13 or later"
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
-            self.skip("model", "the model is already quantized (has QuantizeLinear/DequantizeLinear)")
-            return ir.passes.PassResult(model, modified=False)
+            return "the model is already quantized (has QuantizeLinear/DequantizeLinear)"
         coarse = {v.type.dtype.name for v in [*model.graph.inputs, *model.graph.initializers.values()]
                   if v.type is not None and v.type.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
         if coarse:
-            self.skip("model", f"{'/'.join(sorted(coarse)).lower()} model: int8 QDQ is implemented for float32 "
-                               f"models (convert to float32 first)")
+            kinds = "/".join(sorted(coarse)).lower()
+            return f"{kinds} model: int8 QDQ is implemented for float32 models (convert to float32 first)"
+        return None
+
+    def _float_batchnorm(self, bn: ir.Node) -> str:
+        return "BatchNormalization stays float between DQ and Q: run fold-batchnorm first"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if reason := self._model_refusal(model):
+            self.skip("model", reason)
             return ir.passes.PassResult(model, modified=False)
         NameFixPass()(model)  # every node named: exclusions and the report refer to names
         for bn in (n for n in model.graph if n.op_type == "BatchNormalization"):
-            self.skip(bn, "BatchNormalization stays float between DQ and Q: run fold-batchnorm first")
+            self.skip(bn, self._float_batchnorm(bn))
         exclude = set(self.exclude)
         plan, refused = plan_quantization(model, exclude, set(self.exclude_types))
         for node, reason in refused:
@@ -523,16 +530,47 @@ class InsertQDQPass(ShrinkPass):
 
 @dataclasses.dataclass
 class QuantizePass(InsertQDQPass):
-    """int8 quantization: calibrated QDQ insertion, then folding into the lean QDQ form."""
+    """int8 quantization: BatchNormalization folded, calibrated QDQ insertion, then folding into
+    the lean QDQ form.
+
+    A BatchNormalization left in the graph would stay float between a DQ and a Q (onnxruntime
+    then runs float kernels and requantizes around it: the digits CNN quantized without folding
+    ran at 1.04-1.3x its fp32 latency, 0.61x with it), so ``quantize`` folds every BatchNorm it
+    can into its Conv/ConvTranspose/Gemm first (exact, as the ``fold-batchnorm`` pass);
+    ``insert-qdq`` alone does not.
+    """
 
     name: ClassVar[str] = "quantize"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._unfoldable: dict[str, str] = {}
+
+    def _float_batchnorm(self, bn: ir.Node) -> str:
+        why = self._unfoldable.get(bn.name, "")
+        return f"BatchNormalization stays float between DQ and Q: it cannot be folded ({why})"
+
+    def _fold_batchnorm(self, model: ir.Model) -> bool:
+        from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
+
+        NameFixPass()(model)  # the skips of both passes name the same nodes
+        fold = FoldBatchNormPass()
+        fold.bind(self.context)
+        modified = fold.call(model).modified
+        self._unfoldable = {s.node: s.reason for s in fold.skipped}
+        for what in fold.changed:
+            self.change(what)
+        if modified:
+            self.details["batchnorm_folded"] = len(fold.changed)
+        return modified
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxshrink.passes.fold_qdq import FoldQDQPass
 
+        folded_bn = self._model_refusal(model) is None and self._fold_batchnorm(model)
         result = super().call(model)
         if not result.modified:
-            return result
+            return ir.passes.PassResult(model, modified=folded_bn)
         fold = FoldQDQPass()
         fold.bind(self.context)
         fold.call(model)

@@ -299,6 +299,43 @@ def test_digits_accuracy_within_half_a_point(digits_model, digits_calib, digits_
     assert rep.after["bytes"] < 0.4 * rep.before["bytes"]
 
 
+def test_quantize_folds_batchnorm_first_and_insert_qdq_alone_does_not(digits_model, digits_calib):
+    model = onnx.load(str(digits_model))
+    assert op_count(model, "BatchNormalization") == 11
+    alone, rep = onnxshrink.compress(model, ["quantize"], data=str(digits_calib))
+    q = rep.passes[0]
+    assert q.status == "applied", q.reason
+    assert op_count(alone, "BatchNormalization") == 0 and q.details["batchnorm_folded"] == 11
+    assert sum("<- " in c for c in q.changed) == 11
+    assert not any("BatchNormalization" in s.reason for s in q.skipped)
+    # the same file as folding first by hand: every Conv reads pre-quantized weights
+    both, _ = onnxshrink.compress(model, ["fold-batchnorm", "quantize"], data=str(digits_calib))
+    x = np.load(str(digits_calib))["input"][:32]
+    np.testing.assert_array_equal(ort_run(alone, {"input": x})[0], ort_run(both, {"input": x})[0])
+    # insert-qdq alone leaves them float between DQ and Q, and says how to fix it
+    _, rep = onnxshrink.compress(model, ["insert-qdq"], data=str(digits_calib))
+    bn_skips = [s for s in rep.passes[0].skipped if "BatchNormalization" in s.reason]
+    assert len(bn_skips) == 11 and "run fold-batchnorm first" in bn_skips[0].reason
+
+
+def test_quantize_names_why_a_batchnorm_stays_float():
+    model = make_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 6, 6] x, float[4, 4, 3, 3] W, float[4] s, float[4] b, float[4] m, float[4] v)
+    => (float[N, 4, 6, 6] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, W)
+    r = Relu (h)
+    y = BatchNormalization (r, s, b, m, v)
+}""", {"W": rand(np.random.default_rng(0), 4, 4, 3, 3), "s": np.full(4, 1.5, np.float32),
+       "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32), "v": np.ones(4, np.float32)})
+    q = QuantizePass(stem="int8")
+    out, modified = _run(q, model, _data(model))
+    assert modified and op_count(out, "BatchNormalization") == 1  # after a Relu: not foldable
+    [reason] = [s.reason for s in q.skipped if "BatchNormalization" in s.reason]
+    assert "cannot be folded (input comes from Relu" in reason, reason
+    assert "batchnorm_folded" not in q.details
+
+
 # -- calibration and parameters ------------------------------------------------------------
 def _stats(x):
     st = RangeStats()
