@@ -8,6 +8,7 @@ original. Extra keys may be added; these never change meaning.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -158,6 +159,8 @@ class Report:
             if verbose:
                 for s in p.skipped:
                     console.print(f"  [dim]{p.name} skipped {s.node}: {s.reason}[/]")
+            else:
+                _render_reasons(console, p)
         if self.target:
             self._render_target(console, verbose)
         for n in self.notes:
@@ -181,6 +184,20 @@ class Report:
             for c in t.get("choices", []):
                 console.print(f"  [dim]{c['method']} {c['layer'] or '(model)'} @ {c['level']:g}: "
                               f"drop {c['drop']:.4f}[/]")
+
+
+def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
+    """The most frequent reasons ``p`` skipped nodes for, one line each, with the node count
+    (``--verbose`` lists every node): a count alone does not tell a user what to do."""
+    reasons = collections.Counter(s.reason for s in p.skipped).most_common()
+    for reason, n in reasons[:shown]:
+        node = next(s.node for s in p.skipped if s.reason == reason)
+        what = node if n == 1 else f"{n} nodes"
+        console.print(f"  [dim]{p.name} skipped {what}: {reason}[/]")
+    if len(reasons) > shown:
+        rest = sum(n for _, n in reasons[shown:])
+        console.print(f"  [dim]{p.name} skipped {rest} more node(s) for {len(reasons) - shown} other "
+                      f"reason(s): --verbose lists them[/]")
 
 
 def _opts(options: dict[str, Any]) -> str:

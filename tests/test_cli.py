@@ -162,6 +162,19 @@ def test_compress_end_to_end(user_model, tmp_path, digits_calib):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json", "small.onnx"]
 
 
+def test_summary_says_why_nodes_were_skipped(user_model, tmp_path, digits_calib):
+    """Without --verbose, each pass's most frequent skip reasons are shown with a node count."""
+    out = tmp_path / "q.onnx"
+    args = ("compress", str(user_model), "-o", str(out), "-p", "insert-qdq", "--data", str(digits_calib))
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    flat = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert ("insert-qdq skipped 11 nodes: BatchNormalization stays float between DQ and Q: "
+            "run fold-batchnorm first") in flat
+    verbose = " ".join(run_cli(*args, "--verbose").stdout.split())
+    assert verbose.count("insert-qdq skipped /") == 11
+
+
 def test_strict_exit_code_1(user_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(REGISTRY, "test-corrupt", CorruptPass)
     out = tmp_path / "o.onnx"
