@@ -195,9 +195,9 @@ def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
         what = node if n == 1 else f"{n} nodes"
         console.print(f"  [dim]{p.name} skipped {what}: {reason}[/]")
     if len(reasons) > shown:
-        rest = sum(n for _, n in reasons[shown:])
-        console.print(f"  [dim]{p.name} skipped {rest} more node(s) for {len(reasons) - shown} other "
-                      f"reason(s): --verbose lists them[/]")
+        rest, kinds = sum(n for _, n in reasons[shown:]), len(reasons) - shown
+        console.print(f"  [dim]{p.name} skipped {rest} more node(s) for {kinds} other reason(s): "
+                      f"--verbose lists them[/]")
 
 
 def _opts(options: dict[str, Any]) -> str:

@@ -165,7 +165,8 @@ def test_compress_end_to_end(user_model, tmp_path, digits_calib):
 def test_summary_says_why_nodes_were_skipped(user_model, tmp_path, digits_calib):
     """Without --verbose, each pass's most frequent skip reasons are shown with a node count."""
     out = tmp_path / "q.onnx"
-    args = ("compress", str(user_model), "-o", str(out), "-p", "insert-qdq", "--data", str(digits_calib))
+    args = ("compress", str(user_model), "-o", str(out), "-p", "insert-qdq",
+            "--data", str(digits_calib))
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     flat = " ".join(proc.stdout.split())  # rich wraps long lines

@@ -172,7 +172,8 @@ class InsertQDQPass(ShrinkPass):
                   if v.type is not None and v.type.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
         if coarse:
             kinds = "/".join(sorted(coarse)).lower()
-            return f"{kinds} model: int8 QDQ is implemented for float32 models (convert to float32 first)"
+            return (f"{kinds} model: int8 QDQ is implemented for float32 models "
+                    "(convert to float32 first)")
         return None
 
     def _float_batchnorm(self, bn: ir.Node) -> str:
