@@ -79,6 +79,22 @@ class ShrinkPass(ir.passes.InPlacePass):
         data = self.context.data
         return data is not None and not getattr(data, "is_random", True)
 
+    def fold_batchnorm(self, model: ir.Model) -> tuple[bool, dict[str, str]]:
+        """Folds every BatchNormalization that can be into its Conv/ConvTranspose/Gemm (exact,
+        as the ``fold-batchnorm`` pass), for a pass whose patterns need BN folded; the folds are
+        recorded as this pass's changes (``details["batchnorm_folded"]``). Returns whether any
+        was folded, and why each other BN (by node name) was not."""
+        from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
+
+        fold = FoldBatchNormPass()
+        fold.bind(self.context)
+        modified = fold.call(model).modified
+        for what in fold.changed:
+            self.change(what)
+        if modified:
+            self.details["batchnorm_folded"] = len(fold.changed)
+        return modified, {s.node: s.reason for s in fold.skipped}
+
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """The pipeline's scratch folder, or (a pass run alone) a temporary one removed after."""

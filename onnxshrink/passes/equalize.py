@@ -16,7 +16,8 @@ equalized pairs, as the paper does for MobileNetV2 -- which changes the model (a
 above 6 are no longer clipped); otherwise such pairs are left alone (reason in the report).
 
 Refused: shared weights, non-constant weights or biases, L1's output read by anything else,
-grouped (non-depthwise) convolutions.
+grouped (non-depthwise) convolutions. BatchNormalization is folded into its layer first (exact,
+as ``fold-batchnorm``), so Conv -> BN -> ReLU -> Conv is a pair.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class EqualizePass(ShrinkPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        folded_bn, _ = self.fold_batchnorm(model)  # Conv -> BN -> Relu -> Conv is a pair too
         pairs, reported = [], set()
         for first in graph:
             if first.op_type != "Conv":
@@ -109,7 +111,7 @@ class EqualizePass(ShrinkPass):
                 continue
             pairs.append((first, act, second))
         if not pairs:
-            return ir.passes.PassResult(model, modified=False)
+            return ir.passes.PassResult(model, modified=folded_bn)
         for _ in range(self.iterations):
             for first, _act, second in pairs:
                 self._equalize(graph, first, second)

@@ -551,24 +551,13 @@ class QuantizePass(InsertQDQPass):
         why = self._unfoldable.get(bn.name, "")
         return f"BatchNormalization stays float between DQ and Q: it cannot be folded ({why})"
 
-    def _fold_batchnorm(self, model: ir.Model) -> bool:
-        from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
-
-        NameFixPass()(model)  # the skips of both passes name the same nodes
-        fold = FoldBatchNormPass()
-        fold.bind(self.context)
-        modified = fold.call(model).modified
-        self._unfoldable = {s.node: s.reason for s in fold.skipped}
-        for what in fold.changed:
-            self.change(what)
-        if modified:
-            self.details["batchnorm_folded"] = len(fold.changed)
-        return modified
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxshrink.passes.fold_qdq import FoldQDQPass
 
-        folded_bn = self._model_refusal(model) is None and self._fold_batchnorm(model)
+        folded_bn = False
+        if self._model_refusal(model) is None:
+            NameFixPass()(model)  # the skips of both steps name the same nodes
+            folded_bn, self._unfoldable = self.fold_batchnorm(model)
         result = super().call(model)
         if not result.modified:
             return ir.passes.PassResult(model, modified=folded_bn)

@@ -66,3 +66,18 @@ def test_scales_formula():
     np.testing.assert_allclose(s, [2.0, 0.5, 1.0])
     r1, r2 = np.array([4.0, 1.0]), np.array([1.0, 4.0])
     np.testing.assert_allclose(r1 / s[:2], r2 * s[:2])
+
+
+def test_batchnorm_folded_first_so_conv_bn_relu_conv_is_a_pair(digits_model, digits_test):
+    import onnx
+
+    model = onnx.load(str(digits_model))
+    p = EqualizePass()
+    out, modified = apply(p, model)
+    assert modified and op_count(out, "BatchNormalization") == 0
+    assert p.details["batchnorm_folded"] == 11
+    pairs = [c for c in p.changed if "<->" in c]
+    assert len(pairs) == 4, p.changed  # unchanged before: Conv -> BN hid every pair
+    x = digits_test[0][:32]
+    ref = ort_run(model, {"input": x})[0]
+    np.testing.assert_allclose(ort_run(out, {"input": x})[0], ref, atol=1e-4 * np.abs(ref).max())
