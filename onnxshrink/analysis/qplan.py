@@ -83,10 +83,32 @@ class QuantPlan:
         return params
 
 
+_PREPROCESS = {"Sub", "Div", "Mul", "Add", "Transpose", "Cast"}
+
+
+def input_chain(value: ir.Value) -> list[ir.Node] | None:
+    """The in-graph preprocessing between a graph input and ``value``: a chain of
+    ``_PREPROCESS`` nodes (normalisation by constants, layout, dtype), each with one non-constant
+    input and its output read only by the next; ``[]`` when ``value`` is a graph input, None when
+    it does not come from one that way."""
+    chain: list[ir.Node] = []
+    while not value.is_graph_input():
+        node = value.producer()
+        if node is None or node.op_type not in _PREPROCESS or node.domain not in ("", "ai.onnx"):
+            return None
+        varying = [v for v in node.inputs if v is not None and const_array(v) is None]
+        if len(varying) != 1 or len(value.uses()) != 1 or value.is_graph_output():
+            return None
+        chain.append(node)
+        value = varying[0]
+    return chain
+
+
 def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
-    """The planned layers of the model's *stem*: a non-grouped Conv that reads a graph input,
-    with the depthwise Convs that alone read its output (directly or through its fused Relu /
-    Clip) -- the layers that see the image at full resolution.
+    """The planned layers of the model's *stem*: a non-grouped Conv that reads a graph input
+    (directly or through in-graph preprocessing, :func:`input_chain`, whose quantized nodes join
+    the stem), with the depthwise Convs that alone read its output (directly or through its fused
+    Relu / Clip) -- the layers that see the image at full resolution.
 
     With ``rule`` only the stems where int8 loses on onnxruntime's CPU kernels, measured
     (``InsertQDQPass``, option ``stem``): at most 4 input channels (an image: at 3×3 to 7×7 the
@@ -100,7 +122,10 @@ def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
     stem = []
     for node in plan.nodes:
         if (node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1
-                or node.inputs[0] is None or not node.inputs[0].is_graph_input()):
+                or node.inputs[0] is None):
+            continue
+        chain = input_chain(node.inputs[0])
+        if chain is None:
             continue
         w = const_array(node.inputs[1])
         out = fused[id(node)].outputs[0] if id(node) in fused else node.outputs[0]
@@ -110,6 +135,7 @@ def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
         if rule and (w.shape[1] > 4 or any(id(r) not in planned or r.op_type not in COMPUTE_OPS
                                            for r in readers)):
             continue
+        stem.extend(n for n in reversed(chain) if id(n) in planned)
         stem.append(node)
         if all(r.op_type == "Conv" and id(r) in planned and r.inputs[0] is out
                and r.attributes.get_int("group", 1) == w.shape[0] for r in readers):

@@ -61,7 +61,10 @@ reader is balanced too: what matters is that the tensor between them is quantize
 The stem (``stem``; :func:`onnxshrink.analysis.qplan.stem_layers`): a Conv reading the model's
 input with at most 4 channels (an image), and the depthwise Convs that alone read its output,
 stay float by default (``auto``; ``float`` keeps any Conv on a graph input float, ``int8``
-none). onnxruntime's QLinearConv is slow at so few input channels -- a lone 3×3 Conv on a
+none). "Reading the input" includes in-graph preprocessing by constants (Transpose, Cast, Sub,
+Div, Mul, Add), which then stays float too: MobileNetV2 exported with its normalisation inside
+(NHWC image -> Transpose -> Sub -> Mul) ran at 0.85× fp32 with that int8 stem and quantized Mul,
+0.52× with them float (1 thread), 1 − cosine 3.7e-3 → 2.1e-3. onnxruntime's QLinearConv is slow at so few input channels -- a lone 3×3 Conv on a
 224×224 RGB image took 2.8× its float time, 4.5× on one channel, 0.9× with 8 -- and the
 stem's input and output are the tensors whose rounding costs most: MobileNetV2's first feature
 map alone 0.8e-3 of its 3.3e-3 of 1 − cosine. Kept float there: 1 − cosine 3.3e-3 → 2.1e-3

@@ -165,6 +165,56 @@ def test_stem_stays_float_where_onnxruntime_int8_is_slower(channels, body, stem,
     np.testing.assert_allclose(session, written, atol=2e-2 * np.abs(written).max())
 
 
+PREPROCESSED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 8, 8, 3] x, float[1, 3, 1, 1] mean, float[1, 3, 1, 1] inv_std, float[8, 3, 3, 3] W1,
+   float[8, 8, 3, 3] W2) => (float[N, 8, 8, 8] y{extra_out}) {{
+    t = Transpose <perm = [0, 3, 1, 2]> (x)
+    c = Sub (t, mean)
+    n = Mul (c, inv_std)
+    h = Conv <pads = [1, 1, 1, 1]> (n, W1)
+    r = Relu (h)
+    y = Conv <pads = [1, 1, 1, 1]> (r, W2)
+}}"""
+
+
+@pytest.mark.parametrize("stem, extra_out, float_stem", [
+    ("auto", "", True),  # NHWC image, normalised in the graph: still an image stem
+    ("int8", "", False),
+    ("auto", ", float[N, 3, 8, 8] c", False),  # the chain's tensor is also an output: not a stem
+])
+def test_stem_found_behind_in_graph_preprocessing(stem, extra_out, float_stem):
+    rng = np.random.default_rng(3)
+    model = make_model(PREPROCESSED.format(extra_out=extra_out), {
+        "mean": np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1),
+        "inv_std": np.array([4.0, 4.5, 5.0], np.float32).reshape(1, 3, 1, 1),
+        "W1": rand(rng, 8, 3, 3, 3, scale=0.5), "W2": rand(rng, 8, 8, 3, 3, scale=0.2)})
+    data = _data(model)
+    data.arrays["x"] = np.abs(data.arrays["x"]) * 0.3  # image-like values in [0, 1]
+    p = QuantizePass(stem=stem)
+    out, modified = _run(p, model, data)
+    assert modified
+    producers = {o: n for n in out.graph.node for o in n.output}
+    conv1 = next(n for n in out.graph.node if n.op_type == "Conv" and n.output[0] == "h")
+    mul = next(n for n in out.graph.node if n.op_type == "Mul")
+    if float_stem:
+        assert p.details["float_stem"] == [mul.name, conv1.name]
+        assert conv1.input[0] == "n" and conv1.input[1] == "W1"  # float image, float weights
+        assert mul.input[0] == "c"  # the normalisation reads float: nothing before it is rounded
+        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("x", "t", "c", "n")
+                       for n in out.graph.node)
+    else:
+        assert "float_stem" not in p.details
+        assert producers[conv1.input[0]].op_type == "DequantizeLinear"
+        assert producers[conv1.input[1]].op_type == "DequantizeLinear"
+    x = data.arrays["x"][:16]
+    ref = ort_run(model, {"x": x})[0]
+    written = ort_run(out, {"x": x})[0]
+    assert _cosine(ref, written) > 0.995
+    np.testing.assert_allclose(ort_run(out, {"x": x}, optimize=True)[0], written,
+                               atol=2e-2 * np.abs(written).max())
+
+
 def test_insert_then_fold_equals_quantize():
     model = _net(2)
     data = _data(model)
