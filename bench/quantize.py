@@ -25,8 +25,10 @@ samples:
 * every float weight rounded to float16 and back: the noise floor of the evaluation set (how
   many top-1 decisions a relative change of 2^-11 already flips).
 
-``kernels`` is the fidelity of the same file run with onnxruntime's optimizations on (integer
-kernels, what a user's session gives); the other fidelity columns run the graph as written.
+``kernels`` and ``k-cos`` are the fidelity and cosine of the same file run with onnxruntime's
+optimizations on (integer kernels, what a user's session gives); the other fidelity columns run
+the graph as written. ``flips`` counts the crops whose top-1 differs from fp32 with kernels, and
+the largest fp32 top-2 logit margin among them: a flip at a small margin is a near-tie.
 
     python bench/quantize.py                 # ~25 min on 2 cores
 """
@@ -142,7 +144,10 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
     print(f"\n{name}  (fp32: {lat['__ms__'][1]:.2f} ms at 1 thread, {lat['__ms__'][2]:.2f} ms at 2; "
           f"{os.path.getsize(src) / 1e6:.2f} MB)")
     fid = "accuracy" if labels is not None else "top-1 agr"
-    print(f"{'method':<34} {'lat1':>6} {'lat2':>6} {'bytes':>6} {fid:>9} {'cosine':>7} {'kernels':>8} {'sec':>5}  notes")
+    print(f"{'method':<34} {'lat1':>6} {'lat2':>6} {'bytes':>6} {fid:>9} {'cosine':>7} {'kernels':>8} "
+          f"{'k-cos':>7} {'flips':>12} {'sec':>5}  notes")
+    top2 = np.sort(ref, 1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]  # fp32's lead of its top-1 over its runner-up
     base_acc = float((ref.argmax(1) == labels).mean()) if labels is not None else None
     if labels is not None:
         print(f"{'fp32':<34} {1:6.3f} {1:6.3f} {1:6.3f} {base_acc:9.2%} {1:7.4f}")
@@ -155,9 +160,12 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
         score = float((out.argmax(1) == labels).mean()) if labels is not None else top1
         # what a user's session (integer kernels, optimizations on) gives, as a second opinion
         fast = outputs(cands[key], x_eval, optimize=True)
-        kern = float((fast.argmax(1) == labels).mean()) if labels is not None else agreement(ref, fast)[0]
+        k_top1, k_cos = agreement(ref, fast)
+        kern = float((fast.argmax(1) == labels).mean()) if labels is not None else k_top1
+        flipped = margin[ref.argmax(1) != fast.argmax(1)]
+        flips = f"{len(flipped)} max {flipped.max():.2f}" if len(flipped) else "0"
         print(f"{key:<34} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {os.path.getsize(cands[key]) / os.path.getsize(src):6.3f} "
-              f"{score:9.2%} {cos:7.4f} {kern:8.2%} {secs.get(key, 0):5.0f}  {notes.get(key, '')}")
+              f"{score:9.2%} {cos:7.4f} {kern:8.2%} {k_cos:7.4f} {flips:>12} {secs.get(key, 0):5.0f}  {notes.get(key, '')}")
 
 
 def main() -> None:
