@@ -64,13 +64,13 @@ stay float by default (``auto``; ``float`` keeps any Conv on a graph input float
 none). "Reading the input" includes in-graph preprocessing by constants (Transpose, Cast, Sub,
 Div, Mul, Add), which then stays float too: MobileNetV2 exported with its normalisation inside
 (NHWC image -> Transpose -> Sub -> Mul) ran at 0.85× fp32 with that int8 stem and quantized Mul,
-0.52× with them float (1 thread), 1 − cosine 3.7e-3 → 2.1e-3. onnxruntime's QLinearConv is slow at so few input channels -- a lone 3×3 Conv on a
-224×224 RGB image took 2.8× its float time, 4.5× on one channel, 0.9× with 8 -- and the
-stem's input and output are the tensors whose rounding costs most: MobileNetV2's first feature
-map alone 0.8e-3 of its 3.3e-3 of 1 − cosine. Kept float there: 1 − cosine 3.3e-3 → 2.1e-3
-and 6-12% less latency (three runs). A stem read by a MaxPool stays int8 (after a float
-producer onnxruntime moves the QuantizeLinear above the MaxPool and runs it on uint8 NCHW, 28×
-slower than its NHWC form on ResNet-18's stem).
+0.52× with them float (1 thread), 1 − cosine 3.7e-3 → 2.1e-3. onnxruntime's QLinearConv is
+slow at so few input channels -- a lone 3×3 Conv on a 224×224 RGB image took 2.8× its float
+time, 4.5× on one channel, 0.9× with 8 -- and the stem's input and output are the tensors whose
+rounding costs most: MobileNetV2's first feature map alone 0.8e-3 of its 3.3e-3 of 1 − cosine.
+Kept float there: 1 − cosine 3.3e-3 → 2.1e-3 and 6-12% less latency (three runs). A stem read
+by a MaxPool stays int8 (after a float producer onnxruntime moves the QuantizeLinear above the
+MaxPool and runs it on uint8 NCHW, 28× slower than its NHWC form on ResNet-18's stem).
 
 The weights are left as float -> QuantizeLinear -> DequantizeLinear (bias in float): the
 ``fold-qdq`` pass stores them pre-quantized; ``quantize`` runs both.
