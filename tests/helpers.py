@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -30,7 +32,15 @@ def rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarra
 
 
 def ort_run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> list[np.ndarray]:
+    """The model's outputs in onnxruntime, as written (optimizations off) or in an optimized
+    session -- integer kernels; with ``ONNXSHRINK_TEST_CPU=Haswell`` those run on an emulated
+    CPU without VNNI (:mod:`tests.emulated_cpu`), whatever this machine has."""
     import onnxruntime as ort
+
+    if optimize and (cpu := os.environ.get("ONNXSHRINK_TEST_CPU")):
+        from tests import emulated_cpu
+
+        return emulated_cpu.run(model, feeds, cpu=cpu)
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (

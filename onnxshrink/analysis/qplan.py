@@ -220,33 +220,50 @@ def _weight_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
-    """(per-channel scale, int8 weights): symmetric int8 along ``axis`` (all other axes reduced)."""
-    w64 = np.moveaxis(np.asarray(w, np.float64), axis, 0)
+def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax", pairs=None) -> tuple[np.ndarray, np.ndarray]:
+    """(per-channel scale, int8 weights): symmetric int8 along ``axis`` (all other axes reduced).
+
+    With ``pairs`` (:func:`onnxshrink.analysis.saturation.pairs`) no channel's scale is below
+    its largest pair sum / 128, so the integer kernels cannot saturate before rounding (``mse``
+    measures each candidate after :func:`~onnxshrink.analysis.saturation.make_safe`)."""
+    from onnxshrink.analysis.saturation import make_safe, pair_scale
+
+    w = np.asarray(w, np.float64)
+    w64 = np.moveaxis(w, axis, 0)
     flat = w64.reshape(w64.shape[0], -1)
     amax = np.abs(flat).max(1)
+    floor = pair_scale(w, pairs, axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
     if method == "mse":
-        best = amax.copy()
+        best = np.maximum(amax / 127.0, floor)
         best_err = np.full(len(amax), np.inf)
         for frac in np.linspace(0.5, 1.0, 51):
-            s = np.where(amax > 0, amax * frac / 127.0, 1.0)
-            q = np.clip(np.round(flat / s[:, None]), -127, 127) * s[:, None]
-            err = np.square(q - flat).sum(1)
+            s = np.maximum(amax * frac / 127.0, floor)
+            s = np.where(s > 0, s, 1.0)
+            q = np.clip(np.round(w / s.reshape(shape)), -127, 127)
+            if pairs is not None:
+                q = make_safe(q, w / s.reshape(shape), pairs)[0]
+            err = np.square(np.moveaxis(q * s.reshape(shape) - w, axis, 0)).reshape(len(s), -1).sum(1)
             better = err < best_err
-            best[better], best_err[better] = amax[better] * frac, err[better]
-        amax = best
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
-    q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
-    return scale.astype(np.float32), np.moveaxis(q.reshape(w64.shape), 0, axis)
+            best[better], best_err[better] = s[better], err[better]
+        scale = best
+    else:
+        scale = np.maximum(amax / 127.0, floor)
+    scale = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return scale.astype(np.float32), q
 
 
-def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax"):
+def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax", pairs=None):
     """The symmetric int8 scale of a weight: per channel along ``axis`` (:func:`quantize_weight`),
-    or one float32 scalar max|w| / 127 for the whole tensor (``axis`` None)."""
+    or one float32 scalar max(max|w| / 127, largest pair sum / 128) for the whole tensor."""
     if axis is not None:
-        return quantize_weight(w, axis, method)[0]
-    amax = float(np.abs(w).max())
-    return np.float32(amax / 127.0 if amax > 0 else 1.0)
+        return quantize_weight(w, axis, method, pairs)[0]
+    from onnxshrink.analysis.saturation import pair_scale
+
+    amax = max(float(np.abs(w).max()) / 127.0, pair_scale(w, pairs, None))
+    return np.float32(amax if amax > 0 else 1.0)
 
 
 def weight_axis(node: ir.Node) -> int | None:

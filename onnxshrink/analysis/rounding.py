@@ -277,14 +277,18 @@ def from_system(node: ir.Node, W: np.ndarray, bias: bool) -> tuple[np.ndarray, n
     return Wm[0], b
 
 
-def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None):
+def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None, *, safe: bool = False):
     """A layer's weights rounded Hessian-aware onto its symmetric int8 grid.
 
-    ``scale`` is per output channel along ``axis`` (None: one scale for the tensor). Returns the
-    int8 weights in the node's layout, the re-solved bias (None for a MatMul) and the relative
-    output errors (nearest, Hessian) on the calibration rows, for the report.
+    ``scale`` is per output channel along ``axis`` (None: one scale for the tensor). With
+    ``safe``, the second weight of each pair of the integer kernel's reduction axis is rounded
+    within the pair rule (:mod:`onnxshrink.analysis.saturation`), its error pushed onward like
+    any other. Returns the int8 weights in the node's layout, the re-solved bias (None for a
+    MatMul), the relative output errors (nearest, Hessian) on the calibration rows and how many
+    weights the pair rule moved.
     """
     from onnxshrink.analysis.refit import current_solution
+    from onnxshrink.analysis.saturation import input_partners, pair_bounds
 
     w = const_array(node.inputs[1])
     bias = node.op_type != "MatMul"
@@ -292,16 +296,31 @@ def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None):
     G, D, o = W.shape
     d = D - 1 if bias else D
     s = system_scale(node, scale, G, o)
+    partner = input_partners(node, w.shape) if safe else None
+    gi = np.arange(G)
+    rounded = np.zeros((G, d, o))
+    done = np.zeros((G, d), bool)
+    moved = [0]
 
-    def project(rows, _src):
-        return np.clip(np.round(rows / s), -127, 127) * s
+    def project(rows, src):
+        q = np.clip(np.round(rows / s), -127, 127)
+        if partner is not None:
+            p = partner[src]
+            has = (p >= 0) & done[gi, np.maximum(p, 0)]
+            if has.any():
+                lo, hi = pair_bounds(rounded[gi, np.maximum(p, 0)])
+                safe = np.where(has[:, None], np.clip(q, lo, hi), q)
+                moved[0] += int(np.count_nonzero(safe != q))
+                q = safe
+            rounded[gi, src], done[gi, src] = q, True
+        return q * s
 
     nearest = W.copy()
-    nearest[:, :d] = project(W[:, :d].transpose(1, 0, 2), None).transpose(1, 0, 2)
+    nearest[:, :d] = np.clip(np.round(W[:, :d] / s[:, None, :]), -127, 127) * s[:, None, :]
     W_hat = hessian_round(H, W, project, bias=bias)
     w_hat, b = from_system(node, W_hat, bias)
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = -1
     q = np.clip(np.round(w_hat / np.reshape(scale, shape)), -127, 127).astype(np.int8)
-    return q, b, (output_error(H, W, nearest), output_error(H, W, W_hat))
+    return q, b, (output_error(H, W, nearest), output_error(H, W, W_hat)), moved[0]

@@ -89,6 +89,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from onnxshrink import cpu as host
 from onnxshrink.analysis.bias import apply_to_mean, quantization_shift, subtract_from_bias
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import insert_after_value, set_const_input, unique_name
@@ -111,6 +112,7 @@ from onnxshrink.analysis.ranges import (
     qparams,
 )
 from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
+from onnxshrink.analysis.saturation import make_safe, weight_pairs
 from onnxshrink.calibrate import all_values
 from onnxshrink.errors import OptionError
 from onnxshrink.passes.base import ShrinkPass
@@ -144,6 +146,7 @@ class InsertQDQPass(ShrinkPass):
     balance: Literal["auto", "on", "off"] = "auto"
     balance_alpha: float = 0.5
     stem: Literal["auto", "float", "int8"] = "auto"
+    cpu: Literal["any", "vnni", "auto"] = "any"
     exclude: tuple[str, ...] = ()
     exclude_types: tuple[str, ...] = ()
     samples: int = 128
@@ -209,6 +212,8 @@ class InsertQDQPass(ShrinkPass):
         mode = self.bias_correction if self.bias_correction != "auto" else ("empirical" if self.has_real_data else "off")
         rounding = self.rounding if self.rounding != "auto" else ("hessian" if self.has_real_data else "nearest")
         self._presets = {}
+        self._safe = self.cpu == "any" or (self.cpu == "auto" and host.this_cpu().int8 != "exact")
+        self._moved: dict[str, int] = {}
         with self.scratch() as workdir:
             if self.balance == "on" or (self.balance == "auto" and self.has_real_data):
                 self._balance(model, plan, data, workdir)
@@ -378,8 +383,11 @@ class InsertQDQPass(ShrinkPass):
     def _round_layer(self, node: ir.Node, H: np.ndarray) -> tuple:
         """(scale, int8 weights, bias or None, (error nearest, error Hessian)) of one layer."""
         axis = weight_axis(node)
-        scale = weight_scale(const_array(node.inputs[1]), axis, self.weights)
-        q, b, errs = round_int8(node, H, scale, axis)
+        w = const_array(node.inputs[1])
+        scale = weight_scale(w, axis, self.weights, self._pairs(node, w))
+        q, b, errs, moved = round_int8(node, H, scale, axis, safe=self._safe)
+        if moved:
+            self._moved[node.name] = moved
         return scale, q, b, errs
 
     # -- rewrite ------------------------------------------------------------------------------
@@ -412,6 +420,8 @@ class InsertQDQPass(ShrinkPass):
         if record:
             self.details["tensors"] = len(plan.tensors)
             self.details["nodes"] = len(plan.nodes)
+            self.details["int8_cpu"] = {"cpu": self.cpu, "pair_rule": self._safe, "layers_moved": len(self._moved),
+                                        "weights_moved": sum(self._moved.values())}
 
     def _empirical_bias(self, model, reference, data, workdir) -> None:
         """Sequential empirical bias correction of every Conv / Gemm with a constant bias against
@@ -456,7 +466,7 @@ class InsertQDQPass(ShrinkPass):
             shape = [1] * w.ndim
             if axis is not None:
                 shape[axis] = -1
-            deq = q.astype(np.float64) * np.reshape(scale, shape)
+            deq = self._pair_safe(graph, node, q, np.reshape(scale, shape), w, record)
             zp = np.zeros(len(scale), np.int8) if axis is not None else np.array(0, np.int8)
             # the weight is stored on its grid: QuantizeLinear gives back exactly q
             set_const_input(graph, node, 1, deq.astype(w.dtype), "weight_rounded")
@@ -469,16 +479,16 @@ class InsertQDQPass(ShrinkPass):
                 subtract_from_bias(graph, node, apply_to_mean(node, deq, delta))
             mu = None  # the bias was re-solved with the weights
         elif axis is None:
-            scale = weight_scale(w, None)
+            scale = weight_scale(w, None, pairs=self._pairs(node, w))
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
             zp = np.array(0, np.int8)
-            deq = q.astype(np.float64) * float(scale)
+            deq = self._pair_safe(graph, node, q, float(scale), w, record)
         else:
-            scale, q = quantize_weight(w, axis, self.weights)
+            scale, q = quantize_weight(w, axis, self.weights, self._pairs(node, w))
             zp = np.zeros(len(scale), np.int8)
             shape = [1] * w.ndim
             shape[axis] = -1
-            deq = q.astype(np.float64) * scale.reshape(shape)
+            deq = self._pair_safe(graph, node, q, scale.reshape(shape), w, record)
         base = node.name or node.op_type
         s_val = _scalar_init(graph, f"{base}.weight_scale", scale)
         z_val = _scalar_init(graph, f"{base}.weight_zero_point", zp)
@@ -496,6 +506,24 @@ class InsertQDQPass(ShrinkPass):
         if record:
             how = ", Hessian-aware rounding" if preset is not None else ""
             self.change(f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}{how}")
+
+    def _pairs(self, node, w):
+        """The weight pairs an integer kernel adds in int16 (None: no rule, ``cpu=vnni``)."""
+        return weight_pairs(node, w.shape) if self._safe else None
+
+    def _pair_safe(self, graph, node, q, scale, w, record: bool) -> np.ndarray:
+        """The dequantized weight q * scale, with every pair of the integer kernel's reduction
+        axis within the pair rule first (``cpu=any``; :mod:`onnxshrink.analysis.saturation`); a
+        weight that moved is stored on its grid (QuantizeLinear gives back exactly q)."""
+        moved = 0
+        if self._safe:
+            q, moved = make_safe(q, w / scale, weight_pairs(node, np.shape(q)))
+        deq = np.asarray(q, np.float64) * scale
+        if moved:
+            set_const_input(graph, node, 1, deq.astype(w.dtype), "weight_rounded")
+            if record:
+                self._moved[node.name] = self._moved.get(node.name, 0) + moved
+        return deq
 
     def _correct_bias(self, graph, node, w, deq, mu, delta=None) -> None:
         """b -= (Q(W) − W)·E[x] + Q(W)·E[Q(x) − x]: the output mean shift that weight rounding and

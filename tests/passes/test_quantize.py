@@ -16,10 +16,12 @@ from onnxshrink.analysis.ranges import (
     grid_bounds,
     qparams,
 )
+from onnxshrink.analysis.saturation import unsafe_layers
 from onnxshrink.data import Dataset, input_specs
 from onnxshrink.passes.base import PassContext
 from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass, quantize_weight
+from tests import emulated_cpu
 from tests.helpers import apply, make_model, op_count, ort_run, rand
 
 NET = """
@@ -56,6 +58,12 @@ def _data(model, n=64, seed=1, random=False):
 def _run(pass_, model, data):
     pass_.context = PassContext(data=data)
     return apply(pass_, model)
+
+
+def _pair_safe(model: onnx.ModelProto) -> bool:
+    """No int8 weight pair breaks |w_a + w_b| <= 128 in the kernels' order: the integer kernels
+    give the same results with and without VNNI (:mod:`onnxshrink.analysis.saturation`)."""
+    return unsafe_layers(ir.from_proto(model)) == {}
 
 
 def _cosine(a, b):
@@ -156,6 +164,7 @@ def test_stem_stays_float_where_onnxruntime_int8_is_slower(channels, body, stem,
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(w1),
                                       next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                                            if i.name == "W1"))
+    assert _pair_safe(out)
     x = data.arrays["x"][:16]
     ref = ort_run(model, {"x": x})[0]
     written = ort_run(out, {"x": x})[0]
@@ -207,6 +216,7 @@ def test_stem_found_behind_in_graph_preprocessing(stem, extra_out, float_stem):
         assert "float_stem" not in p.details
         assert producers[conv1.input[0]].op_type == "DequantizeLinear"
         assert producers[conv1.input[1]].op_type == "DequantizeLinear"
+    assert _pair_safe(out)
     x = data.arrays["x"][:16]
     ref = ort_run(model, {"x": x})[0]
     written = ort_run(out, {"x": x})[0]
@@ -290,6 +300,7 @@ def test_excluded_layers_stay_float_in_an_onnxruntime_session():
         dq = producers[node.input[0]]
         assert dq.op_type == "DequantizeLinear" and init[dq.input[1]].shape == (8,)
         assert len(set(init[dq.input[1]].tolist())) == 1  # one scale, repeated per channel
+    assert _pair_safe(out)
     x = data.arrays["x"][:16]
     written = ort_run(out, {"x": x})[0]
     session = ort_run(out, {"x": x}, optimize=True)[0]
@@ -442,6 +453,7 @@ def test_mobilenet_quantized_file_and_structure(mobilenet, photos):
         # ReLU6 fused everywhere but after the two float stem convs
         clips = [n for n in proto.graph.node if n.op_type == "Clip"]
         assert sorted(producers[c.input[0]].name for c in clips) == sorted(stem)
+        assert _pair_safe(proto)
         # fidelity on the evaluation photos (never calibrated on), in an onnxruntime session:
         # all 180 crops, measured cosine 0.9979 (0.9967 with stem=int8, 0.9955 before empirical
         # bias correction)
@@ -636,3 +648,63 @@ def test_empirical_bias_correction_removes_the_mean_shift_rounding_noise_causes(
     default = QuantizePass()
     _run(default, model, data)
     assert "empirical_bias" in default.details
+
+
+# -- int8 on every x86 CPU (the pair rule) ---------------------------------------------------
+@pytest.mark.parametrize("cpu", ["any", "vnni", "auto"])
+def test_cpu_option_decides_the_pair_rule(cpu, digits_model, digits_calib, monkeypatch):
+    """``cpu=any`` keeps every weight pair within |w_a + w_b| <= 128; ``vnni`` does not (the
+    digits CNN's full-range weights break it in 9 layers); ``auto`` follows this machine --
+    here made to look like an AVX2 CPU without VNNI."""
+    from onnxshrink import cpu as cpu_module
+    from onnxshrink.cpu import CPU
+
+    monkeypatch.setattr(cpu_module, "this_cpu", lambda: CPU("test AVX2", "x86_64", frozenset({"avx2"})))
+    out, rep = onnxshrink.compress(onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib))
+    q = rep.passes[0]
+    assert q.status == "applied", q.reason
+    assert q.details["int8_cpu"]["pair_rule"] == (cpu != "vnni")
+    unsafe = unsafe_layers(ir.from_proto(out))
+    assert (unsafe == {}) == (cpu != "vnni"), unsafe
+    if cpu == "vnni":
+        assert len(unsafe) == 9  # every quantized Conv/Gemm of the net at full range
+    else:  # the grid is chosen so that few weights must move
+        assert q.details["int8_cpu"]["weights_moved"] < 200  # measured 50 of 110K
+
+
+def test_pair_rule_costs_less_than_a_bit_of_weight_precision(digits_model):
+    """The safe scale (max(max|w| / 127, largest pair sum / 128) per channel) against the full
+    range and against 7-bit weights (onnxruntime's reduce_range) on the digits CNN's convs."""
+    from onnxshrink.analysis.channels import const_array
+    from onnxshrink.analysis.saturation import make_safe, weight_pairs
+
+    model = ir.from_proto(onnx.load(str(digits_model)))
+    err = {"full": 0.0, "safe": 0.0, "7-bit": 0.0}
+    for node in (n for n in model.graph if n.op_type == "Conv" and n.attributes.get_int("group", 1) == 1):
+        w = const_array(node.inputs[1]).astype(np.float64)
+        idx = weight_pairs(node, w.shape)
+        amax = np.abs(w).reshape(len(w), -1).max(1)[:, None, None, None]
+        for name, scale in (("full", amax / 127), ("7-bit", amax / 63)):
+            err[name] += float(np.square(np.clip(np.round(w / scale), -127, 127) * scale - w).sum())
+        s, q = quantize_weight(w, 0, pairs=idx)
+        s = s.astype(np.float64).reshape(-1, 1, 1, 1)
+        q, _ = make_safe(q, w / s, idx)
+        err["safe"] += float(np.square(q * s - w).sum())
+    assert err["full"] < err["safe"] < 0.5 * err["7-bit"], err
+
+
+@emulated_cpu.needs_qemu
+@pytest.mark.parametrize("cpu", ["any", "vnni"])
+def test_avx2_and_this_cpu_give_the_same_int8_outputs(cpu, digits_model, digits_calib, digits_test):
+    """The same int8 file on this CPU and on an emulated AVX2 CPU without VNNI: identical with
+    ``cpu=any`` weights; ``cpu=vnni`` weights saturate the AVX2 kernels (the negative control)."""
+    x = digits_test[0][:64]
+    out, _ = onnxshrink.compress(onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib))
+    native = ort_run(out, {"input": x}, optimize=True)[0]
+    avx2 = emulated_cpu.run(out, {"input": x})[0]
+    written = ort_run(out, {"input": x})[0]
+    if cpu == "any":
+        np.testing.assert_allclose(avx2, native, rtol=0, atol=1e-6 * np.abs(native).max())
+        assert 1 - _cosine(written, avx2) < 1e-5
+    else:  # saturated pair sums: 1 − cosine 4e-5 (measured), max |Δ| 0.7 on logits of ~20
+        assert np.abs(avx2 - written).max() > 0.1 and 1 - _cosine(written, avx2) > 1e-5
