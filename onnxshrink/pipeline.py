@@ -35,7 +35,10 @@ from onnxshrink.validate import (
     check_file,
     compare,
     exact_ok,
+    kernel_verdict,
+    kernels_agree,
     strict_inference_ok,
+    uses_integer_kernels,
 )
 
 __all__ = [
@@ -257,6 +260,8 @@ class Validate(Instrument):
             step = compare(self.before_outputs, outputs)
             total = compare(self.original_outputs, outputs)
             self._judge(run.pass_, step, total)
+            if uses_integer_kernels(run.model):
+                rec.kernels = self._kernels(run, path, outputs, total)
         except Invalid as e:
             rec.status, rec.reason = "rolled-back", str(e)
         except Exception as e:  # onnxruntime refusing the model, a write failure, ...
@@ -269,6 +274,23 @@ class Validate(Instrument):
             for f in self.workdir.glob(f"pass{run.index:02d}.onnx*"):
                 f.unlink()
             rec.validate_seconds = time.perf_counter() - t0
+
+    def _kernels(self, run: PassRun, path: Path, written: runtime.Outputs, total: Fidelity) -> dict:
+        """The candidate in an optimized session (onnxruntime's integer kernels on this CPU)
+        against its run as written (:func:`onnxshrink.validate.kernel_verdict`)."""
+        from onnxshrink.analysis.saturation import unsafe_layers
+        from onnxshrink.cpu import this_cpu
+
+        cpu = this_cpu()
+        agree = compare(written, runtime.run(runtime.session(path, optimize=True), self.data, limit=self.limit))
+        info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
+        unsafe = {} if kernels_agree(agree, total) else unsafe_layers(run.model)
+        failure, warning = kernel_verdict(agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni")
+        if failure:
+            raise Invalid(failure)
+        if warning:
+            info["warning"] = f"{run.pass_.name}: {warning}"
+        return info
 
     def _check(self, run: PassRun, path: Path) -> None:
         sig = check_file(path, strict_inference=self._strict)
@@ -310,6 +332,8 @@ class ReportCollector(Instrument):
 
     def after_pass(self, run: PassRun) -> None:
         rec = run.record
+        if rec.kernels and rec.kernels.get("warning"):
+            self.report.warnings.append(rec.kernels["warning"])
         if rec.status != "rolled-back" and run.modified:
             s = metrics.model_stats(run.model, input_shapes=self.input_shapes, with_bytes=False)
             rec.stats = {"params": s.params, "macs": s.macs, **(rec.stats or {})}

@@ -60,6 +60,8 @@ class PassRecord:
     reason: str | None = None  # why it was rolled back
     stats: dict[str, int | None] | None = None  # params / macs / bytes after the pass
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # integer kernels (an optimized session on this CPU) against the model as written
+    kernels: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -77,6 +79,8 @@ class PassRecord:
         }
         if self.details:
             d["details"] = self.details
+        if self.kernels:
+            d["kernels"] = self.kernels
         return d
 
 
@@ -156,6 +160,11 @@ class Report:
         for p in self.passes:
             if p.status == "rolled-back":
                 console.print(f"[red]rolled back[/] {p.name}: {p.reason}")
+            elif p.kernels:
+                from rich.markup import escape
+
+                console.print(f"  [dim]{p.name}: cosine {p.kernels['cosine']:.6f} between the model as written "
+                              f"and an optimized session on {escape(p.kernels['cpu'])}[/]")
             if verbose:
                 for s in p.skipped:
                     console.print(f"  [dim]{p.name} skipped {s.node}: {s.reason}[/]")

@@ -14,6 +14,7 @@ import onnxshrink
 from onnxshrink.errors import ValidationError
 from onnxshrink.passes import REGISTRY
 from onnxshrink.passes.base import ShrinkPass
+from tests import emulated_cpu
 from tests.helpers import ort_run
 
 
@@ -162,3 +163,114 @@ def test_api_returns_the_kind_given_and_never_mutates(model, digits_model, tmp_p
 
 def test_registry_names_match_design():
     assert {"simplify", "fold-batchnorm"} <= set(REGISTRY)
+
+
+# -- integer kernels: validated as users run them ---------------------------------------------
+def _fid(cosine: float):
+    from onnxshrink.report import Fidelity
+
+    return Fidelity(cosine=cosine, cosine_min=cosine, max_abs=0.0, rel_max_abs=0.0, top1_agreement=None, samples=8)
+
+
+def test_kernel_verdict():
+    from onnxshrink.cpu import CPU
+    from onnxshrink.validate import kernel_verdict
+
+    avx2 = CPU("test", "x86_64", frozenset({"avx2"}))
+    vnni = CPU("test", "x86_64", frozenset({"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}))
+    quantized = _fid(1 - 2.4e-3)  # MobileNetV2 int8 against fp32
+    # requantization rounding (MobileNetV2: 3.6e-4) is within half the quantization error
+    assert kernel_verdict(_fid(1 - 3.6e-4), quantized, avx2, {"conv": 3}, False) == (None, None)
+    # saturation (MobileNetV2 on AVX2: 6.7e-3) is not
+    failure, warning = kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3, "b": 1}, False)
+    assert failure.startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 2 layers") and warning is None
+    failure, warning = kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, True)  # cpu=vnni asked for
+    assert failure is None and "cpu=vnni weights saturate" in warning
+    failure, _ = kernel_verdict(_fid(1 - 6.7e-3), quantized, vnni, {"a": 3}, False)  # not saturation: another bug
+    assert failure.startswith("onnxruntime's integer kernels disagree with the model as written")
+    assert kernel_verdict(_fid(1 - 2e-5), _fid(1.0), avx2, {"a": 1}, False)[0] is not None  # floor 1e-5
+
+
+def test_quantize_is_validated_with_integer_kernels(model, digits_calib, tmp_path):
+    from onnxshrink.cpu import this_cpu
+
+    out, rep = onnxshrink.compress(model, ["quantize"], data=str(digits_calib))
+    q = rep.passes[0]
+    assert q.status == "applied", q.reason
+    assert q.kernels["cpu"] == this_cpu().summary()
+    assert q.kernels["cosine"] > 1 - 1e-5  # the digits CNN: measured 1 − 2e-7
+    assert "kernels" in rep.to_dict()["passes"][0]
+    _, rep = onnxshrink.compress(model, ["fold-batchnorm"], data=str(digits_calib))
+    assert rep.passes[0].kernels is None  # no integer ops: no second session
+
+
+SATURATES = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16, 4, 4] x, float[16, 16, 1, 1] W) => (float[N, 16, 4, 4] y) {
+    r = Relu (x)
+    y = Conv (r, W)
+}"""
+
+
+@pytest.mark.slow
+@emulated_cpu.needs_qemu
+def test_another_tools_int8_model_is_rolled_back_on_avx2(tmp_path):
+    """onnxruntime's own quantize_static (full-range per-channel int8 weights) folded by fold-qdq:
+    on an emulated AVX2 CPU the validation's optimized session saturates and the pass is rolled
+    back with the reason; on this machine the result follows its kernels."""
+    import subprocess
+    import sys
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from onnxshrink.cpu import this_cpu
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)
+    fp32 = tmp_path / "fp32.onnx"
+    # large weights with one sign per pair of input channels (the signs of pairs alternate, so
+    # outputs stay in range); inputs spread over the uint8 range: many pair sums overflow int16
+    w = (np.abs(rng.standard_normal((16, 16, 1, 1))) + 0.5) * np.repeat(rng.choice([-1.0, 1.0], (16, 8, 1, 1)), 2, 1)
+    onnx.save(make_model(SATURATES, {"W": w.astype(np.float32)}), str(fp32))
+    x = rng.uniform(0, 4, (32, 16, 4, 4)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qdq = tmp_path / "qdq.onnx"
+    quantize_static(str(fp32), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # as PyTorch's or NNCF's exports store it: a float weight behind QuantizeLinear (fold-qdq folds it)
+    m = onnx.load(str(qdq))
+    inits = {i.name: i for i in m.graph.initializer}
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT8)
+    q8, scale = onnx.numpy_helper.to_array(inits[dq.input[0]]), onnx.numpy_helper.to_array(inits[dq.input[1]])
+    m.graph.initializer.remove(inits[dq.input[0]])
+    m.graph.initializer.append(onnx.numpy_helper.from_array(
+        (q8 * scale.reshape(-1, 1, 1, 1)).astype(np.float32), "W_float"))
+    m.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["W_float", *dq.input[1:]], [dq.input[0]], axis=0))
+    onnx.save(m, str(qdq))
+    np.savez(tmp_path / "x.npz", x=x)
+    args = ["-m", "onnxshrink", "compress", str(qdq), "-p", "fold-qdq", "--data", str(tmp_path / "x.npz"), "-q"]
+    reports = {}
+    for where, prefix in (("avx2", [emulated_cpu.QEMU, "-cpu", emulated_cpu.CPU_MODEL]), ("here", [])):
+        cmd = [*prefix, sys.executable, *args, "-o", str(tmp_path / f"{where}.onnx"), "--report",
+               str(tmp_path / f"{where}.json")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-500:]
+        reports[where] = __import__("json").loads((tmp_path / f"{where}.json").read_text())["passes"][0]
+    avx2 = reports["avx2"]
+    assert avx2["status"] == "rolled-back", (avx2.get("kernels"), avx2["fidelity"])
+    assert avx2["reason"].startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 1 layers")
+    here = reports["here"]
+    assert here["status"] == ("rolled-back" if this_cpu().int8 == "saturating" else "applied"), here["reason"]
