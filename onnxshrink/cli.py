@@ -152,11 +152,12 @@ def cmd_inspect(args) -> int:
     stats = metrics.model_stats(loaded.model, input_shapes=shapes, with_bytes=False)
     stats.bytes = io.file_bytes(args.model)
     layers = [l for l in stats.layers if args.all or l.params or l.macs or l.macs is None]
+    int8 = _int8_summary(loaded.model)
     if args.json:
         print(json.dumps({
             "model": args.model, "params": stats.params, "macs": stats.macs, "bytes": stats.bytes,
             "macs_unknown": stats.macs_unknown,
-            "layers": [l.__dict__ for l in layers],
+            "layers": [l.__dict__ for l in layers], "int8": int8,
         }, indent=2))
         return 0
     from rich.table import Table
@@ -177,7 +178,23 @@ def cmd_inspect(args) -> int:
     if stats.macs_unknown:
         out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]"
                   + ("" if args.data else " (give --data to take the shapes from data)"))
+    if int8["layers"]:
+        from rich.markup import escape
+
+        unsafe = int8["unsafe_layers"]
+        verdict = (f"[yellow]{len(unsafe)} break the pair rule |w_a + w_b| <= 128: their integer kernels "
+                   "saturate on CPUs without VNNI[/]" if unsafe else "saturation-safe on every x86 CPU")
+        out.print(f"int8: {int8['layers']} layers with int8 weights, {verdict}")
+        out.print(f"[dim]CPU: {escape(int8['cpu'])}[/]")
     return 0
+
+
+def _int8_summary(model) -> dict:
+    """Layers with int8 weights, those that break the pair rule, and this CPU's int8 kernels."""
+    from onnxshrink.analysis.saturation import int8_layers, unsafe_layers
+    from onnxshrink.cpu import this_cpu
+
+    return {"layers": len(int8_layers(model)), "unsafe_layers": unsafe_layers(model), "cpu": this_cpu().summary()}
 
 
 def cmd_compare(args) -> int:

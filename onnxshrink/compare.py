@@ -1,7 +1,9 @@
 """``onnxshrink compare A B``: how far B's outputs are from A's, and how fast B runs relative to A.
 
 Fidelity uses reference runs (graph optimizations off); latency uses full optimizations, both
-models timed interleaved in one loop on the first batch of the data (median of ``runs``).
+models timed interleaved in one loop on the first batch of the data (median of ``runs``). A B
+with integer ops is also measured in an optimized session (its integer kernels on this CPU,
+named in the result), with a warning where they saturate (:mod:`onnxshrink.analysis.saturation`).
 With ``--layers``, every intermediate tensor named alike in both models is compared too, in
 A's order, so a user sees *where* a quantized or pruned model starts to drift.
 """
@@ -13,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from onnxshrink import io, metrics, runtime
+from onnxshrink import cpu, io, metrics, runtime
 from onnxshrink.data import ImageOptions, input_specs, load_data
 from onnxshrink.errors import ModelError, first_line
 from onnxshrink.report import human
-from onnxshrink.validate import compare
+from onnxshrink.validate import compare, uses_integer_kernels
 
-__all__ = ["compare_models", "render", "layer_drift", "render_drift"]
+__all__ = ["compare_models", "int8_warnings", "layer_drift", "render", "render_drift"]
 
 
 def compare_models(
@@ -37,6 +39,9 @@ def compare_models(
     ref = runtime.run(_session(a, ModelError), dataset, limit=limit)
     out = runtime.run(_session(b, ModelError), dataset, limit=limit)
     fid = compare(ref, out)
+    kernels = None
+    if uses_integer_kernels(lb.model):
+        kernels = compare(ref, runtime.run(runtime.session(b, optimize=True), dataset, limit=limit)).to_dict()
     feed = next(dataset.batches(1))
     sess = {"a": runtime.session(a, optimize=True, threads=threads, spin=False),
             "b": runtime.session(b, optimize=True, threads=threads, spin=False)}
@@ -51,7 +56,26 @@ def compare_models(
         "params": {"a": st_a.params, "b": st_b.params},
         "macs": {"a": st_a.macs, "b": st_b.macs},
         "bytes": {"a": io.file_bytes(a), "b": io.file_bytes(b)},
+        "fidelity_kernels": kernels,
+        "cpu": {**cpu.this_cpu().to_dict(), "summary": cpu.this_cpu().summary()},
+        "warnings": int8_warnings({a: la.model, b: lb.model}),
     }
+
+
+def int8_warnings(models: dict[str, Any]) -> list[str]:
+    """One warning per model whose int8 weights saturate this CPU's integer kernels."""
+    from onnxshrink.analysis.saturation import unsafe_layers
+
+    here = cpu.this_cpu()
+    if here.int8 == "exact":
+        return []
+    out = []
+    for path, model in models.items():
+        if unsafe := unsafe_layers(model):
+            out.append(f"{path}: {len(unsafe)} layers have int8 weight pairs that saturate this CPU's kernels "
+                       f"({here.int8_kernel}): in an optimized session here they compute other values than on "
+                       "VNNI/AMX or ARM CPUs (re-quantize with quantize:cpu=any)")
+    return out
 
 
 def layer_drift(a: str, b: str, *, data=None, images: ImageOptions | None = None, limit: int = 32) -> list[dict[str, Any]]:
@@ -132,6 +156,7 @@ def _session(path: str, err):
 
 
 def render(r: dict[str, Any], console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"{r['b']} vs {r['a']}", title_justify="left", box=None)
@@ -148,5 +173,12 @@ def render(r: dict[str, Any], console) -> None:
     top1 = f"{f['top1_agreement']:.1%}" if f["top1_agreement"] is not None else "n/a"
     console.print(f"fidelity on {f['samples']} samples ({r['data']}): cosine {f['cosine']:.6f} "
                   f"(worst {f['cosine_min']:.6f}), max |Δ| {f['max_abs']:.3g}, top-1 agreement {top1}")
+    if (k := r.get("fidelity_kernels")) is not None:
+        top1 = f"{k['top1_agreement']:.1%}" if k["top1_agreement"] is not None else "n/a"
+        console.print(f"with B's integer kernels (an optimized session): cosine {k['cosine']:.6f} (worst "
+                      f"{k['cosine_min']:.6f}), max |Δ| {k['max_abs']:.3g}, top-1 agreement {top1}")
+    console.print(f"[dim]CPU: {escape(r['cpu']['summary'])}[/]")
+    for w in r.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     if r["random_data"]:
         console.print("[yellow]warning:[/] random data: give --data with real samples for real figures")

@@ -269,3 +269,28 @@ def test_inspect_takes_dynamic_dims_from_data(tmp_path):
     proc = run_cli("inspect", str(path), "--json", "--data", str(tmp_path / "d.npz"))
     info = json.loads(proc.stdout)
     assert info["macs"] == 10 * 16 * 32 and not info["macs_unknown"]  # one sample of 10 tokens
+
+
+@pytest.mark.parametrize("cpu", ["any", "vnni"])
+def test_inspect_and_compare_say_whether_int8_weights_saturate(cpu, user_model, tmp_path, digits_calib, monkeypatch):
+    """``inspect`` names the layers whose int8 weights break the pair rule; ``compare`` measures
+    B with its integer kernels too, names this CPU, and warns on one that saturates (made to look
+    like an AVX2 CPU without VNNI here)."""
+    from onnxshrink import cpu as cpu_module
+    from onnxshrink.compare import compare_models
+    from onnxshrink.cpu import CPU
+
+    out = tmp_path / "q.onnx"
+    assert run_cli("compress", str(user_model), "-o", str(out), "-p", f"quantize:cpu={cpu}",
+                   "--data", str(digits_calib), "-q").returncode == 0
+    proc = run_cli("inspect", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    int8 = json.loads(proc.stdout)["int8"]
+    assert int8["layers"] == 11  # the 10 Convs after the float stem, and the Gemm
+    assert len(int8["unsafe_layers"]) == (9 if cpu == "vnni" else 0)
+    assert "pair rule" in run_cli("inspect", str(out)).stdout or cpu == "any"
+    monkeypatch.setattr(cpu_module, "this_cpu", lambda: CPU("test AVX2", "x86_64", frozenset({"avx2"})))
+    r = compare_models(str(user_model), str(out), data=str(digits_calib), runs=3)
+    assert r["cpu"]["int8_kernel"] == "AVX2 (no VNNI)" and r["fidelity_kernels"]["cosine"] > 0.9999
+    assert len(r["warnings"]) == (1 if cpu == "vnni" else 0)
+    assert all("9 layers have int8 weight pairs that saturate" in w for w in r["warnings"])
