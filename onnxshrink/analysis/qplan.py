@@ -41,6 +41,8 @@ def _fusable_activation(node: ir.Node) -> ir.Node | None:
     if out.is_graph_output() or len(out.uses()) != 1:
         return None
     act = out.consumers()[0]
+    if act.outputs[0].is_graph_output():  # its name and float type are the model's output
+        return None
     if act.op_type == "Relu":
         return act
     if act.op_type == "Clip":

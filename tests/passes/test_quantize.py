@@ -275,6 +275,25 @@ def test_graph_output_from_conv_keeps_its_name():
     assert next(n for n in out.graph.node if "y" in n.output).op_type == "DequantizeLinear"
 
 
+def test_activation_that_is_a_graph_output_is_not_fused():
+    """Conv -> Relu -> graph output: the Relu stays (float, after the Conv's DQ), the Conv is
+    quantized (the pass used to raise: the fused Relu's output could not be replaced)."""
+    rng = np.random.default_rng(5)
+    model = make_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 8, 4, 4] x, float[8, 8, 1, 1] W) => (float[N, 8, 4, 4] z) {
+    y = Conv (x, W)
+    z = Relu (y)
+}""", {"W": rand(rng, 8, 8, 1, 1)})
+    data = _data(model)
+    out, modified = _run(QuantizePass(), model, data)
+    assert modified and op_count(out, "Relu") == 1 and [o.name for o in out.graph.output] == ["z"]
+    producers = {o: n for n in out.graph.node for o in n.output}
+    assert producers["z"].op_type == "Relu" and producers[producers["z"].input[0]].op_type == "DequantizeLinear"
+    x = data.arrays["x"][:16]
+    assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.999
+
+
 def test_exclude_keeps_float():
     model = _net(4)
     model.graph.node[0].name = "first"
