@@ -189,6 +189,9 @@ def test_kernel_verdict():
     failure, _ = kernel_verdict(_fid(1 - 6.7e-3), quantized, vnni, {"a": 3}, False)  # not saturation: another bug
     assert failure.startswith("onnxruntime's integer kernels disagree with the model as written")
     assert kernel_verdict(_fid(1 - 2e-5), _fid(1.0), avx2, {"a": 1}, False)[0] is not None  # floor 1e-5
+    # an int8 input that already saturated here (its gap 6e-3) is not the next pass's doing
+    assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 6e-3) == (None, None)
+    assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 4e-3)[0] is not None
 
 
 def test_quantize_is_validated_with_integer_kernels(model, digits_calib, tmp_path):
@@ -206,27 +209,63 @@ def test_quantize_is_validated_with_integer_kernels(model, digits_calib, tmp_pat
 
 SATURATES = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[N, 16, 4, 4] x, float[16, 16, 1, 1] W) => (float[N, 16, 4, 4] y) {
+g (float[N, 16, 4, 4] x, float[16, 16, 1, 1] W) => (float[N, 16, 4, 4] z) {
     r = Relu (x)
     y = Conv (r, W)
+    z = Relu (y)
 }"""
+
+# run under the emulated AVX2 CPU: a pass that widens int8 weights to the full range (as a
+# quantizer without the pair rule would) on our int8 model, then fold-qdq on another tool's
+_AVX2_SCRIPT = """
+import dataclasses, json, sys
+import numpy as np, onnx, onnx_ir as ir
+import onnxshrink
+from onnxshrink.analysis.channels import const_array
+from onnxshrink.passes.base import ShrinkPass
+
+@dataclasses.dataclass
+class Widen(ShrinkPass):
+    name = "test-widen"
+    lossy = True
+
+    def call(self, model):
+        def rescale(value, arr, factor, dtype):
+            value.const_value = ir.tensor(np.asarray(arr * factor).astype(dtype), name=value.name)
+
+        for conv in [n for n in model.graph if n.op_type == "Conv"]:
+            w, b = (i.producer() for i in conv.inputs[1:3])
+            q = const_array(w.inputs[0])
+            grow = 127 / np.abs(q).reshape(len(q), -1).max(1).astype(np.float64)
+            rescale(w.inputs[0], np.clip(np.round(q * grow[:, None, None, None]), -127, 127), 1, np.int8)
+            rescale(w.inputs[1], const_array(w.inputs[1]).astype(np.float64), 1 / grow, np.float32)
+            # the int32 bias keeps scale s_x * s_w, or onnxruntime does not fuse the Conv
+            rescale(b.inputs[0], np.round(const_array(b.inputs[0]) * grow), 1, np.int32)
+            rescale(b.inputs[1], const_array(b.inputs[1]).astype(np.float64), 1 / grow, np.float32)
+        return ir.passes.PassResult(model, modified=True)
+
+int8, qdq, data = sys.argv[1:4]
+out = {}
+_, rep = onnxshrink.compress(onnx.load(int8), [Widen()], data=data)
+out["widen"] = [rep.passes[0].status, rep.passes[0].reason, rep.passes[0].kernels, rep.passes[0].fidelity.cosine if rep.passes[0].fidelity else None]
+_, rep = onnxshrink.compress(onnx.load(qdq), ["fold-qdq"], data=data)
+out["fold"] = [rep.passes[0].status, rep.passes[0].reason, rep.warnings]
+print(json.dumps(out))
+"""
 
 
 @pytest.mark.slow
 @emulated_cpu.needs_qemu
-def test_another_tools_int8_model_is_rolled_back_on_avx2(tmp_path):
-    """onnxruntime's own quantize_static (full-range per-channel int8 weights) folded by fold-qdq:
-    on an emulated AVX2 CPU the validation's optimized session saturates and the pass is rolled
-    back with the reason; on this machine the result follows its kernels."""
+def test_saturating_weights_are_caught_on_avx2(tmp_path):
+    """On an emulated AVX2 CPU: a pass that gives our int8 model full-range weights is rolled
+    back, naming saturation; onnxruntime's own quantize_static output (full-range weights)
+    folded by fold-qdq is not -- the input saturated here before the pass -- and the report
+    says the file is for VNNI CPUs. On this machine: what its kernels give."""
+    import json
     import subprocess
     import sys
 
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from onnxshrink.cpu import this_cpu
     from tests.helpers import make_model
@@ -238,6 +277,8 @@ def test_another_tools_int8_model_is_rolled_back_on_avx2(tmp_path):
     w = (np.abs(rng.standard_normal((16, 16, 1, 1))) + 0.5) * np.repeat(rng.choice([-1.0, 1.0], (16, 8, 1, 1)), 2, 1)
     onnx.save(make_model(SATURATES, {"W": w.astype(np.float32)}), str(fp32))
     x = rng.uniform(0, 4, (32, 16, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    int8, _ = onnxshrink.compress(str(fp32), ["quantize"], data=str(tmp_path / "x.npz"), output=tmp_path / "int8.onnx")
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -260,17 +301,18 @@ def test_another_tools_int8_model_is_rolled_back_on_avx2(tmp_path):
         (q8 * scale.reshape(-1, 1, 1, 1)).astype(np.float32), "W_float"))
     m.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["W_float", *dq.input[1:]], [dq.input[0]], axis=0))
     onnx.save(m, str(qdq))
-    np.savez(tmp_path / "x.npz", x=x)
-    args = ["-m", "onnxshrink", "compress", str(qdq), "-p", "fold-qdq", "--data", str(tmp_path / "x.npz"), "-q"]
-    reports = {}
+    script = tmp_path / "avx2.py"
+    script.write_text(_AVX2_SCRIPT)
+    results = {}
     for where, prefix in (("avx2", [emulated_cpu.QEMU, "-cpu", emulated_cpu.CPU_MODEL]), ("here", [])):
-        cmd = [*prefix, sys.executable, *args, "-o", str(tmp_path / f"{where}.onnx"), "--report",
-               str(tmp_path / f"{where}.json")]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-500:]
-        reports[where] = __import__("json").loads((tmp_path / f"{where}.json").read_text())["passes"][0]
-    avx2 = reports["avx2"]
-    assert avx2["status"] == "rolled-back", (avx2.get("kernels"), avx2["fidelity"])
-    assert avx2["reason"].startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 1 layers")
-    here = reports["here"]
-    assert here["status"] == ("rolled-back" if this_cpu().int8 == "saturating" else "applied"), here["reason"]
+        done = subprocess.run([*prefix, sys.executable, str(script), str(int8), str(qdq), str(tmp_path / "x.npz")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-800:]
+        results[where] = json.loads(done.stdout.strip().splitlines()[-1])
+    widen, fold = results["avx2"]["widen"], results["avx2"]["fold"]
+    assert widen[0] == "rolled-back", widen
+    assert widen[1].startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 1 layers"), widen
+    assert fold[0] == "applied", fold
+    assert any("|w_a + w_b| > 128" in w for w in fold[2])
+    here = results["here"]["widen"]
+    assert here[0] == ("rolled-back" if this_cpu().int8 == "saturating" else "applied"), here

@@ -39,6 +39,7 @@ __all__ = [
     "pair_scale",
     "pairs",
     "unsafe_layers",
+    "vnni_only",
     "weight_pairs",
 ]
 
@@ -234,3 +235,14 @@ def unsafe_layers(model: ir.Model) -> dict[str, int]:
         if n := bad_pairs(q, idx):
             out[node.name or node.op_type] = n
     return out
+
+
+def vnni_only(model: ir.Model) -> str | None:
+    """A warning for a report when ``model``'s int8 weights break the pair rule, else None."""
+    if unsafe := unsafe_layers(model):
+        return (
+            f"{len(unsafe)} layers have int8 weight pairs with |w_a + w_b| > 128: on x86 CPUs "
+            "without VNNI (AVX2, AVX-512 without VNNI) their integer kernels saturate and give "
+            "other outputs (quantize with cpu=any for a model that is right on every CPU)"
+        )
+    return None

@@ -685,6 +685,8 @@ def test_cpu_option_decides_the_pair_rule(cpu, digits_model, digits_calib, monke
     assert q.details["int8_cpu"]["pair_rule"] == (cpu != "vnni")
     unsafe = unsafe_layers(ir.from_proto(out))
     assert (unsafe == {}) == (cpu != "vnni"), unsafe
+    saturates = [w for w in rep.warnings if "|w_a + w_b| > 128" in w]
+    assert len(saturates) == (cpu == "vnni")  # the report says the file is for VNNI CPUs only
     if cpu == "vnni":
         assert len(unsafe) == 9  # every quantized Conv/Gemm of the net at full range
     else:  # the grid is chosen so that few weights must move
