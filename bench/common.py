@@ -68,6 +68,13 @@ def latency_ratios(original, candidates: dict, x1: np.ndarray, runs: int = 40) -
     return out
 
 
+def cpu_line() -> str:
+    """This machine's CPU for a bench header: model, int8 flags, onnxruntime's int8 kernel."""
+    from onnxshrink.cpu import this_cpu
+
+    return this_cpu().summary()
+
+
 def stats(model) -> metrics.ModelStats:
     m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     return metrics.model_stats(ir.from_proto(m))

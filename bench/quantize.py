@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from common import agreement, latency_ratios, mobilenet, outputs
+from common import agreement, cpu_line, latency_ratios, mobilenet, outputs
 
 import onnxshrink
 
@@ -61,15 +61,20 @@ def _reader(x: np.ndarray, name: str):
     return Reader()
 
 
-def ort_quantize(src: Path, x_cal: np.ndarray, tmp: Path) -> Path:
+def ort_quantize(src: Path, x_cal: np.ndarray, tmp: Path, *, reduce_range: bool = False,
+                 u8_weights: bool = False) -> Path:
+    """onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations -- or
+    7-bit weights (``reduce_range``, its answer to u8s8 saturation) or uint8 weights (U8U8)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre, out = tmp / "ort_pre.onnx", tmp / f"ort_{src.stem}.onnx"
+    tag = "_rr" if reduce_range else "_u8u8" if u8_weights else ""
+    pre, out = tmp / "ort_pre.onnx", tmp / f"ort{tag}_{src.stem}.onnx"
     quant_pre_process(str(src), str(pre))
     name = onnx.load(str(src)).graph.input[0].name
     quantize_static(str(pre), str(out), _reader(x_cal, name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8)
     return out
 
 
@@ -171,6 +176,7 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
 def main() -> None:
     from models import resnet
 
+    print(f"CPU: {cpu_line()}")
     bn, folded, calib, evaluation = mobilenet()
     x_eval = np.load(evaluation)["input"]
     root = Path(__file__).resolve().parent.parent
