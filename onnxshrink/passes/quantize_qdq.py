@@ -72,6 +72,12 @@ Kept float there: 1 − cosine 3.3e-3 → 2.1e-3 and 6-12% less latency (three r
 by a MaxPool stays int8 (after a float producer onnxruntime moves the QuantizeLinear above the
 MaxPool and runs it on uint8 NCHW, 28× slower than its NHWC form on ResNet-18's stem).
 
+Every CPU (``cpu``; :mod:`onnxshrink.analysis.saturation`): x86 CPUs without VNNI add the
+products of each weight pair (2j, 2j+1) of the reduction axis in int16, so ``cpu=any`` (default)
+keeps |w_a + w_b| <= 128 for every pair -- each channel's scale at least its largest pair sum /
+128, rounding within the rule -- and the file computes the same integers everywhere (MobileNetV2:
+1 − cosine 2.1e-3 → 2.3e-3); ``vnni`` keeps full-range weights; ``auto`` follows this machine.
+
 The weights are left as float -> QuantizeLinear -> DequantizeLinear (bias in float): the
 ``fold-qdq`` pass stores them pre-quantized; ``quantize`` runs both.
 
@@ -420,7 +426,8 @@ class InsertQDQPass(ShrinkPass):
         if record:
             self.details["tensors"] = len(plan.tensors)
             self.details["nodes"] = len(plan.nodes)
-            self.details["int8_cpu"] = {"cpu": self.cpu, "pair_rule": self._safe, "layers_moved": len(self._moved),
+            self.details["int8_cpu"] = {"cpu": self.cpu, "pair_rule": self._safe,
+                                        "layers_moved": len(self._moved),
                                         "weights_moved": sum(self._moved.values())}
 
     def _empirical_bias(self, model, reference, data, workdir) -> None:
