@@ -44,6 +44,7 @@ def compress(
     target: str | None = None,
     max_drop: float = 0.01,
     report_html: str | os.PathLike | None = None,
+    report_json: str | os.PathLike | None = None,
 ) -> tuple[Any, Report]:
     """Compresses ``model`` with ``passes`` (default: the exact passes), validating each one.
 
@@ -64,6 +65,7 @@ def compress(
             int8 choices that meet it (:mod:`onnxshrink.target`), losing at most ``max_drop``
             of top-1 agreement (cosine for non-classifiers) on the held-out data.
         report_html: write a self-contained HTML report there (plots with matplotlib if installed).
+        report_json: write the report as JSON there (after the model).
 
     Returns:
         ``(result, report)``: the result is of the kind given -- the output ``Path`` for a path,
@@ -84,8 +86,8 @@ def compress(
             raise OptionError(f"--max-drop must be in [0, 1), got {max_drop}")
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
-    if output is not None:
-        io.check_output_path(Path(output), loaded.protected_paths)
+    reports = [Path(r) for r in (report_json, report_html) if r is not None]
+    io.check_outputs(Path(output) if output is not None else None, reports, loaded.protected_paths)
     dataset = load_data(data, input_specs(loaded.model), images=images)
     if holdout > 0 and not dataset.is_random and dataset.n_samples >= 8:
         calibration, validation = dataset.split(holdout)
@@ -118,6 +120,8 @@ def compress(
         io.save(result, output, protect=loaded.protected_paths)
         report.output = str(output)
         report.after["bytes"] = io.file_bytes(output)
+    if report_json is not None:
+        report.write_json(report_json)
     if report_html is not None:
         from onnxshrink.report_html import write_report
 

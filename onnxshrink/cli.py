@@ -130,9 +130,8 @@ def cmd_compress(args) -> int:
         target=args.target,
         max_drop=args.max_drop,
         report_html=args.report_html,
+        report_json=args.report,
     )
-    if args.report:
-        report.write_json(args.report)
     if not args.quiet:
         report.render(out, verbose=args.verbose)
         out.print(f"wrote {args.output}")

@@ -39,6 +39,7 @@ __all__ = [
     "write",
     "atomic_text",
     "check_output_path",
+    "check_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,14 +264,34 @@ def write(model: ir.Model, path: Path, *, external_data: bool | None = None) -> 
     return path.stat().st_size
 
 
-def check_output_path(path: Path, protected: Iterable[Path]) -> None:
+def check_outputs(
+    model_out: Path | None, reports: Iterable[Path], protected: Iterable[Path]
+) -> None:
+    """Every file a command will write -- the model (and its ``.data``), the reports -- checked
+    against the input model, its external data and each other, before anything is written."""
+    taken = {p.resolve() for p in protected}
+    if model_out is not None:
+        check_output_path(model_out, protected)
+        taken |= {model_out.resolve(), (model_out.parent / f"{model_out.name}.data").resolve()}
+    for report in reports:
+        check_output_path(report, (), what="report")
+        if report.resolve() in taken:
+            raise OutputError(f"{report}: the report would overwrite the input model, its external "
+                              "data, the output model or another report; choose another path")
+        taken.add(report.resolve())
+
+
+def check_output_path(path: Path, protected: Iterable[Path], *, what: str = "output model") -> None:
     folder = path.parent
     if not folder.exists():
         raise OutputError(f"{path}: output folder '{folder}' does not exist")
     if not folder.is_dir():
         raise OutputError(f"{path}: '{folder}' is not a folder")
     if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name for the output model")
+        raise OutputError(f"{path}: is a folder; give a file name for the {what}")
+    data = folder / f"{path.name}.data"
+    if what == "output model" and data.is_dir():
+        raise OutputError(f"{path}: '{data}' is a folder; the model's external data would go there")
     try:  # a real probe: os.access says yes to root even where nothing can be created
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
         os.close(fd)
@@ -318,13 +339,26 @@ def save(
 
 
 def atomic_text(path: Path, text: str) -> None:
-    """Writes a text file (a report) atomically."""
-    check_output_path(path, ())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Writes a text file (a report) atomically, with the permissions the umask gives."""
+    check_output_path(path, (), what="report")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
