@@ -107,13 +107,15 @@ def _images(args):
 def _consoles(args):
     from rich.console import Console
 
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
-    err = Console(stderr=True)
+    # names are the model author's: no emoji codes (":x:"), no highlighting, no markup from them
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120, emoji=False, highlight=False)
+    err = Console(stderr=True, emoji=False, highlight=False)
     return out, err
 
 
 def cmd_compress(args) -> int:
     from onnxshrink.api import compress
+    from onnxshrink.text import literal
 
     out, err = _consoles(args)
     _, report = compress(
@@ -134,13 +136,14 @@ def cmd_compress(args) -> int:
     )
     if not args.quiet:
         report.render(out, verbose=args.verbose)
-        out.print(f"wrote {args.output}")
+        out.print(f"wrote {literal(args.output)}")
     return 0
 
 
 def cmd_inspect(args) -> int:
     from onnxshrink import io, metrics
     from onnxshrink.report import human
+    from onnxshrink.text import literal
 
     loaded = io.load(args.model)
     shapes = None
@@ -162,14 +165,14 @@ def cmd_inspect(args) -> int:
     from rich.table import Table
 
     out, _ = _consoles(args)
-    table = Table(title=f"{args.model}", title_justify="left", box=None)
+    table = Table(title=literal(args.model), title_justify="left", box=None)
     for col, just in (("node", "left"), ("op", "left"), ("output shape", "left"),
                       ("params", "right"), ("MACs", "right"), ("% MACs", "right")):
         table.add_column(col, justify=just)
     for l in layers:
         share = f"{100 * l.macs / stats.macs:.1f}" if l.macs and stats.macs else ""
         shape = "×".join(map(str, l.output_shape)) if l.output_shape is not None else "?"
-        table.add_row(l.name, l.op_type, shape, human(l.params) if l.params else "",
+        table.add_row(literal(l.name), literal(l.op_type), shape, human(l.params) if l.params else "",
                       human(l.macs) if l.macs else ("?" if l.macs is None else ""), share)
     out.print(table)
     out.print(f"[bold]total[/]: {human(stats.params)} params, {human(stats.macs)} MACs, "
@@ -178,13 +181,11 @@ def cmd_inspect(args) -> int:
         out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]"
                   + ("" if args.data else " (give --data to take the shapes from data)"))
     if int8["layers"]:
-        from rich.markup import escape
-
         unsafe = int8["unsafe_layers"]
         verdict = (f"[yellow]{len(unsafe)} break the pair rule |w_a + w_b| <= 128: their integer kernels "
                    "saturate on CPUs without VNNI[/]" if unsafe else "saturation-safe on every x86 CPU")
         out.print(f"int8: {int8['layers']} layers with int8 weights, {verdict}")
-        out.print(f"[dim]CPU: {escape(int8['cpu'])}[/]")
+        out.print(f"[dim]CPU: {literal(int8['cpu'])}[/]")
     return 0
 
 
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     from onnxshrink.errors import OnnxShrinkError, first_line
+    from onnxshrink.text import printable
 
     try:
         return COMMANDS[args.command](args)
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
@@ -267,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: internal error ({type(e).__name__}: {first_line(e, empty='')}); rerun with --verbose "
-              "and please report it", file=sys.stderr)
+        print(f"error: internal error ({type(e).__name__}: {printable(first_line(e, empty=''))}); rerun "
+              "with --verbose and please report it", file=sys.stderr)
         return 3
 
 

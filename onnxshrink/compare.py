@@ -19,6 +19,7 @@ from onnxshrink import cpu, io, metrics, runtime
 from onnxshrink.data import ImageOptions, input_specs, load_data
 from onnxshrink.errors import ModelError, first_line
 from onnxshrink.report import human
+from onnxshrink.text import literal
 from onnxshrink.validate import compare, uses_integer_kernels
 
 __all__ = ["compare_models", "int8_warnings", "layer_drift", "render", "render_drift"]
@@ -141,11 +142,12 @@ def render_drift(rows: list[dict[str, Any]], console, threshold: float = 0.999) 
         t.add_column(col, justify="left" if col in ("tensor", "op") else "right")
     for r in rows:
         mark = "[red]" if r is first else ""
-        t.add_row(f"{mark}{r['tensor']}", r["op"], f"{r['cosine']:.6f}", f"{r['rel_max_abs']:.3g}")
+        t.add_row(f"{mark}{literal(r['tensor'])}", literal(r["op"]), f"{r['cosine']:.6f}", f"{r['rel_max_abs']:.3g}")
     console.print(t)
     if first is not None:
-        console.print(f"first drift below {threshold}: [bold]{first['tensor']}[/] ({first['op']}, cosine {first['cosine']:.6f})")
-    console.print(f"worst: {worst['tensor']} ({worst['op']}, cosine {worst['cosine']:.6f})")
+        console.print(f"first drift below {threshold}: [bold]{literal(first['tensor'])}[/] ({literal(first['op'])}, "
+                      f"cosine {first['cosine']:.6f})")
+    console.print(f"worst: {literal(worst['tensor'])} ({literal(worst['op'])}, cosine {worst['cosine']:.6f})")
 
 
 def _session(path: str, err):
@@ -156,10 +158,9 @@ def _session(path: str, err):
 
 
 def render(r: dict[str, Any], console) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{r['b']} vs {r['a']}", title_justify="left", box=None)
+    t = Table(title=f"{literal(r['b'])} vs {literal(r['a'])}", title_justify="left", box=None)
     for col in ("", "A", "B", "B / A"):
         t.add_column(col, justify="right" if col else "left")
     for key in ("params", "macs", "bytes"):
@@ -171,14 +172,14 @@ def render(r: dict[str, Any], console) -> None:
     console.print(t)
     f = r["fidelity"]
     top1 = f"{f['top1_agreement']:.1%}" if f["top1_agreement"] is not None else "n/a"
-    console.print(f"fidelity on {f['samples']} samples ({r['data']}): cosine {f['cosine']:.6f} "
+    console.print(f"fidelity on {f['samples']} samples ({literal(r['data'])}): cosine {f['cosine']:.6f} "
                   f"(worst {f['cosine_min']:.6f}), max |Δ| {f['max_abs']:.3g}, top-1 agreement {top1}")
     if (k := r.get("fidelity_kernels")) is not None:
         top1 = f"{k['top1_agreement']:.1%}" if k["top1_agreement"] is not None else "n/a"
         console.print(f"with B's integer kernels (an optimized session): cosine {k['cosine']:.6f} (worst "
                       f"{k['cosine_min']:.6f}), max |Δ| {k['max_abs']:.3g}, top-1 agreement {top1}")
-    console.print(f"[dim]CPU: {escape(r['cpu']['summary'])}[/]")
+    console.print(f"[dim]CPU: {literal(r['cpu']['summary'])}[/]")
     for w in r.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {escape(w)}")
+        console.print(f"[yellow]warning:[/] {literal(w)}")
     if r["random_data"]:
         console.print("[yellow]warning:[/] random data: give --data with real samples for real figures")

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from onnxshrink.text import literal
+
 __all__ = ["Fidelity", "Skip", "PassRecord", "Report", "human"]
 
 
@@ -128,7 +130,8 @@ class Report:
         """Prints the summary: totals before -> after, then one row per pass."""
         from rich.table import Table
 
-        console.print(f"[bold]{self.model}[/] -> {self.output or '(in memory)'}  [dim](data: {self.data})[/]")
+        console.print(f"[bold]{literal(self.model)}[/] -> {literal(self.output or '(in memory)')}  "
+                      f"[dim](data: {literal(self.data)})[/]")
         totals = Table(box=None)
         totals.add_column("", style="bold")
         for col in ("before", "after", "ratio"):
@@ -147,7 +150,7 @@ class Report:
             style = {"applied": "green", "unchanged": "dim", "rolled-back": "red"}.get(p.status, "")
             f = p.fidelity
             table.add_row(
-                p.name + (f" ({_opts(p.options)})" if p.options else ""),
+                literal(p.name + (f" ({_opts(p.options)})" if p.options else "")),
                 f"[{style}]{p.status}[/]",
                 str(len(p.changed)),
                 str(len(p.skipped)),
@@ -159,23 +162,21 @@ class Report:
         console.print(table)
         for p in self.passes:
             if p.status == "rolled-back":
-                console.print(f"[red]rolled back[/] {p.name}: {p.reason}")
+                console.print(f"[red]rolled back[/] {literal(p.name)}: {literal(p.reason)}")
             elif p.kernels:
-                from rich.markup import escape
-
-                console.print(f"  [dim]{p.name}: cosine {p.kernels['cosine']:.6f} between the model as written "
-                              f"and an optimized session on {escape(p.kernels['cpu'])}[/]")
+                console.print(f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
+                              f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]")
             if verbose:
                 for s in p.skipped:
-                    console.print(f"  [dim]{p.name} skipped {s.node}: {s.reason}[/]")
+                    console.print(f"  [dim]{literal(p.name)} skipped {literal(s.node)}: {literal(s.reason)}[/]")
             else:
                 _render_reasons(console, p)
         if self.target:
             self._render_target(console, verbose)
         for n in self.notes:
-            console.print(f"[dim]note: {n}[/]")
+            console.print(f"[dim]note: {literal(n)}[/]")
         for w in self.warnings:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {literal(w)}")
 
 
     def _render_target(self, console, verbose: bool) -> None:
@@ -183,7 +184,7 @@ class Report:
         r = t.get("reached", {})
         shown = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k in ("speedup", "macs", "size"))
         verdict = "[green]met[/]" if t.get("met") else "[yellow]not met[/]"
-        console.print(f"target {t['target']}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
+        console.print(f"target {literal(t['target'])}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
                       f"(budget {t['max_drop']:.2%}); {len(t.get('choices', []))} layer choice(s), "
                       f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} attempt(s)")
         if not t.get("met"):
@@ -191,7 +192,7 @@ class Report:
                           "most compression that kept it[/]")
         if verbose:
             for c in t.get("choices", []):
-                console.print(f"  [dim]{c['method']} {c['layer'] or '(model)'} @ {c['level']:g}: "
+                console.print(f"  [dim]{c['method']} {literal(c['layer'] or '(model)')} @ {c['level']:g}: "
                               f"drop {c['drop']:.4f}[/]")
 
 
@@ -201,11 +202,11 @@ def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
     reasons = collections.Counter(s.reason for s in p.skipped).most_common()
     for reason, n in reasons[:shown]:
         node = next(s.node for s in p.skipped if s.reason == reason)
-        what = node if n == 1 else f"{n} nodes"
-        console.print(f"  [dim]{p.name} skipped {what}: {reason}[/]")
+        what = literal(node) if n == 1 else f"{n} nodes"
+        console.print(f"  [dim]{literal(p.name)} skipped {what}: {literal(reason)}[/]")
     if len(reasons) > shown:
         rest, kinds = sum(n for _, n in reasons[shown:]), len(reasons) - shown
-        console.print(f"  [dim]{p.name} skipped {rest} more node(s) for {kinds} other reason(s): "
+        console.print(f"  [dim]{literal(p.name)} skipped {rest} more node(s) for {kinds} other reason(s): "
                       f"--verbose lists them[/]")
 
 

@@ -11,12 +11,14 @@ import base64
 import html
 import io as _io
 import logging
+import warnings
 from pathlib import Path
 
 import onnx_ir as ir
 
 from onnxshrink import metrics
 from onnxshrink.report import Report, human
+from onnxshrink.text import printable
 
 __all__ = ["write_report", "figures"]
 
@@ -41,7 +43,8 @@ def _layer_rows(before: ir.Model, after: ir.Model, shapes) -> list[tuple[str, in
 
 
 def figures(report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[str, bytes]:
-    """PNG figures by name (empty without matplotlib)."""
+    """PNG figures by name (empty without matplotlib). Layer names are text: mathtext off, so a
+    name like ``conv$\\frac{$`` is drawn as it is instead of breaking the page."""
     try:
         import matplotlib
 
@@ -49,6 +52,12 @@ def figures(report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[s
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
+    with matplotlib.rc_context({"text.parse_math": False}), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a glyph missing from the font: not the user's concern
+        return _figures(plt, report, before, after, shapes)
+
+
+def _figures(plt, report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[str, bytes]:
     out = {}
 
     def png(fig) -> bytes:
@@ -61,7 +70,7 @@ def figures(report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[s
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.5), sharey=True)
         y = range(len(rows))
-        labels = [r[0][-40:] for r in rows]
+        labels = [printable(r[0])[-40:] for r in rows]
         for ax, (i, j), what in ((axes[0], (1, 2), "MACs"), (axes[1], (3, 4), "params")):
             ax.barh([k + 0.2 for k in y], [r[i] for r in rows], 0.4, label="before", color="#9ab")
             ax.barh([k - 0.2 for k in y], [r[j] for r in rows], 0.4, label="after", color="#c53")
@@ -82,7 +91,7 @@ def figures(report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[s
             fig, ax = plt.subplots(figsize=(8, 5))
             for (method, layer), pts in worst:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {layer[-30:]}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {printable(layer)[-30:]}")
             ax.set_xlabel("level (prune ratio, or speed-up for tucker / lowrank)")
             ax.set_ylabel("drop (1 − cosine) on calibration data")
             ax.set_yscale("symlog", linthresh=1e-4)

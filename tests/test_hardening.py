@@ -7,6 +7,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -76,3 +77,55 @@ def test_reports_get_the_permissions_the_umask_gives(user_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(rep.stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o644
 
+
+
+# -- 3. names are text ----------------------------------------------------------------------
+_HOSTILE = ["conv[/x]", "[bold]b\x1b[31mred\x1b]0;title\x07", "conv$\\frac{$", "two\nlines\u202egnp.exe"]
+
+
+def _hostile_model(digits_model: Path, folder: Path) -> Path:
+    m = onnx.load(str(digits_model))
+    for node, name in zip((n for n in m.graph.node if n.op_type == "Conv"), _HOSTILE):
+        node.name = name
+    folder.mkdir(parents=True)
+    path = folder / "m[bold].onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def _no_raw_controls(proc) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        assert "\x1b" not in stream and "\x07" not in stream and "\u202e" not in stream
+
+
+def test_names_and_paths_are_printed_as_literal_text(digits_model, digits_calib, tmp_path):
+    path = _hostile_model(digits_model, tmp_path / "[/]dir")
+    before = path.read_bytes()
+    proc = run_cli("inspect", str(path), "--all")
+    assert proc.returncode == 0, proc.stderr
+    _no_raw_controls(proc)
+    assert "conv[/x]" in proc.stdout and "[bold]b\\x1b[31mred\\x1b]0;title\\x07" in proc.stdout
+    assert "two\\nlines\\u202egnp.exe" in proc.stdout and "m[bold].onnx" in proc.stdout
+    out, html = tmp_path / "[/]dir" / "o[b].onnx", tmp_path / "[/]dir" / "r$\\frac{$.html"
+    proc = run_cli("compress", str(path), "-o", str(out), "-p", "quantize", "--data", str(digits_calib),
+                   "--report-html", str(html), "--verbose")
+    assert proc.returncode == 0, proc.stderr[-500:]
+    _no_raw_controls(proc)
+    assert f"wrote {out}" in proc.stdout and "m[bold].onnx" in proc.stdout
+    assert "conv[/x]" in proc.stdout  # the float stem, named in the skip list
+    assert "<img alt='layers'" in html.read_text()  # the plot of the layers, names and all, drawn
+    assert path.read_bytes() == before
+
+
+def test_an_input_name_cannot_add_lines_to_an_error(digits_model, tmp_path):
+    m = onnx.load(str(digits_model))
+    evil = "input\nerror: all is fine\x1b[2J"
+    for n in m.graph.node:
+        n.input[:] = [evil if i == "input" else i for i in n.input]
+    m.graph.input[0].name = evil
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    np.savez(tmp_path / "d.npz", image=np.zeros((4, 1, 8, 8), np.float32))  # no array for the input
+    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npz"))
+    _assert_one_line_error(proc, 2, "input\\nerror: all is fine\\x1b[2J")
+    _no_raw_controls(proc)
