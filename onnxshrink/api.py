@@ -84,6 +84,8 @@ def compress(
         parsed_target = Target.parse(target)
         if not 0.0 <= max_drop < 1.0:
             raise OptionError(f"--max-drop must be in [0, 1), got {max_drop}")
+    if isinstance(passes, (str, ShrinkPass)):  # compress(model, "quantize"): one pass, not letters
+        passes = [passes]
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
     reports = [Path(r) for r in (report_json, report_html) if r is not None]
@@ -97,6 +99,7 @@ def compress(
         calibration = validation = dataset
         source = f"{dataset.source}: {dataset.n_samples} samples (calibration = validation)"
     report = Report(model=str(model) if loaded.path else type(model).__name__, data=source)
+    report.notes += dataset.notes
     if dataset.is_random:
         report.warnings.append(RANDOM_WARNING.format(source=dataset.source))
         for p in pass_list:

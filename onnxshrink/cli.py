@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 __all__ = ["main"]
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("a", metavar="A", help="reference model (e.g. the original)")
     m.add_argument("b", metavar="B", help="model to compare (e.g. the compressed one)")
     _data_args(m)
-    m.add_argument("--runs", type=int, default=30, help="timed runs per model (median; default 30)")
-    m.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    m.add_argument("--runs", type=_positive, default=30, help="timed runs per model (median; default 30)")
+    m.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
     m.add_argument("--layers", action="store_true",
                    help="also compare every intermediate tensor both models name alike: where B drifts")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -80,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _common(s)
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return value
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -264,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxshrink inspect --json | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
     except Exception as e:  # a bug: still one line unless --verbose
         if args.verbose:
             import traceback

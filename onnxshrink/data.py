@@ -34,9 +34,11 @@ __all__ = ["InputSpec", "Dataset", "ImageOptions", "input_specs", "load_data"]
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 _SEED = 20240229
 _MAX_BATCH = 16
+MAX_RANDOM = 4096  # random:N samples at most
+_RANDOM_BYTES = 1 << 31  # and at most 2 GiB of them
+MAX_DATA_BYTES = 4 << 30  # arrays of a .npz, decompressed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Dataset:
     source: str
     is_random: bool = False
     per_sample_batch: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)  # conversions made, for the report
 
     @property
     def n_samples(self) -> int:
@@ -178,17 +181,28 @@ def load_data(
     text = os.fspath(spec)
     if m := re.fullmatch(r"random(?::(\d+))?", text):
         n = int(m.group(1) or default_random)
+        if n > MAX_RANDOM:
+            raise DataError(f"--data random:{n}: at most random:{MAX_RANDOM} (calibration uses a few "
+                            "hundred samples, validation 64)")
         return _random(specs, n)
     path = Path(text)
     if not path.exists():
         raise DataError(f"--data {text}: no such file or folder (expected .npz, .npy, an image "
                         "folder or random:N)")
     if path.is_dir():
-        return _check(_images(path, specs, images or ImageOptions()), specs, str(path))
+        from onnxshrink.images import read_folder
+
+        arrays, notes = read_folder(path, specs, images or ImageOptions())
+        found = _check(arrays, specs, str(path))
+        found.notes[:0] = notes
+        return found
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
+                _check_headers(z, specs, str(path))
                 arrays = {k: z[k] for k in z.files}
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"--data {path}: cannot read .npz: {first_line(e, 200)}") from e
         return _check(arrays, specs, str(path))
@@ -204,6 +218,24 @@ def load_data(
             raise DataError(f"--data {path}: cannot read .npy: {first_line(e, 200)}") from e
         return _check({specs[0].name: arr}, specs, str(path))
     raise DataError(f"--data {path}: unknown format (expected .npz, .npy, an image folder or random:N)")
+
+
+def _check_headers(z, specs: list[InputSpec], source: str) -> None:
+    """Shapes and sizes of a .npz's arrays from their headers, before anything is decompressed
+    (a few MB of zeros can hold many GB)."""
+    by_name = {s.name: s for s in specs}
+    total = 0
+    for key in z.files:
+        with z.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        if key in by_name:
+            _layout(tuple(shape), by_name[key], source)
+        total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if total > MAX_DATA_BYTES:
+        raise DataError(f"--data {source}: {total / 2**30:.1f} GiB of arrays (at most {MAX_DATA_BYTES >> 30} GiB; "
+                        "calibration uses a few hundred samples)")
 
 
 def _random(specs: list[InputSpec], n: int) -> Dataset:
@@ -223,9 +255,12 @@ def _random(specs: list[InputSpec], n: int) -> Dataset:
                         f"'{s.dim_names[axis] or '?'}' (axis {axis}); random data cannot guess "
                         "its size: give --data with real samples"
                     )
+        if any(d < 1 for d in dims[1:]) or np.prod(dims[1:], dtype=np.float64) * n * 4 > _RANDOM_BYTES:
+            raise DataError(f"input '{s.name}' has shape {list(s.dims)}: random data cannot fill "
+                            f"{n} samples of it (at most {_RANDOM_BYTES >> 30} GiB); give --data")
         shape = (n, *dims[1:]) if dims else (n,)
         if np.issubdtype(s.dtype, np.floating):
-            arr = rng.standard_normal(shape).astype(s.dtype)
+            arr = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype, copy=False)
         elif s.dtype == np.bool_:
             arr = rng.integers(0, 2, shape).astype(np.bool_)
         elif np.issubdtype(s.dtype, np.integer):
@@ -254,9 +289,11 @@ def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -
         )
     counts = set()
     per_sample = None
-    out = {}
+    out, notes = {}, []
     for s in specs:
         arr = np.asarray(arrays[s.name])
+        if arr.dtype != s.dtype:
+            notes.append(f"--data {source}: input '{s.name}' given as {arr.dtype}, converted to {s.dtype}")
         arr, mode = _fit(arr, s, source)
         if per_sample is not None and mode != per_sample:
             raise DataError(f"--data {source}: inputs disagree on whether axis 0 is the batch")
@@ -267,15 +304,17 @@ def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -
         raise DataError(f"--data {source}: inputs have different sample counts {sorted(counts)}")
     if counts.pop() == 0:
         raise DataError(f"--data {source}: zero samples")
-    return Dataset(out, specs, source, per_sample_batch=bool(per_sample))
+    return Dataset(out, specs, source, per_sample_batch=bool(per_sample), notes=notes)
 
 
-def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
+def _layout(shape: tuple[int, ...], s: InputSpec, source: str) -> bool:
+    """Whether samples of ``shape`` are whole inputs (rank + 1) or batch rows (rank); raises
+    :class:`DataError` when the shape does not fit the input."""
     rank = len(s.dims)
     want = s.describe()
-    if arr.ndim == rank:
+    if len(shape) == rank:
         per_sample, dims = False, s.dims[1:]
-        got = arr.shape[1:]
+        got = shape[1:]
         if rank == 0:
             raise DataError(f"--data {source}: input '{s.name}' is a scalar; give rank-1 samples")
         if s.dims[0] not in (None, 1):
@@ -283,19 +322,24 @@ def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
                 f"--data {source}: input '{s.name}' has a fixed batch of {s.dims[0]}; give "
                 f"samples of shape {list(s.dims)} stacked on a new first axis"
             )
-    elif arr.ndim == rank + 1:
-        per_sample, dims, got = True, s.dims, arr.shape[1:]
+    elif len(shape) == rank + 1:
+        per_sample, dims, got = True, s.dims, shape[1:]
     else:
         raise DataError(
-            f"--data {source}: input '{s.name}' got shape {list(arr.shape)}, expected samples "
+            f"--data {source}: input '{s.name}' got shape {list(shape)}, expected samples "
             f"for {want} (samples on axis 0)"
         )
     for axis, (d, g) in enumerate(zip(dims, got)):
         if d is not None and d != g:
             raise DataError(
-                f"--data {source}: input '{s.name}' got shape {list(arr.shape)}, expected "
+                f"--data {source}: input '{s.name}' got shape {list(shape)}, expected "
                 f"samples for {want}"
             )
+    return per_sample
+
+
+def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
+    per_sample = _layout(arr.shape, s, source)
     if arr.dtype != s.dtype:
         same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(s.dtype, np.floating)) or (
             np.issubdtype(arr.dtype, np.integer) and np.issubdtype(s.dtype, np.integer)
@@ -304,60 +348,12 @@ def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
             raise DataError(
                 f"--data {source}: input '{s.name}' got dtype {arr.dtype}, the model wants {s.dtype}"
             )
-        arr = arr.astype(s.dtype)
+        if np.issubdtype(s.dtype, np.integer):
+            info = np.iinfo(s.dtype)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise DataError(f"--data {source}: input '{s.name}' holds values outside {s.dtype}")
+        arr = arr.astype(s.dtype)  # a float beyond the input's range becomes Inf: refused below
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int(np.size(arr) - np.isfinite(arr).sum())
         raise DataError(f"--data {source}: input '{s.name}' holds {bad} NaN/Inf values")
     return np.ascontiguousarray(arr), per_sample
-
-
-def _images(folder: Path, specs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
-    from PIL import Image  # imported here: only image folders need it
-
-    if len(specs) != 1:
-        raise DataError(f"--data {folder}: an image folder feeds single-input models only")
-    s = specs[0]
-    if len(s.dims) != 4:
-        raise DataError(f"--data {folder}: input '{s.name}' is not an image batch (rank 4)")
-    layout = opts.layout or ("NHWC" if s.dims[3] in (1, 3) and s.dims[1] not in (1, 3) else "NCHW")
-    if layout not in ("NCHW", "NHWC"):
-        raise DataError(f"--layout must be NCHW or NHWC, got '{layout}'")
-    c_axis, hw = (1, (2, 3)) if layout == "NCHW" else (3, (1, 2))
-    channels = s.dims[c_axis] or 3
-    size = opts.image_size or s.dims[hw[0]]
-    if size is None:
-        raise DataError(f"--data {folder}: input '{s.name}' has dynamic height; give --image-size")
-    mean = np.asarray(_parse_floats(opts.mean, "mean"), np.float32)
-    std = np.asarray(_parse_floats(opts.std, "std"), np.float32)
-    if len(mean) not in (1, channels) or len(std) not in (1, channels) or (std == 0).any():
-        raise DataError(f"--mean/--std: need 1 or {channels} values, std non-zero")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"--data {folder}: no images (.jpg, .png, ...) in the folder")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                out.append(_center_crop(im, size))
-        except Exception as e:
-            raise DataError(f"--data {folder}: cannot read image {f.name}: {first_line(e, 200)}") from e
-    x = np.stack(out).astype(np.float32) / 255.0  # N, H, W[, C]
-    if x.ndim == 3:
-        x = x[..., None]
-    x = (x - mean) / std
-    if layout == "NCHW":
-        x = x.transpose(0, 3, 1, 2)
-    return {s.name: np.ascontiguousarray(x.astype(s.dtype))}
-
-
-def _center_crop(im, size: int) -> np.ndarray:
-    from PIL import Image
-
-    short = round(size / 0.875)
-    w, h = im.size
-    scale = short / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))

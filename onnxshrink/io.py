@@ -96,6 +96,26 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: not an ONNX model (missing ir_version or opset_import)")
     if not proto.graph.output:
         raise ModelError(f"{where}: the graph has no outputs")
+    if (bad := _not_utf8(proto.graph)) is not None:
+        raise ModelError(f"{where}: the name {bad!r} is not valid UTF-8 (a corrupt file, or a broken "
+                         "exporter); ONNX names are UTF-8 text")
+
+
+def _not_utf8(graph: onnx.GraphProto) -> bytes | None:
+    """The first name in ``graph`` (subgraphs included) that protobuf could not decode as UTF-8
+    (it hands those over as bytes), or None."""
+    for vi in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if isinstance(vi.name, bytes):
+            return vi.name
+    for node in graph.node:
+        for text in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if isinstance(text, bytes):
+                return text
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                if (bad := _not_utf8(sub)) is not None:
+                    return bad
+    return None
 
 
 def lift_constants(model: ir.Model) -> int:
@@ -330,9 +350,12 @@ def save(
         except OSError as e:
             raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
         data = tmp / f"{path.name}.data"
-        if data.exists():
-            os.replace(data, path.parent / data.name)
-        os.replace(tmp / path.name, path)
+        try:
+            if data.exists():
+                os.replace(data, path.parent / data.name)
+            os.replace(tmp / path.name, path)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return size
@@ -346,7 +369,12 @@ def atomic_text(path: Path, text: str) -> None:
     except OSError as e:
         raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from e
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        try:
+            f = os.fdopen(fd, "w", encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)

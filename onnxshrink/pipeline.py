@@ -238,7 +238,11 @@ class Validate(Instrument):
             self.static = (f"onnxruntime cannot run the model (custom op {', '.join(custom)}): outputs "
                            f"are not compared; exact passes are checked structurally, lossy ones refused")
         self.before_outputs = self.original_outputs
-        self.fidelity = None if self.static else compare(self.original_outputs, self.original_outputs)
+        try:
+            self.fidelity = None if self.static else compare(self.original_outputs, self.original_outputs)
+        except Invalid as e:  # NaN/Inf outputs: data outside the model's domain (Log of random:N)
+            raise ModelError(f"the input model cannot be validated on {self.data.source}: {e}; give --data "
+                             "with inputs in its domain") from e
         if not self.static and uses_integer_kernels(model):  # an int8 input: its kernels' own gap
             kernels = runtime.run(runtime.session(path, optimize=True), self.data, limit=self.limit)
             self.kernel_gap = 1.0 - compare(self.original_outputs, kernels).cosine

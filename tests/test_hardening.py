@@ -129,3 +129,163 @@ def test_an_input_name_cannot_add_lines_to_an_error(digits_model, tmp_path):
     proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npz"))
     _assert_one_line_error(proc, 2, "input\\nerror: all is fine\\x1b[2J")
     _no_raw_controls(proc)
+
+
+# -- 4. bad input is exit 2 and one line, never an internal error ---------------------------
+def _tiny(tmp_path: Path, body: str = "y = Relu (x)", dims: str = "N, 4", name: str = "m.onnx") -> Path:
+    from tests.helpers import make_model
+
+    m = make_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[{dims}] x) => (float[{dims}] y) {{ {body} }}""", check=False)
+    path = tmp_path / name
+    onnx.save(m, str(path))
+    return path
+
+
+def test_outputs_outside_the_models_domain_on_the_data_are_a_data_problem(tmp_path):
+    path = _tiny(tmp_path, "y = Log (x)")
+    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"))  # random:8 has negatives
+    _assert_one_line_error(proc, 2, "NaN or Inf", "give --data")
+
+
+def test_names_that_are_not_utf8_are_refused(tmp_path):
+    path = _tiny(tmp_path)
+    m = onnx.load(str(path))
+    m.graph.node[0].name = "RELUNODE"
+    path.write_bytes(m.SerializeToString().replace(b"RELUNODE", b"RELU\xff\xfeDE"))
+    for args in (["compress", str(path), "-o", str(tmp_path / "o.onnx")], ["inspect", str(path), "--all"]):
+        _assert_one_line_error(run_cli(*args), 2, "not valid UTF-8")
+
+
+@pytest.mark.parametrize("dim", [-5, 2**62])
+def test_input_dims_random_data_cannot_fill(dim, tmp_path):
+    path = _tiny(tmp_path)
+    m = onnx.load(str(path))
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = dim
+    onnx.save(m, str(path))
+    _assert_one_line_error(run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx")), 2, "random data")
+
+
+@pytest.mark.parametrize("n", ["10000000", "99999999999999999999"])
+def test_random_data_is_capped(n, tmp_path):
+    path = _tiny(tmp_path)
+    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", f"random:{n}")
+    _assert_one_line_error(proc, 2, "at most random:4096")
+
+
+def test_compare_runs_must_be_positive(tmp_path):
+    path = _tiny(tmp_path)
+    _assert_one_line_error(run_cli("compare", str(path), str(path), "--runs", "0"), 2, "--runs")
+
+
+def test_a_report_that_cannot_be_written_is_one_line(user_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from onnxshrink import cli
+    from onnxshrink import io as shrink_io
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = shrink_io.atomic_text
+    monkeypatch.setattr(shrink_io.os, "fdopen", full)  # the report's write fails, not the model's
+    code = cli.main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--report",
+                     str(tmp_path / "r.json"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert real is shrink_io.atomic_text and not list(tmp_path.glob(".r.json*"))  # no temporary left
+
+
+def test_pillow_decompression_bomb_warning_stays_off_stderr(tmp_path, monkeypatch, recwarn):
+    from PIL import Image
+
+    from onnxshrink.data import input_specs, load_data
+    from tests.helpers import make_model
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,072 pixels: "a bomb" (warning, < 2x)
+    import onnx_ir as ir
+
+    m = make_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 16, 16] x) => (float[N, 3, 16, 16] y) { y = Relu (x) }""")
+    data = load_data(str(folder), input_specs(ir.from_proto(m)))
+    assert data.n_samples == 1
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+# -- 5. memory bounded by what is used --------------------------------------------------------
+def _npz_claiming(path: Path, key: str, shape: tuple[int, ...]) -> None:
+    """A .npz whose ``key`` header claims ``shape`` (float32) with almost no data behind it."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{key}.npy", buf.getvalue() + b"\0" * 64)
+
+
+@pytest.mark.parametrize("shape, needle", [((30_000_000, 1, 32, 32), "GiB of arrays"),
+                                           ((3, 8, 8), "got shape")])
+def test_npz_headers_are_checked_before_decompressing(shape, needle, user_model, tmp_path):
+    data = tmp_path / "bomb.npz"
+    _npz_claiming(data, "input", shape)
+    proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data", str(data))
+    _assert_one_line_error(proc, 2, needle)
+
+
+def test_image_folder_reads_a_bounded_number_of_regular_files(tmp_path):
+    from PIL import Image
+
+    from onnxshrink.images import MAX_IMAGES
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for i in range(MAX_IMAGES + 40):
+        Image.new("RGB", (20, 20), (i % 256, 0, 0)).save(folder / f"{i:05d}.png")
+    os.mkfifo(folder / "a.png")  # reading it would block forever
+    path = _tiny(tmp_path, dims="N, 3, 16, 16")
+    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(folder),
+                   "--report", str(tmp_path / "r.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any(f"{MAX_IMAGES} of its {MAX_IMAGES + 40} images used" in n for n in notes), notes
+
+
+# -- 8. small breakages ------------------------------------------------------------------------
+def test_a_closed_pipe_ends_quietly(digits_model):
+    import subprocess
+    import sys
+
+    for args in (["inspect", str(digits_model), "--json"], ["passes", "--json"]):
+        p = subprocess.Popen([sys.executable, "-m", "onnxshrink", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        p.stdout.close()  # like `| head -0`: the reader is gone before the first line
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 0 and err == "", err
+
+
+def test_a_single_spec_string_is_one_pass(digits_model):
+    import onnxshrink
+
+    _, rep = onnxshrink.compress(onnx.load(str(digits_model)), "fold-batchnorm")
+    assert [p.name for p in rep.passes] == ["fold-batchnorm"]
+
+
+def test_data_of_another_float_width_is_converted_and_noted(user_model, tmp_path, digits_calib):
+    x = np.load(digits_calib)["input"].astype(np.float64)
+    np.save(tmp_path / "x.npy", x)
+    proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data",
+                   str(tmp_path / "x.npy"), "--report", str(tmp_path / "r.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("given as float64, converted to float32" in n for n in notes), notes
+    np.save(tmp_path / "i.npy", x.astype(np.int64))
+    proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "i.npy"))
+    _assert_one_line_error(proc, 2, "got dtype int64")
