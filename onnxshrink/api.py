@@ -119,7 +119,13 @@ def compress(
                          strict, validate_samples, progress, console)
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
-    if output is not None:
+    unchanged = (loaded.path is not None and not loaded.lifted_constants and report.target is None
+                 and not io.external_files(loaded.model) and all(p.status != "applied" for p in report.passes))
+    if output is not None and unchanged:  # what the user gave, byte for byte (not re-serialized)
+        io.copy_file(loaded.path, Path(output), protect=loaded.protected_paths)
+        report.output = str(output)
+        report.notes.append("no pass changed the model: the output is a copy of the input")
+    elif output is not None:
         io.save(result, output, protect=loaded.protected_paths)
         report.output = str(output)
         report.after["bytes"] = io.file_bytes(output)

@@ -15,6 +15,7 @@ __all__ = [
     "OutputError",
     "ValidationError",
     "first_line",
+    "one_line",
 ]
 
 
@@ -23,6 +24,16 @@ def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -
     message, ``empty`` (default: the exception's type name)."""
     lines = str(exc).strip().splitlines()
     return lines[0][:limit] if lines else (type(exc).__name__ if empty is None else empty)
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """The whole message of an exception on one line (whitespace runs collapsed), cut at
+    ``limit`` characters with an ellipsis: onnxsim's and onnxruntime's messages continue past
+    their first line ("... input 'x' of node:" + the node)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 class OnnxShrinkError(Exception):

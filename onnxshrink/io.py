@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ __all__ = [
     "file_bytes",
     "write",
     "atomic_text",
+    "copy_file",
     "check_output_path",
     "check_outputs",
 ]
@@ -340,8 +342,9 @@ def save(
     """
     path = Path(path)
     check_output_path(path, protect)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clean_leftovers(path)
+    try:  # the process id in the name: a later run knows a leftover of a killed one
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise OutputError(f"{path}: cannot write to '{path.parent}': {e.strerror}") from e
     try:
@@ -359,6 +362,42 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return size
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Removes ``.OUT.<pid>.*.tmp`` folders and files beside ``path`` that a run killed while
+    writing left behind (its process is gone)."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = old.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def copy_file(src: Path, path: Path, *, protect: Iterable[Path] = ()) -> None:
+    """Atomically copies the model file ``src`` to ``path`` (checked as :func:`save` does)."""
+    check_output_path(path, protect)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.copy.tmp"
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
 
 
 def atomic_text(path: Path, text: str) -> None:

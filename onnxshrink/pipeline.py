@@ -26,7 +26,7 @@ from onnx_ir.passes.common import (
 
 from onnxshrink import io, metrics, runtime
 from onnxshrink.data import Dataset
-from onnxshrink.errors import ModelError, ValidationError, first_line
+from onnxshrink.errors import ModelError, ValidationError, first_line, one_line
 from onnxshrink.passes.base import NullTask, PassContext, ShrinkPass
 from onnxshrink.report import Fidelity, PassRecord, Report
 from onnxshrink.validate import (
@@ -273,7 +273,7 @@ class Validate(Instrument):
         except Invalid as e:
             rec.status, rec.reason = "rolled-back", str(e)
         except Exception as e:  # onnxruntime refusing the model, a write failure, ...
-            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {first_line(e)}"
+            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {one_line(e)}"
         else:
             rec.fidelity, rec.fidelity_step = total, step
             rec.stats = {"bytes": size}
@@ -394,8 +394,8 @@ class Pipeline:
                 logger.debug("pass %s raised:\n%s", p.name, run.traceback)
             record.changed, record.skipped, record.details = list(p.changed), list(p.skipped), dict(p.details)
             if run.error is not None:
-                msg = first_line(run.error, empty="")
-                record.status, record.reason = "rolled-back", f"pass raised {type(run.error).__name__}: {msg}"
+                record.status, record.reason = "rolled-back", f"pass raised {type(run.error).__name__}: {one_line(run.error)}"
+                record.traceback = run.traceback
             else:
                 record.status = "applied" if run.modified else "unchanged"
             for inst in self.instruments:

@@ -64,6 +64,7 @@ class PassRecord:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     # integer kernels (an optimized session on this CPU) against the model as written
     kernels: dict[str, Any] | None = None
+    traceback: str | None = None  # where a pass that raised did (shown with --verbose)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -83,6 +84,8 @@ class PassRecord:
             d["details"] = self.details
         if self.kernels:
             d["kernels"] = self.kernels
+        if self.traceback:
+            d["traceback"] = self.traceback
         return d
 
 
@@ -163,6 +166,8 @@ class Report:
         for p in self.passes:
             if p.status == "rolled-back":
                 console.print(f"[red]rolled back[/] {literal(p.name)}: {literal(p.reason)}")
+                for line in (p.traceback or "").splitlines() if verbose else ():
+                    console.print(f"[dim]{literal(line)}[/]")
             elif p.kernels:
                 console.print(f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
                               f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]")

@@ -289,3 +289,52 @@ def test_data_of_another_float_width_is_converted_and_noted(user_model, tmp_path
     np.save(tmp_path / "i.npy", x.astype(np.int64))
     proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "i.npy"))
     _assert_one_line_error(proc, 2, "got dtype int64")
+
+
+# -- 6. nothing torn, nothing left behind ---------------------------------------------------
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(user_model, tmp_path):
+    out = tmp_path / "o.onnx"
+    dead = tmp_path / ".o.onnx.99999999.abc.tmp"  # no such process
+    dead.mkdir()
+    (dead / "o.onnx.data").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f".o.onnx.{os.getpid()}.def.tmp"  # a run still writing: left alone
+    alive.mkdir()
+    proc = run_cli("compress", str(user_model), "-o", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert not dead.exists() and alive.exists() and out.exists()
+
+
+# -- 9. messages ----------------------------------------------------------------------------
+def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp_path, monkeypatch, capsys):
+    import dataclasses
+    from typing import ClassVar
+
+    from onnxshrink import cli
+    from onnxshrink.passes import REGISTRY
+    from onnxshrink.passes.base import ShrinkPass
+
+    @dataclasses.dataclass
+    class Raises(ShrinkPass):
+        name: ClassVar[str] = "test-raises"
+
+        def call(self, model):
+            raise RuntimeError("the first line ends here:\n  and the part that says what to do")
+
+    monkeypatch.setitem(REGISTRY, "test-raises", Raises)
+    code = cli.main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "-p", "test-raises",
+                     "--verbose"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "the first line ends here: and the part that says what to do" in out
+    assert "Traceback (most recent call last)" in out and "in call" in out
+
+
+def test_a_model_no_pass_changed_is_written_byte_identical(tmp_path):
+    path = _tiny(tmp_path)
+    out = tmp_path / "o.onnx"
+    proc = run_cli("compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == path.read_bytes()
+    import json
+
+    assert "the output is a copy of the input" in " ".join(json.loads((tmp_path / "r.json").read_text())["notes"])
