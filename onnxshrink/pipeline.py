@@ -56,6 +56,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_FLOOR = 0.99  # cosine with the original that a lossy pass must keep, unless set
+# seconds one validation batch of the input model may take (a Loop of 10^12 steps never ends);
+# a pass's model gets SLOWER_BOUND times the input's slowest batch, and at least MIN_BOUND s
+ORIGINAL_BOUND, SLOWER_BOUND, MIN_BOUND = 600.0, 20.0, 30.0
 # domains onnxruntime's CPU provider implements; a node of another domain is a custom op
 _RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
@@ -209,12 +212,15 @@ class Validate(Instrument):
         self._signature: Signature | None = None
         self.static: str | None = None  # why outputs cannot be compared (custom ops), if so
         self.kernel_gap = 0.0  # 1 − cosine of the current model's integer kernels vs as written
+        self.bound = ORIGINAL_BOUND  # seconds a validation batch may take
 
-    def _run(self, path: Path, what: str) -> runtime.Outputs:
+    def _run(self, path: Path, what: str, *, optimize: bool = False) -> runtime.Outputs:
         task = self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples)) if self.progress else NullTask()
         try:
-            sess = runtime.session(path)
-            return runtime.run(sess, self.data, limit=self.limit, on_batch=task)
+            sess = runtime.session(path, optimize=optimize)
+            return runtime.run(sess, self.data, limit=self.limit, on_batch=task, timeout=self.bound)
+        except runtime.RunTimeout as e:
+            raise Invalid(f"{e}: over {SLOWER_BOUND:.0f}x the input model's slowest batch") from e
         finally:
             task.done()
 
@@ -229,7 +235,14 @@ class Validate(Instrument):
         except Invalid as e:
             raise ModelError(f"the input model is not valid: {e}") from e
         try:
+            t0 = time.perf_counter()
+            self.bound = ORIGINAL_BOUND
             self.original_outputs = self._run(path, "original")
+            batches = max(1, len(self.original_outputs))
+            self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
+        except Invalid as e:  # the input model's own run did not end
+            raise ModelError(f"the input model did not finish a validation batch within {ORIGINAL_BOUND:.0f} s "
+                             "(a Loop or Scan that long?); nothing to validate against") from e
         except Exception as e:
             if not (custom := custom_ops(model)):
                 raise ModelError(f"onnxruntime cannot run the input model: {first_line(e)}") from e
@@ -244,7 +257,7 @@ class Validate(Instrument):
             raise ModelError(f"the input model cannot be validated on {self.data.source}: {e}; give --data "
                              "with inputs in its domain") from e
         if not self.static and uses_integer_kernels(model):  # an int8 input: its kernels' own gap
-            kernels = runtime.run(runtime.session(path, optimize=True), self.data, limit=self.limit)
+            kernels = self._run(path, "original (integer kernels)", optimize=True)
             self.kernel_gap = 1.0 - compare(self.original_outputs, kernels).cosine
         for extra in self.workdir.glob("original.onnx*"):
             extra.unlink()
@@ -290,7 +303,7 @@ class Validate(Instrument):
         from onnxshrink.cpu import this_cpu
 
         cpu = this_cpu()
-        agree = compare(written, runtime.run(runtime.session(path, optimize=True), self.data, limit=self.limit))
+        agree = compare(written, self._run(path, f"{run.pass_.name} (integer kernels)", optimize=True))
         info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
         unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(run.model)
         failure, warning = kernel_verdict(agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni",

@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxshrink.data import Dataset
 
-__all__ = ["session", "run", "Outputs", "latency"]
+__all__ = ["Outputs", "RunTimeout", "latency", "run", "session"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,42 @@ def session(
     return ort.InferenceSession(str(Path(path)), opts, providers=["CPUExecutionProvider"])
 
 
-def run(sess, data: Dataset, *, limit: int | None = None, on_batch=None) -> Outputs:
-    """Runs ``sess`` on the first ``limit`` samples of ``data``; returns outputs per batch."""
+class RunTimeout(Exception):
+    """A run took longer than its bound and was stopped (onnxruntime's terminate flag)."""
+
+
+def run(sess, data: Dataset, *, limit: int | None = None, on_batch=None, timeout: float | None = None) -> Outputs:
+    """Runs ``sess`` on the first ``limit`` samples of ``data``; returns outputs per batch.
+
+    ``timeout``: seconds a batch may take; past it onnxruntime stops between two nodes (a Loop
+    of 10^12 iterations too) and :class:`RunTimeout` is raised.
+    """
     names = [o.name for o in sess.get_outputs()]
     outputs: Outputs = []
     for feed in data.batches(limit):
-        values = sess.run(names, feed)
+        values = sess.run(names, feed) if timeout is None else _bounded(sess, names, feed, timeout)
         outputs.append({n: np.asarray(v) for n, v in zip(names, values)})
         if on_batch is not None:
             on_batch(next(iter(feed.values())).shape[0] if not data.per_sample_batch else 1)
     return outputs
+
+
+def _bounded(sess, names, feed, timeout: float):
+    import threading
+
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    timer = threading.Timer(timeout, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        return sess.run(names, feed, options)
+    except Exception as e:
+        if options.terminate:
+            raise RunTimeout(f"a batch took longer than {timeout:.0f} s and was stopped") from e
+        raise
+    finally:
+        timer.cancel()
 
 
 def latency(

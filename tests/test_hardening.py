@@ -338,3 +338,37 @@ def test_a_model_no_pass_changed_is_written_byte_identical(tmp_path):
     import json
 
     assert "the output is a copy of the input" in " ".join(json.loads((tmp_path / "r.json").read_text())["notes"])
+
+
+# -- 7. nothing hangs ------------------------------------------------------------------------
+def _endless_loop(path: Path) -> Path:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    body = h.make_graph(
+        [h.make_node("Add", ["x_in", "one"], ["x_out"]), h.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+                 h.make_tensor_value_info("x_in", T.FLOAT, [None, 4])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("x_out", T.FLOAT, [None, 4])],
+        [h.make_tensor("one", T.FLOAT, [], [1.0])])
+    g = h.make_graph([h.make_node("Loop", ["M", "", "x"], ["y"], body=body, name="loop")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [None, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [None, 4])], [h.make_tensor("M", T.INT64, [], [10**12])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, capsys):
+    import time
+
+    from onnxshrink import cli, pipeline
+
+    path = _endless_loop(tmp_path / "loop.onnx")
+    monkeypatch.setattr(pipeline, "ORIGINAL_BOUND", 2.0)  # 600 s by default
+    t0 = time.perf_counter()
+    code = cli.main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "did not finish a validation batch within 2 s" in err[0], err
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "o.onnx").exists()
