@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from hypothesis import event, given
+from hypothesis import strategies as st
 
 import onnxshrink
 from onnxshrink.passes import REGISTRY, make_pass
@@ -110,3 +111,63 @@ def test_pass_keeps_generated_models_valid(name, net):
 @given(net=cnn_models())
 def test_pipeline_keeps_generated_models_valid(name, net):
     _check(net, PIPELINES[name])
+
+
+# -- names are the model author's: arbitrary Unicode through the CLI ------------------------
+_NASTY = ["[/]", "[bold]", "[/x]", "$\\frac{$", "\x1b[31m", "\x1b]0;t\x07", "\n", "\r", ":thumbs_up:", "\u202e",
+          "\\", "%s", "{}", "<script>", "\ufeff", "\x00"]
+
+
+def _named_model(names: list[str], bad_utf8: bool) -> bytes:
+    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm with every name from ``names``;
+    ``bad_utf8``: the first node name made invalid UTF-8 in the serialized bytes."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    x, w, c, r, p, f, g, gb, y = names[:9]
+    nodes = [h.make_node("Conv", [x, w], [c], name=names[9], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", [c], [r], name=names[10]),
+             h.make_node("GlobalAveragePool", [r], [p], name=names[11]),
+             h.make_node("Flatten", [p], [f], name=names[12]),
+             h.make_node("Gemm", [f, g, gb], [y], name="MARKERNODE" if bad_utf8 else names[13], transB=1)]
+    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), w),
+             nh.from_array(rng.standard_normal((5, 4)).astype(np.float32), g),
+             nh.from_array(rng.standard_normal(5).astype(np.float32), gb)]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info(x, T.FLOAT, ["N", 3, 8, 8])],
+                         [h.make_tensor_value_info(y, T.FLOAT, ["N", 5])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    return data.replace(b"MARKERNODE", b"MARK\xff\xfeNODE") if bad_utf8 else data
+
+
+@given(data=st.data())
+def test_names_from_arbitrary_unicode_never_crash_the_cli(data, tmp_path_factory):
+    """compress (with --report-html), inspect: exit 0 or 2, never 3, at most one stderr line."""
+    import contextlib
+    import io
+
+    from onnxshrink import cli
+
+    name = st.one_of(st.text(min_size=1, max_size=10), st.sampled_from(_NASTY),
+                     st.lists(st.sampled_from(_NASTY), min_size=2, max_size=4).map("".join))
+    names = data.draw(st.lists(name, min_size=14, max_size=14, unique=True))
+    bad_utf8 = data.draw(st.booleans())
+    folder = tmp_path_factory.mktemp("names")
+    path = folder / "m.onnx"
+    path.write_bytes(_named_model(names, bad_utf8))
+    before = path.read_bytes()
+    runs = [["compress", str(path), "-o", str(folder / "o.onnx"), "--report-html", str(folder / "r.html")],
+            ["inspect", str(path), "--all"]]
+    for args in runs:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+        event(f"{args[0]} exit {code}")
+        lines = err.getvalue().strip().splitlines()
+        assert code in (0, 2), (args[0], code, err.getvalue()[-500:])
+        assert len(lines) <= 1, err.getvalue()[-500:]
+        assert "\x1b" not in out.getvalue() + err.getvalue()
+    assert path.read_bytes() == before
