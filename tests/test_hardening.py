@@ -372,3 +372,65 @@ def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "did not finish a validation batch within 2 s" in err[0], err
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "o.onnx").exists()
+
+
+# -- 2. constant-folding bombs --------------------------------------------------------------
+def _tiled(tmp_path: Path, reps: int) -> Path:
+    """A 4 KB model: a constant of 1,000 floats tiled ``reps`` times, read by a Gather."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    g = h.make_graph([h.make_node("Tile", ["C", "R"], ["T"], name="tile"), h.make_node("Gather", ["T", "idx"], ["y"])],
+                     "g", [h.make_tensor_value_info("idx", T.INT64, ["N"])], [h.make_tensor_value_info("y", T.FLOAT, ["N"])],
+                     [nh.from_array(np.arange(1000, dtype=np.float32), "C"), nh.from_array(np.array([reps], np.int64), "R")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / f"tiled{reps}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("reps", [10_000, 100_000])
+def test_a_constant_folding_bomb_is_not_folded(reps, tmp_path):
+    import json
+    import time
+
+    path = _tiled(tmp_path, reps)
+    out = tmp_path / "o.onnx"
+    t0 = time.perf_counter()
+    proc = run_cli("compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - t0 < 60 and out.stat().st_size < 10_000  # was 40 MB / 697 s and SIGSEGV
+    simplify = json.loads((tmp_path / "r.json").read_text())["passes"][0]
+    assert simplify["status"] == "unchanged"
+    assert f"tile makes a constant of {reps * 1000:,} elements" in simplify["skipped"][0]["reason"]
+
+
+def test_a_simplify_that_grows_the_model_is_discarded(tmp_path):
+    """1,000 tiles (4 MB): below the bomb bound, above what a simplification may add."""
+    import json
+
+    path = _tiled(tmp_path, 1_000)
+    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    simplify = json.loads((tmp_path / "r.json").read_text())["passes"][0]
+    assert simplify["status"] == "unchanged", simplify
+    assert "constant folding grew the model's tensors from 4,008 to 4,000,000 bytes" in simplify["skipped"][0]["reason"]
+
+
+def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkeypatch):
+    """onnxsim's worker dies by SIGSEGV while it works on the request (as onnxsim did on 10^5
+    tiles): here a stand-in worker that reads the request and crashes."""
+    import subprocess
+    import sys
+
+    import onnxshrink
+    from onnxshrink import sandbox
+
+    crash = "import os, signal, sys; sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)"
+    fake = subprocess.Popen([sys.executable, "-c", crash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    monkeypatch.setattr(sandbox, "_WORKER", fake)
+    out, rep = onnxshrink.compress(str(user_model), ["simplify", "fold-batchnorm"], output=tmp_path / "o.onnx")
+    assert rep.passes[0].status == "rolled-back" and "onnxsim crashed" in rep.passes[0].reason, rep.passes[0]
+    assert rep.passes[1].status == "applied" and out.exists()  # the compiler went on
