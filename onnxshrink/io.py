@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -265,16 +266,18 @@ def _in_memory_copies(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol
     return swapped
 
 
-def write(model: ir.Model, path: Path, *, external_data: bool | None = None) -> int:
+def write(model: ir.Model, path: Path, *, external_data: bool | None = None,
+          data_name: str | None = None) -> int:
     """Writes ``model`` to ``path`` (not atomic; see :func:`save`). Returns the bytes written.
 
     With ``external_data=None`` the choice is automatic: external data when the tensors exceed
-    :data:`EXTERNAL_DATA_THRESHOLD` or the model already keeps tensors in external files.
+    :data:`EXTERNAL_DATA_THRESHOLD` or the model already keeps tensors in external files; the
+    data file beside ``path`` is ``data_name`` (default ``<name>.data``).
     """
     if external_data is None:
         external_data = bool(external_files(model)) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:
-        location = f"{path.name}.data"
+        location = data_name or f"{path.name}.data"
         ir.save(model, path, external_data=location, size_threshold_bytes=1024)
         return path.stat().st_size + (path.parent / location).stat().st_size
     swapped = _in_memory_copies(model)
@@ -338,6 +341,10 @@ def save(
 ) -> int:
     """Atomically writes ``model`` to ``path``; never overwrites a ``protect``-ed file.
 
+    External data goes to ``<name>.<run>.data``, a name no earlier run used, moved into place
+    before the model that names it; the model then replaces the old one in one rename, and the
+    data files of earlier runs go after it. A reader sees the old pair or the new one, never the
+    old model with new weights (two renames of fixed names allowed that, if killed between).
     Returns the bytes on disk (model file plus external data).
     """
     path = Path(path)
@@ -348,11 +355,11 @@ def save(
     except OSError as e:
         raise OutputError(f"{path}: cannot write to '{path.parent}': {e.strerror}") from e
     try:
+        data = tmp / f"{path.name}.{secrets.token_hex(4)}.data"
         try:
-            size = write(model, tmp / path.name, external_data=external_data)
+            size = write(model, tmp / path.name, external_data=external_data, data_name=data.name)
         except OSError as e:
             raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
-        data = tmp / f"{path.name}.data"
         try:
             if data.exists():
                 os.replace(data, path.parent / data.name)
@@ -361,7 +368,19 @@ def save(
             raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remove_old_data(path, keep=data.name, protect=protect)
     return size
+
+
+def _remove_old_data(path: Path, keep: str, protect: Iterable[Path]) -> None:
+    """The data files of earlier runs beside ``path`` (``<name>.data``, ``<name>.<run>.data``),
+    now that the model names ``keep``; never a protected file."""
+    protected = {p.resolve() for p in protect}
+    for old in path.parent.glob(f"{glob.escape(path.name)}.*data"):
+        rest = old.name[len(path.name) + 1 :]
+        ours = rest == "data" or (rest.endswith(".data") and len(rest) == 13 and rest[:8].isalnum())
+        if ours and old.name != keep and old.resolve() not in protected and old.is_file():
+            old.unlink(missing_ok=True)
 
 
 def _clean_leftovers(path: Path) -> None:

@@ -434,3 +434,35 @@ def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkey
     out, rep = onnxshrink.compress(str(user_model), ["simplify", "fold-batchnorm"], output=tmp_path / "o.onnx")
     assert rep.passes[0].status == "rolled-back" and "onnxsim crashed" in rep.passes[0].reason, rep.passes[0]
     assert rep.passes[1].status == "applied" and out.exists()  # the compiler went on
+
+
+def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, monkeypatch, capsys):
+    """A run killed between moving the new data in and the new model: the old model still reads
+    its own data (it used to read the new weights); the next run removes the orphan."""
+    from onnxshrink import cli
+    from onnxshrink import io as shrink_io
+    from tests.helpers import ort_run
+
+    out = tmp_path / "out.onnx"
+    x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    assert cli.main(["compress", str(external_model), "-o", str(out), "-p", "fold-batchnorm", "-q"]) == 0
+    first = ort_run(str(out), {"input": x})[0]
+    (old_data,) = tmp_path.glob("out.onnx.*.data")
+    real, calls = os.replace, []
+
+    def killed_before_the_model(src, dst):
+        calls.append(dst)
+        if str(dst) == str(out):
+            raise OSError(5, "killed")  # the data is in place, the model is not
+        return real(src, dst)
+
+    monkeypatch.setattr(shrink_io.os, "replace", killed_before_the_model)
+    code = cli.main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"])
+    monkeypatch.setattr(shrink_io.os, "replace", real)
+    assert code == 2 and [Path(c).name for c in calls if Path(c).parent == tmp_path][-1] == "out.onnx"
+    np.testing.assert_array_equal(ort_run(str(out), {"input": x})[0], first)  # the old pair, whole
+    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 2  # the new run's data, orphaned
+    assert cli.main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"]) == 0
+    (data,) = tmp_path.glob("out.onnx.*.data")  # only the data the new model names
+    assert data != old_data and not np.array_equal(ort_run(str(out), {"input": x})[0], first)
+    capsys.readouterr()
