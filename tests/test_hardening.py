@@ -11,7 +11,34 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.test_cli import _assert_one_line_error, run_cli
+from tests.test_cli import _assert_one_line_error
+from tests.test_cli import run_cli as _run_cli
+
+_WRITES = {"-o", "--output", "--report", "--report-html"}
+
+
+def _inputs(args) -> dict[Path, bytes]:
+    """The files a command reads (every existing file argument that is not a place it writes)."""
+    skip = {args[i + 1] for i, a in enumerate(args[:-1]) if a in _WRITES}
+    return {Path(a): Path(a).read_bytes() for a in args if a not in skip and Path(a).is_file()}
+
+
+def run_cli(*args):
+    """The CLI in a subprocess; every input file's bytes are checked unchanged after it."""
+    before = _inputs(args)
+    proc = _run_cli(*args)
+    assert {p: p.read_bytes() for p in before} == before, "an input file was modified"
+    return proc
+
+
+def cli_main(args):
+    """The CLI in this process (for monkeypatched failures); inputs checked unchanged."""
+    from onnxshrink import cli
+
+    before = _inputs(args)
+    code = cli.main(args)
+    assert {p: p.read_bytes() for p in before} == before, "an input file was modified"
+    return code
 
 
 @pytest.fixture
@@ -181,7 +208,6 @@ def test_compare_runs_must_be_positive(tmp_path):
 def test_a_report_that_cannot_be_written_is_one_line(user_model, tmp_path, monkeypatch, capsys):
     import errno
 
-    from onnxshrink import cli
     from onnxshrink import io as shrink_io
 
     def full(*_a, **_k):
@@ -189,7 +215,7 @@ def test_a_report_that_cannot_be_written_is_one_line(user_model, tmp_path, monke
 
     real = shrink_io.atomic_text
     monkeypatch.setattr(shrink_io.os, "fdopen", full)  # the report's write fails, not the model's
-    code = cli.main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--report",
+    code = cli_main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--report",
                      str(tmp_path / "r.json"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
@@ -309,7 +335,6 @@ def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp
     import dataclasses
     from typing import ClassVar
 
-    from onnxshrink import cli
     from onnxshrink.passes import REGISTRY
     from onnxshrink.passes.base import ShrinkPass
 
@@ -321,7 +346,7 @@ def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp
             raise RuntimeError("the first line ends here:\n  and the part that says what to do")
 
     monkeypatch.setitem(REGISTRY, "test-raises", Raises)
-    code = cli.main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "-p", "test-raises",
+    code = cli_main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "-p", "test-raises",
                      "--verbose"])
     out = capsys.readouterr().out
     assert code == 0
@@ -363,12 +388,12 @@ def _endless_loop(path: Path) -> Path:
 def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, capsys):
     import time
 
-    from onnxshrink import cli, pipeline
+    from onnxshrink import pipeline
 
     path = _endless_loop(tmp_path / "loop.onnx")
     monkeypatch.setattr(pipeline, "ORIGINAL_BOUND", 2.0)  # 600 s by default
     t0 = time.perf_counter()
-    code = cli.main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
+    code = cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "did not finish a validation batch within 2 s" in err[0], err
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "o.onnx").exists()
@@ -439,13 +464,12 @@ def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkey
 def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, monkeypatch, capsys):
     """A run killed between moving the new data in and the new model: the old model still reads
     its own data (it used to read the new weights); the next run removes the orphan."""
-    from onnxshrink import cli
     from onnxshrink import io as shrink_io
     from tests.helpers import ort_run
 
     out = tmp_path / "out.onnx"
     x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
-    assert cli.main(["compress", str(external_model), "-o", str(out), "-p", "fold-batchnorm", "-q"]) == 0
+    assert cli_main(["compress", str(external_model), "-o", str(out), "-p", "fold-batchnorm", "-q"]) == 0
     first = ort_run(str(out), {"input": x})[0]
     (old_data,) = tmp_path.glob("out.onnx.*.data")
     real, calls = os.replace, []
@@ -457,12 +481,12 @@ def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, m
         return real(src, dst)
 
     monkeypatch.setattr(shrink_io.os, "replace", killed_before_the_model)
-    code = cli.main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"])
+    code = cli_main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"])
     monkeypatch.setattr(shrink_io.os, "replace", real)
     assert code == 2 and [Path(c).name for c in calls if Path(c).parent == tmp_path][-1] == "out.onnx"
     np.testing.assert_array_equal(ort_run(str(out), {"input": x})[0], first)  # the old pair, whole
     assert len(list(tmp_path.glob("out.onnx.*.data"))) == 2  # the new run's data, orphaned
-    assert cli.main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"]) == 0
+    assert cli_main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"]) == 0
     (data,) = tmp_path.glob("out.onnx.*.data")  # only the data the new model names
     assert data != old_data and not np.array_equal(ort_run(str(out), {"input": x})[0], first)
     capsys.readouterr()
