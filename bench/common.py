@@ -68,6 +68,26 @@ def latency_ratios(original, candidates: dict, x1: np.ndarray, runs: int = 40) -
     return out
 
 
+def quantize_models(tmp: Path):
+    """(title, fp32 model, calibration .npz, evaluation inputs, labels or None) of the three
+    models the int8 benches measure: MobileNetV2, the digits CNN (BatchNorm folded first, as
+    the default pipeline does), the ResNet-18-style net (random weights, fed the photos)."""
+    import onnxshrink
+    from models import resnet
+
+    _, folded, calib, evaluation = mobilenet()
+    x_eval = np.load(evaluation)["input"]
+    yield "MobileNetV2 (ImageNet weights), 180 evaluation crops", folded, calib, x_eval, None
+    dig = Path(__file__).resolve().parent.parent / "models" / "fixtures"
+    fused = tmp / "digits_cnn.onnx"
+    onnxshrink.compress(str(dig / "digits_cnn.onnx"), ["simplify", "fold-batchnorm"], output=fused)
+    yield ("digits CNN, 400 held-out test digits", fused, dig / "digits_calib.npz",
+           np.load(dig / "digits_test.npz")["input"], np.load(dig / "digits_test_labels.npy"))
+    res = tmp / "resnet18.onnx"
+    onnxshrink.compress(resnet.build(), ["fold-batchnorm"], output=res)
+    yield "ResNet-18-style (random weights), 180 evaluation crops", res, calib, x_eval, None
+
+
 def cpu_line() -> str:
     """This machine's CPU for a bench header: model, int8 flags, onnxruntime's int8 kernel."""
     from onnxshrink.cpu import this_cpu

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from common import agreement, cpu_line, latency_ratios, mobilenet, outputs
+from common import agreement, cpu_line, latency_ratios, outputs, quantize_models
 from quantize import ort_quantize
 
 import onnxshrink
@@ -86,25 +86,12 @@ def run(name: str, src: Path, calib: Path, x: np.ndarray, labels, tmp: Path) -> 
 
 
 def main() -> None:
-    from models import resnet
-
     print(f"CPU: {cpu_line()}")
     print("AVX2 column: " + ("onnxruntime under qemu-x86_64 -cpu Haswell" if emulated_cpu.available()
                              else "qemu-x86_64 not installed (apt-get install qemu-user)"))
-    _, folded, calib, evaluation = mobilenet()
-    x_eval = np.load(evaluation)["input"]
-    root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-int8-cpus-") as tmp:
-        tmp = Path(tmp)
-        run("MobileNetV2 (ImageNet weights), 180 evaluation crops", folded, calib, x_eval, None, tmp)
-        res = tmp / "resnet18.onnx"
-        onnxshrink.compress(resnet.build(), ["fold-batchnorm"], output=res)
-        run("ResNet-18-style (random weights), 180 evaluation crops", res, calib, x_eval, None, tmp)
-        dig = root / "models" / "fixtures"
-        fused = tmp / "digits_cnn.onnx"
-        onnxshrink.compress(str(dig / "digits_cnn.onnx"), ["simplify", "fold-batchnorm"], output=fused)
-        run("digits CNN, 400 held-out test digits", fused, dig / "digits_calib.npz",
-            np.load(dig / "digits_test.npz")["input"], np.load(dig / "digits_test_labels.npy"), tmp)
+        for title, src, calib, x_eval, labels in quantize_models(Path(tmp)):
+            run(title, src, calib, x_eval, labels, Path(tmp))
 
 
 if __name__ == "__main__":

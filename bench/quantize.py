@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from common import agreement, cpu_line, latency_ratios, mobilenet, outputs
+from common import agreement, cpu_line, latency_ratios, outputs, quantize_models
 
 import onnxshrink
 
@@ -174,24 +174,10 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
 
 
 def main() -> None:
-    from models import resnet
-
     print(f"CPU: {cpu_line()}")
-    bn, folded, calib, evaluation = mobilenet()
-    x_eval = np.load(evaluation)["input"]
-    root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-        tmp = Path(tmp)
-        run("MobileNetV2 (ImageNet weights), 180 evaluation crops", folded, calib, x_eval, None, tmp)
-        dig = root / "models" / "fixtures"
-        fused = tmp / "digits_cnn.onnx"  # BatchNorm folded first, as the default pipeline does
-        onnxshrink.compress(str(dig / "digits_cnn.onnx"), ["simplify", "fold-batchnorm"], output=fused)
-        x_test = np.load(dig / "digits_test.npz")["input"]
-        run("digits CNN, 400 held-out test digits", fused, dig / "digits_calib.npz", x_test,
-            np.load(dig / "digits_test_labels.npy"), tmp)
-        res = tmp / "resnet18.onnx"
-        onnxshrink.compress(resnet.build(), ["fold-batchnorm"], output=res)
-        run("ResNet-18-style (random weights), 180 evaluation crops", res, calib, x_eval, None, tmp)
+        for title, src, calib, x_eval, labels in quantize_models(Path(tmp)):
+            run(title, src, calib, x_eval, labels, Path(tmp))
 
 
 if __name__ == "__main__":
