@@ -109,13 +109,16 @@ def compress(
         report.notes.append(
             f"{loaded.lifted_constants} Constant-node weights were turned into initializers"
         )
+    # the passes rewrite loaded.model in place: the report's "before" and --target's reference
+    # are a clone taken first (tensors shared, never mutated)
+    original = loaded.model.clone()
     result = _run(loaded, pass_list, calibration, validation, report, strict, validate_samples,
                   progress, console)
     if parsed_target is not None:
         if dataset.is_random:
             raise OptionError("--target needs real calibration data (--data): sensitivity on random "
                               "inputs says nothing about yours")
-        result = _search(result, loaded.model, parsed_target, max_drop, calibration, validation, report,
+        result = _search(result, original, parsed_target, max_drop, calibration, validation, report,
                          strict, validate_samples, progress, console)
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
@@ -134,7 +137,7 @@ def compress(
     if report_html is not None:
         from onnxshrink.report_html import write_report
 
-        write_report(report, loaded.model, result, Path(report_html), calibration.input_shapes())
+        write_report(report, original, result, Path(report_html), calibration.input_shapes())
     if loaded.kind == "path":
         return Path(output), report
     if loaded.kind == "proto":

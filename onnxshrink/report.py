@@ -141,7 +141,7 @@ class Report:
             totals.add_column(col, justify="right")
         for key in ("params", "macs", "bytes"):
             b, a = self.before.get(key), self.after.get(key)
-            totals.add_row(key.upper() if key == "macs" else key, human(b), human(a), _ratio(a, b))
+            totals.add_row("MACs" if key == "macs" else key, human(b), human(a), _ratio(a, b))
         console.print(totals)
 
         table = Table(box=None, title_justify="left", show_edge=False)

@@ -294,3 +294,10 @@ def test_inspect_and_compare_say_whether_int8_weights_saturate(cpu, user_model, 
     assert r["cpu"]["int8_kernel"] == "AVX2 (no VNNI)" and r["fidelity_kernels"]["cosine"] > 0.9999
     assert len(r["warnings"]) == (1 if cpu == "vnni" else 0)
     assert all("9 layers have int8 weight pairs that saturate" in w for w in r["warnings"])
+
+
+def test_pass_descriptions_are_whole_sentences():
+    proc = run_cli("passes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    for r in json.loads(proc.stdout):
+        assert r["description"].endswith(".") and "\n" not in r["description"], r  # quantize's stopped at "into"

@@ -145,7 +145,8 @@ class ShrinkPass(ir.passes.InPlacePass):
 
     @classmethod
     def describe(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The docstring's first paragraph, on one line (a first line alone may stop mid-sentence)."""
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> ShrinkPass:
