@@ -265,7 +265,12 @@ def test_saturating_weights_are_caught_on_avx2(tmp_path):
     import subprocess
     import sys
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from onnxshrink.cpu import this_cpu
     from tests.helpers import make_model
