@@ -56,20 +56,27 @@ def _conv_order(shape: tuple[int, ...], group: int) -> np.ndarray | None:
     return np.arange(o * cg * taps).reshape(o, cg, taps).transpose(0, 2, 1).reshape(o, taps * cg)
 
 
+def _kernel_rows(
+    op_type: str, shape: tuple[int, ...], group: int, trans_b: int
+) -> np.ndarray | None:
+    """Flat indices of the weight as [outputs, K]: each output's reduction in the order MLAS
+    packs it (None: no saturating kernel for this op or layout)."""
+    shape = tuple(int(d) for d in shape)
+    if op_type in ("Conv", "QLinearConv") and len(shape) >= 3:
+        return _conv_order(shape, group)
+    if op_type in ("Gemm", "QGemm") and len(shape) == 2:
+        idx = np.arange(shape[0] * shape[1]).reshape(shape)
+        return idx if trans_b else idx.T
+    if op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and len(shape) >= 2:
+        k, n = shape[-2], shape[-1]
+        return np.arange(int(np.prod(shape))).reshape(-1, k, n).transpose(0, 2, 1).reshape(-1, k)
+    return None
+
+
 def pairs(op_type: str, shape: tuple[int, ...], *, group: int = 1, trans_b: int = 0):
     """(ia, ib): flat indices into the weight of every pair MLAS adds in int16, or None when the
     op's integer kernel cannot saturate (depthwise) or is not one of Conv/Gemm/MatMul."""
-    shape = tuple(int(d) for d in shape)
-    if op_type in ("Conv", "QLinearConv") and len(shape) >= 3:
-        rows = _conv_order(shape, group)
-    elif op_type in ("Gemm", "QGemm") and len(shape) == 2:
-        idx = np.arange(shape[0] * shape[1]).reshape(shape)
-        rows = idx if trans_b else idx.T
-    elif op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and len(shape) >= 2:
-        k, n = shape[-2], shape[-1]
-        rows = np.arange(int(np.prod(shape))).reshape(-1, k, n).transpose(0, 2, 1).reshape(-1, k)
-    else:
-        return None
+    rows = _kernel_rows(op_type, shape, group, trans_b)
     if rows is None:
         return None
     even = rows.shape[1] // 2 * 2
@@ -143,26 +150,23 @@ def make_safe(q: np.ndarray, target: np.ndarray, idx) -> tuple[np.ndarray, int]:
 
 def input_partners(node: ir.Node, shape: tuple[int, ...]) -> np.ndarray | None:
     """For each input row of the per-group system of
-    :func:`onnxshrink.analysis.refit.current_solution`
-    (a Conv's row i = c * taps + t; a Gemm's/MatMul's row = k), the row it is paired with in
-    MLAS's order, or -1 (the odd last one); None when the layer cannot saturate."""
-    if node.op_type == "Conv":
-        o, cg = int(shape[0]), int(shape[1])
-        taps = int(np.prod(shape[2:], dtype=np.int64))
-        if cg == 1 and o // node.attributes.get_int("group", 1) == 1:
-            return None
-        c, t = np.divmod(np.arange(cg * taps), taps)
-        k = (t * cg + c) ^ 1
-        t2, c2 = np.divmod(k, cg)
-        return np.where(k < cg * taps, c2 * taps + t2, -1)
-    if node.op_type == "Gemm":
-        d = int(shape[1] if node.attributes.get_int("transB", 0) else shape[0])
-    elif node.op_type == "MatMul":
-        d = int(shape[-2])
-    else:
+    :func:`onnxshrink.analysis.refit.current_solution` (a Conv's row c * taps + t; a
+    Gemm's/MatMul's row k), the row it is paired with in MLAS's order, or -1 (the odd last one);
+    None when the layer cannot saturate. The first output's reduction (:func:`_kernel_rows`)
+    gives the pairs: every output is paired alike."""
+    trans_b = node.attributes.get_int("transB", 0)
+    if node.op_type not in ("Conv", "Gemm", "MatMul"):
         return None
-    k = np.arange(d) ^ 1
-    return np.where(k < d, k, -1)
+    rows = _kernel_rows(node.op_type, shape, node.attributes.get_int("group", 1), trans_b)
+    if rows is None:
+        return None
+    first = rows[0]  # flat weight indices; the system's rows for a Conv and a [N, K] Gemm
+    if node.op_type != "Conv" and not (node.op_type == "Gemm" and trans_b):
+        first = first // int(shape[-1])  # a [K, N] weight: row k starts at k * N
+    partner = np.full(len(first), -1)
+    even = len(first) // 2 * 2
+    partner[first[0:even:2]], partner[first[1:even:2]] = first[1:even:2], first[0:even:2]
+    return partner
 
 
 def pair_bounds(partner_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,9 @@ over the IR, with per-node reasons for what it refuses.
 Constant folding is bounded: no folded tensor may exceed max(16 MiB, 2x the largest initializer)
 (onnxsim's ``tensor_size_threshold``), and a result whose tensors grew beyond max(1.1x, +1 MiB)
 is discarded -- a 4 KB model tiling a constant 10^4 times came out at 40 MB. onnxsim runs in a
-child process with an address-space limit (:mod:`onnxshrink.sandbox`): a crash there (it died with SIGSEGV at 7.7 GB on
-10^5 tiles) or an exhausted limit rolls the pass back instead of killing the compiler.
+child process with an address-space limit (:mod:`onnxshrink.sandbox`): a crash there (it died
+with SIGSEGV at 7.7 GB on 10^5 tiles) or an exhausted limit rolls the pass back instead of
+killing the compiler.
 
 Refused (model left unchanged, reason in the report):
 
