@@ -8,11 +8,10 @@ from onnxshrink.passes.cluster_weights import ClusterWeightsPass
 from onnxshrink.passes.distill import DistillPass
 from onnxshrink.passes.equalize import EqualizePass
 from onnxshrink.passes.fold_batchnorm import FoldBatchNormPass
-from onnxshrink.passes.fold_qdq import FoldQDQPass
 from onnxshrink.passes.low_rank_matmul import LowRankMatMulPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.prune_kernel import PruneKernelPass
-from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass
+from onnxshrink.passes.quantize import FoldQDQPass, InsertQDQPass, QuantizePass
 from onnxshrink.passes.simplify import SimplifyPass
 from onnxshrink.passes.sparsify import SparsifyPass
 from onnxshrink.passes.tucker_conv import TuckerConvPass

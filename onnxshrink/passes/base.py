@@ -17,16 +17,36 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import onnx_ir as ir
 
 from onnxshrink.errors import OptionError
 from onnxshrink.report import Skip
 
-__all__ = ["PassContext", "ShrinkPass", "NullTask", "parse_spec", "option_fields"]
+__all__ = ["DISCARD", "Log", "PassContext", "ShrinkPass", "NullTask", "parse_spec", "option_fields"]
 
 logger = logging.getLogger(__name__)
+
+
+class Log(Protocol):
+    """Where a pass's code records changes and refusals: the pass itself (a :class:`ShrinkPass`)
+    on the real model, :data:`DISCARD` on a trial copy, so nothing a trial does reaches the report."""
+
+    def change(self, what: str) -> None: ...
+
+    def skip(self, node: ir.Node | str, reason: str) -> None: ...
+
+
+class _Discard:
+    """A log that keeps nothing: for trial copies."""
+
+    def change(self, what: str) -> None: ...
+
+    def skip(self, node: ir.Node | str, reason: str) -> None: ...
+
+
+DISCARD = _Discard()
 
 
 @dataclasses.dataclass

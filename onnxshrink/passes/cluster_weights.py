@@ -47,7 +47,7 @@ from onnxshrink.analysis.rounding import (
     usable_grams,
 )
 from onnxshrink.errors import OptionError
-from onnxshrink.passes.base import ShrinkPass
+from onnxshrink.passes.base import DISCARD, Log, ShrinkPass
 
 __all__ = ["ClusterWeightsPass", "kmeans_1d"]
 
@@ -145,13 +145,13 @@ class ClusterWeightsPass(ShrinkPass):
         exclude = set(self.exclude)
         if self.min_fidelity is not None:
             exclude |= self._sensitive(model, means, exclude)
-        modified, before, after = self._cluster(model, means, exclude, record=True)
+        modified, before, after = self._cluster(model, means, exclude, self)
         self._assigned = {}
         if modified:
             self.details["weight_bytes"] = {"before": int(before), "after": int(after)}
         return ir.passes.PassResult(model, modified=modified)
 
-    def _cluster(self, model: ir.Model, means, exclude: set[str], record: bool, only: str | None = None):
+    def _cluster(self, model: ir.Model, means, exclude: set[str], log: Log, only: str | None = None):
         graph = model.graph
         modified = False
         total_before = total_after = 0
@@ -159,29 +159,27 @@ class ClusterWeightsPass(ShrinkPass):
             if node.op_type not in _TARGETS or len(node.inputs) < 2 or node.inputs[1] is None:
                 continue
             if node.name in exclude or (only is not None and node.name != only):
-                if record and node.name in exclude:
-                    self.skip(node, "excluded" if node.name in self.exclude else "kept by min-fidelity (most sensitive)")
+                if node.name in exclude:
+                    log.skip(node, "excluded" if node.name in self.exclude else "kept by min-fidelity (most sensitive)")
                 continue
             w_val = node.inputs[1]
             w = const_array(w_val)
             if w is None:
                 continue
             if not np.issubdtype(w.dtype, np.floating):
-                if record:
-                    self.skip(node, f"weight is {w.dtype}, not float")
+                log.skip(node, f"weight is {w.dtype}, not float")
                 continue
             if w.size < self.min_size:
                 continue
             if weight_users_outside(w_val, node):
-                if record:
-                    self.skip(node, "weight is shared with another node")
+                log.skip(node, "weight is shared with another node")
                 continue
             if node.name in self._assigned:
                 centroids, indices, scale, new_bias = self._assigned[node.name]
             else:
                 centroids, indices, scale = self._codebook(node, w)
                 new_bias = None
-            decoded = self._rewrite(graph, node, w, centroids, indices, scale, record)
+            decoded = self._rewrite(graph, node, w, centroids, indices, scale, log)
             mu = means.get(node.inputs[0].name) if node.op_type in ("Conv", "Gemm") else None
             if new_bias is not None:
                 set_const_input(graph, node, 2, new_bias.astype(w.dtype), "bias_clustered")
@@ -251,40 +249,34 @@ class ClusterWeightsPass(ShrinkPass):
     def _sensitive(self, model: ir.Model, means, exclude: set[str]) -> set[str]:
         """Layers to leave unclustered so the cosine on 32 calibration samples reaches
         ``min-fidelity``: each layer is clustered alone, the most damaging ones are kept float
-        one by one (re-measuring the whole model) until the floor holds."""
-        from onnxshrink.calibrate import run_model
-        from onnxshrink.validate import compare
+        one by one (re-measuring the whole model; :func:`onnxshrink.search.spare_until`)."""
+        from onnxshrink.search import Fidelity, spare_until
 
         data = self.context.data
         if data is None:
             return set()
-        n = min(32, data.n_samples)
         with self.scratch() as workdir:
-            reference = run_model(model, data, n, workdir, optimize=False)
+            fidelity = Fidelity(model, data, min(32, data.n_samples), workdir)
 
-            def fidelity(excl: set[str], only: str | None = None) -> float:
-                trial = model.clone()
-                self._cluster(trial, means, excl, record=False, only=only)
-                return compare(reference, run_model(trial, data, n, workdir, optimize=False)).cosine
+            def trial(excl: set[str], only: str | None = None) -> float:
+                copy = model.clone()
+                self._cluster(copy, means, excl, DISCARD, only=only)
+                return fidelity(copy)
 
-            full = fidelity(exclude)
+            full = trial(exclude)
             self.details["fidelity_all_clustered"] = round(full, 6)
             if full >= self.min_fidelity:
                 return set()
             names = [nd.name for nd in model.graph if nd.op_type in _TARGETS and nd.name not in exclude
                      and const_array(nd.inputs[1]) is not None and const_array(nd.inputs[1]).size >= self.min_size]
-            damage = {name: 1.0 - fidelity(exclude, only=name) for name in names}
-            kept: set[str] = set()
-            current = full
-            for name in sorted(damage, key=damage.get, reverse=True):
-                kept.add(name)
-                current = fidelity(exclude | kept)
-                if current >= self.min_fidelity:
-                    break
+            damage = {name: 1.0 - trial(exclude, only=name) for name in names}
+            order = sorted(damage, key=damage.get, reverse=True)
+            kept, current = spare_until(order, lambda spared: trial(exclude | spared), self.min_fidelity)
+            current = full if current is None else current
             self.details["min_fidelity"] = {"kept_float": sorted(kept), "fidelity": round(current, 6)}
-            return kept
+            return set(kept)
 
-    def _rewrite(self, graph, node, w, centroids, indices, scale, record: bool = True) -> np.ndarray:
+    def _rewrite(self, graph, node, w, centroids, indices, scale, log: Log) -> np.ndarray:
         base = node.name or node.op_type
         codebook = ir.val(unique_name(graph, f"{base}.codebook"),
                           const_value=ir.tensor(centroids.astype(w.dtype)))
@@ -310,8 +302,7 @@ class ClusterWeightsPass(ShrinkPass):
         graph.insert_before(node, nodes)
         node.replace_input_with(1, out)
         err = float(np.sqrt(np.mean((decoded - w) ** 2)) / (np.std(w) + 1e-30))
-        if record:
-            self.change(f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})")
+        log.change(f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})")
         return decoded
 
     def _means(self, model: ir.Model) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxshrink
+from onnxshrink.analysis.qplan import quantize_weight
 from onnxshrink.analysis.ranges import (
     RangeStats,
     cascade_calibrate,
@@ -19,8 +20,7 @@ from onnxshrink.analysis.ranges import (
 from onnxshrink.analysis.saturation import unsafe_layers
 from onnxshrink.data import Dataset, input_specs
 from onnxshrink.passes.base import PassContext
-from onnxshrink.passes.fold_qdq import FoldQDQPass
-from onnxshrink.passes.quantize_qdq import InsertQDQPass, QuantizePass, quantize_weight
+from onnxshrink.passes.quantize import FoldQDQPass, InsertQDQPass, QuantizePass
 from tests import emulated_cpu
 from tests.helpers import apply, make_model, op_count, ort_run, rand
 

@@ -9,7 +9,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.balance import apply_balance, balance_pairs
 from onnxshrink.analysis.rounding import hessian_round, output_error
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass
-from onnxshrink.passes.quantize_qdq import QuantizePass
+from onnxshrink.passes.quantize import QuantizePass
 from tests.helpers import make_model, ort_run, rand
 from tests.passes.test_quantize import _cosine, _data, _run
 

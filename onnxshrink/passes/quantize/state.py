@@ -1,0 +1,57 @@
+"""What the quantization steps hand each other, and what a step is.
+
+``quantize`` is a declared sequence of steps (:data:`onnxshrink.passes.quantize.passes.STEPS`),
+each with one job: plan, balance, calibrate, round weights, mixed precision, bias probes, insert
+Q/DQ, empirical bias correction. A step reads the pass's options, reads and fills a
+:class:`QuantState`, and records what it did through a :class:`Log` -- the pass itself on the
+real model, :data:`DISCARD` on a trial copy (mixed precision), so nothing a trial does reaches
+the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.analysis.qplan import QuantPlan
+from onnxshrink.passes.base import DISCARD, Log
+
+__all__ = ["DISCARD", "Log", "QuantState", "Step"]
+
+
+@dataclasses.dataclass
+class QuantState:
+    """One quantization run: the plan, and what each step measured for the ones after it."""
+
+    model: ir.Model
+    data: Any  # onnxshrink.data.Dataset
+    workdir: Path
+    exclude: set[str]
+    plan: QuantPlan | None = None
+    bias_mode: str = "off"  # off | weights | full | empirical (``auto`` resolved)
+    rounding: str = "nearest"  # nearest | hessian
+    safe: bool = True  # weights keep the pair rule (analysis.saturation)
+    ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    means: dict[str, np.ndarray] | None = None  # per-channel E[x] of Conv/Gemm inputs
+    deltas: dict[str, np.ndarray] | None = None  # per-channel E[Q(x) - x] (bias-correction=full)
+    presets: dict[str, tuple] = dataclasses.field(default_factory=dict)  # Hessian-rounded weights
+    moved: dict[str, int] = dataclasses.field(default_factory=dict)  # weights moved by the pair rule
+    reference: ir.Model | None = None  # the float model saturated at the grids (empirical bias)
+    done: bool = False  # nothing (more) to do: the steps after are not run
+    modified: bool = False  # Q/DQ inserted
+
+
+class Step:
+    """One job of the quantization sequence: ``wanted`` decides, ``run`` does it."""
+
+    name: ClassVar[str] = ""
+
+    def wanted(self, p, state: QuantState) -> bool:
+        return True
+
+    def run(self, p, state: QuantState) -> None:
+        raise NotImplementedError
