@@ -23,15 +23,20 @@ def mobilenet() -> tuple[Path, Path, Path, Path]:
     return m["bn"], m["folded"], p["calib"], p["eval"]
 
 
-def session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int | None = None):
+def session(
+    model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int | None = None
+):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # several sessions are timed interleaved: idle ones must not spin on the cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -44,16 +49,22 @@ def outputs(model, x: np.ndarray, batch: int = 30, optimize: bool = False) -> np
     computed as written); ``optimize=True`` is what a user's session runs (integer kernels)."""
     s = session(model, optimize=optimize)
     name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [s.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 def agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, mean cosine) of logits ``out`` with ``ref``."""
-    cos = (np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)).mean()
+    cos = (
+        np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
+    ).mean()
     return float((ref.argmax(1) == out.argmax(1)).mean()), float(cos)
 
 
-def latency_ratios(original, candidates: dict, x1: np.ndarray, runs: int = 40) -> dict[str, dict[int, float]]:
+def latency_ratios(
+    original, candidates: dict, x1: np.ndarray, runs: int = 40
+) -> dict[str, dict[int, float]]:
     """Median latency of each candidate / the original's, 1 and 2 threads, interleaved in one loop
     (sessions without thread spinning, so idle ones do not steal the cores)."""
     out: dict[str, dict[int, float]] = {k: {} for k in candidates}
@@ -81,8 +92,13 @@ def quantize_models(tmp: Path):
     dig = Path(__file__).resolve().parent.parent / "models" / "fixtures"
     fused = tmp / "digits_cnn.onnx"
     onnxshrink.compress(str(dig / "digits_cnn.onnx"), ["simplify", "fold-batchnorm"], output=fused)
-    yield ("digits CNN, 400 held-out test digits", fused, dig / "digits_calib.npz",
-           np.load(dig / "digits_test.npz")["input"], np.load(dig / "digits_test_labels.npy"))
+    yield (
+        "digits CNN, 400 held-out test digits",
+        fused,
+        dig / "digits_calib.npz",
+        np.load(dig / "digits_test.npz")["input"],
+        np.load(dig / "digits_test_labels.npy"),
+    )
     res = tmp / "resnet18.onnx"
     onnxshrink.compress(resnet.build(), ["fold-batchnorm"], output=res)
     yield "ResNet-18-style (random weights), 180 evaluation crops", res, calib, x_eval, None

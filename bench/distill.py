@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from common import agreement, mobilenet, outputs
 
 import onnxshrink
@@ -34,8 +33,11 @@ def main() -> None:
     ref = outputs(original, x)
     print("MobileNetV2, evaluation photos:")
     print(f"{'pipeline':<58} {'top-1':>6} {'cosine':>7} {'distill changed':>16}")
-    for base in (["prune:target-macs=0.85,floor=0"], ["prune:target-macs=0.85,refit=false,floor=0"],
-                 ["lowrank:target-macs=0.95,fused=false,floor=0"]):
+    for base in (
+        ["prune:target-macs=0.85,floor=0"],
+        ["prune:target-macs=0.85,refit=false,floor=0"],
+        ["lowrank:target-macs=0.95,fused=false,floor=0"],
+    ):
         for extra in ([], ["distill"]):
             m, rep = run(original, base + extra, calib)
             top1, cos = agreement(ref, outputs(m, x))
@@ -48,7 +50,10 @@ def main() -> None:
     dref = outputs(digits, xt)
     print("\ndigits CNN, 400 test images:")
     print(f"{'pipeline':<58} {'acc':>6} {'cosine':>7}")
-    for base in (["fold-batchnorm", "prune:ratio=0.6,floor=0"], ["fold-batchnorm", "prune:ratio=0.6,refit=false,floor=0"]):
+    for base in (
+        ["fold-batchnorm", "prune:ratio=0.6,floor=0"],
+        ["fold-batchnorm", "prune:ratio=0.6,refit=false,floor=0"],
+    ):
         for extra in ([], ["distill"]):
             m, _ = run(digits, base + extra, dcal)
             out = outputs(m, xt)

@@ -48,8 +48,9 @@ ROWS = (
 
 def _avx2(path: Path, x: np.ndarray, batch: int = 60) -> np.ndarray:
     name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    return np.concatenate([emulated_cpu.run(path, {name: x[i : i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [emulated_cpu.run(path, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 def run(name: str, src: Path, calib: Path, x: np.ndarray, labels, tmp: Path) -> None:
@@ -61,7 +62,9 @@ def run(name: str, src: Path, calib: Path, x: np.ndarray, labels, tmp: Path) -> 
             files[key] = ort_quantize(src, x_cal, tmp, **how)
         else:
             files[key] = tmp / f"ours_{how.replace(':', '_').replace('=', '-')}_{src.stem}.onnx"
-            _, rep = onnxshrink.compress(str(src), [how], data=str(calib), output=files[key], holdout=0)
+            _, rep = onnxshrink.compress(
+                str(src), [how], data=str(calib), output=files[key], holdout=0
+            )
             assert rep.passes[-1].status == "applied", rep.passes[-1].reason
         secs[key] = time.perf_counter() - t
     ref = outputs(src, x)
@@ -73,22 +76,39 @@ def run(name: str, src: Path, calib: Path, x: np.ndarray, labels, tmp: Path) -> 
 
     what = "acc" if labels is not None else "top-1"
     print(f"\n{name}  (fp32 {lat['__ms__'][1]:.2f} ms at 1 thread)")
-    print(f"{'method':<30} {'lat1':>6} {'lat2':>6} | {'written ' + what:>14} {'cos':>7} | "
-          f"{'this CPU':>9} {'cos':>7} | {'AVX2':>7} {'cos':>7} | {'max|Δ| CPUs':>11} {'unsafe':>6} {'sec':>5}")
+    print(
+        f"{'method':<30} {'lat1':>6} {'lat2':>6} | {'written ' + what:>14} {'cos':>7} | "
+        f"{'this CPU':>9} {'cos':>7} | {'AVX2':>7} {'cos':>7} | {'max|Δ| CPUs':>11} {'unsafe':>6} "
+        f"{'sec':>5}"
+    )
     for key, _ in ROWS:
         w, k = outputs(files[key], x), outputs(files[key], x, optimize=True)
         a = _avx2(files[key], x) if emulated_cpu.available() else None
         unsafe = len(unsafe_layers(ir.load(str(files[key]))))
         (ws, wc), (ks, kc) = score(w), score(k)
-        avx = f"{score(a)[0]:7.2%} {score(a)[1]:7.4f} | {np.abs(a - k).max():11.3g}" if a is not None else "n/a"
-        print(f"{key:<30} {lat[key][1]:6.3f} {lat[key][2]:6.3f} | {ws:14.2%} {wc:7.4f} | {ks:9.2%} {kc:7.4f} | "
-              f"{avx} {unsafe:6d} {secs[key]:5.0f}", flush=True)
+        avx = (
+            f"{score(a)[0]:7.2%} {score(a)[1]:7.4f} | {np.abs(a - k).max():11.3g}"
+            if a is not None
+            else "n/a"
+        )
+        print(
+            f"{key:<30} {lat[key][1]:6.3f} {lat[key][2]:6.3f} | {ws:14.2%} {wc:7.4f} | {ks:9.2%} "
+            f"{kc:7.4f} | "
+            f"{avx} {unsafe:6d} {secs[key]:5.0f}",
+            flush=True,
+        )
 
 
 def main() -> None:
     print(f"CPU: {cpu_line()}")
-    print("AVX2 column: " + ("onnxruntime under qemu-x86_64 -cpu Haswell" if emulated_cpu.available()
-                             else "qemu-x86_64 not installed (apt-get install qemu-user)"))
+    print(
+        "AVX2 column: "
+        + (
+            "onnxruntime under qemu-x86_64 -cpu Haswell"
+            if emulated_cpu.available()
+            else "qemu-x86_64 not installed (apt-get install qemu-user)"
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="bench-int8-cpus-") as tmp:
         for title, src, calib, x_eval, labels in quantize_models(Path(tmp)):
             run(title, src, calib, x_eval, labels, Path(tmp))

@@ -34,7 +34,9 @@ SETTINGS = ["energy=0.9", "energy=0.95", "energy=0.99", "rank=0.25", "rank=0.5"]
 def embeddings(model, data: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
     s = session(model, optimize=False)
     n = len(data["input_ids"])
-    return np.concatenate([s.run(None, {k: v[i:i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)])
+    return np.concatenate(
+        [s.run(None, {k: v[i : i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)]
+    )
 
 
 def cosines(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
@@ -42,7 +44,9 @@ def cosines(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     return float(c.mean()), float(c.min())
 
 
-def latencies(original, candidates: dict, feed: dict, runs: int = 20) -> dict[str, dict[int, float]]:
+def latencies(
+    original, candidates: dict, feed: dict, runs: int = 20
+) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {k: {} for k in candidates}
     for threads in (1, 2):
         sess = {"__original__": session(original, threads=threads)}
@@ -65,40 +69,75 @@ def minilm(tmp: Path) -> None:
     base_bytes = os.path.getsize(paths["model"])
     rows, models = {}, {}
     for setting in SETTINGS:
-        methods = ("svd", "activation") + (("activation@svd-ranks",) if setting.startswith("energy") else ())
+        methods = ("svd", "activation") + (
+            ("activation@svd-ranks",) if setting.startswith("energy") else ()
+        )
         for method in methods:
-            opts = "method=activation,spectrum=weights" if method == "activation@svd-ranks" else f"method={method}"
+            opts = (
+                "method=activation,spectrum=weights"
+                if method == "activation@svd-ranks"
+                else f"method={method}"
+            )
             spec = f"lowrank:{setting},{opts},floor=0"
             out = tmp / f"minilm_{setting}_{method}.onnx"
-            _, rep = onnxshrink.compress(str(paths["model"]), [spec], data=str(calib), output=out, holdout=0,
-                                         progress=False)
+            _, rep = onnxshrink.compress(
+                str(paths["model"]), [spec], data=str(calib), output=out, holdout=0, progress=False
+            )
             key = f"{setting} {method}"
             models[key] = out
-            rows[key] = (rep.after["macs"] / rep.before["macs"], os.path.getsize(out) / base_bytes,
-                         *cosines(ref, embeddings(out, evaluation)))
+            rows[key] = (
+                rep.after["macs"] / rep.before["macs"],
+                os.path.getsize(out) / base_bytes,
+                *cosines(ref, embeddings(out, evaluation)),
+            )
     plain = tmp / "minilm_rank0.25_plain.onnx"
-    onnxshrink.compress(str(paths["model"]), ["lowrank:rank=0.25,method=activation,fused=false,floor=0"],
-                        data=str(calib), output=plain, holdout=0, progress=False)
+    onnxshrink.compress(
+        str(paths["model"]),
+        ["lowrank:rank=0.25,method=activation,fused=false,floor=0"],
+        data=str(calib),
+        output=plain,
+        holdout=0,
+        progress=False,
+    )
     dyn = tmp / "minilm_dynamic_int8.onnx"
     quantize_dynamic(str(paths["model"]), str(dyn), weight_type=QuantType.QInt8)
-    rows["ORT quantize_dynamic int8"] = (float("nan"), os.path.getsize(dyn) / base_bytes, *cosines(ref, embeddings(dyn, evaluation)))
+    rows["ORT quantize_dynamic int8"] = (
+        float("nan"),
+        os.path.getsize(dyn) / base_bytes,
+        *cosines(ref, embeddings(dyn, evaluation)),
+    )
     models["ORT quantize_dynamic int8"] = dyn
     feed = {k: v[:8] for k, v in evaluation.items()}
     lat = latencies(paths["model"], {**models, "rank=0.25 activation, plain pair": plain}, feed)
-    print(f"all-MiniLM-L6-v2: {stats(paths['model']).params / 1e6:.1f} M params; original "
-          f"{lat['__ms__'][1]:.1f} ms (1 thread), {lat['__ms__'][2]:.1f} ms (2 threads) for 8 sentences × 64 tokens")
-    print(f"{'setting':<28} {'MACs':>6} {'bytes':>6} {'lat1':>6} {'lat2':>6} {'cos mean':>9} {'cos worst':>9}")
+    print(
+        f"all-MiniLM-L6-v2: {stats(paths['model']).params / 1e6:.1f} M params; original "
+        f"{lat['__ms__'][1]:.1f} ms (1 thread), {lat['__ms__'][2]:.1f} ms (2 threads) for 8 "
+        "sentences × 64 tokens"
+    )
+    print(
+        f"{'setting':<28} {'MACs':>6} {'bytes':>6} {'lat1':>6} {'lat2':>6} {'cos mean':>9} "
+        f"{'cos worst':>9}"
+    )
     for key, (macs, size, cmean, cmin) in rows.items():
-        print(f"{key:<28} {macs:6.3f} {size:6.3f} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {cmean:9.4f} {cmin:9.4f}")
+        print(
+            f"{key:<28} {macs:6.3f} {size:6.3f} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {cmean:9.4f} "
+            f"{cmin:9.4f}"
+        )
     for setting in SETTINGS:
         a, s = rows[f"{setting} activation"], rows[f"{setting} svd"]
         if setting.startswith("energy"):  # at the same ranks as SVD (the weights' energy)
             a = rows[f"{setting} activation@svd-ranks"]
-        print(f"  {setting}: at equal ranks, activation-aware mean cosine {a[2]:.4f} vs SVD {s[2]:.4f} "
-              f"(MACs {a[0]:.3f} vs {s[0]:.3f})")
+        print(
+            f"  {setting}: at equal ranks, activation-aware mean cosine {a[2]:.4f} vs SVD "
+            f"{s[2]:.4f} "
+            f"(MACs {a[0]:.3f} vs {s[0]:.3f})"
+        )
     f, p = lat["rank=0.25 activation"], lat["rank=0.25 activation, plain pair"]
-    print(f"fused function vs plain MatMul pair (rank=0.25, activation): latency ratio {f[1]:.3f} vs {p[1]:.3f} "
-          f"(1 thread), {f[2]:.3f} vs {p[2]:.3f} (2 threads)")
+    print(
+        f"fused function vs plain MatMul pair (rank=0.25, activation): latency ratio {f[1]:.3f} vs "
+        f"{p[1]:.3f} "
+        f"(1 thread), {f[2]:.3f} vs {p[2]:.3f} (2 threads)"
+    )
 
 
 def mobilenet_1x1(tmp: Path) -> None:
@@ -111,12 +150,21 @@ def mobilenet_1x1(tmp: Path) -> None:
         for method in ("svd", "activation"):
             key = f"target-macs={target} {method}"
             out = tmp / f"mobilenet_{target}_{method}.onnx"
-            onnxshrink.compress(str(folded), [f"lowrank:target-macs={target},method={method},floor=0"],
-                                data=str(calib), output=out, holdout=0, progress=False)
+            onnxshrink.compress(
+                str(folded),
+                [f"lowrank:target-macs={target},method={method},floor=0"],
+                data=str(calib),
+                output=out,
+                holdout=0,
+                progress=False,
+            )
             models[key] = out
             rows[key] = (stats(out).macs / base.macs, *agreement(ref, outputs(out, x)))
     lat = latency_ratios(folded, models, x[:1], runs=30)
-    print("\nMobileNetV2 (ImageNet weights), lowrank on 1×1 convs and the classifier, evaluation photos:")
+    print(
+        "\nMobileNetV2 (ImageNet weights), lowrank on 1×1 convs and the classifier, evaluation "
+        "photos:"
+    )
     print(f"{'setting':<28} {'MACs':>6} {'lat1':>6} {'lat2':>6} {'top-1':>6} {'cosine':>7}")
     for key, (macs, top1, cos) in rows.items():
         print(f"{key:<28} {macs:6.3f} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {top1:6.3f} {cos:7.4f}")

@@ -18,7 +18,6 @@ import argparse
 
 import numpy as np
 import onnx
-
 from common import Timer, agreement, latency_ratios, mobilenet, outputs, stats
 
 import onnxshrink
@@ -37,21 +36,32 @@ def main() -> None:
     ref = outputs(original, x_eval)
     base = stats(original)
     x1 = x_eval[:1]
-    print(f"MobileNetV2: {base.macs / 1e6:.1f} M MACs, {base.params / 1e6:.2f} M params; "
-          f"evaluation: {len(x_eval)} crops of 9 photos; calibration: {calib.name}")
-    header = f"{'ratio':>5} {'method':<38} {'MACs':>6} {'params':>6} {'bytes':>6} {'lat1':>6} {'lat2':>6} {'top-1':>6} {'cosine':>7} {'sec':>5}"
+    print(
+        f"MobileNetV2: {base.macs / 1e6:.1f} M MACs, {base.params / 1e6:.2f} M params; "
+        f"evaluation: {len(x_eval)} crops of 9 photos; calibration: {calib.name}"
+    )
+    header = (
+        f"{'ratio':>5} {'method':<38} {'MACs':>6} {'params':>6} {'bytes':>6} {'lat1':>6} "
+        f"{'lat2':>6} {'top-1':>6} {'cosine':>7} {'sec':>5}"
+    )
     for ratio in args.ratios:
         rows, models = [], {}
         for criterion in args.criteria:
             for refit in (False, True):
                 src = bn_path if criterion == "bn" else folded_path
-                passes = [f"prune:ratio={ratio},criterion={criterion},refit={str(refit).lower()},floor=-1,samples={args.samples}"]
+                passes = [
+                    f"prune:ratio={ratio},criterion={criterion},refit={str(refit).lower()},floor=-1,samples={args.samples}"
+                ]
                 if criterion == "bn":
                     passes.append("fold-batchnorm")
                 with Timer() as t:
-                    out, rep = onnxshrink.compress(onnx.load(str(src)), passes, data=str(calib), holdout=0)
+                    out, rep = onnxshrink.compress(
+                        onnx.load(str(src)), passes, data=str(calib), holdout=0
+                    )
                 key = f"ours {criterion}{' + refit' if refit else ''}"
-                if rep.passes[0].status == "rolled-back":  # floor=-1 keeps any fidelity: only a failure
+                if (
+                    rep.passes[0].status == "rolled-back"
+                ):  # floor=-1 keeps any fidelity: only a failure
                     key += " [rolled back]"
                 models[key] = out
                 rows.append((key, out, t.seconds))
@@ -62,8 +72,13 @@ def main() -> None:
         if anchor_macs is not None:
             with Timer() as t:
                 out, rep = onnxshrink.compress(
-                    original, [f"prune:target-macs={anchor_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"],
-                    data=str(calib), holdout=0)
+                    original,
+                    [
+                        f"prune:target-macs={anchor_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"
+                    ],
+                    data=str(calib),
+                    holdout=0,
+                )
             rows.append(("ours hessian + refit, global", out, t.seconds))
             models["ours hessian + refit, global"] = out
         import onnxsim
@@ -74,20 +89,31 @@ def main() -> None:
         sim_macs = stats(sim).macs / base.macs
         with Timer() as t:  # ours at exactly onnxsim's MACs, for the equal-MACs comparison
             out, rep = onnxshrink.compress(
-                original, [f"prune:target-macs={sim_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"],
-                data=str(calib), holdout=0)
+                original,
+                [
+                    f"prune:target-macs={sim_macs:.4f},criterion=hessian,floor=-1,samples={args.samples}"
+                ],
+                data=str(calib),
+                holdout=0,
+            )
         rows.append(("ours hessian + refit, global @ onnxsim", out, t.seconds))
         models["ours hessian + refit, global @ onnxsim"] = out
         rows.append(("onnxsim.apply_structured_pruning", sim, sim_time))
         models["onnxsim.apply_structured_pruning"] = sim
         lat = latency_ratios(original, models, x1)
-        print(f"\nratio {ratio}  (original: {lat['__ms__'][1]:.2f} ms at 1 thread, {lat['__ms__'][2]:.2f} ms at 2)")
+        print(
+            f"\nratio {ratio}  (original: {lat['__ms__'][1]:.2f} ms at 1 thread, "
+            f"{lat['__ms__'][2]:.2f} ms at 2)"
+        )
         print(header)
         for key, out, sec in rows:
             st = stats(out)
             top1, cos = agreement(ref, outputs(out, x_eval))
-            print(f"{ratio:>5} {key:<38} {st.macs / base.macs:6.3f} {st.params / base.params:6.3f} "
-                  f"{st.bytes / base.bytes:6.3f} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {top1:6.1%} {cos:7.4f} {sec:5.0f}")
+            print(
+                f"{ratio:>5} {key:<38} {st.macs / base.macs:6.3f} {st.params / base.params:6.3f} "
+                f"{st.bytes / base.bytes:6.3f} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {top1:6.1%} "
+                f"{cos:7.4f} {sec:5.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from common import agreement, cpu_line, latency_ratios, outputs, quantize_models
 
 import onnxshrink
@@ -61,8 +60,9 @@ def _reader(x: np.ndarray, name: str):
     return Reader()
 
 
-def ort_quantize(src: Path, x_cal: np.ndarray, tmp: Path, *, reduce_range: bool = False,
-                 u8_weights: bool = False) -> Path:
+def ort_quantize(
+    src: Path, x_cal: np.ndarray, tmp: Path, *, reduce_range: bool = False, u8_weights: bool = False
+) -> Path:
     """onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations -- or
     7-bit weights (``reduce_range``, its answer to u8s8 saturation) or uint8 weights (U8U8)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -72,9 +72,16 @@ def ort_quantize(src: Path, x_cal: np.ndarray, tmp: Path, *, reduce_range: bool 
     pre, out = tmp / "ort_pre.onnx", tmp / f"ort{tag}_{src.stem}.onnx"
     quant_pre_process(str(src), str(pre))
     name = onnx.load(str(src)).graph.input[0].name
-    quantize_static(str(pre), str(out), _reader(x_cal, name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8)
+    quantize_static(
+        str(pre),
+        str(out),
+        _reader(x_cal, name),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,
+    )
     return out
 
 
@@ -83,8 +90,13 @@ def onnxsim_quantize(src: Path, x_cal: np.ndarray, tmp: Path) -> Path:
 
     name = onnx.load(str(src)).graph.input[0].name
     out = tmp / f"onnxsim_{src.stem}.onnx"
-    model = onnxsim.quantize_static(str(src), calibration_data=[{name: x_cal[i : i + 1]} for i in range(len(x_cal))],
-                                    per_channel=True, activation_type="uint8", method="minmax")
+    model = onnxsim.quantize_static(
+        str(src),
+        calibration_data=[{name: x_cal[i : i + 1]} for i in range(len(x_cal))],
+        per_channel=True,
+        activation_type="uint8",
+        method="minmax",
+    )
     onnx.save(model, str(out))
     return out
 
@@ -95,7 +107,11 @@ OURS = (  # (row, pipeline, tag)
     ("ours, float-model ranges", "quantize:cascade-rounds=0", "nocascade"),
     ("ours, nearest rounding, no balance", "quantize:rounding=nearest,balance=off", "plain"),
     ("ours + mixed precision", "quantize:min-fidelity=0.998", "amp"),
-    ("ours + CLE + mixed precision", "equalize:relu6-to-relu=true,floor=0|quantize:min-fidelity=0.998", "cle"),
+    (
+        "ours + CLE + mixed precision",
+        "equalize:relu6-to-relu=true,floor=0|quantize:min-fidelity=0.998",
+        "cle",
+    ),
     ("ours cluster bits=8", "cluster", "cluster"),
     ("ours cluster bits=8, nearest", "cluster:rounding=nearest", "cluster-nearest"),
 )
@@ -110,7 +126,9 @@ def fp16_rounded(src: Path, tmp: Path) -> Path:
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
         if arr.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(arr.astype(np.float16).astype(np.float32), init.name)
+            )
     out = tmp / f"fp16_{src.stem}.onnx"
     onnx.save(model, str(out))
     return out
@@ -126,13 +144,17 @@ def ours(src: Path, calib: Path, tmp: Path, spec: str, tag: str) -> tuple[Path, 
     return out, note
 
 
-def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarray | None, tmp: Path) -> None:
+def run(
+    name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarray | None, tmp: Path
+) -> None:
     x_cal = np.load(calib)["input"]
     cands: dict[str, Path] = {}
     notes: dict[str, str] = {}
     secs: dict[str, float] = {}
-    for key, fn in (("onnxruntime quantize_static", lambda: ort_quantize(src, x_cal, tmp)),
-                    ("onnxsim.quantize_static", lambda: onnxsim_quantize(src, x_cal, tmp))):
+    for key, fn in (
+        ("onnxruntime quantize_static", lambda: ort_quantize(src, x_cal, tmp)),
+        ("onnxsim.quantize_static", lambda: onnxsim_quantize(src, x_cal, tmp)),
+    ):
         t = time.perf_counter()
         try:
             cands[key] = fn()
@@ -146,17 +168,27 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
         secs[key] = time.perf_counter() - t
     ref = outputs(src, x_eval)
     lat = latency_ratios(src, {k: v for k, v in cands.items()}, x_eval[:1])
-    print(f"\n{name}  (fp32: {lat['__ms__'][1]:.2f} ms at 1 thread, {lat['__ms__'][2]:.2f} ms at 2; "
-          f"{os.path.getsize(src) / 1e6:.2f} MB)")
+    print(
+        f"\n{name}  (fp32: {lat['__ms__'][1]:.2f} ms at 1 thread, {lat['__ms__'][2]:.2f} ms at 2; "
+        f"{os.path.getsize(src) / 1e6:.2f} MB)"
+    )
     fid = "accuracy" if labels is not None else "top-1 agr"
-    print(f"{'method':<34} {'lat1':>6} {'lat2':>6} {'bytes':>6} {fid:>9} {'cosine':>7} {'kernels':>8} "
-          f"{'k-cos':>7} {'flips':>12} {'sec':>5}  notes")
+    print(
+        f"{'method':<34} {'lat1':>6} {'lat2':>6} {'bytes':>6} {fid:>9} {'cosine':>7} "
+        f"{'kernels':>8} "
+        f"{'k-cos':>7} {'flips':>12} {'sec':>5}  notes"
+    )
     top2 = np.sort(ref, 1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]  # fp32's lead of its top-1 over its runner-up
     base_acc = float((ref.argmax(1) == labels).mean()) if labels is not None else None
     if labels is not None:
         print(f"{'fp32':<34} {1:6.3f} {1:6.3f} {1:6.3f} {base_acc:9.2%} {1:7.4f}")
-    for key in ("onnxruntime quantize_static", "onnxsim.quantize_static", "fp16-rounded weights", *(k for k, _, _ in OURS)):
+    for key in (
+        "onnxruntime quantize_static",
+        "onnxsim.quantize_static",
+        "fp16-rounded weights",
+        *(k for k, _, _ in OURS),
+    ):
         if key not in cands:
             print(f"{key:<34} {notes.get(key, '')}")
             continue
@@ -169,8 +201,12 @@ def run(name: str, src: Path, calib: Path, x_eval: np.ndarray, labels: np.ndarra
         kern = float((fast.argmax(1) == labels).mean()) if labels is not None else k_top1
         flipped = margin[ref.argmax(1) != fast.argmax(1)]
         flips = f"{len(flipped)} max {flipped.max():.2f}" if len(flipped) else "0"
-        print(f"{key:<34} {lat[key][1]:6.3f} {lat[key][2]:6.3f} {os.path.getsize(cands[key]) / os.path.getsize(src):6.3f} "
-              f"{score:9.2%} {cos:7.4f} {kern:8.2%} {k_cos:7.4f} {flips:>12} {secs.get(key, 0):5.0f}  {notes.get(key, '')}")
+        print(
+            f"{key:<34} {lat[key][1]:6.3f} {lat[key][2]:6.3f} "
+            f"{os.path.getsize(cands[key]) / os.path.getsize(src):6.3f} "
+            f"{score:9.2%} {cos:7.4f} {kern:8.2%} {k_cos:7.4f} {flips:>12} {secs.get(key, 0):5.0f} "
+            f" {notes.get(key, '')}"
+        )
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ if spec == "load":
     from onnxshrink import io
     io.load(model)
 else:
-    onnxshrink.compress(model, ["fold-batchnorm", spec], data=x, output=out, holdout=0, progress=False)
+    onnxshrink.compress(
+        model, ["fold-batchnorm", spec], data=x, output=out, holdout=0, progress=False
+    )
 print(json.dumps({"seconds": time.perf_counter() - t0,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -54,14 +56,20 @@ def main() -> None:
             onnx.save(model, path)
             params = sum(int(__import__("numpy").prod(t.dims)) for t in model.graph.initializer)
             for spec in SPECS:
-                proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), spec, str(Path(d) / "out.onnx")],
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, "-c", _CHILD, str(path), spec, str(Path(d) / "out.onnx")],
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode != 0:
                     print(f"{width:>5} {spec}: failed: {proc.stderr.strip().splitlines()[-1]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"{width:>5} {params / 1e6:7.2f}M {path.stat().st_size / 2**20:8.1f} {spec:<16} "
-                      f"{r['seconds']:8.2f} {r['peak_mb']:8.0f}")
+                print(
+                    f"{width:>5} {params / 1e6:7.2f}M {path.stat().st_size / 2**20:8.1f} "
+                    f"{spec:<16} "
+                    f"{r['seconds']:8.2f} {r['peak_mb']:8.0f}"
+                )
 
 
 if __name__ == "__main__":

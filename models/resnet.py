@@ -23,8 +23,15 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def build(width: int = 64, blocks: int = 2, image: int = 224, classes: int = 1000, seed: int = 0,
-          batchnorm: bool = True, opset: int = 17) -> onnx.ModelProto:
+def build(
+    width: int = 64,
+    blocks: int = 2,
+    image: int = 224,
+    classes: int = 1000,
+    seed: int = 0,
+    batchnorm: bool = True,
+    opset: int = 17,
+) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     count = iter(range(10_000))
@@ -43,14 +50,25 @@ def build(width: int = 64, blocks: int = 2, image: int = 224, classes: int = 100
         inputs = [x, const("w", w)]
         if not batchnorm:
             inputs.append(const("b", rng.standard_normal(cout) * 0.01))
-        nodes.append(helper.make_node("Conv", inputs, [y], name=y, pads=[k // 2] * 4, strides=[s, s]))
+        nodes.append(
+            helper.make_node("Conv", inputs, [y], name=y, pads=[k // 2] * 4, strides=[s, s])
+        )
         if batchnorm:
             z = name("bn")
-            nodes.append(helper.make_node(
-                "BatchNormalization",
-                [y, const("gamma", rng.uniform(0.5, 1.0, cout)), const("beta", rng.standard_normal(cout) * 0.1),
-                 const("mean", rng.standard_normal(cout) * 0.1), const("var", rng.uniform(0.5, 1.5, cout))],
-                [z], name=z))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [
+                        y,
+                        const("gamma", rng.uniform(0.5, 1.0, cout)),
+                        const("beta", rng.standard_normal(cout) * 0.1),
+                        const("mean", rng.standard_normal(cout) * 0.1),
+                        const("var", rng.uniform(0.5, 1.5, cout)),
+                    ],
+                    [z],
+                    name=z,
+                )
+            )
             y = z
         if relu:
             r = name("relu")
@@ -60,7 +78,11 @@ def build(width: int = 64, blocks: int = 2, image: int = 224, classes: int = 100
 
     x = conv("input", 3, width, 7, 2, True)
     p = name("pool")
-    nodes.append(helper.make_node("MaxPool", [x], [p], name=p, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]))
+    nodes.append(
+        helper.make_node(
+            "MaxPool", [x], [p], name=p, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]
+        )
+    )
     x, cin = p, width
     for stage, mult in enumerate((1, 2, 4, 8)):
         cout = width * mult
@@ -80,12 +102,15 @@ def build(width: int = 64, blocks: int = 2, image: int = 224, classes: int = 100
     fc_b = const("fc_b", np.zeros(classes))
     nodes.append(helper.make_node("Gemm", [f, fc_w, fc_b], ["logits"], name="fc", transB=1))
     graph = helper.make_graph(
-        nodes, "resnet",
+        nodes,
+        "resnet",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, image, image])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxshrink-models")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxshrink-models"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -93,8 +93,10 @@ def compress(
     dataset = load_data(data, input_specs(loaded.model), images=images)
     if holdout > 0 and not dataset.is_random and dataset.n_samples >= 8:
         calibration, validation = dataset.split(holdout)
-        source = (f"{dataset.source}: {calibration.n_samples} calibration + "
-                  f"{validation.n_samples} held-out validation samples")
+        source = (
+            f"{dataset.source}: {calibration.n_samples} calibration + "
+            f"{validation.n_samples} held-out validation samples"
+        )
     else:
         calibration = validation = dataset
         source = f"{dataset.source}: {dataset.n_samples} samples (calibration = validation)"
@@ -112,18 +114,45 @@ def compress(
     # the passes rewrite loaded.model in place: the report's "before" and --target's reference
     # are a clone taken first (tensors shared, never mutated)
     original = loaded.model.clone()
-    result = _run(loaded, pass_list, calibration, validation, report, strict, validate_samples,
-                  progress, console)
+    result = _run(
+        loaded,
+        pass_list,
+        calibration,
+        validation,
+        report,
+        strict,
+        validate_samples,
+        progress,
+        console,
+    )
     if parsed_target is not None:
         if dataset.is_random:
-            raise OptionError("--target needs real calibration data (--data): sensitivity on random "
-                              "inputs says nothing about yours")
-        result = _search(result, original, parsed_target, max_drop, calibration, validation, report,
-                         strict, validate_samples, progress, console)
+            raise OptionError(
+                "--target needs real calibration data (--data): sensitivity on random "
+                "inputs says nothing about yours"
+            )
+        result = _search(
+            result,
+            original,
+            parsed_target,
+            max_drop,
+            calibration,
+            validation,
+            report,
+            strict,
+            validate_samples,
+            progress,
+            console,
+        )
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
-    unchanged = (loaded.path is not None and not loaded.lifted_constants and report.target is None
-                 and not io.external_files(loaded.model) and all(p.status != "applied" for p in report.passes))
+    unchanged = (
+        loaded.path is not None
+        and not loaded.lifted_constants
+        and report.target is None
+        and not io.external_files(loaded.model)
+        and all(p.status != "applied" for p in report.passes)
+    )
     if output is not None and unchanged:  # what the user gave, byte for byte (not re-serialized)
         io.copy_file(loaded.path, Path(output), protect=loaded.protected_paths)
         report.output = str(output)
@@ -145,8 +174,19 @@ def compress(
     return result, report
 
 
-def _search(model: ir.Model, original: ir.Model, target, max_drop, calibration, validation, report, strict,
-            limit, progress, console) -> ir.Model:
+def _search(
+    model: ir.Model,
+    original: ir.Model,
+    target,
+    max_drop,
+    calibration,
+    validation,
+    report,
+    strict,
+    limit,
+    progress,
+    console,
+) -> ir.Model:
     """``target`` search on ``model`` (the result of the exact passes); merges into ``report``."""
     from onnxshrink import runtime
     from onnxshrink.target import search
@@ -159,22 +199,42 @@ def _search(model: ir.Model, original: ir.Model, target, max_drop, calibration, 
 
         def apply(specs):
             rep = Report(model="target", data=report.data)
-            out = _run(io.LoadedModel(model.clone(), "ir"), [make_pass(s) for s in specs], calibration,
-                       validation, rep, strict, limit, progress, console)
+            out = _run(
+                io.LoadedModel(model.clone(), "ir"),
+                [make_pass(s) for s in specs],
+                calibration,
+                validation,
+                rep,
+                strict,
+                limit,
+                progress,
+                console,
+            )
             return out, rep
 
         def measure_latency(candidate):
             path = workdir / "candidate.onnx"
             io.write(candidate, path)
-            sess = {"a": runtime.session(original_path, optimize=True, spin=False),
-                    "b": runtime.session(path, optimize=True, spin=False)}
+            sess = {
+                "a": runtime.session(original_path, optimize=True, spin=False),
+                "b": runtime.session(path, optimize=True, spin=False),
+            }
             ms = runtime.latency(sess, feed, runs=30, warmup=5)
             return ms["a"], ms["b"]
 
         bar = Progress(console=console, enabled=progress)
         try:
-            result, info = search(model, target, max_drop, calibration, workdir, apply, measure_latency,
-                                  progress=bar, original_totals=report.before)
+            result, info = search(
+                model,
+                target,
+                max_drop,
+                calibration,
+                workdir,
+                apply,
+                measure_latency,
+                progress=bar,
+                original_totals=report.before,
+            )
         finally:
             bar.close()
     final = info.pop("report")
@@ -185,14 +245,27 @@ def _search(model: ir.Model, original: ir.Model, target, max_drop, calibration, 
     return result
 
 
-def _run(loaded, pass_list, calibration: Dataset, validation: Dataset, report, strict, limit,
-         progress, console) -> ir.Model:
+def _run(
+    loaded,
+    pass_list,
+    calibration: Dataset,
+    validation: Dataset,
+    report,
+    strict,
+    limit,
+    progress,
+    console,
+) -> ir.Model:
     with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
         workdir = Path(tmp)
         bar = Progress(console=console, enabled=progress)
-        validate = Validate(validation, workdir, limit=limit, progress=bar, original_path=loaded.path)
+        validate = Validate(
+            validation, workdir, limit=limit, progress=bar, original_path=loaded.path
+        )
         shapes = calibration.input_shapes()
-        context = PassContext(data=calibration, workdir=workdir, original=loaded.model.clone(), progress=bar)
+        context = PassContext(
+            data=calibration, workdir=workdir, original=loaded.model.clone(), progress=bar
+        )
         pipeline = Pipeline(
             pass_list,
             [bar, Timing(), validate, ReportCollector(report, shapes, validate)],

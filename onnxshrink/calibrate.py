@@ -35,7 +35,9 @@ class Probe:
     so probing an early layer runs only the graph up to it.
     """
 
-    def __init__(self, model: ir.Model, names: Sequence[str], workdir: Path, *, optimize: bool = True) -> None:
+    def __init__(
+        self, model: ir.Model, names: Sequence[str], workdir: Path, *, optimize: bool = True
+    ) -> None:
         self.names = list(dict.fromkeys(names))
         clone = model.clone()
         values = {v.name: v for v in all_values(clone.graph)}
@@ -79,7 +81,9 @@ def batch_samples(batch: dict[str, np.ndarray]) -> int:
     return arr.shape[0] if arr.ndim else 1
 
 
-def run_model(model: ir.Model, data: Dataset, limit: int | None, workdir: Path, *, optimize: bool = True):
+def run_model(
+    model: ir.Model, data: Dataset, limit: int | None, workdir: Path, *, optimize: bool = True
+):
     """The model's outputs on the first ``limit`` samples (written to ``workdir``, then removed)."""
     path = workdir / f"run{next(_counter)}.onnx"
     io.write(model, path)

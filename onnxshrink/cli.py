@@ -15,7 +15,10 @@ import sys
 
 __all__ = ["main"]
 
-EPILOG = "Docs and examples: README.md. Pass specs: NAME[:KEY=VALUE[,KEY=VALUE]...]; see `onnxshrink passes`."
+EPILOG = (
+    "Docs: README.md and docs/usage.md. Pass specs: NAME[:KEY=VALUE[,KEY=VALUE]...]; "
+    "see `onnxshrink passes`."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,52 +31,105 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     from onnxshrink import __version__
 
-    p = _Parser(prog="onnxshrink", description="Make trained ONNX models smaller and faster, with no retraining.", epilog=EPILOG)
+    p = _Parser(
+        prog="onnxshrink",
+        description="Make trained ONNX models smaller and faster, with no retraining.",
+        epilog=EPILOG,
+    )
     p.add_argument("--version", action="version", version=f"onnxshrink {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    c = sub.add_parser("compress", help="apply passes, validate each with onnxruntime, write the result")
+    c = sub.add_parser(
+        "compress", help="apply passes, validate each with onnxruntime, write the result"
+    )
     c.add_argument("model", metavar="MODEL", help="input .onnx file (never modified)")
-    c.add_argument("-o", "--output", required=True, metavar="OUT", help="output .onnx file (written atomically)")
-    c.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
-                   help="a pass to run, e.g. -p fold-batchnorm or -p prune:ratio=0.3 (repeatable; "
-                        "default: the exact passes simplify, fold-batchnorm)")
+    c.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output .onnx file (written atomically)",
+    )
+    c.add_argument(
+        "-p",
+        "--pass",
+        dest="passes",
+        action="append",
+        metavar="SPEC",
+        help="a pass to run, e.g. -p fold-batchnorm or -p prune:ratio=0.3 (repeatable; "
+        "default: the exact passes simplify, fold-batchnorm)",
+    )
     _data_args(c)
     c.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
-    c.add_argument("--report-html", metavar="FILE.html",
-                   help="write a self-contained HTML report (plots need matplotlib: pip install 'onnxshrink[report]')")
-    c.add_argument("--target", metavar="KIND=X",
-                   help="compress to a target: speedup=2, macs=0.5, size=0.25 or latency-ms=5 (after the -p passes; "
-                        "per-layer choices from measured sensitivity)")
-    c.add_argument("--max-drop", type=float, default=0.01, metavar="F",
-                   help="with --target: largest loss of top-1 agreement (cosine for non-classifiers) on the "
-                        "held-out data (default 0.01)")
+    c.add_argument(
+        "--report-html",
+        metavar="FILE.html",
+        help="write a self-contained HTML report "
+        "(plots need matplotlib: pip install 'onnxshrink[report]')",
+    )
+    c.add_argument(
+        "--target",
+        metavar="KIND=X",
+        help="compress to a target: speedup=2, macs=0.5, size=0.25 or latency-ms=5 "
+        "(after the -p passes; "
+        "per-layer choices from measured sensitivity)",
+    )
+    c.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="with --target: largest loss of top-1 agreement (cosine for non-classifiers) on the "
+        "held-out data (default 0.01)",
+    )
     c.add_argument("--strict", action="store_true", help="fail (exit 1) when a pass is rolled back")
-    c.add_argument("--validate-samples", type=int, default=64, metavar="N",
-                   help="validate on at most N samples (default 64)")
-    c.add_argument("--holdout", type=float, default=0.25, metavar="F",
-                   help="share of real data (its last samples) held out of calibration and used "
-                        "for validation (default 0.25; 0: validate on the calibration data)")
+    c.add_argument(
+        "--validate-samples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="validate on at most N samples (default 64)",
+    )
+    c.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="share of real data (its last samples) held out of calibration and used "
+        "for validation (default 0.25; 0: validate on the calibration data)",
+    )
     _common(c)
 
     i = sub.add_parser("inspect", help="per-layer table: op, output shape, params, MACs; totals")
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    i.add_argument("--all", action="store_true", help="list every node, not only layers with params or MACs")
-    i.add_argument("--data", metavar="DATA",
-                   help="take dynamic dims (other than the batch) from this data, e.g. a sequence length "
-                        "(.npz / .npy; one sample)")
+    i.add_argument(
+        "--all", action="store_true", help="list every node, not only layers with params or MACs"
+    )
+    i.add_argument(
+        "--data",
+        metavar="DATA",
+        help="take dynamic dims (other than the batch) from this data, e.g. a sequence length "
+        "(.npz / .npy; one sample)",
+    )
     _common(i)
 
     m = sub.add_parser("compare", help="fidelity of B against A, and B's latency relative to A")
     m.add_argument("a", metavar="A", help="reference model (e.g. the original)")
     m.add_argument("b", metavar="B", help="model to compare (e.g. the compressed one)")
     _data_args(m)
-    m.add_argument("--runs", type=_positive, default=30, help="timed runs per model (median; default 30)")
-    m.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
-    m.add_argument("--layers", action="store_true",
-                   help="also compare every intermediate tensor both models name alike: where B drifts")
+    m.add_argument(
+        "--runs", type=_positive, default=30, help="timed runs per model (median; default 30)"
+    )
+    m.add_argument(
+        "--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)"
+    )
+    m.add_argument(
+        "--layers",
+        action="store_true",
+        help="also compare every intermediate tensor both models name alike: where B drifts",
+    )
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(m)
 
@@ -94,32 +150,52 @@ def _positive(text: str) -> int:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DATA",
-                   help="calibration/validation data: .npz (keys = input names), .npy, an image "
-                        "folder, or random:N (default random:8)")
-    p.add_argument("--image-size", type=int, metavar="N", help="image folder: crop size (default: from the model)")
-    p.add_argument("--mean", default="0,0,0", help="image folder: per-channel mean on the 0..1 scale")
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="calibration/validation data: .npz (keys = input names), .npy, an image "
+        "folder, or random:N (default random:8)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="image folder: crop size (default: from the model)",
+    )
+    p.add_argument(
+        "--mean", default="0,0,0", help="image folder: per-channel mean on the 0..1 scale"
+    )
     p.add_argument("--std", default="1,1,1", help="image folder: per-channel std on the 0..1 scale")
-    p.add_argument("--layout", choices=("NCHW", "NHWC"), help="image folder: layout (default: from the model)")
+    p.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), help="image folder: layout (default: from the model)"
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="list every skipped node with its reason; tracebacks on errors")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every skipped node with its reason; tracebacks on errors",
+    )
 
 
 def _images(args):
     from onnxshrink.data import ImageOptions
 
-    return ImageOptions(image_size=args.image_size, mean=args.mean, std=args.std, layout=args.layout)
+    return ImageOptions(
+        image_size=args.image_size, mean=args.mean, std=args.std, layout=args.layout
+    )
 
 
 def _consoles(args):
     from rich.console import Console
 
     # names are the model author's: no emoji codes (":x:"), no highlighting, no markup from them
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120, emoji=False, highlight=False)
+    out = Console(
+        soft_wrap=False, width=None if sys.stdout.isatty() else 120, emoji=False, highlight=False
+    )
     err = Console(stderr=True, emoji=False, highlight=False)
     return out, err
 
@@ -164,37 +240,66 @@ def cmd_inspect(args) -> int:
         shapes = load_data(args.data, input_specs(loaded.model)).input_shapes()
     stats = metrics.model_stats(loaded.model, input_shapes=shapes, with_bytes=False)
     stats.bytes = io.file_bytes(args.model)
-    layers = [l for l in stats.layers if args.all or l.params or l.macs or l.macs is None]
+    layers = [lay for lay in stats.layers if args.all or lay.params or lay.macs or lay.macs is None]
     int8 = _int8_summary(loaded.model)
     if args.json:
-        print(json.dumps({
-            "model": args.model, "params": stats.params, "macs": stats.macs, "bytes": stats.bytes,
-            "macs_unknown": stats.macs_unknown,
-            "layers": [l.__dict__ for l in layers], "int8": int8,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "params": stats.params,
+                    "macs": stats.macs,
+                    "bytes": stats.bytes,
+                    "macs_unknown": stats.macs_unknown,
+                    "layers": [lay.__dict__ for lay in layers],
+                    "int8": int8,
+                },
+                indent=2,
+            )
+        )
         return 0
     from rich.table import Table
 
     out, _ = _consoles(args)
     table = Table(title=literal(args.model), title_justify="left", box=None)
-    for col, just in (("node", "left"), ("op", "left"), ("output shape", "left"),
-                      ("params", "right"), ("MACs", "right"), ("% MACs", "right")):
+    for col, just in (
+        ("node", "left"),
+        ("op", "left"),
+        ("output shape", "left"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("% MACs", "right"),
+    ):
         table.add_column(col, justify=just)
-    for l in layers:
-        share = f"{100 * l.macs / stats.macs:.1f}" if l.macs and stats.macs else ""
-        shape = "×".join(map(str, l.output_shape)) if l.output_shape is not None else "?"
-        table.add_row(literal(l.name), literal(l.op_type), shape, human(l.params) if l.params else "",
-                      human(l.macs) if l.macs else ("?" if l.macs is None else ""), share)
+    for lay in layers:
+        share = f"{100 * lay.macs / stats.macs:.1f}" if lay.macs and stats.macs else ""
+        shape = "×".join(map(str, lay.output_shape)) if lay.output_shape is not None else "?"
+        table.add_row(
+            literal(lay.name),
+            literal(lay.op_type),
+            shape,
+            human(lay.params) if lay.params else "",
+            human(lay.macs) if lay.macs else ("?" if lay.macs is None else ""),
+            share,
+        )
     out.print(table)
-    out.print(f"[bold]total[/]: {human(stats.params)} params, {human(stats.macs)} MACs, "
-              f"{human(stats.bytes)}B on disk, {len(loaded.model.graph)} nodes")
+    out.print(
+        f"[bold]total[/]: {human(stats.params)} params, {human(stats.macs)} MACs, "
+        f"{human(stats.bytes)}B on disk, {len(loaded.model.graph)} nodes"
+    )
     if stats.macs_unknown:
-        out.print(f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]"
-                  + ("" if args.data else " (give --data to take the shapes from data)"))
+        out.print(
+            f"[yellow]{len(stats.macs_unknown)} node(s) with dynamic shapes not counted[/]"
+            + ("" if args.data else " (give --data to take the shapes from data)")
+        )
     if int8["layers"]:
         unsafe = int8["unsafe_layers"]
-        verdict = (f"[yellow]{len(unsafe)} break the pair rule |w_a + w_b| <= 128: their integer kernels "
-                   "saturate on CPUs without VNNI[/]" if unsafe else "saturation-safe on every x86 CPU")
+        verdict = (
+            f"[yellow]{len(unsafe)} break the pair rule |w_a + w_b| <= 128: their integer kernels "
+            "saturate on CPUs without VNNI[/]"
+            if unsafe
+            else "saturation-safe on every x86 CPU"
+        )
         out.print(f"int8: {int8['layers']} layers with int8 weights, {verdict}")
         out.print(f"[dim]CPU: {literal(int8['cpu'])}[/]")
     return 0
@@ -205,13 +310,19 @@ def _int8_summary(model) -> dict:
     from onnxshrink.analysis.saturation import int8_layers, unsafe_layers
     from onnxshrink.cpu import this_cpu
 
-    return {"layers": len(int8_layers(model)), "unsafe_layers": unsafe_layers(model), "cpu": this_cpu().summary()}
+    return {
+        "layers": len(int8_layers(model)),
+        "unsafe_layers": unsafe_layers(model),
+        "cpu": this_cpu().summary(),
+    }
 
 
 def cmd_compare(args) -> int:
     from onnxshrink.compare import compare_models
 
-    result = compare_models(args.a, args.b, data=args.data, images=_images(args), runs=args.runs, threads=args.threads)
+    result = compare_models(
+        args.a, args.b, data=args.data, images=_images(args), runs=args.runs, threads=args.threads
+    )
     if args.layers:
         from onnxshrink.compare import layer_drift
 
@@ -237,28 +348,52 @@ def cmd_passes(args) -> int:
         opts = []
         for f in option_fields(cls):
             default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
-            opts.append({"name": f.name.rstrip("_").replace("_", "-"), "type": str(f.type), "default": default})
-        rows.append({"name": name, "kind": "lossy" if cls.lossy else "exact", "data": cls.needs_data,
-                     "default": name in DEFAULT_PIPELINE, "description": cls.describe(), "options": opts})
+            opts.append(
+                {
+                    "name": f.name.rstrip("_").replace("_", "-"),
+                    "type": str(f.type),
+                    "default": default,
+                }
+            )
+        rows.append(
+            {
+                "name": name,
+                "kind": "lossy" if cls.lossy else "exact",
+                "data": cls.needs_data,
+                "default": name in DEFAULT_PIPELINE,
+                "description": cls.describe(),
+                "options": opts,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     out, _ = _consoles(args)
     for r in rows:
         tag = ", default" if r["default"] else ""
-        out.print(f"[bold]{r['name']}[/] ({r['kind']}{', needs data' if r['data'] else ''}{tag}): {r['description']}")
+        out.print(
+            f"[bold]{r['name']}[/] ({r['kind']}{', needs data' if r['data'] else ''}{tag}): "
+            f"{r['description']}"
+        )
         for o in r["options"]:
             out.print(f"    {o['name']} = {o['default']!r}  [dim]({o['type']})[/]")
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "compare": cmd_compare, "passes": cmd_passes}
+COMMANDS = {
+    "compress": cmd_compress,
+    "inspect": cmd_inspect,
+    "compare": cmd_compare,
+    "passes": cmd_passes,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     from onnxshrink.errors import OnnxShrinkError, first_line
     from onnxshrink.text import printable
@@ -284,8 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: internal error ({type(e).__name__}: {printable(first_line(e, empty=''))}); rerun "
-              "with --verbose and please report it", file=sys.stderr)
+        print(
+            f"error: internal error ({type(e).__name__}: {printable(first_line(e, empty=''))}); "
+            "rerun "
+            "with --verbose and please report it",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -71,7 +71,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             else:
                 dims.append(None)
                 names.append(getattr(d, "value", None))
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(dims), tuple(names)))
+        specs.append(
+            InputSpec(value.name, np.dtype(value.dtype.numpy()), tuple(dims), tuple(names))
+        )
     return specs
 
 
@@ -136,15 +138,19 @@ class Dataset:
         """
         n = self.n_samples
         k = min(n - 1, max(1, round(n * holdout)))
-        return (self.subset(slice(0, n - k), f"{self.source} [first {n - k}]"),
-                self.subset(slice(n - k, n), f"{self.source} [last {k}]"))
+        return (
+            self.subset(slice(0, n - k), f"{self.source} [first {n - k}]"),
+            self.subset(slice(n - k, n), f"{self.source} [last {k}]"),
+        )
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """The concrete shape each input has when fed one batch of one sample."""
         shapes = {}
         for spec in self.specs:
             arr = self.arrays[spec.name]
-            shapes[spec.name] = tuple(arr.shape[1:]) if self.per_sample_batch else (1, *arr.shape[1:])
+            shapes[spec.name] = (
+                tuple(arr.shape[1:]) if self.per_sample_batch else (1, *arr.shape[1:])
+            )
         return shapes
 
 
@@ -182,13 +188,17 @@ def load_data(
     if m := re.fullmatch(r"random(?::(\d+))?", text):
         n = int(m.group(1) or default_random)
         if n > MAX_RANDOM:
-            raise DataError(f"--data random:{n}: at most random:{MAX_RANDOM} (calibration uses a few "
-                            "hundred samples, validation 64)")
+            raise DataError(
+                f"--data random:{n}: at most random:{MAX_RANDOM} (calibration uses a few "
+                "hundred samples, validation 64)"
+            )
         return _random(specs, n)
     path = Path(text)
     if not path.exists():
-        raise DataError(f"--data {text}: no such file or folder (expected .npz, .npy, an image "
-                        "folder or random:N)")
+        raise DataError(
+            f"--data {text}: no such file or folder (expected .npz, .npy, an image "
+            "folder or random:N)"
+        )
     if path.is_dir():
         from onnxshrink.images import read_folder
 
@@ -217,7 +227,9 @@ def load_data(
         except Exception as e:
             raise DataError(f"--data {path}: cannot read .npy: {first_line(e, 200)}") from e
         return _check({specs[0].name: arr}, specs, str(path))
-    raise DataError(f"--data {path}: unknown format (expected .npz, .npy, an image folder or random:N)")
+    raise DataError(
+        f"--data {path}: unknown format (expected .npz, .npy, an image folder or random:N)"
+    )
 
 
 def _check_headers(z, specs: list[InputSpec], source: str) -> None:
@@ -228,14 +240,21 @@ def _check_headers(z, specs: list[InputSpec], source: str) -> None:
     for key in z.files:
         with z.zip.open(f"{key}.npy") as f:
             version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read(f)
         if key in by_name:
             _layout(tuple(shape), by_name[key], source)
         total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
     if total > MAX_DATA_BYTES:
-        raise DataError(f"--data {source}: {total / 2**30:.1f} GiB of arrays (at most {MAX_DATA_BYTES >> 30} GiB; "
-                        "calibration uses a few hundred samples)")
+        raise DataError(
+            f"--data {source}: {total / 2**30:.1f} GiB of arrays (at most {MAX_DATA_BYTES >> 30} "
+            "GiB; "
+            "calibration uses a few hundred samples)"
+        )
 
 
 def _random(specs: list[InputSpec], n: int) -> Dataset:
@@ -255,9 +274,14 @@ def _random(specs: list[InputSpec], n: int) -> Dataset:
                         f"'{s.dim_names[axis] or '?'}' (axis {axis}); random data cannot guess "
                         "its size: give --data with real samples"
                     )
-        if any(d < 1 for d in dims[1:]) or np.prod(dims[1:], dtype=np.float64) * n * 4 > _RANDOM_BYTES:
-            raise DataError(f"input '{s.name}' has shape {list(s.dims)}: random data cannot fill "
-                            f"{n} samples of it (at most {_RANDOM_BYTES >> 30} GiB); give --data")
+        if (
+            any(d < 1 for d in dims[1:])
+            or np.prod(dims[1:], dtype=np.float64) * n * 4 > _RANDOM_BYTES
+        ):
+            raise DataError(
+                f"input '{s.name}' has shape {list(s.dims)}: random data cannot fill "
+                f"{n} samples of it (at most {_RANDOM_BYTES >> 30} GiB); give --data"
+            )
         shape = (n, *dims[1:]) if dims else (n,)
         if np.issubdtype(s.dtype, np.floating):
             arr = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype, copy=False)
@@ -293,7 +317,9 @@ def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -
     for s in specs:
         arr = np.asarray(arrays[s.name])
         if arr.dtype != s.dtype:
-            notes.append(f"--data {source}: input '{s.name}' given as {arr.dtype}, converted to {s.dtype}")
+            notes.append(
+                f"--data {source}: input '{s.name}' given as {arr.dtype}, converted to {s.dtype}"
+            )
         arr, mode = _fit(arr, s, source)
         if per_sample is not None and mode != per_sample:
             raise DataError(f"--data {source}: inputs disagree on whether axis 0 is the batch")
@@ -341,12 +367,13 @@ def _layout(shape: tuple[int, ...], s: InputSpec, source: str) -> bool:
 def _fit(arr: np.ndarray, s: InputSpec, source: str) -> tuple[np.ndarray, bool]:
     per_sample = _layout(arr.shape, s, source)
     if arr.dtype != s.dtype:
-        same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(s.dtype, np.floating)) or (
-            np.issubdtype(arr.dtype, np.integer) and np.issubdtype(s.dtype, np.integer)
-        )
+        same_kind = (
+            np.issubdtype(arr.dtype, np.floating) and np.issubdtype(s.dtype, np.floating)
+        ) or (np.issubdtype(arr.dtype, np.integer) and np.issubdtype(s.dtype, np.integer))
         if not same_kind:
             raise DataError(
-                f"--data {source}: input '{s.name}' got dtype {arr.dtype}, the model wants {s.dtype}"
+                f"--data {source}: input '{s.name}' got dtype {arr.dtype}, the model wants "
+                f"{s.dtype}"
             )
         if np.issubdtype(s.dtype, np.integer):
             info = np.iinfo(s.dtype)

@@ -53,7 +53,9 @@ def read_folder(folder: Path, specs, opts) -> tuple[dict[str, np.ndarray], list[
         raise DataError(f"--data {folder}: no images (.jpg, .png, ...) in the folder")
     notes = []
     if len(files) > MAX_IMAGES:
-        notes.append(f"--data {folder}: {MAX_IMAGES} of its {len(files)} images used, evenly spaced")
+        notes.append(
+            f"--data {folder}: {MAX_IMAGES} of its {len(files)} images used, evenly spaced"
+        )
         files = [files[i] for i in np.linspace(0, len(files) - 1, MAX_IMAGES).round().astype(int)]
     x = np.empty((len(files), size, size, channels), np.float32)
     for i, f in enumerate(files):
@@ -63,7 +65,9 @@ def read_folder(folder: Path, specs, opts) -> tuple[dict[str, np.ndarray], list[
                 with Image.open(f) as im:
                     crop = _center_crop(im.convert("L" if channels == 1 else "RGB"), size)
         except Exception as e:
-            raise DataError(f"--data {folder}: cannot read image {f.name}: {first_line(e, 200)}") from e
+            raise DataError(
+                f"--data {folder}: cannot read image {f.name}: {first_line(e, 200)}"
+            ) from e
         x[i] = crop.reshape(size, size, -1) / np.float32(255.0)
     x = (x - mean) / std
     if layout == "NCHW":

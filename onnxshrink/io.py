@@ -100,8 +100,10 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     if not proto.graph.output:
         raise ModelError(f"{where}: the graph has no outputs")
     if (bad := _not_utf8(proto.graph)) is not None:
-        raise ModelError(f"{where}: the name {bad!r} is not valid UTF-8 (a corrupt file, or a broken "
-                         "exporter); ONNX names are UTF-8 text")
+        raise ModelError(
+            f"{where}: the name {bad!r} is not valid UTF-8 (a corrupt file, or a broken "
+            "exporter); ONNX names are UTF-8 text"
+        )
 
 
 def _not_utf8(graph: onnx.GraphProto) -> bytes | None:
@@ -142,7 +144,9 @@ def lift_constants(model: ir.Model) -> int:
         tensor = attr.as_tensor()
         name = out.name or f"{node.name}.value"
         init = ir.Value(
-            name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+            name=name,
+            shape=ir.Shape(tensor.shape),
+            type=ir.TensorType(tensor.dtype),
             const_value=tensor,
         )
         out.name = None  # free the name for the initializer
@@ -266,8 +270,9 @@ def _in_memory_copies(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol
     return swapped
 
 
-def write(model: ir.Model, path: Path, *, external_data: bool | None = None,
-          data_name: str | None = None) -> int:
+def write(
+    model: ir.Model, path: Path, *, external_data: bool | None = None, data_name: str | None = None
+) -> int:
     """Writes ``model`` to ``path`` (not atomic; see :func:`save`). Returns the bytes written.
 
     With ``external_data=None`` the choice is automatic: external data when the tensors exceed
@@ -301,8 +306,10 @@ def check_outputs(
     for report in reports:
         check_output_path(report, (), what="report")
         if report.resolve() in taken:
-            raise OutputError(f"{report}: the report would overwrite the input model, its external "
-                              "data, the output model or another report; choose another path")
+            raise OutputError(
+                f"{report}: the report would overwrite the input model, its external "
+                "data, the output model or another report; choose another path"
+            )
         taken.add(report.resolve())
 
 
@@ -351,7 +358,9 @@ def save(
     check_output_path(path, protect)
     _clean_leftovers(path)
     try:  # the process id in the name: a later run knows a leftover of a killed one
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        )
     except OSError as e:
         raise OutputError(f"{path}: cannot write to '{path.parent}': {e.strerror}") from e
     try:

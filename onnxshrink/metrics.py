@@ -28,8 +28,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 __all__ = [
-    "LayerStats", "ModelStats", "model_stats", "node_macs", "macs_by_node", "count_params",
-    "serialized_bytes", "constant_blowups",
+    "LayerStats",
+    "ModelStats",
+    "model_stats",
+    "node_macs",
+    "macs_by_node",
+    "count_params",
+    "serialized_bytes",
+    "constant_blowups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,7 +195,9 @@ def _with_shapes(
                 out.shape = None
     # data propagation computes constant subgraphs' values: a Tile of a constant 10^5 times
     # took onnx 16 s and 7 GB; without it such a model only loses shapes that depend on values
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=not constant_blowups(clone))(clone)
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=not constant_blowups(clone))(
+        clone
+    )
     return clone
 
 
@@ -235,7 +243,9 @@ def _constant_output_size(op: str, arrays: list) -> int | None:
     return None
 
 
-def macs_by_node(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[int, int]:
+def macs_by_node(
+    model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[int, int]:
     """MACs of each node of ``model`` keyed by ``id(node)`` (nodes with unknown MACs omitted).
 
     Relies on cloning preserving node order (model-local functions must not be present).
@@ -272,7 +282,9 @@ def model_stats(
             LayerStats(
                 name=node.name or "",
                 op_type=node.op_type,
-                output_shape=None if shape is None else [d if isinstance(d, int) else str(d) for d in shape],
+                output_shape=None
+                if shape is None
+                else [d if isinstance(d, int) else str(d) for d in shape],
                 params=params,
                 macs=macs,
             )

@@ -67,8 +67,11 @@ def custom_ops(model: ir.Model) -> list[str]:
     """``domain.op`` of the nodes (subgraphs included) that neither onnxruntime nor a model-local
     function defines."""
     local = {(f.domain, f.name) for f in model.functions.values()}
-    found = {f"{n.domain}.{n.op_type}" for n in ir.traversal.RecursiveGraphIterator(model.graph)
-             if n.domain not in _RUNTIME_DOMAINS and (n.domain, n.op_type) not in local}
+    found = {
+        f"{n.domain}.{n.op_type}"
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        if n.domain not in _RUNTIME_DOMAINS and (n.domain, n.op_type) not in local
+    }
     return sorted(found)
 
 
@@ -140,9 +143,14 @@ class Progress(Instrument):
         )
 
         self._progress = RichProgress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, transient=True,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
         )
         self._progress.start()
         self._main = None
@@ -159,7 +167,9 @@ class Progress(Instrument):
             return
         if self._main is None:
             self._main = self._progress.add_task("passes", total=run.total)
-        self._progress.update(self._main, description=f"pass {run.index + 1}/{run.total}: {run.pass_.name}")
+        self._progress.update(
+            self._main, description=f"pass {run.index + 1}/{run.total}: {run.pass_.name}"
+        )
 
     def after_pass(self, run: PassRun) -> None:
         if self._progress is not None:
@@ -215,7 +225,11 @@ class Validate(Instrument):
         self.bound = ORIGINAL_BOUND  # seconds a validation batch may take
 
     def _run(self, path: Path, what: str, *, optimize: bool = False) -> runtime.Outputs:
-        task = self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples)) if self.progress else NullTask()
+        task = (
+            self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples))
+            if self.progress
+            else NullTask()
+        )
         try:
             sess = runtime.session(path, optimize=optimize)
             return runtime.run(sess, self.data, limit=self.limit, on_batch=task, timeout=self.bound)
@@ -241,21 +255,29 @@ class Validate(Instrument):
             batches = max(1, len(self.original_outputs))
             self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
         except Invalid as e:  # the input model's own run did not end
-            raise ModelError(f"the input model did not finish a validation batch within {ORIGINAL_BOUND:.0f} s "
-                             "(a Loop or Scan that long?); nothing to validate against") from e
+            raise ModelError(
+                f"the input model did not finish a validation batch within {ORIGINAL_BOUND:.0f} s "
+                "(a Loop or Scan that long?); nothing to validate against"
+            ) from e
         except Exception as e:
             if not (custom := custom_ops(model)):
                 raise ModelError(f"onnxruntime cannot run the input model: {first_line(e)}") from e
             # A model with custom ops still gets the passes that can be checked without running
             # it: exact ones, verified by checker, shape inference and the output signature.
-            self.static = (f"onnxruntime cannot run the model (custom op {', '.join(custom)}): outputs "
-                           f"are not compared; exact passes are checked structurally, lossy ones refused")
+            self.static = (
+                f"onnxruntime cannot run the model (custom op {', '.join(custom)}): outputs "
+                f"are not compared; exact passes are checked structurally, lossy ones refused"
+            )
         self.before_outputs = self.original_outputs
         try:
-            self.fidelity = None if self.static else compare(self.original_outputs, self.original_outputs)
+            self.fidelity = (
+                None if self.static else compare(self.original_outputs, self.original_outputs)
+            )
         except Invalid as e:  # NaN/Inf outputs: data outside the model's domain (Log of random:N)
-            raise ModelError(f"the input model cannot be validated on {self.data.source}: {e}; give --data "
-                             "with inputs in its domain") from e
+            raise ModelError(
+                f"the input model cannot be validated on {self.data.source}: {e}; give --data "
+                "with inputs in its domain"
+            ) from e
         if not self.static and uses_integer_kernels(model):  # an int8 input: its kernels' own gap
             kernels = self._run(path, "original (integer kernels)", optimize=True)
             self.kernel_gap = 1.0 - compare(self.original_outputs, kernels).cosine
@@ -274,7 +296,10 @@ class Validate(Instrument):
             self._check(run, path)
             if self.static:
                 if run.pass_.lossy:
-                    raise Invalid("fidelity cannot be measured: onnxruntime cannot run this model (custom ops)")
+                    raise Invalid(
+                        "fidelity cannot be measured: onnxruntime cannot run this model (custom "
+                        "ops)"
+                    )
                 rec.stats = {"bytes": size}
                 return
             outputs = self._run(path, run.pass_.name)
@@ -303,11 +328,14 @@ class Validate(Instrument):
         from onnxshrink.cpu import this_cpu
 
         cpu = this_cpu()
-        agree = compare(written, self._run(path, f"{run.pass_.name} (integer kernels)", optimize=True))
+        agree = compare(
+            written, self._run(path, f"{run.pass_.name} (integer kernels)", optimize=True)
+        )
         info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
         unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(run.model)
-        failure, warning = kernel_verdict(agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni",
-                                          self.kernel_gap)
+        failure, warning = kernel_verdict(
+            agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni", self.kernel_gap
+        )
         if failure:
             raise Invalid(failure)
         if warning:
@@ -330,14 +358,22 @@ class Validate(Instrument):
             return
         if p.compare_to == "improve":  # a pass meant to raise fidelity must not lower it
             if self.fidelity is not None and total.cosine < self.fidelity.cosine - 1e-4:
-                raise Invalid(f"fidelity fell: cosine with the original {self.fidelity.cosine:.5f} -> "
-                              f"{total.cosine:.5f}")
+                raise Invalid(
+                    f"fidelity fell: cosine with the original {self.fidelity.cosine:.5f} -> "
+                    f"{total.cosine:.5f}"
+                )
             return
         floor = getattr(p, "floor", None)
         floor = DEFAULT_FLOOR if floor is None else floor
-        against, what = (step, "the model before the pass") if p.compare_to == "before" else (total, "the original")
+        against, what = (
+            (step, "the model before the pass")
+            if p.compare_to == "before"
+            else (total, "the original")
+        )
         if against.cosine < floor:
-            raise Invalid(f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}")
+            raise Invalid(
+                f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}"
+            )
 
 
 class ReportCollector(Instrument):
@@ -405,9 +441,16 @@ class Pipeline:
             except Exception as e:  # a bug in a pass must not cost the user the model
                 run.error, run.traceback = e, traceback.format_exc()
                 logger.debug("pass %s raised:\n%s", p.name, run.traceback)
-            record.changed, record.skipped, record.details = list(p.changed), list(p.skipped), dict(p.details)
+            record.changed, record.skipped, record.details = (
+                list(p.changed),
+                list(p.skipped),
+                dict(p.details),
+            )
             if run.error is not None:
-                record.status, record.reason = "rolled-back", f"pass raised {type(run.error).__name__}: {one_line(run.error)}"
+                record.status, record.reason = (
+                    "rolled-back",
+                    f"pass raised {type(run.error).__name__}: {one_line(run.error)}",
+                )
                 record.traceback = run.traceback
             else:
                 record.status = "applied" if run.modified else "unchanged"

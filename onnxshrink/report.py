@@ -133,8 +133,10 @@ class Report:
         """Prints the summary: totals before -> after, then one row per pass."""
         from rich.table import Table
 
-        console.print(f"[bold]{literal(self.model)}[/] -> {literal(self.output or '(in memory)')}  "
-                      f"[dim](data: {literal(self.data)})[/]")
+        console.print(
+            f"[bold]{literal(self.model)}[/] -> {literal(self.output or '(in memory)')}  "
+            f"[dim](data: {literal(self.data)})[/]"
+        )
         totals = Table(box=None)
         totals.add_column("", style="bold")
         for col in ("before", "after", "ratio"):
@@ -145,9 +147,16 @@ class Report:
         console.print(totals)
 
         table = Table(box=None, title_justify="left", show_edge=False)
-        for col, just in (("pass", "left"), ("status", "left"), ("changed", "right"),
-                          ("skipped", "right"), ("seconds", "right"), ("cosine", "right"),
-                          ("max |Δ|", "right"), ("top-1", "right")):
+        for col, just in (
+            ("pass", "left"),
+            ("status", "left"),
+            ("changed", "right"),
+            ("skipped", "right"),
+            ("seconds", "right"),
+            ("cosine", "right"),
+            ("max |Δ|", "right"),
+            ("top-1", "right"),
+        ):
             table.add_column(col, justify=just)
         for p in self.passes:
             style = {"applied": "green", "unchanged": "dim", "rolled-back": "red"}.get(p.status, "")
@@ -169,11 +178,16 @@ class Report:
                 for line in (p.traceback or "").splitlines() if verbose else ():
                     console.print(f"[dim]{literal(line)}[/]")
             elif p.kernels:
-                console.print(f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
-                              f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]")
+                console.print(
+                    f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
+                    f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]"
+                )
             if verbose:
                 for s in p.skipped:
-                    console.print(f"  [dim]{literal(p.name)} skipped {literal(s.node)}: {literal(s.reason)}[/]")
+                    console.print(
+                        f"  [dim]{literal(p.name)} skipped {literal(s.node)}: "
+                        f"{literal(s.reason)}[/]"
+                    )
             else:
                 _render_reasons(console, p)
         if self.target:
@@ -183,22 +197,28 @@ class Report:
         for w in self.warnings:
             console.print(f"[yellow]warning:[/] {literal(w)}")
 
-
     def _render_target(self, console, verbose: bool) -> None:
         t = self.target
         r = t.get("reached", {})
         shown = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k in ("speedup", "macs", "size"))
         verdict = "[green]met[/]" if t.get("met") else "[yellow]not met[/]"
-        console.print(f"target {literal(t['target'])}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
-                      f"(budget {t['max_drop']:.2%}); {len(t.get('choices', []))} layer choice(s), "
-                      f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} attempt(s)")
+        console.print(
+            f"target {literal(t['target'])}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
+            f"(budget {t['max_drop']:.2%}); {len(t.get('choices', []))} layer choice(s), "
+            f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} "
+            "attempt(s)"
+        )
         if not t.get("met"):
-            console.print("[yellow]the target cannot be met within the fidelity budget; the result is the "
-                          "most compression that kept it[/]")
+            console.print(
+                "[yellow]the target cannot be met within the fidelity budget; the result is the "
+                "most compression that kept it[/]"
+            )
         if verbose:
             for c in t.get("choices", []):
-                console.print(f"  [dim]{c['method']} {literal(c['layer'] or '(model)')} @ {c['level']:g}: "
-                              f"drop {c['drop']:.4f}[/]")
+                console.print(
+                    f"  [dim]{c['method']} {literal(c['layer'] or '(model)')} @ {c['level']:g}: "
+                    f"drop {c['drop']:.4f}[/]"
+                )
 
 
 def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
@@ -211,8 +231,10 @@ def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
         console.print(f"  [dim]{literal(p.name)} skipped {what}: {literal(reason)}[/]")
     if len(reasons) > shown:
         rest, kinds = sum(n for _, n in reasons[shown:]), len(reasons) - shown
-        console.print(f"  [dim]{literal(p.name)} skipped {rest} more node(s) for {kinds} other reason(s): "
-                      f"--verbose lists them[/]")
+        console.print(
+            f"  [dim]{literal(p.name)} skipped {rest} more node(s) for {kinds} other reason(s): "
+            f"--verbose lists them[/]"
+        )
 
 
 def _opts(options: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ __all__ = ["write_report", "figures"]
 logger = logging.getLogger(__name__)
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}.applied{color:#070}.rolled-back{color:#b00}.unchanged{color:#888}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666}"""
 
@@ -33,12 +34,28 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666}"""
 def _layer_rows(before: ir.Model, after: ir.Model, shapes) -> list[tuple[str, int, int, int, int]]:
     """(layer, MACs before, after, params before, after) for layers with MACs, renamed parts
     (``name.tucker_in``, ``name.lowrank0``...) summed into their layer."""
-    b = {x.name: x for x in metrics.model_stats(before, input_shapes=shapes, with_bytes=False).layers if x.macs}
-    a = [x for x in metrics.model_stats(after, input_shapes=shapes, with_bytes=False).layers if x.macs or x.params]
+    b = {
+        x.name: x
+        for x in metrics.model_stats(before, input_shapes=shapes, with_bytes=False).layers
+        if x.macs
+    }
+    a = [
+        x
+        for x in metrics.model_stats(after, input_shapes=shapes, with_bytes=False).layers
+        if x.macs or x.params
+    ]
     rows = []
     for name, x in b.items():
         parts = [y for y in a if y.name == name or y.name.startswith(name + ".")]
-        rows.append((name, x.macs or 0, sum(y.macs or 0 for y in parts), x.params, sum(y.params for y in parts)))
+        rows.append(
+            (
+                name,
+                x.macs or 0,
+                sum(y.macs or 0 for y in parts),
+                x.params,
+                sum(y.params for y in parts),
+            )
+        )
     return rows
 
 
@@ -53,7 +70,9 @@ def figures(report: Report, before: ir.Model, after: ir.Model, shapes) -> dict[s
     except ImportError:
         return {}
     with matplotlib.rc_context({"text.parse_math": False}), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. a glyph missing from the font: not the user's concern
+        warnings.simplefilter(
+            "ignore"
+        )  # e.g. a glyph missing from the font: not the user's concern
         return _figures(plt, report, before, after, shapes)
 
 
@@ -91,7 +110,12 @@ def _figures(plt, report: Report, before: ir.Model, after: ir.Model, shapes) -> 
             fig, ax = plt.subplots(figsize=(8, 5))
             for (method, layer), pts in worst:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {printable(layer)[-30:]}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=f"{method} {printable(layer)[-30:]}",
+                )
             ax.set_xlabel("level (prune ratio, or speed-up for tucker / lowrank)")
             ax.set_ylabel("drop (1 − cosine) on calibration data")
             ax.set_yscale("symlog", linthresh=1e-4)
@@ -101,10 +125,21 @@ def _figures(plt, report: Report, before: ir.Model, after: ir.Model, shapes) -> 
         kind = t["target"].split("=")[0]
         key = {"macs": "macs_saved", "size": "bytes_saved"}.get(kind, "ms_saved")
         fig, ax = plt.subplots(figsize=(8, 5))
-        for method, color in (("prune", "#c53"), ("tucker", "#36a"), ("lowrank", "#3a6"), ("quantize", "#a3a")):
-            pts = [(c[key], c["drop"]) for c in t["candidates"] if c["method"] == method and c["applied"]]
+        for method, color in (
+            ("prune", "#c53"),
+            ("tucker", "#36a"),
+            ("lowrank", "#3a6"),
+            ("quantize", "#a3a"),
+        ):
+            pts = [
+                (c[key], c["drop"])
+                for c in t["candidates"]
+                if c["method"] == method and c["applied"]
+            ]
             if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=method)
+                ax.scatter(
+                    [p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=method
+                )
         ax.set_xlabel(key.replace("_", " ") + " (one candidate alone)")
         ax.set_ylabel("drop on calibration data")
         ax.set_yscale("symlog", linthresh=1e-4)
@@ -130,54 +165,113 @@ def _figures(plt, report: Report, before: ir.Model, after: ir.Model, shapes) -> 
 def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-        for i, r in enumerate(rows))
+        f"<tr class='{(classes or [''] * len(rows))[i]}'>"
+        + "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
+        + "</tr>"
+        for i, r in enumerate(rows)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def render(report: Report, figs: dict[str, bytes], layer_rows) -> str:
-    parts = [f"<h1>onnxshrink report</h1><p>{html.escape(report.model)} → {html.escape(report.output or '(in memory)')}"
-             f"<br><span class='note'>data: {html.escape(report.data)}</span></p>"]
-    tot = [[k, human(report.before.get(k)), human(report.after.get(k)),
-            f"{report.after[k] / report.before[k]:.3f}×" if report.before.get(k) and report.after.get(k) else ""]
-           for k in ("params", "macs", "bytes")]
+    parts = [
+        f"<h1>onnxshrink report</h1><p>{html.escape(report.model)} → "
+        f"{html.escape(report.output or '(in memory)')}"
+        f"<br><span class='note'>data: {html.escape(report.data)}</span></p>"
+    ]
+    tot = [
+        [
+            k,
+            human(report.before.get(k)),
+            human(report.after.get(k)),
+            f"{report.after[k] / report.before[k]:.3f}×"
+            if report.before.get(k) and report.after.get(k)
+            else "",
+        ]
+        for k in ("params", "macs", "bytes")
+    ]
     parts.append(_table(["", "before", "after", "ratio"], tot))
     rows, classes = [], []
     for p in report.passes:
         f = p.fidelity
-        rows.append([p.name + (f" ({','.join(f'{k}={v}' for k, v in p.options.items())})" if p.options else ""),
-                     p.status, len(p.changed), len(p.skipped), f"{p.seconds + p.validate_seconds:.2f}",
-                     f"{f.cosine:.6f}" if f else "", f"{f.top1_agreement:.1%}" if f and f.top1_agreement is not None else "",
-                     p.reason or ""])
+        rows.append(
+            [
+                p.name
+                + (f" ({','.join(f'{k}={v}' for k, v in p.options.items())})" if p.options else ""),
+                p.status,
+                len(p.changed),
+                len(p.skipped),
+                f"{p.seconds + p.validate_seconds:.2f}",
+                f"{f.cosine:.6f}" if f else "",
+                f"{f.top1_agreement:.1%}" if f and f.top1_agreement is not None else "",
+                p.reason or "",
+            ]
+        )
         classes.append(p.status)
-    parts.append("<h2>Passes</h2>" + _table(["pass", "status", "changed", "skipped", "seconds", "cosine", "top-1",
-                                             "reason"], rows, classes))
+    parts.append(
+        "<h2>Passes</h2>"
+        + _table(
+            ["pass", "status", "changed", "skipped", "seconds", "cosine", "top-1", "reason"],
+            rows,
+            classes,
+        )
+    )
     if report.target:
         t = report.target
         r = ", ".join(f"{k} {v:.3f}" for k, v in t.get("reached", {}).items())
-        parts.append(f"<h2>Target {html.escape(t['target'])}: {'met' if t.get('met') else 'not met'}</h2>"
-                     f"<p>reached {html.escape(r)}; drop {t['drop']:.2%} (budget {t['max_drop']:.2%})</p>")
-        parts.append(_table(["layer", "method", "level", "drop (alone)"],
-                            [[c["layer"] or "(model)", c["method"], f"{c['level']:g}", f"{c['drop']:.5f}"]
-                             for c in t.get("choices", [])]))
-    captions = {"layers": "Per-layer MACs and params", "sensitivity": "Sensitivity curves",
-                "candidates": "Candidates tried", "attempts": "Attempts"}
+        parts.append(
+            f"<h2>Target {html.escape(t['target'])}: {'met' if t.get('met') else 'not met'}</h2>"
+            f"<p>reached {html.escape(r)}; drop {t['drop']:.2%} (budget {t['max_drop']:.2%})</p>"
+        )
+        parts.append(
+            _table(
+                ["layer", "method", "level", "drop (alone)"],
+                [
+                    [c["layer"] or "(model)", c["method"], f"{c['level']:g}", f"{c['drop']:.5f}"]
+                    for c in t.get("choices", [])
+                ],
+            )
+        )
+    captions = {
+        "layers": "Per-layer MACs and params",
+        "sensitivity": "Sensitivity curves",
+        "candidates": "Candidates tried",
+        "attempts": "Attempts",
+    }
     for name, data in figs.items():
         b64 = base64.b64encode(data).decode()
-        parts.append(f"<h2>{captions.get(name, name)}</h2><img alt='{name}' src='data:image/png;base64,{b64}'>")
+        parts.append(
+            f"<h2>{captions.get(name, name)}</h2><img alt='{name}' "
+            f"src='data:image/png;base64,{b64}'>"
+        )
     if not figs:
-        parts.append("<p class='note'>plots need matplotlib (pip install 'onnxshrink[report]'); the "
-                     "per-layer table follows</p>")
-        parts.append(_table(["layer", "MACs before", "MACs after", "params before", "params after"],
-                            [[n, human(a), human(b), human(c), human(d)] for n, a, b, c, d in layer_rows]))
+        parts.append(
+            "<p class='note'>plots need matplotlib (pip install 'onnxshrink[report]'); the "
+            "per-layer table follows</p>"
+        )
+        parts.append(
+            _table(
+                ["layer", "MACs before", "MACs after", "params before", "params after"],
+                [[n, human(a), human(b), human(c), human(d)] for n, a, b, c, d in layer_rows],
+            )
+        )
     for w in report.warnings:
         parts.append(f"<p class='note'>warning: {html.escape(w)}</p>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>onnxshrink report</title><style>{_STYLE}</style>" \
-           f"</head><body>{''.join(parts)}</body></html>\n"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>onnxshrink "
+        f"report</title><style>{_STYLE}</style>"
+        f"</head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
-def write_report(report: Report, before: ir.Model, after: ir.Model, path: Path, shapes=None,
-                 png_dir: Path | None = None) -> dict[str, bytes]:
+def write_report(
+    report: Report,
+    before: ir.Model,
+    after: ir.Model,
+    path: Path,
+    shapes=None,
+    png_dir: Path | None = None,
+) -> dict[str, bytes]:
     from onnxshrink.io import atomic_text
 
     figs = figures(report, before, after, shapes)

@@ -28,7 +28,11 @@ Outputs = list[dict[str, np.ndarray]]
 
 
 def session(
-    path: str | os.PathLike, *, optimize: bool = False, threads: int | None = None, spin: bool = True
+    path: str | os.PathLike,
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    spin: bool = True,
 ):
     """An ``InferenceSession`` on CPU; graph optimizations off unless ``optimize``.
 
@@ -59,7 +63,9 @@ class RunTimeout(Exception):
     """A run took longer than its bound and was stopped (onnxruntime's terminate flag)."""
 
 
-def run(sess, data: Dataset, *, limit: int | None = None, on_batch=None, timeout: float | None = None) -> Outputs:
+def run(
+    sess, data: Dataset, *, limit: int | None = None, on_batch=None, timeout: float | None = None
+) -> Outputs:
     """Runs ``sess`` on the first ``limit`` samples of ``data``; returns outputs per batch.
 
     ``timeout``: seconds a batch may take; past it onnxruntime stops between two nodes (a Loop
@@ -104,9 +110,8 @@ def latency(
 
     Interleaving spreads machine noise evenly over the models compared, and the order is
     shuffled every round (seeded): a session run right after a larger model pays for the caches
-    that model evicted -- measured 2-4% on MobileNetV2 int8 right after an fp32 model -- so a
-    fixed (or merely rotated: same predecessor every time) order favours whoever never follows
-    a big one.
+    that model evicted (docs/design.md), so a fixed (or merely rotated: same predecessor every
+    time) order favours whoever never follows a big one.
     """
     names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
     for _ in range(warmup):

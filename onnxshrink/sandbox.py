@@ -33,8 +33,14 @@ def _start() -> subprocess.Popen:
     global _WORKER, _LOG
     if _WORKER is None or _WORKER.poll() is not None:
         _LOG = tempfile.TemporaryFile(mode="w+", prefix="onnxshrink-sandbox-")
-        _WORKER = subprocess.Popen([sys.executable, "-m", "onnxshrink.sandbox"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=_LOG, text=True, bufsize=1)
+        _WORKER = subprocess.Popen(
+            [sys.executable, "-m", "onnxshrink.sandbox"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=_LOG,
+            text=True,
+            bufsize=1,
+        )
     return _WORKER
 
 
@@ -62,12 +68,16 @@ def simplify_file(src: str, dst: str, fold: str, limit: int, timeout: float) -> 
         worker = _start()
         answer: list[str] = []
         try:
-            worker.stdin.write(json.dumps({"src": src, "dst": dst, "fold": fold, "limit": limit}) + "\n")
+            worker.stdin.write(
+                json.dumps({"src": src, "dst": dst, "fold": fold, "limit": limit}) + "\n"
+            )
             worker.stdin.flush()
         except OSError as e:
             stop()
             raise SandboxCrash(f"onnxsim's process is gone{_last_words()}") from e
-        reader = threading.Thread(target=lambda: answer.append(worker.stdout.readline()), daemon=True)
+        reader = threading.Thread(
+            target=lambda: answer.append(worker.stdout.readline()), daemon=True
+        )
         reader.start()
         reader.join(timeout)
         if reader.is_alive():
@@ -76,8 +86,10 @@ def simplify_file(src: str, dst: str, fold: str, limit: int, timeout: float) -> 
         if not answer or not answer[0]:
             code = worker.wait()
             stop()
-            raise SandboxCrash(f"onnxsim crashed (exit status {code}, memory limit {limit >> 20:,} MiB)"
-                               f"{_last_words()}")
+            raise SandboxCrash(
+                f"onnxsim crashed (exit status {code}, memory limit {limit >> 20:,} MiB)"
+                f"{_last_words()}"
+            )
         reply = json.loads(answer[0])
         if "error" in reply:
             raise RuntimeError(reply["error"])
@@ -100,7 +112,9 @@ def _serve() -> None:
             soft = req["limit"] if hard == resource.RLIM_INFINITY else min(req["limit"], hard)
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         try:
-            out, ok = onnxsim.simplify(onnx.load(req["src"]), skip_fuse_bn=True, tensor_size_threshold=req["fold"])
+            out, ok = onnxsim.simplify(
+                onnx.load(req["src"]), skip_fuse_bn=True, tensor_size_threshold=req["fold"]
+            )
             if ok:
                 onnx.save(out, req["dst"])
             reply = {"ok": bool(ok)}

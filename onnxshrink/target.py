@@ -4,8 +4,8 @@
 
 1. **Candidates**: for every prunable channel group (``prune`` at ratios 0.25 / 0.5 / 0.75), every
    K×K convolution (``tucker`` at speed-ups 1.5 / 2 / 4 / 8), every MatMul, Gemm and 1×1 convolution
-   (``lowrank`` at speed-ups 1.5 / 2 / 4 / 8), and -- for latency and size targets -- int8 ``quantize`` of
-   the whole model.
+   (``lowrank`` at speed-ups 1.5 / 2 / 4 / 8), and -- for latency and size targets -- int8
+   ``quantize`` of the whole model.
 2. **Sensitivity**: each candidate is applied *alone* to the model and run with onnxruntime on
    calibration samples: its drop (1 − cosine of the outputs with the model's) is measured, as
    are the MACs and bytes it saves. Results are cached on disk (``$ONNXSHRINK_CACHE/sensitivity``,
@@ -50,11 +50,19 @@ __all__ = ["Target", "Candidate", "search"]
 logger = logging.getLogger(__name__)
 
 KINDS = ("speedup", "macs", "size", "latency-ms")
-_LEVELS = {"prune": (0.25, 0.5, 0.75), "tucker": (1.5, 2.0, 4.0, 8.0), "lowrank": (1.5, 2.0, 4.0, 8.0)}
-_SPEC = {"prune": "prune:only={layer},ratio={level},floor=0",
-         "tucker": "tucker:only={layer},speedup={level},floor=0",
-         "lowrank": "lowrank:only={layer},speedup={level},floor=0,fused=false"}
-_CACHE_VERSION = "3"  # bump when a candidate pass changes its output (2: quantize rounding, 3: cascade ranges)
+_LEVELS = {
+    "prune": (0.25, 0.5, 0.75),
+    "tucker": (1.5, 2.0, 4.0, 8.0),
+    "lowrank": (1.5, 2.0, 4.0, 8.0),
+}
+_SPEC = {
+    "prune": "prune:only={layer},ratio={level},floor=0",
+    "tucker": "tucker:only={layer},speedup={level},floor=0",
+    "lowrank": "lowrank:only={layer},speedup={level},floor=0,fused=false",
+}
+_CACHE_VERSION = (
+    "3"  # bump when a candidate pass changes its output (2: quantize rounding, 3: cascade ranges)
+)
 
 
 @dataclasses.dataclass
@@ -66,15 +74,25 @@ class Target:
     def parse(cls, text: str) -> Target:
         m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([0-9.eE+-]+)\s*", text or "")
         if not m or m.group(1) not in KINDS:
-            raise OptionError(f"--target: expected one of {', '.join(k + '=<x>' for k in KINDS)}; got '{text}'")
+            raise OptionError(
+                f"--target: expected one of {', '.join(k + '=<x>' for k in KINDS)}; got '{text}'"
+            )
         try:
             value = float(m.group(2))
         except ValueError as e:
             raise OptionError(f"--target: '{m.group(2)}' is not a number") from e
         kind = m.group(1)
-        if kind == "speedup" and value <= 1 or kind in ("macs", "size") and not 0 < value < 1 or \
-                kind == "latency-ms" and value <= 0:
-            raise OptionError(f"--target {kind}={value}: speedup > 1, macs and size in (0, 1), latency-ms > 0")
+        if (
+            kind == "speedup"
+            and value <= 1
+            or kind in ("macs", "size")
+            and not 0 < value < 1
+            or kind == "latency-ms"
+            and value <= 0
+        ):
+            raise OptionError(
+                f"--target {kind}={value}: speedup > 1, macs and size in (0, 1), latency-ms > 0"
+            )
         return cls(kind, value)
 
     def __str__(self) -> str:
@@ -119,8 +137,12 @@ def _candidates(model: ir.Model, target: Target) -> list[Candidate]:
         w = const_array(node.inputs[1])
         if w is None:
             continue
-        if node.op_type == "Conv" and w.ndim == 4 and node.attributes.get_int("group", 1) == 1 \
-                and min(w.shape[:2]) >= 16:
+        if (
+            node.op_type == "Conv"
+            and w.ndim == 4
+            and node.attributes.get_int("group", 1) == 1
+            and min(w.shape[:2]) >= 16
+        ):
             method = "lowrank" if w.shape[2:] == (1, 1) else "tucker"
             out += [Candidate(method, node.name, s) for s in _LEVELS[method]]
         elif node.op_type in ("MatMul", "Gemm") and w.ndim == 2 and min(w.shape) >= 16:
@@ -161,8 +183,10 @@ def node_times(path: Path, data, runs: int = 10) -> tuple[dict[str, float], floa
 
 
 def _macs_by_name(model: ir.Model, shapes) -> dict[str, int]:
-    return {layer.name: layer.macs or 0 for layer in metrics.model_stats(model, input_shapes=shapes,
-                                                                         with_bytes=False).layers}
+    return {
+        layer.name: layer.macs or 0
+        for layer in metrics.model_stats(model, input_shapes=shapes, with_bytes=False).layers
+    }
 
 
 def _ms_saved(before: dict[str, int], after: dict[str, int], times: dict[str, float]) -> float:
@@ -181,10 +205,18 @@ def _ms_saved(before: dict[str, int], after: dict[str, int], times: dict[str, fl
 class Sensitivity:
     """Measures candidates one at a time against ``model`` on ``data``; caches on disk."""
 
-    def __init__(self, model: ir.Model, data, workdir: Path, samples: int, shapes, times, cache: Path | None):
+    def __init__(
+        self, model: ir.Model, data, workdir: Path, samples: int, shapes, times, cache: Path | None
+    ):
         from onnxshrink.calibrate import run_model
 
-        self.model, self.data, self.workdir, self.samples, self.shapes = model, data, workdir, samples, shapes
+        self.model, self.data, self.workdir, self.samples, self.shapes = (
+            model,
+            data,
+            workdir,
+            samples,
+            shapes,
+        )
         self.times = times
         self.ref = run_model(model, data, samples, workdir)
         self.stats = metrics.model_stats(model, input_shapes=shapes)
@@ -207,8 +239,13 @@ class Sensitivity:
 
         clone = self.model.clone()
         p = make_pass(c.spec)
-        p.bind(PassContext(data=self.data.subset(slice(0, self.samples)), workdir=self.workdir,
-                           original=self.model))
+        p.bind(
+            PassContext(
+                data=self.data.subset(slice(0, self.samples)),
+                workdir=self.workdir,
+                original=self.model,
+            )
+        )
         try:
             modified = p(clone).modified
         except Exception as e:  # a candidate that fails is just not a candidate
@@ -234,8 +271,15 @@ class Sensitivity:
         io.write(self.model, a)
         io.write(model, b)
         feed = next(iter(self.data.batches(1)))
-        ms = runtime.latency({"a": runtime.session(a, optimize=True, spin=False),
-                              "b": runtime.session(b, optimize=True, spin=False)}, feed, runs=20, warmup=3)
+        ms = runtime.latency(
+            {
+                "a": runtime.session(a, optimize=True, spin=False),
+                "b": runtime.session(b, optimize=True, spin=False),
+            },
+            feed,
+            runs=20,
+            warmup=3,
+        )
         base = sum(self.times.values())
         return base * (1.0 - ms["b"] / ms["a"])
 
@@ -263,8 +307,12 @@ class Sensitivity:
 
 
 # -- allocation ------------------------------------------------------------------------------------
-def allocate(candidates: list[Candidate], kind: str, need: float,
-             caps: dict[tuple[str, str], float] | None = None) -> dict[str, Candidate]:
+def allocate(
+    candidates: list[Candidate],
+    kind: str,
+    need: float,
+    caps: dict[tuple[str, str], float] | None = None,
+) -> dict[str, Candidate]:
     """Greedy across methods: layer -> chosen candidate, least drop per unit of saving first.
     ``caps`` bounds the level of a (method, layer) after a back-off."""
     caps = caps or {}
@@ -278,12 +326,17 @@ def allocate(candidates: list[Candidate], kind: str, need: float,
     saved = 0.0
     while saved < need:
         best, best_ratio = None, math.inf
-        finish, finish_drop = None, math.inf  # the least damaging step that alone completes the need
+        finish, finish_drop = (
+            None,
+            math.inf,
+        )  # the least damaging step that alone completes the need
         for (method, layer), levels in by_layer.items():
             cur = chosen.get(layer or "quantize")
             if cur is not None and cur.method != method:
                 continue  # one method per layer
-            nxt = levels[0] if cur is None else next((c for c in levels if c.level > cur.level), None)
+            nxt = (
+                levels[0] if cur is None else next((c for c in levels if c.level > cur.level), None)
+            )
             if nxt is None:
                 continue
             d_save = nxt.saving(kind) - (cur.saving(kind) if cur else 0.0)
@@ -296,7 +349,9 @@ def allocate(candidates: list[Candidate], kind: str, need: float,
             if d_save >= need - saved and d_drop < finish_drop:
                 finish, finish_drop = nxt, d_drop
         if finish is not None:
-            best = finish  # do not overshoot with a big cheap-per-unit step when a small one suffices
+            best = (
+                finish  # do not overshoot with a big cheap-per-unit step when a small one suffices
+            )
         if best is None:
             break
         prev = chosen.get(best.layer or "quantize")
@@ -324,15 +379,22 @@ def _pipeline(chosen: dict[str, Candidate]) -> list[str]:
     return specs
 
 
-def _back_off(chosen: dict[str, Candidate], candidates: list[Candidate],
-              caps: dict[tuple[str, str], float]) -> bool:
+def _back_off(
+    chosen: dict[str, Candidate], candidates: list[Candidate], caps: dict[tuple[str, str], float]
+) -> bool:
     """Less compression on the most damaging choice from now on: capped at its previous level,
     or excluded. False if nothing is left to back off."""
     if not chosen:
         return False
     worst = max(chosen.values(), key=lambda c: c.drop)
-    lower = [c.level for c in candidates if c.method == worst.method and c.layer == worst.layer
-             and c.applied and c.level < worst.level]
+    lower = [
+        c.level
+        for c in candidates
+        if c.method == worst.method
+        and c.layer == worst.layer
+        and c.applied
+        and c.level < worst.level
+    ]
     caps[(worst.method, worst.layer)] = max(lower) if lower else -math.inf
     return True
 
@@ -366,9 +428,19 @@ class Budget:
         return self.base_ms_profiled * (1.0 - reached["latency-ms"] / max(self.base_ms, 1e-9))
 
 
-def search(model: ir.Model, target: Target, max_drop: float, calibration, workdir: Path, apply,
-           measure_latency, *, samples: int = 32, progress=None,
-           original_totals: dict[str, float] | None = None) -> tuple[ir.Model, dict[str, Any]]:
+def search(
+    model: ir.Model,
+    target: Target,
+    max_drop: float,
+    calibration,
+    workdir: Path,
+    apply,
+    measure_latency,
+    *,
+    samples: int = 32,
+    progress=None,
+    original_totals: dict[str, float] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
     """Finds and applies the compression; ``apply(specs) -> (model, report)`` runs a validated
     pipeline on ``model``, ``measure_latency(model) -> (ms_original, ms_model)`` times it against
     the original; ``original_totals`` (``macs``, ``bytes``) are the original's, when ``model`` is
@@ -379,8 +451,13 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
     base_path = workdir / "target_base.onnx"
     io.write(model, base_path)
     times, _ = node_times(base_path, calibration)
-    cache_root = Path(os.environ.get("ONNXSHRINK_CACHE", Path.home() / ".cache" / "onnxshrink")) / "sensitivity"
-    sens = Sensitivity(model, calibration, workdir, min(samples, calibration.n_samples), shapes, times, cache_root)
+    cache_root = (
+        Path(os.environ.get("ONNXSHRINK_CACHE", Path.home() / ".cache" / "onnxshrink"))
+        / "sensitivity"
+    )
+    sens = Sensitivity(
+        model, calibration, workdir, min(samples, calibration.n_samples), shapes, times, cache_root
+    )
     cands = _candidates(model, target)
     task = progress.task("target: sensitivity", len(cands)) if progress is not None else NullTask()
     measured = []
@@ -390,19 +467,31 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
     task.done()
     base_ms = sum(times.values())
     orig = original_totals or {"macs": sens.stats.macs, "bytes": sens.stats.bytes}
-    budget = Budget(orig["macs"] or 1, orig["bytes"] or 1, sens.stats.macs, sens.stats.bytes or 0, base_ms)
+    budget = Budget(
+        orig["macs"] or 1, orig["bytes"] or 1, sens.stats.macs, sens.stats.bytes or 0, base_ms
+    )
     if target.kind in ("speedup", "latency-ms"):
         budget.orig_ms, budget.base_ms = measure_latency(model)
     need = budget.need(target)
-    info: dict[str, Any] = {"target": str(target), "max_drop": max_drop, "base_ms_profiled": round(base_ms, 3),
-                            "candidates": [dataclasses.asdict(c) for c in measured], "attempts": []}
+    info: dict[str, Any] = {
+        "target": str(target),
+        "max_drop": max_drop,
+        "base_ms_profiled": round(base_ms, 3),
+        "candidates": [dataclasses.asdict(c) for c in measured],
+        "attempts": [],
+    }
     caps: dict[tuple[str, str], float] = {}
     want, best, tried = need, None, set()
-    ok_want, fail_want = 0.0, math.inf  # the largest request that held the budget, the smallest that broke it
+    ok_want, fail_want = (
+        0.0,
+        math.inf,
+    )  # the largest request that held the budget, the smallest that broke it
     for _attempt in range(10):
         chosen = allocate(measured, target.kind, want, caps)
         specs = _pipeline(chosen)
-        for _ in range(80):  # the greedy moves in discrete steps: ask for a little more until it changes
+        for _ in range(
+            80
+        ):  # the greedy moves in discrete steps: ask for a little more until it changes
             if tuple(specs) not in tried or want * 1.03 >= fail_want:
                 break
             want *= 1.03
@@ -414,8 +503,14 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
         result, rep = apply(specs)
         drop = _drop(rep)
         reached = _reached(target, rep, result, measure_latency, budget)
-        info["attempts"].append({"passes": specs, "drop": round(drop, 5), "reached": reached,
-                                 "choices": {k: f"{c.method}@{c.level:g}" for k, c in chosen.items()}})
+        info["attempts"].append(
+            {
+                "passes": specs,
+                "drop": round(drop, 5),
+                "reached": reached,
+                "choices": {k: f"{c.method}@{c.level:g}" for k, c in chosen.items()},
+            }
+        )
         if drop > max_drop:
             # less compression: the greedy takes the least damaging steps first, so a smaller
             # request drops the most damaging choices; a single all-or-nothing step (int8 of the
@@ -441,8 +536,15 @@ def search(model: ir.Model, target: Target, max_drop: float, calibration, workdi
         best = (result, rep, _reached(target, rep, result, measure_latency, budget), _drop(rep), {})
     result, rep, reached, drop, chosen = best
     met = _met(target, reached)
-    info.update({"met": met, "reached": reached, "drop": round(drop, 5),
-                 "choices": [dataclasses.asdict(c) for c in chosen.values()], "report": rep})
+    info.update(
+        {
+            "met": met,
+            "reached": reached,
+            "drop": round(drop, 5),
+            "choices": [dataclasses.asdict(c) for c in chosen.values()],
+            "report": rep,
+        }
+    )
     return result, info
 
 
@@ -463,8 +565,10 @@ def _drop(rep) -> float:
 
 def _reached(target: Target, rep, model, measure_latency, budget: Budget) -> dict[str, float]:
     """MACs and bytes as shares of the original model's; latency against the original's."""
-    out = {"macs": rep.after["macs"] / budget.orig_macs,
-           "size": (rep.after.get("bytes") or 0) / budget.orig_bytes}
+    out = {
+        "macs": rep.after["macs"] / budget.orig_macs,
+        "size": (rep.after.get("bytes") or 0) / budget.orig_bytes,
+    }
     if target.kind in ("speedup", "latency-ms"):
         ms0, ms1 = measure_latency(model)
         out.update({"speedup": ms0 / ms1, "latency-ms": ms1, "original-ms": ms0})

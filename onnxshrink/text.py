@@ -21,8 +21,16 @@ def printable(text: object) -> str:
     out = []
     for ch in str(text):
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            out.append(_SHOWN.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
-                                          if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"))
+            out.append(
+                _SHOWN.get(ch)
+                or (
+                    f"\\x{ord(ch):02x}"
+                    if ord(ch) < 0x100
+                    else f"\\u{ord(ch):04x}"
+                    if ord(ch) < 0x10000
+                    else f"\\U{ord(ch):08x}"
+                )
+            )
         else:
             out.append(ch)
     return "".join(out)

@@ -15,9 +15,8 @@ it; a lossy pass must keep the cosine with the original at or above its fidelity
 A model with quantized activations also runs in an *optimized* session -- onnxruntime's integer
 kernels, what users run -- and must agree with its run as written within rounding
 (:func:`kernels_agree`): requantizing in the kernels moves values by one step where the float
-simulation rounds the other way, a share of the quantization error itself (MobileNetV2: 1 −
-cosine 3.6e-4 against 2.4e-3 from quantizing; digits: < 1e-6 against 2e-5), while saturating
-kernels add an error of their own (MobileNetV2 on AVX2: 6.7e-3; digits: 4.4e-5).
+simulation rounds the other way, a share of the quantization error itself, while saturating
+kernels add an error of their own (the figures: docs/benchmarks.md, int8 on CPUs).
 """
 
 from __future__ import annotations
@@ -35,8 +34,18 @@ from onnxshrink.calibrate import batch_samples
 from onnxshrink.errors import first_line
 from onnxshrink.report import Fidelity
 
-__all__ = ["EXACT_TOL", "INTEGER_OPS", "KERNEL_SHARE", "Invalid", "check_file", "compare",
-           "exact_ok", "kernel_verdict", "kernels_agree", "uses_integer_kernels"]
+__all__ = [
+    "EXACT_TOL",
+    "INTEGER_OPS",
+    "KERNEL_SHARE",
+    "Invalid",
+    "check_file",
+    "compare",
+    "exact_ok",
+    "kernel_verdict",
+    "kernels_agree",
+    "uses_integer_kernels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +54,17 @@ EXACT_TOL = 1e-4
 # original, as written), and 1e-5 at least, before they count as diverging
 KERNEL_SHARE, KERNEL_FLOOR = 0.5, 1e-5
 # ops after which onnxruntime runs integer kernels (a QuantizeLinear: activations quantized)
-INTEGER_OPS = {"QuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-               "QGemm", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+INTEGER_OPS = {
+    "QuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "QGemm",
+    "DynamicQuantizeLinear",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
 
 
 class Invalid(Exception):
@@ -70,11 +88,14 @@ class Signature:
 
     def differs(self, other: Signature) -> str | None:
         if [o[0] for o in self.outputs] != [o[0] for o in other.outputs]:
-            return f"output names changed: {[o[0] for o in other.outputs]} -> {[o[0] for o in self.outputs]}"
+            before, after = [o[0] for o in other.outputs], [o[0] for o in self.outputs]
+            return f"output names changed: {before} -> {after}"
         for (name, t1, d1), (_, t2, d2) in zip(self.outputs, other.outputs):
             if t1 != t2:
                 return f"output '{name}' changed element type"
-            if len(d1) != len(d2) or any(a is not None and b is not None and a != b for a, b in zip(d1, d2)):
+            if len(d1) != len(d2) or any(
+                a is not None and b is not None and a != b for a, b in zip(d1, d2)
+            ):
                 return f"output '{name}' changed shape {list(d2)} -> {list(d1)}"
         return None
 
@@ -120,7 +141,9 @@ def compare(ref: runtime.Outputs, out: runtime.Outputs) -> Fidelity:
         for name, r in rb.items():
             o = ob[name]
             if r.shape != o.shape:
-                raise Invalid(f"output '{name}' has shape {list(o.shape)}, expected {list(r.shape)}")
+                raise Invalid(
+                    f"output '{name}' has shape {list(o.shape)}, expected {list(r.shape)}"
+                )
             if not np.issubdtype(r.dtype, np.number) or r.dtype == np.bool_:
                 mismatch = float(np.mean(r != o)) if r.size else 0.0
                 max_abs = max(max_abs, mismatch)
@@ -154,9 +177,19 @@ def compare(ref: runtime.Outputs, out: runtime.Outputs) -> Fidelity:
 def exact_ok(f: Fidelity, ref: runtime.Outputs) -> bool:
     """max |Δ| within EXACT_TOL of the output scale -- or, for outputs of a coarser float type
     (float16: one rounding step is 9.8e-4 of the value), within 4 of its rounding steps."""
-    arrays = [np.asarray(v) for b in ref for v in b.values() if np.issubdtype(np.asarray(v).dtype, np.number)]
-    ref_max = max((float(np.abs(a.astype(np.float64)).max(initial=0.0)) for a in arrays), default=0.0)
-    tol = max([EXACT_TOL] + [4 * float(np.finfo(a.dtype).eps) for a in arrays if np.issubdtype(a.dtype, np.floating)])
+    arrays = [
+        np.asarray(v)
+        for b in ref
+        for v in b.values()
+        if np.issubdtype(np.asarray(v).dtype, np.number)
+    ]
+    ref_max = max(
+        (float(np.abs(a.astype(np.float64)).max(initial=0.0)) for a in arrays), default=0.0
+    )
+    tol = max(
+        [EXACT_TOL]
+        + [4 * float(np.finfo(a.dtype).eps) for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    )
     return f.max_abs <= tol * max(1.0, ref_max)
 
 
@@ -180,8 +213,14 @@ def kernels_agree(written: Fidelity, total: Fidelity, inherited: float = 0.0) ->
     return gap <= max(KERNEL_SHARE * (1.0 - total.cosine), KERNEL_FLOOR, 1.5 * inherited)
 
 
-def kernel_verdict(written: Fidelity, total: Fidelity, cpu, unsafe: dict[str, int],
-                   for_vnni: bool, inherited: float = 0.0) -> tuple[str | None, str | None]:
+def kernel_verdict(
+    written: Fidelity,
+    total: Fidelity,
+    cpu,
+    unsafe: dict[str, int],
+    for_vnni: bool,
+    inherited: float = 0.0,
+) -> tuple[str | None, str | None]:
     """(why the pass fails, or None; a warning, or None) from the kernels' agreement with the
     model as written (``written``), its error (``total``), this ``cpu``
     (:class:`onnxshrink.cpu.CPU`) and the layers whose weights break the pair rule. A pass told
@@ -190,15 +229,21 @@ def kernel_verdict(written: Fidelity, total: Fidelity, cpu, unsafe: dict[str, in
     :func:`kernels_agree`."""
     if kernels_agree(written, total, inherited):
         return None, None
-    gap = (f"an optimized session is at 1 − cosine {1 - written.cosine:.2e} from the model "
-           f"as written, which is at {1 - total.cosine:.2e} from the original")
+    gap = (
+        f"an optimized session is at 1 − cosine {1 - written.cosine:.2e} from the model "
+        f"as written, which is at {1 - total.cosine:.2e} from the original"
+    )
     if cpu.int8 != "exact" and unsafe:
         if for_vnni:
-            return None, (f"cpu=vnni weights saturate this CPU's int8 kernels "
-                          f"({cpu.int8_kernel}) in {len(unsafe)} layers ({gap}); validated as "
-                          "written: run the model on VNNI/AMX or ARM CPUs, or quantize with "
-                          "cpu=any")
-        why = (f"integer kernels saturate on this CPU ({cpu.int8_kernel}): {len(unsafe)} layers "
-               f"have int8 weight pairs with |w_a + w_b| > 128 ({gap}); quantize with cpu=any")
+            return None, (
+                f"cpu=vnni weights saturate this CPU's int8 kernels "
+                f"({cpu.int8_kernel}) in {len(unsafe)} layers ({gap}); validated as "
+                "written: run the model on VNNI/AMX or ARM CPUs, or quantize with "
+                "cpu=any"
+            )
+        why = (
+            f"integer kernels saturate on this CPU ({cpu.int8_kernel}): {len(unsafe)} layers "
+            f"have int8 weight pairs with |w_a + w_b| > 128 ({gap}); quantize with cpu=any"
+        )
         return why, None
     return f"onnxruntime's integer kernels disagree with the model as written: {gap}", None

@@ -10,9 +10,17 @@ from hypothesis import HealthCheck, settings
 # Property tests (tests/test_properties.py): "ci" is the default, fast and derandomized so CI is
 # reproducible; "long" for local runs: pytest --hypothesis-profile=long
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
-settings.register_profile("long", max_examples=200, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile(
+    "ci",
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "long", max_examples=200, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK
+)
 settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,13 +48,18 @@ def machine_key() -> str:
 
     mlas = "avx512" if "avx512f" in cpu.this_cpu().flags else "avx2"
     simd = ([t for t in __cpu_dispatch__ if __cpu_features__.get(t)] or ["baseline"])[-1]
-    blas = sorted({str(i.get("architecture")) for i in threadpoolctl.threadpool_info()
-                   if i.get("internal_api") == "openblas"}) or ["none"]
+    blas = sorted(
+        {
+            str(i.get("architecture"))
+            for i in threadpoolctl.threadpool_info()
+            if i.get("internal_api") == "openblas"
+        }
+    ) or ["none"]
     return f"{mlas}/{simd}/{'+'.join(blas)}"
 
 
 def models() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]]:
-    """The digits CNN with its calibration digits; a small ResNet-18-style net with seeded inputs."""
+    """The digits CNN with its calibration digits; a small ResNet-18-style net, seeded inputs."""
     from models import resnet
 
     fixtures = ROOT / "models" / "fixtures"

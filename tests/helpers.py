@@ -12,7 +12,9 @@ import onnx_ir as ir
 from onnxshrink.passes.base import ShrinkPass
 
 
-def make_model(text: str, inits: dict[str, np.ndarray] | None = None, check: bool = True) -> onnx.ModelProto:
+def make_model(
+    text: str, inits: dict[str, np.ndarray] | None = None, check: bool = True
+) -> onnx.ModelProto:
     """Parses ``text``; every name in ``inits`` declared as a graph input becomes an initializer."""
     model = onnx.parser.parse_model(text)
     inits = inits or {}
@@ -31,7 +33,9 @@ def rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarra
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def ort_run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> list[np.ndarray]:
+def ort_run(
+    model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optimize: bool = False
+) -> list[np.ndarray]:
     """The model's outputs in onnxruntime, as written (optimizations off) or in an optimized
     session -- integer kernels; with ``ONNXSHRINK_TEST_CPU=Haswell`` those run on an emulated
     CPU without VNNI (:mod:`tests.emulated_cpu`), whatever this machine has."""
@@ -44,7 +48,9 @@ def ort_run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optim
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     data = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

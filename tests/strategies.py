@@ -30,7 +30,8 @@ class Net:
     description: str
 
     def __repr__(self) -> str:  # what hypothesis prints for a failing example
-        return f"Net({self.description}, input {self.input_shape}, opset {self.model.opset_import[0].version})"
+        opset = self.model.opset_import[0].version
+        return f"Net({self.description}, input {self.input_shape}, opset {opset})"
 
 
 class _Builder:
@@ -55,29 +56,63 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
         return out
 
-    def conv(self, x: str, c_in: int, c_out: int, k: int, stride: int, pad: int, dilation: int, group: int,
-             bias: bool) -> str:
+    def conv(
+        self,
+        x: str,
+        c_in: int,
+        c_out: int,
+        k: int,
+        stride: int,
+        pad: int,
+        dilation: int,
+        group: int,
+        bias: bool,
+    ) -> str:
         fan_in = c_in // group * k * k
-        w = (self.rng.standard_normal((c_out, c_in // group, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        w = (self.rng.standard_normal((c_out, c_in // group, k, k)) * np.sqrt(2.0 / fan_in)).astype(
+            np.float32
+        )
         inputs = [x, self.const(w, "W")]
         if bias:
-            inputs.append(self.const((self.rng.standard_normal(c_out) * 0.1).astype(np.float32), "b"))
-        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
-                         dilations=[dilation, dilation], group=group)
+            inputs.append(
+                self.const((self.rng.standard_normal(c_out) * 0.1).astype(np.float32), "b")
+            )
+        return self.node(
+            "Conv",
+            inputs,
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+            dilations=[dilation, dilation],
+            group=group,
+        )
 
     def batchnorm(self, x: str, c: int) -> str:
         r = self.rng
-        return self.node("BatchNormalization", [
-            x, self.const((1 + 0.2 * r.standard_normal(c)).astype(np.float32), "gamma"),
-            self.const((0.1 * r.standard_normal(c)).astype(np.float32), "beta"),
-            self.const((0.1 * r.standard_normal(c)).astype(np.float32), "mean"),
-            self.const((0.5 + r.random(c)).astype(np.float32), "var")], epsilon=1e-5)
+        return self.node(
+            "BatchNormalization",
+            [
+                x,
+                self.const((1 + 0.2 * r.standard_normal(c)).astype(np.float32), "gamma"),
+                self.const((0.1 * r.standard_normal(c)).astype(np.float32), "beta"),
+                self.const((0.1 * r.standard_normal(c)).astype(np.float32), "mean"),
+                self.const((0.5 + r.random(c)).astype(np.float32), "var"),
+            ],
+            epsilon=1e-5,
+        )
 
     def activation(self, x: str, kind: str) -> str:
         if kind == "relu":
             return self.node("Relu", [x])
         if kind == "relu6":
-            return self.node("Clip", [x, self.const(np.array(0, np.float32), "lo"), self.const(np.array(6, np.float32), "hi")])
+            return self.node(
+                "Clip",
+                [
+                    x,
+                    self.const(np.array(0, np.float32), "lo"),
+                    self.const(np.array(6, np.float32), "hi"),
+                ],
+            )
         if kind == "leaky":
             return self.node("LeakyRelu", [x], alpha=0.1)
         if kind == "sigmoid":
@@ -103,9 +138,17 @@ def _conv_spec(draw, c_in: int, size: int, *, keep_shape: bool = False):
         c_out, group = 2 * draw(st.integers(1, 8)), 2
     else:
         c_out, group = draw(st.integers(2, 20)), 1
-    return {"k": k, "stride": stride, "pad": pad, "dilation": dilation, "group": group, "c_out": c_out,
-            "bias": draw(st.booleans()), "bn": draw(st.booleans()),
-            "act": draw(st.sampled_from(["relu", "relu", "relu6", "leaky", "none"]))}
+    return {
+        "k": k,
+        "stride": stride,
+        "pad": pad,
+        "dilation": dilation,
+        "group": group,
+        "c_out": c_out,
+        "bias": draw(st.booleans()),
+        "bn": draw(st.booleans()),
+        "act": draw(st.sampled_from(["relu", "relu", "relu6", "leaky", "none"])),
+    }
 
 
 def _out_size(size: int, s: dict) -> int:
@@ -114,7 +157,9 @@ def _out_size(size: int, s: dict) -> int:
 
 
 def _apply_conv(b: _Builder, x: str, c: int, s: dict) -> tuple[str, int]:
-    y = b.conv(x, c, s["c_out"], s["k"], s["stride"], s["pad"], s["dilation"], s["group"], s["bias"])
+    y = b.conv(
+        x, c, s["c_out"], s["k"], s["stride"], s["pad"], s["dilation"], s["group"], s["bias"]
+    )
     if s["bn"]:
         y = b.batchnorm(y, s["c_out"])
     return b.activation(y, s["act"]), s["c_out"]
@@ -184,14 +229,23 @@ def cnn_models(draw, max_blocks: int = 4) -> Net:
             feats = c * size * size
         x = b.node("Flatten", [x], axis=1)
         w = (b.rng.standard_normal((classes, feats)) * np.sqrt(1.0 / feats)).astype(np.float32)
-        y = b.node("Gemm", [x, b.const(w, "fc"), b.const(np.zeros(classes, np.float32), "fcb")], transB=1)
+        y = b.node(
+            "Gemm", [x, b.const(w, "fc"), b.const(np.zeros(classes, np.float32), "fcb")], transB=1
+        )
         out_shape = ["N" if dynamic else 2, classes]
     b.parts.append(head)
     final = helper.make_node("Identity", [y], ["output"], name="output_identity")
     graph = helper.make_graph(
-        [*b.nodes, final], "generated",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N" if dynamic else 2, *input_shape[1:]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], b.inits)
+        [*b.nodes, final],
+        "generated",
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["N" if dynamic else 2, *input_shape[1:]]
+            )
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
+        b.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = IR_FOR_OPSET[opset]
     onnx.checker.check_model(model, full_check=True)

@@ -94,10 +94,14 @@ def test_image_folder(tmp_path):
 
     rng = np.random.default_rng(0)
     for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40 + i * 10, 60, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40 + i * 10, 60, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
     (tmp_path / "notes.txt").write_text("ignored")
     specs = _specs("float[N, 3, 32, 32] x")
-    ds = load_data(str(tmp_path), specs, images=ImageOptions(mean="0.5,0.5,0.5", std="0.25,0.25,0.25"))
+    ds = load_data(
+        str(tmp_path), specs, images=ImageOptions(mean="0.5,0.5,0.5", std="0.25,0.25,0.25")
+    )
     x = ds.arrays["x"]
     assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32
     assert -2.0 - 1e-6 <= x.min() and x.max() <= 2.0 + 1e-6  # (v - 0.5) / 0.25 for v in [0, 1]

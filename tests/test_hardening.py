@@ -54,8 +54,14 @@ def external_model(tmp_path, digits_model) -> Path:
     folder = tmp_path / "ext"
     folder.mkdir()
     m = onnx.load(str(digits_model))
-    onnx.save(m, str(folder / "model.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        m,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return folder / "model.onnx"
 
 
@@ -69,19 +75,30 @@ def test_reports_never_replace_the_input_or_the_output(report_at, external_model
     out = tmp_path / "out.onnx"
     data = external_model.parent / "weights.bin"
     html = tmp_path / "r.html"
-    target = {"input": external_model, "input-data": data, "output": out,
-              "other-report": html}[report_at]
+    target = {"input": external_model, "input-data": data, "output": out, "other-report": html}[
+        report_at
+    ]
     before = _snapshot(external_model, data, out, html)
-    proc = run_cli("compress", str(external_model), "-o", str(out), "--report", str(target),
-                   "--report-html", str(html), "-q")
+    proc = run_cli(
+        "compress",
+        str(external_model),
+        "-o",
+        str(out),
+        "--report",
+        str(target),
+        "--report-html",
+        str(html),
+        "-q",
+    )
     _assert_one_line_error(proc, 2, "would overwrite")
     assert _snapshot(external_model, data, out, html) == before  # nothing written, nothing replaced
 
 
 def test_report_into_a_missing_folder_is_refused_before_the_model_is_written(user_model, tmp_path):
     out = tmp_path / "out.onnx"
-    proc = run_cli("compress", str(user_model), "-o", str(out),
-                   "--report", str(tmp_path / "no" / "r.json"))
+    proc = run_cli(
+        "compress", str(user_model), "-o", str(out), "--report", str(tmp_path / "no" / "r.json")
+    )
     _assert_one_line_error(proc, 2, "does not exist")
     assert not out.exists()
 
@@ -105,9 +122,13 @@ def test_reports_get_the_permissions_the_umask_gives(user_model, tmp_path):
     assert stat.S_IMODE(rep.stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
-
 # -- 3. names are text ----------------------------------------------------------------------
-_HOSTILE = ["conv[/x]", "[bold]b\x1b[31mred\x1b]0;title\x07", "conv$\\frac{$", "two\nlines\u202egnp.exe"]
+_HOSTILE = [
+    "conv[/x]",
+    "[bold]b\x1b[31mred\x1b]0;title\x07",
+    "conv$\\frac{$",
+    "two\nlines\u202egnp.exe",
+]
 
 
 def _hostile_model(digits_model: Path, folder: Path) -> Path:
@@ -134,8 +155,19 @@ def test_names_and_paths_are_printed_as_literal_text(digits_model, digits_calib,
     assert "conv[/x]" in proc.stdout and "[bold]b\\x1b[31mred\\x1b]0;title\\x07" in proc.stdout
     assert "two\\nlines\\u202egnp.exe" in proc.stdout and "m[bold].onnx" in proc.stdout
     out, html = tmp_path / "[/]dir" / "o[b].onnx", tmp_path / "[/]dir" / "r$\\frac{$.html"
-    proc = run_cli("compress", str(path), "-o", str(out), "-p", "quantize", "--data", str(digits_calib),
-                   "--report-html", str(html), "--verbose")
+    proc = run_cli(
+        "compress",
+        str(path),
+        "-o",
+        str(out),
+        "-p",
+        "quantize",
+        "--data",
+        str(digits_calib),
+        "--report-html",
+        str(html),
+        "--verbose",
+    )
     assert proc.returncode == 0, proc.stderr[-500:]
     _no_raw_controls(proc)
     assert f"wrote {out}" in proc.stdout and "m[bold].onnx" in proc.stdout
@@ -153,17 +185,24 @@ def test_an_input_name_cannot_add_lines_to_an_error(digits_model, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
     np.savez(tmp_path / "d.npz", image=np.zeros((4, 1, 8, 8), np.float32))  # no array for the input
-    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npz"))
+    proc = run_cli(
+        "compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npz")
+    )
     _assert_one_line_error(proc, 2, "input\\nerror: all is fine\\x1b[2J")
     _no_raw_controls(proc)
 
 
 # -- 4. bad input is exit 2 and one line, never an internal error ---------------------------
-def _tiny(tmp_path: Path, body: str = "y = Relu (x)", dims: str = "N, 4", name: str = "m.onnx") -> Path:
+def _tiny(
+    tmp_path: Path, body: str = "y = Relu (x)", dims: str = "N, 4", name: str = "m.onnx"
+) -> Path:
     from tests.helpers import make_model
 
-    m = make_model(f"""<ir_version: 8, opset_import: ["" : 17]>
-g (float[{dims}] x) => (float[{dims}] y) {{ {body} }}""", check=False)
+    m = make_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[{dims}] x) => (float[{dims}] y) {{ {body} }}""",
+        check=False,
+    )
     path = tmp_path / name
     onnx.save(m, str(path))
     return path
@@ -180,7 +219,10 @@ def test_names_that_are_not_utf8_are_refused(tmp_path):
     m = onnx.load(str(path))
     m.graph.node[0].name = "RELUNODE"
     path.write_bytes(m.SerializeToString().replace(b"RELUNODE", b"RELU\xff\xfeDE"))
-    for args in (["compress", str(path), "-o", str(tmp_path / "o.onnx")], ["inspect", str(path), "--all"]):
+    for args in (
+        ["compress", str(path), "-o", str(tmp_path / "o.onnx")],
+        ["inspect", str(path), "--all"],
+    ):
         _assert_one_line_error(run_cli(*args), 2, "not valid UTF-8")
 
 
@@ -190,7 +232,9 @@ def test_input_dims_random_data_cannot_fill(dim, tmp_path):
     m = onnx.load(str(path))
     m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = dim
     onnx.save(m, str(path))
-    _assert_one_line_error(run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx")), 2, "random data")
+    _assert_one_line_error(
+        run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx")), 2, "random data"
+    )
 
 
 @pytest.mark.parametrize("n", ["10000000", "99999999999999999999"])
@@ -215,11 +259,22 @@ def test_a_report_that_cannot_be_written_is_one_line(user_model, tmp_path, monke
 
     real = shrink_io.atomic_text
     monkeypatch.setattr(shrink_io.os, "fdopen", full)  # the report's write fails, not the model's
-    code = cli_main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--report",
-                     str(tmp_path / "r.json"), "-q"])
+    code = cli_main(
+        [
+            "compress",
+            str(user_model),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--report",
+            str(tmp_path / "r.json"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
-    assert real is shrink_io.atomic_text and not list(tmp_path.glob(".r.json*"))  # no temporary left
+    assert real is shrink_io.atomic_text and not list(
+        tmp_path.glob(".r.json*")
+    )  # no temporary left
 
 
 def test_pillow_decompression_bomb_warning_stays_off_stderr(tmp_path, monkeypatch, recwarn):
@@ -248,13 +303,16 @@ def _npz_claiming(path: Path, key: str, shape: tuple[int, ...]) -> None:
     import zipfile
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(f"{key}.npy", buf.getvalue() + b"\0" * 64)
 
 
-@pytest.mark.parametrize("shape, needle", [((30_000_000, 1, 32, 32), "GiB of arrays"),
-                                           ((3, 8, 8), "got shape")])
+@pytest.mark.parametrize(
+    "shape, needle", [((30_000_000, 1, 32, 32), "GiB of arrays"), ((3, 8, 8), "got shape")]
+)
 def test_npz_headers_are_checked_before_decompressing(shape, needle, user_model, tmp_path):
     data = tmp_path / "bomb.npz"
     _npz_claiming(data, "input", shape)
@@ -273,8 +331,17 @@ def test_image_folder_reads_a_bounded_number_of_regular_files(tmp_path):
         Image.new("RGB", (20, 20), (i % 256, 0, 0)).save(folder / f"{i:05d}.png")
     os.mkfifo(folder / "a.png")  # reading it would block forever
     path = _tiny(tmp_path, dims="N, 3, 16, 16")
-    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(folder),
-                   "--report", str(tmp_path / "r.json"), "-q")
+    proc = run_cli(
+        "compress",
+        str(path),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--data",
+        str(folder),
+        "--report",
+        str(tmp_path / "r.json"),
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 
@@ -288,8 +355,11 @@ def test_a_closed_pipe_ends_quietly(digits_model):
     import sys
 
     for args in (["inspect", str(digits_model), "--json"], ["passes", "--json"]):
-        p = subprocess.Popen([sys.executable, "-m", "onnxshrink", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "onnxshrink", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         p.stdout.close()  # like `| head -0`: the reader is gone before the first line
         err = p.stderr.read().decode()
         assert p.wait(timeout=120) == 0 and err == "", err
@@ -305,15 +375,31 @@ def test_a_single_spec_string_is_one_pass(digits_model):
 def test_data_of_another_float_width_is_converted_and_noted(user_model, tmp_path, digits_calib):
     x = np.load(digits_calib)["input"].astype(np.float64)
     np.save(tmp_path / "x.npy", x)
-    proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data",
-                   str(tmp_path / "x.npy"), "--report", str(tmp_path / "r.json"), "-q")
+    proc = run_cli(
+        "compress",
+        str(user_model),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
     assert any("given as float64, converted to float32" in n for n in notes), notes
     np.save(tmp_path / "i.npy", x.astype(np.int64))
-    proc = run_cli("compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "i.npy"))
+    proc = run_cli(
+        "compress",
+        str(user_model),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--data",
+        str(tmp_path / "i.npy"),
+    )
     _assert_one_line_error(proc, 2, "got dtype int64")
 
 
@@ -331,7 +417,9 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(user_model, tmp_path)
 
 
 # -- 9. messages ----------------------------------------------------------------------------
-def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp_path, monkeypatch, capsys):
+def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(
+    user_model, tmp_path, monkeypatch, capsys
+):
     import dataclasses
     from typing import ClassVar
 
@@ -346,8 +434,17 @@ def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp
             raise RuntimeError("the first line ends here:\n  and the part that says what to do")
 
     monkeypatch.setitem(REGISTRY, "test-raises", Raises)
-    code = cli_main(["compress", str(user_model), "-o", str(tmp_path / "o.onnx"), "-p", "test-raises",
-                     "--verbose"])
+    code = cli_main(
+        [
+            "compress",
+            str(user_model),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "-p",
+            "test-raises",
+            "--verbose",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "the first line ends here: and the part that says what to do" in out
@@ -357,12 +454,16 @@ def test_verbose_shows_where_a_pass_raised_and_reasons_are_whole(user_model, tmp
 def test_a_model_no_pass_changed_is_written_byte_identical(tmp_path):
     path = _tiny(tmp_path)
     out = tmp_path / "o.onnx"
-    proc = run_cli("compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q")
+    proc = run_cli(
+        "compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q"
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == path.read_bytes()
     import json
 
-    assert "the output is a copy of the input" in " ".join(json.loads((tmp_path / "r.json").read_text())["notes"])
+    assert "the output is a copy of the input" in " ".join(
+        json.loads((tmp_path / "r.json").read_text())["notes"]
+    )
 
 
 # -- 7. nothing hangs ------------------------------------------------------------------------
@@ -371,14 +472,29 @@ def _endless_loop(path: Path) -> Path:
     from onnx import helper as h
 
     body = h.make_graph(
-        [h.make_node("Add", ["x_in", "one"], ["x_out"]), h.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "body", [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-                 h.make_tensor_value_info("x_in", T.FLOAT, [None, 4])],
-        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("x_out", T.FLOAT, [None, 4])],
-        [h.make_tensor("one", T.FLOAT, [], [1.0])])
-    g = h.make_graph([h.make_node("Loop", ["M", "", "x"], ["y"], body=body, name="loop")], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, [None, 4])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [None, 4])], [h.make_tensor("M", T.INT64, [], [10**12])])
+        [
+            h.make_node("Add", ["x_in", "one"], ["x_out"]),
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("x_in", T.FLOAT, [None, 4]),
+        ],
+        [
+            h.make_tensor_value_info("cond_out", T.BOOL, []),
+            h.make_tensor_value_info("x_out", T.FLOAT, [None, 4]),
+        ],
+        [h.make_tensor("one", T.FLOAT, [], [1.0])],
+    )
+    g = h.make_graph(
+        [h.make_node("Loop", ["M", "", "x"], ["y"], body=body, name="loop")],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [None, 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, [None, 4])],
+        [h.make_tensor("M", T.INT64, [], [10**12])],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.save(m, str(path))
@@ -395,7 +511,9 @@ def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, caps
     t0 = time.perf_counter()
     code = cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "did not finish a validation batch within 2 s" in err[0], err
+    assert (
+        code == 2 and len(err) == 1 and "did not finish a validation batch within 2 s" in err[0]
+    ), err
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "o.onnx").exists()
 
 
@@ -406,9 +524,19 @@ def _tiled(tmp_path: Path, reps: int) -> Path:
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    g = h.make_graph([h.make_node("Tile", ["C", "R"], ["T"], name="tile"), h.make_node("Gather", ["T", "idx"], ["y"])],
-                     "g", [h.make_tensor_value_info("idx", T.INT64, ["N"])], [h.make_tensor_value_info("y", T.FLOAT, ["N"])],
-                     [nh.from_array(np.arange(1000, dtype=np.float32), "C"), nh.from_array(np.array([reps], np.int64), "R")])
+    g = h.make_graph(
+        [
+            h.make_node("Tile", ["C", "R"], ["T"], name="tile"),
+            h.make_node("Gather", ["T", "idx"], ["y"]),
+        ],
+        "g",
+        [h.make_tensor_value_info("idx", T.INT64, ["N"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N"])],
+        [
+            nh.from_array(np.arange(1000, dtype=np.float32), "C"),
+            nh.from_array(np.array([reps], np.int64), "R"),
+        ],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     m.ir_version = 8
     path = tmp_path / f"tiled{reps}.onnx"
@@ -424,9 +552,13 @@ def test_a_constant_folding_bomb_is_not_folded(reps, tmp_path):
     path = _tiled(tmp_path, reps)
     out = tmp_path / "o.onnx"
     t0 = time.perf_counter()
-    proc = run_cli("compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q")
+    proc = run_cli(
+        "compress", str(path), "-o", str(out), "--report", str(tmp_path / "r.json"), "-q"
+    )
     assert proc.returncode == 0, proc.stderr
-    assert time.perf_counter() - t0 < 60 and out.stat().st_size < 10_000  # was 40 MB / 697 s and SIGSEGV
+    assert (
+        time.perf_counter() - t0 < 60 and out.stat().st_size < 10_000
+    )  # was 40 MB / 697 s and SIGSEGV
     simplify = json.loads((tmp_path / "r.json").read_text())["passes"][0]
     assert simplify["status"] == "unchanged"
     assert f"tile makes a constant of {reps * 1000:,} elements" in simplify["skipped"][0]["reason"]
@@ -437,11 +569,22 @@ def test_a_simplify_that_grows_the_model_is_discarded(tmp_path):
     import json
 
     path = _tiled(tmp_path, 1_000)
-    proc = run_cli("compress", str(path), "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "-q")
+    proc = run_cli(
+        "compress",
+        str(path),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     simplify = json.loads((tmp_path / "r.json").read_text())["passes"][0]
     assert simplify["status"] == "unchanged", simplify
-    assert "constant folding grew the model's tensors from 4,008 to 4,000,000 bytes" in simplify["skipped"][0]["reason"]
+    assert (
+        "constant folding grew the model's tensors from 4,008 to 4,000,000 bytes"
+        in simplify["skipped"][0]["reason"]
+    )
 
 
 def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkeypatch):
@@ -454,10 +597,16 @@ def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkey
     from onnxshrink import sandbox
 
     crash = "import os, signal, sys; sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)"
-    fake = subprocess.Popen([sys.executable, "-c", crash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", crash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     monkeypatch.setattr(sandbox, "_WORKER", fake)
-    out, rep = onnxshrink.compress(str(user_model), ["simplify", "fold-batchnorm"], output=tmp_path / "o.onnx")
-    assert rep.passes[0].status == "rolled-back" and "onnxsim crashed" in rep.passes[0].reason, rep.passes[0]
+    out, rep = onnxshrink.compress(
+        str(user_model), ["simplify", "fold-batchnorm"], output=tmp_path / "o.onnx"
+    )
+    assert rep.passes[0].status == "rolled-back" and "onnxsim crashed" in rep.passes[0].reason, (
+        rep.passes[0]
+    )
     assert rep.passes[1].status == "applied" and out.exists()  # the compiler went on
 
 
@@ -469,7 +618,10 @@ def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, m
 
     out = tmp_path / "out.onnx"
     x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
-    assert cli_main(["compress", str(external_model), "-o", str(out), "-p", "fold-batchnorm", "-q"]) == 0
+    assert (
+        cli_main(["compress", str(external_model), "-o", str(out), "-p", "fold-batchnorm", "-q"])
+        == 0
+    )
     first = ort_run(str(out), {"input": x})[0]
     (old_data,) = tmp_path.glob("out.onnx.*.data")
     real, calls = os.replace, []
@@ -481,12 +633,19 @@ def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, m
         return real(src, dst)
 
     monkeypatch.setattr(shrink_io.os, "replace", killed_before_the_model)
-    code = cli_main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"])
+    code = cli_main(
+        ["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"]
+    )
     monkeypatch.setattr(shrink_io.os, "replace", real)
-    assert code == 2 and [Path(c).name for c in calls if Path(c).parent == tmp_path][-1] == "out.onnx"
+    assert (
+        code == 2 and [Path(c).name for c in calls if Path(c).parent == tmp_path][-1] == "out.onnx"
+    )
     np.testing.assert_array_equal(ort_run(str(out), {"input": x})[0], first)  # the old pair, whole
     assert len(list(tmp_path.glob("out.onnx.*.data"))) == 2  # the new run's data, orphaned
-    assert cli_main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"]) == 0
+    assert (
+        cli_main(["compress", str(external_model), "-o", str(out), "-p", "prune:ratio=0.5", "-q"])
+        == 0
+    )
     (data,) = tmp_path.glob("out.onnx.*.data")  # only the data the new model names
     assert data != old_data and not np.array_equal(ort_run(str(out), {"input": x})[0], first)
     capsys.readouterr()

@@ -28,7 +28,9 @@ def test_constant_weights_become_initializers():
     assert set(graph.initializers) == {"W", "b"}
     out = ir.to_proto(loaded.model)
     x = rand(np.random.default_rng(0), 1, 3, 4, 4)
-    np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(make_model(_CONST_MODEL), {"x": x})[0])
+    np.testing.assert_allclose(
+        ort_run(out, {"x": x})[0], ort_run(make_model(_CONST_MODEL), {"x": x})[0]
+    )
 
 
 def test_load_kinds_are_private_copies(digits_model):
@@ -88,7 +90,9 @@ def test_external_data_round_trip(tmp_path):
     io.save(loaded.model, out, protect=loaded.protected_paths)
     assert len(list(out.parent.glob("copy.onnx.*.data"))) == 1  # kept external, next to the model
     ids = np.array([[0, 7]], np.int64)
-    np.testing.assert_array_equal(ort_run(str(out), {"ids": ids})[0], ort_run(str(path), {"ids": ids})[0])
+    np.testing.assert_array_equal(
+        ort_run(str(out), {"ids": ids})[0], ort_run(str(path), {"ids": ids})[0]
+    )
     # refuses to overwrite the input's external data
     with pytest.raises(OutputError, match="overwrite"):
         io.save(loaded.model, tmp_path / "model.onnx", protect=loaded.protected_paths)

@@ -24,9 +24,13 @@ def _model(tmp_path):
     }}"""
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(0)
-    for name, arr in {"W": rand(rng, 4, 3, 3, 3), "gamma": rng.uniform(0.5, 1.5, 4).astype(np.float32),
-                      "beta": rand(rng, 4), "mean": rand(rng, 4),
-                      "var": rng.uniform(0.5, 1.5, 4).astype(np.float32)}.items():
+    for name, arr in {
+        "W": rand(rng, 4, 3, 3, 3),
+        "gamma": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+        "beta": rand(rng, 4),
+        "mean": rand(rng, 4),
+        "var": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+    }.items():
         model.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
     t = onnx.TensorProto(name="table", data_type=onnx.TensorProto.FLOAT, dims=[ROWS, COLS])
     t.data_location = onnx.TensorProto.EXTERNAL

@@ -21,11 +21,17 @@ def _imports(path: Path) -> set[str]:
 
 def test_no_pass_imports_validate_or_runtime():
     banned = {"onnxshrink.validate", "onnxshrink.runtime"}
-    offenders = {str(p.relative_to(PACKAGE)): sorted(_imports(p) & banned)
-                 for p in (PACKAGE / "passes").rglob("*.py") if _imports(p) & banned}
+    offenders = {
+        str(p.relative_to(PACKAGE)): sorted(_imports(p) & banned)
+        for p in (PACKAGE / "passes").rglob("*.py")
+        if _imports(p) & banned
+    }
     assert offenders == {}
 
 
 def test_quantization_steps_are_small_modules():
-    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "passes" / "quantize").glob("*.py")}
+    sizes = {
+        p.name: len(p.read_text().splitlines())
+        for p in (PACKAGE / "passes" / "quantize").glob("*.py")
+    }
     assert len(sizes) >= 8 and max(sizes.values()) <= 250, sizes

@@ -15,7 +15,7 @@ def _stats(text, inits):
 
 
 def _layer(stats, op):
-    return [l for l in stats.layers if l.op_type == op]
+    return [lay for lay in stats.layers if lay.op_type == op]
 
 
 def test_resnet_basic_block_hand_count():
@@ -31,12 +31,14 @@ def test_resnet_basic_block_hand_count():
         s = Add (k, x)
         y = Relu (s)
     }"""
-    st = _stats(text, {"W1": rand(rng, 64, 64, 3, 3), "b1": rand(rng, 64), "W2": rand(rng, 64, 64, 3, 3)})
+    st = _stats(
+        text, {"W1": rand(rng, 64, 64, 3, 3), "b1": rand(rng, 64), "W2": rand(rng, 64, 64, 3, 3)}
+    )
     per_conv = 56 * 56 * 64 * 64 * 9  # 115,605,504
-    assert [l.macs for l in _layer(st, "Conv")] == [per_conv, per_conv]
+    assert [lay.macs for lay in _layer(st, "Conv")] == [per_conv, per_conv]
     assert st.macs == 2 * per_conv == 231_211_008
     assert st.params == 2 * 64 * 64 * 9 + 64 == 73_792
-    assert [l.params for l in _layer(st, "Conv")] == [64 * 64 * 9 + 64, 64 * 64 * 9]
+    assert [lay.params for lay in _layer(st, "Conv")] == [64 * 64 * 9 + 64, 64 * 64 * 9]
 
 
 def test_strided_conv_downsample():
@@ -44,13 +46,14 @@ def test_strided_conv_downsample():
     rng = np.random.default_rng(1)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 64, 56, 56] x, float[128, 64, 3, 3] W, float[128, 64, 1, 1] S) => (float[1, 128, 28, 28] y) {
+    g (float[1, 64, 56, 56] x, float[128, 64, 3, 3] W, float[128, 64, 1, 1] S) => (float[1, 128,
+        28, 28] y) {
         a = Conv <strides = [2, 2], pads = [1, 1, 1, 1]> (x, W)
         b = Conv <strides = [2, 2]> (x, S)
         y = Add (a, b)
     }"""
     st = _stats(text, {"W": rand(rng, 128, 64, 3, 3), "S": rand(rng, 128, 64, 1, 1)})
-    assert [l.macs for l in _layer(st, "Conv")] == [28 * 28 * 128 * 64 * 9, 28 * 28 * 128 * 64]
+    assert [lay.macs for lay in _layer(st, "Conv")] == [28 * 28 * 128 * 64 * 9, 28 * 28 * 128 * 64]
     assert st.macs == 57_802_752 + 6_422_528
 
 
@@ -59,7 +62,8 @@ def test_depthwise_and_pointwise():
     rng = np.random.default_rng(2)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 32, 112, 112] x, float[32, 1, 3, 3] D, float[16, 32, 1, 1] P) => (float[1, 16, 112, 112] y) {
+    g (float[1, 32, 112, 112] x, float[32, 1, 3, 3] D, float[16, 32, 1, 1] P) => (float[1, 16, 112,
+        112] y) {
         d = Conv <group = 32, pads = [1, 1, 1, 1]> (x, D)
         r = Clip (d)
         y = Conv (r, P)
@@ -112,7 +116,8 @@ def test_batched_and_broadcast_matmul():
     rng = np.random.default_rng(6)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[2, 3, 10, 16] q, float[2, 3, 16, 12] k, float[16, 32] W) => (float[2, 3, 10, 12] s, float[2, 3, 10, 32] p) {
+    g (float[2, 3, 10, 16] q, float[2, 3, 16, 12] k, float[16, 32] W) => (float[2, 3, 10, 12] s,
+        float[2, 3, 10, 32] p) {
         s = MatMul (q, k)
         p = MatMul (q, W)
     }"""
@@ -150,17 +155,21 @@ def test_digits_model_totals(digits_model):
     from onnxshrink import io
 
     st = metrics.model_stats(io.load(digits_model).model, with_bytes=False)
-    convs = [l for l in st.layers if l.op_type == "Conv"]
+    convs = [lay for lay in st.layers if lay.op_type == "Conv"]
     # stem 32×32×16×1×9, two 16->16 convs, stride-2 16->32, dw 32, pw 32->32, stride-2 32->64,
     # two 64->64, dw 64, pw 64->64
     expected = [
         32 * 32 * 16 * 9,
-        32 * 32 * 16 * 16 * 9, 32 * 32 * 16 * 16 * 9,
+        32 * 32 * 16 * 16 * 9,
+        32 * 32 * 16 * 16 * 9,
         16 * 16 * 32 * 16 * 9,
-        16 * 16 * 32 * 9, 16 * 16 * 32 * 32,
+        16 * 16 * 32 * 9,
+        16 * 16 * 32 * 32,
         8 * 8 * 64 * 32 * 9,
-        8 * 8 * 64 * 64 * 9, 8 * 8 * 64 * 64 * 9,
-        8 * 8 * 64 * 9, 8 * 8 * 64 * 64,
+        8 * 8 * 64 * 64 * 9,
+        8 * 8 * 64 * 64 * 9,
+        8 * 8 * 64 * 9,
+        8 * 8 * 64 * 64,
     ]
-    assert [l.macs for l in convs] == expected
+    assert [lay.macs for lay in convs] == expected
     assert st.macs == sum(expected) + 64 * 10

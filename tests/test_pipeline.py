@@ -83,14 +83,18 @@ def model(digits_model):
 
 
 def test_corrupting_exact_pass_is_rolled_back(model, digits_calib):
-    out, report = onnxshrink.compress(model, ["fold-batchnorm", CorruptPass()], data=str(digits_calib))
+    out, report = onnxshrink.compress(
+        model, ["fold-batchnorm", CorruptPass()], data=str(digits_calib)
+    )
     fold, corrupt = report.passes
     assert fold.status == "applied"
     assert corrupt.status == "rolled-back"
     assert "exact pass changed the outputs" in corrupt.reason
     # the result is the model after fold-batchnorm: same outputs as the original
     x = np.load(digits_calib)["input"][:8]
-    np.testing.assert_allclose(ort_run(out, {"input": x})[0], ort_run(model, {"input": x})[0], atol=1e-4)
+    np.testing.assert_allclose(
+        ort_run(out, {"input": x})[0], ort_run(model, {"input": x})[0], atol=1e-4
+    )
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
 
 
@@ -131,7 +135,11 @@ def test_unchanged_pass_and_report_json(model):
     out, report = onnxshrink.compress(model, ["fold-batchnorm", "fold-batchnorm"])
     assert [p.status for p in report.passes] == ["applied", "unchanged"]
     d = report.to_dict()
-    assert set(d["before"]) >= {"params", "macs", "bytes"} and set(d["after"]) >= {"params", "macs", "bytes"}
+    assert set(d["before"]) >= {"params", "macs", "bytes"} and set(d["after"]) >= {
+        "params",
+        "macs",
+        "bytes",
+    }
     p = d["passes"][0]
     assert set(p) >= {"name", "options", "status", "seconds", "changed", "skipped", "fidelity"}
     assert set(p["fidelity"]) >= {"cosine", "max_abs", "top1_agreement"}
@@ -169,7 +177,14 @@ def test_registry_names_match_design():
 def _fid(cosine: float):
     from onnxshrink.report import Fidelity
 
-    return Fidelity(cosine=cosine, cosine_min=cosine, max_abs=0.0, rel_max_abs=0.0, top1_agreement=None, samples=8)
+    return Fidelity(
+        cosine=cosine,
+        cosine_min=cosine,
+        max_abs=0.0,
+        rel_max_abs=0.0,
+        top1_agreement=None,
+        samples=8,
+    )
 
 
 def test_kernel_verdict():
@@ -177,18 +192,31 @@ def test_kernel_verdict():
     from onnxshrink.validate import kernel_verdict
 
     avx2 = CPU("test", "x86_64", frozenset({"avx2"}))
-    vnni = CPU("test", "x86_64", frozenset({"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}))
+    vnni = CPU(
+        "test",
+        "x86_64",
+        frozenset({"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}),
+    )
     quantized = _fid(1 - 2.4e-3)  # MobileNetV2 int8 against fp32
     # requantization rounding (MobileNetV2: 3.6e-4) is within half the quantization error
     assert kernel_verdict(_fid(1 - 3.6e-4), quantized, avx2, {"conv": 3}, False) == (None, None)
     # saturation (MobileNetV2 on AVX2: 6.7e-3) is not
     failure, warning = kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3, "b": 1}, False)
-    assert failure.startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 2 layers") and warning is None
-    failure, warning = kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, True)  # cpu=vnni asked for
+    assert (
+        failure.startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 2 layers")
+        and warning is None
+    )
+    failure, warning = kernel_verdict(
+        _fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, True
+    )  # cpu=vnni asked for
     assert failure is None and "cpu=vnni weights saturate" in warning
-    failure, _ = kernel_verdict(_fid(1 - 6.7e-3), quantized, vnni, {"a": 3}, False)  # not saturation: another bug
+    failure, _ = kernel_verdict(
+        _fid(1 - 6.7e-3), quantized, vnni, {"a": 3}, False
+    )  # not saturation: another bug
     assert failure.startswith("onnxruntime's integer kernels disagree with the model as written")
-    assert kernel_verdict(_fid(1 - 2e-5), _fid(1.0), avx2, {"a": 1}, False)[0] is not None  # floor 1e-5
+    assert (
+        kernel_verdict(_fid(1 - 2e-5), _fid(1.0), avx2, {"a": 1}, False)[0] is not None
+    )  # floor 1e-5
     # an int8 input that already saturated here (its gap 6e-3) is not the next pass's doing
     assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 6e-3) == (None, None)
     assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 4e-3)[0] is not None
@@ -237,7 +265,8 @@ class Widen(ShrinkPass):
             w, b = (i.producer() for i in conv.inputs[1:3])
             q = const_array(w.inputs[0])
             grow = 127 / np.abs(q).reshape(len(q), -1).max(1).astype(np.float64)
-            rescale(w.inputs[0], np.clip(np.round(q * grow[:, None, None, None]), -127, 127), 1, np.int8)
+            grown = np.clip(np.round(q * grow[:, None, None, None]), -127, 127)
+            rescale(w.inputs[0], grown, 1, np.int8)
             rescale(w.inputs[1], const_array(w.inputs[1]).astype(np.float64), 1 / grow, np.float32)
             # the int32 bias keeps scale s_x * s_w, or onnxruntime does not fuse the Conv
             rescale(b.inputs[0], np.round(const_array(b.inputs[0]) * grow), 1, np.int32)
@@ -247,7 +276,8 @@ class Widen(ShrinkPass):
 int8, qdq, data = sys.argv[1:4]
 out = {}
 _, rep = onnxshrink.compress(onnx.load(int8), [Widen()], data=data)
-out["widen"] = [rep.passes[0].status, rep.passes[0].reason, rep.passes[0].kernels, rep.passes[0].fidelity.cosine if rep.passes[0].fidelity else None]
+p = rep.passes[0]
+out["widen"] = [p.status, p.reason, p.kernels, p.fidelity.cosine if p.fidelity else None]
 _, rep = onnxshrink.compress(onnx.load(qdq), ["fold-qdq"], data=data)
 out["fold"] = [rep.passes[0].status, rep.passes[0].reason, rep.warnings]
 print(json.dumps(out))
@@ -279,11 +309,15 @@ def test_saturating_weights_are_caught_on_avx2(tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     # large weights with one sign per pair of input channels (the signs of pairs alternate, so
     # outputs stay in range); inputs spread over the uint8 range: many pair sums overflow int16
-    w = (np.abs(rng.standard_normal((16, 16, 1, 1))) + 0.5) * np.repeat(rng.choice([-1.0, 1.0], (16, 8, 1, 1)), 2, 1)
+    w = (np.abs(rng.standard_normal((16, 16, 1, 1))) + 0.5) * np.repeat(
+        rng.choice([-1.0, 1.0], (16, 8, 1, 1)), 2, 1
+    )
     onnx.save(make_model(SATURATES, {"W": w.astype(np.float32)}), str(fp32))
     x = rng.uniform(0, 4, (32, 16, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
-    int8, _ = onnxshrink.compress(str(fp32), ["quantize"], data=str(tmp_path / "x.npz"), output=tmp_path / "int8.onnx")
+    int8, _ = onnxshrink.compress(
+        str(fp32), ["quantize"], data=str(tmp_path / "x.npz"), output=tmp_path / "int8.onnx"
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -293,30 +327,61 @@ def test_saturating_weights_are_caught_on_avx2(tmp_path):
             return next(self.it, None)
 
     qdq = tmp_path / "qdq.onnx"
-    quantize_static(str(fp32), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    # as PyTorch's or NNCF's exports store it: a float weight behind QuantizeLinear (fold-qdq folds it)
+    quantize_static(
+        str(fp32),
+        str(qdq),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    # as PyTorch's or NNCF's exports store it: a float weight behind QuantizeLinear
+    # (fold-qdq folds it)
     m = onnx.load(str(qdq))
     inits = {i.name: i for i in m.graph.initializer}
-    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and inits[n.input[0]].data_type == onnx.TensorProto.INT8)
-    q8, scale = onnx.numpy_helper.to_array(inits[dq.input[0]]), onnx.numpy_helper.to_array(inits[dq.input[1]])
+    dq = next(
+        n
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    )
+    q8, scale = (
+        onnx.numpy_helper.to_array(inits[dq.input[0]]),
+        onnx.numpy_helper.to_array(inits[dq.input[1]]),
+    )
     m.graph.initializer.remove(inits[dq.input[0]])
-    m.graph.initializer.append(onnx.numpy_helper.from_array(
-        (q8 * scale.reshape(-1, 1, 1, 1)).astype(np.float32), "W_float"))
-    m.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["W_float", *dq.input[1:]], [dq.input[0]], axis=0))
+    m.graph.initializer.append(
+        onnx.numpy_helper.from_array(
+            (q8 * scale.reshape(-1, 1, 1, 1)).astype(np.float32), "W_float"
+        )
+    )
+    m.graph.node.insert(
+        0,
+        onnx.helper.make_node("QuantizeLinear", ["W_float", *dq.input[1:]], [dq.input[0]], axis=0),
+    )
     onnx.save(m, str(qdq))
     script = tmp_path / "avx2.py"
     script.write_text(_AVX2_SCRIPT)
     results = {}
-    for where, prefix in (("avx2", [emulated_cpu.QEMU, "-cpu", emulated_cpu.CPU_MODEL]), ("here", [])):
-        done = subprocess.run([*prefix, sys.executable, str(script), str(int8), str(qdq), str(tmp_path / "x.npz")],
-                              capture_output=True, text=True, timeout=600)
+    for where, prefix in (
+        ("avx2", [emulated_cpu.QEMU, "-cpu", emulated_cpu.CPU_MODEL]),
+        ("here", []),
+    ):
+        done = subprocess.run(
+            [*prefix, sys.executable, str(script), str(int8), str(qdq), str(tmp_path / "x.npz")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-800:]
         results[where] = json.loads(done.stdout.strip().splitlines()[-1])
     widen, fold = results["avx2"]["widen"], results["avx2"]["fold"]
     assert widen[0] == "rolled-back", widen
-    assert widen[1].startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 1 layers"), widen
+    assert widen[1].startswith("integer kernels saturate on this CPU (AVX2 (no VNNI)): 1 layers"), (
+        widen
+    )
     assert fold[0] == "applied", fold
     assert any("|w_a + w_b| > 128" in w for w in fold[2])
     here = results["here"]["widen"]

@@ -43,8 +43,13 @@ PIPELINES = {
     "default": ["simplify", "fold-batchnorm"],
     "prune+quantize": ["fold-batchnorm", "prune:ratio=0.2,min-channels=1,round=0", "quantize"],
     "equalize+quantize": ["fold-batchnorm", "equalize", "quantize"],
-    "decompose+cluster": ["fold-batchnorm", "tucker:rank=0.5,min-channels=2,round=0",
-                          "lowrank:rank=0.5,min-size=2,round=0,fused=false", "distill", "cluster:bits=6,min-size=16"],
+    "decompose+cluster": [
+        "fold-batchnorm",
+        "tucker:rank=0.5,min-channels=2,round=0",
+        "lowrank:rank=0.5,min-size=2,round=0,fused=false",
+        "distill",
+        "cluster:bits=6,min-size=16",
+    ],
 }
 
 
@@ -63,22 +68,32 @@ def _feeds(net: Net) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]
 
 
 def _cosine(ref: np.ndarray, out: np.ndarray) -> float:
-    r, o = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+    r, o = (
+        ref.reshape(len(ref), -1).astype(np.float64),
+        out.reshape(len(out), -1).astype(np.float64),
+    )
     num = np.sum(r * o, 1)
     den = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-    cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.linalg.norm(r - o, axis=1) == 0, 1.0, 0.0))
+    cos = np.where(
+        den > 0,
+        num / np.maximum(den, 1e-300),
+        np.where(np.linalg.norm(r - o, axis=1) == 0, 1.0, 0.0),
+    )
     return float(cos.mean())
 
 
-def _check(net: Net, specs: list[str]) -> None:
+def _check(net: Net, specs: list[str]) -> list[str]:
     feeds, data = _feeds(net)
-    result, report = onnxshrink.compress(net.model, passes=specs, data=data, holdout=0, progress=False)
+    result, report = onnxshrink.compress(
+        net.model, passes=specs, data=data, holdout=0, progress=False
+    )
     onnx.checker.check_model(result, full_check=True)
     ref = np.concatenate([ort_run(net.model, f)[0] for f in feeds])
     got = np.concatenate([ort_run(result, f)[0] for f in feeds])
     assert [o.name for o in result.graph.output] == [o.name for o in net.model.graph.output]
-    assert [o.type.tensor_type.elem_type for o in result.graph.output] == \
-        [o.type.tensor_type.elem_type for o in net.model.graph.output]
+    assert [o.type.tensor_type.elem_type for o in result.graph.output] == [
+        o.type.tensor_type.elem_type for o in net.model.graph.output
+    ]
     assert got.shape == ref.shape and got.dtype == ref.dtype
     exact_only = True
     for rec, spec in zip(report.passes, specs):
@@ -93,18 +108,43 @@ def _check(net: Net, specs: list[str]) -> None:
         elif rec.status == "applied":
             exact_only = False
     if exact_only:
-        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), report.to_json()
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), (
+            report.to_json()
+        )
     if len(specs) == 1 and report.passes[0].status == "applied":
         p = make_pass(specs[0])
         if p.lossy and p.compare_to == "original":
             floor = p.floor if getattr(p, "floor", None) is not None else 0.99
             assert _cosine(ref, got) >= floor - 1e-3, (report.passes[0].fidelity, _cosine(ref, got))
+    return [rec.status for rec in report.passes]
+
+
+# lossy passes that act on a float CNN alone; the others need something before them (fold-qdq a
+# QDQ model, distill a compressed one) and are checked for validity only
+_ACTS_ALONE = {
+    "prune",
+    "prune-kernel",
+    "tucker",
+    "lowrank",
+    "equalize",
+    "quantize",
+    "insert-qdq",
+    "cluster",
+    "sparsify",
+}
 
 
 @pytest.mark.parametrize("name", sorted(PASS_SPECS))
-@given(net=cnn_models())
-def test_pass_keeps_generated_models_valid(name, net):
-    _check(net, [PASS_SPECS[name]])
+def test_pass_keeps_generated_models_valid(name):
+    statuses: list[str] = []
+
+    @given(net=cnn_models())
+    def each(net):
+        statuses.extend(_check(net, [PASS_SPECS[name]]))
+
+    each()
+    if name in _ACTS_ALONE:  # a lossy pass that never applies would pass every check above
+        assert statuses.count("applied") >= len(statuses) / 3, statuses
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -114,8 +154,24 @@ def test_pipeline_keeps_generated_models_valid(name, net):
 
 
 # -- names are the model author's: arbitrary Unicode through the CLI ------------------------
-_NASTY = ["[/]", "[bold]", "[/x]", "$\\frac{$", "\x1b[31m", "\x1b]0;t\x07", "\n", "\r", ":thumbs_up:", "\u202e",
-          "\\", "%s", "{}", "<script>", "\ufeff", "\x00"]
+_NASTY = [
+    "[/]",
+    "[bold]",
+    "[/x]",
+    "$\\frac{$",
+    "\x1b[31m",
+    "\x1b]0;t\x07",
+    "\n",
+    "\r",
+    ":thumbs_up:",
+    "\u202e",
+    "\\",
+    "%s",
+    "{}",
+    "<script>",
+    "\ufeff",
+    "\x00",
+]
 
 
 def _named_model(names: list[str], bad_utf8: bool) -> bytes:
@@ -127,16 +183,27 @@ def _named_model(names: list[str], bad_utf8: bool) -> bytes:
 
     rng = np.random.default_rng(0)
     x, w, c, r, p, f, g, gb, y = names[:9]
-    nodes = [h.make_node("Conv", [x, w], [c], name=names[9], pads=[1, 1, 1, 1]),
-             h.make_node("Relu", [c], [r], name=names[10]),
-             h.make_node("GlobalAveragePool", [r], [p], name=names[11]),
-             h.make_node("Flatten", [p], [f], name=names[12]),
-             h.make_node("Gemm", [f, g, gb], [y], name="MARKERNODE" if bad_utf8 else names[13], transB=1)]
-    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), w),
-             nh.from_array(rng.standard_normal((5, 4)).astype(np.float32), g),
-             nh.from_array(rng.standard_normal(5).astype(np.float32), gb)]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info(x, T.FLOAT, ["N", 3, 8, 8])],
-                         [h.make_tensor_value_info(y, T.FLOAT, ["N", 5])], inits)
+    nodes = [
+        h.make_node("Conv", [x, w], [c], name=names[9], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", [c], [r], name=names[10]),
+        h.make_node("GlobalAveragePool", [r], [p], name=names[11]),
+        h.make_node("Flatten", [p], [f], name=names[12]),
+        h.make_node(
+            "Gemm", [f, g, gb], [y], name="MARKERNODE" if bad_utf8 else names[13], transB=1
+        ),
+    ]
+    inits = [
+        nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), w),
+        nh.from_array(rng.standard_normal((5, 4)).astype(np.float32), g),
+        nh.from_array(rng.standard_normal(5).astype(np.float32), gb),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info(x, T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info(y, T.FLOAT, ["N", 5])],
+        inits,
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     data = model.SerializeToString()
@@ -151,16 +218,28 @@ def test_names_from_arbitrary_unicode_never_crash_the_cli(data, tmp_path_factory
 
     from onnxshrink import cli
 
-    name = st.one_of(st.text(min_size=1, max_size=10), st.sampled_from(_NASTY),
-                     st.lists(st.sampled_from(_NASTY), min_size=2, max_size=4).map("".join))
+    name = st.one_of(
+        st.text(min_size=1, max_size=10),
+        st.sampled_from(_NASTY),
+        st.lists(st.sampled_from(_NASTY), min_size=2, max_size=4).map("".join),
+    )
     names = data.draw(st.lists(name, min_size=14, max_size=14, unique=True))
     bad_utf8 = data.draw(st.booleans())
     folder = tmp_path_factory.mktemp("names")
     path = folder / "m.onnx"
     path.write_bytes(_named_model(names, bad_utf8))
     before = path.read_bytes()
-    runs = [["compress", str(path), "-o", str(folder / "o.onnx"), "--report-html", str(folder / "r.html")],
-            ["inspect", str(path), "--all"]]
+    runs = [
+        [
+            "compress",
+            str(path),
+            "-o",
+            str(folder / "o.onnx"),
+            "--report-html",
+            str(folder / "r.html"),
+        ],
+        ["inspect", str(path), "--all"],
+    ]
     for args in runs:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

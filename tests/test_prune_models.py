@@ -21,7 +21,9 @@ def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
 def test_digits_half_the_channels(digits_model, digits_calib, digits_test):
     x, y = digits_test
     model = onnx.load(str(digits_model))
-    out, report = onnxshrink.compress(model, ["fold-batchnorm", "prune:ratio=0.5"], data=str(digits_calib))
+    out, report = onnxshrink.compress(
+        model, ["fold-batchnorm", "prune:ratio=0.5"], data=str(digits_calib)
+    )
     prune = report.passes[1]
     assert prune.status == "applied", prune.reason
     assert report.after["macs"] <= 0.6 * report.before["macs"]  # >= 40% fewer MACs (measured 74.5%)
@@ -36,11 +38,16 @@ def test_digits_refit_beats_no_refit(digits_model, digits_calib, digits_test):
     model = onnx.load(str(digits_model))
     accs = {}
     for refit in ("true", "false"):
-        out, rep = onnxshrink.compress(model, ["fold-batchnorm", f"prune:ratio=0.6,refit={refit},floor=0"],
-                                       data=str(digits_calib))
+        out, rep = onnxshrink.compress(
+            model,
+            ["fold-batchnorm", f"prune:ratio=0.6,refit={refit},floor=0"],
+            data=str(digits_calib),
+        )
         ref = ort_run(model, {"input": x})[0]
         got = ort_run(out, {"input": x})[0]
-        cos = (np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)).mean()
+        cos = (
+            np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+        ).mean()
         accs[refit] = (_accuracy(out, x, y), cos)
     assert accs["true"][1] > accs["false"][1]  # fidelity on held-out digits
     assert accs["true"][0] >= accs["false"][0]
@@ -61,5 +68,5 @@ def test_resnet18_prunes_through_residual_add_groups(tmp_path):
     (y,) = ort_run(out, {"input": x})
     assert y.shape == (2, 10) and np.isfinite(y).all()
     st = metrics.model_stats(ir.from_proto(out), with_bytes=False)
-    convs = [l for l in st.layers if l.op_type == "Conv"]
-    assert all(l.output_shape[1] % 8 == 0 for l in convs)  # rounded to multiples of 8
+    convs = [lay for lay in st.layers if lay.op_type == "Conv"]
+    assert all(lay.output_shape[1] % 8 == 0 for lay in convs)  # rounded to multiples of 8

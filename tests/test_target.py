@@ -28,8 +28,11 @@ def test_parse_target():
 
 def test_allocation_is_greedy_across_methods_one_method_per_layer():
     cands = [
-        Candidate("prune", "a", 0.25, drop=0.001, macs_saved=100), Candidate("prune", "a", 0.5, drop=0.01, macs_saved=200),
-        Candidate("tucker", "a", 2.0, drop=0.0005, macs_saved=150),  # same layer, other method: cheaper per MAC
+        Candidate("prune", "a", 0.25, drop=0.001, macs_saved=100),
+        Candidate("prune", "a", 0.5, drop=0.01, macs_saved=200),
+        Candidate(
+            "tucker", "a", 2.0, drop=0.0005, macs_saved=150
+        ),  # same layer, other method: cheaper per MAC
         Candidate("lowrank", "b", 2.0, drop=0.002, macs_saved=50),
         Candidate("prune", "c", 0.25, applied=False),
     ]
@@ -38,10 +41,19 @@ def test_allocation_is_greedy_across_methods_one_method_per_layer():
     chosen = allocate(cands, "macs", 190)  # tucker on a blocks prune on a; b added
     assert {k: c.method for k, c in chosen.items()} == {"a": "tucker", "b": "lowrank"}
     # a small remaining need is finished by the least damaging sufficient step, not a big one
-    chosen = allocate([Candidate("prune", "x", 0.5, drop=0.05, macs_saved=1000),
-                       Candidate("tucker", "y", 2.0, drop=0.001, macs_saved=20)], "macs", 10)
+    chosen = allocate(
+        [
+            Candidate("prune", "x", 0.5, drop=0.05, macs_saved=1000),
+            Candidate("tucker", "y", 2.0, drop=0.001, macs_saved=20),
+        ],
+        "macs",
+        10,
+    )
     assert list(chosen) == ["y"]
-    assert allocate(cands, "macs", 10_000, {("tucker", "a"): -np.inf, ("prune", "a"): 0.25})["a"].level == 0.25
+    assert (
+        allocate(cands, "macs", 10_000, {("tucker", "a"): -np.inf, ("prune", "a"): 0.25})["a"].level
+        == 0.25
+    )
 
 
 @pytest.mark.slow
@@ -49,8 +61,22 @@ def test_digits_macs_target_keeps_test_accuracy(tmp_path, digits_model, digits_c
     x, labels = digits_test
     out, report, html = tmp_path / "t.onnx", tmp_path / "r.json", tmp_path / "r.html"
     env_cache = tmp_path / "cache"
-    args = ["compress", str(digits_model), "-o", str(out), "--data", str(digits_calib), "--target", "macs=0.4",
-            "--max-drop", "0.01", "--report", str(report), "--report-html", str(html)]
+    args = [
+        "compress",
+        str(digits_model),
+        "-o",
+        str(out),
+        "--data",
+        str(digits_calib),
+        "--target",
+        "macs=0.4",
+        "--max-drop",
+        "0.01",
+        "--report",
+        str(report),
+        "--report-html",
+        str(html),
+    ]
     t0 = time.perf_counter()
     proc = _run_with_cache(args, env_cache)
     first = time.perf_counter() - t0
@@ -70,30 +96,59 @@ def test_digits_macs_target_keeps_test_accuracy(tmp_path, digits_model, digits_c
     t0 = time.perf_counter()
     proc = _run_with_cache([*args[:7], "macs=0.6", *args[8:]], env_cache)
     assert proc.returncode == 0, proc.stderr
-    assert len(list((env_cache / "sensitivity").glob("*.json"))) == len(cached)  # nothing new measured
+    assert len(list((env_cache / "sensitivity").glob("*.json"))) == len(
+        cached
+    )  # nothing new measured
     assert json.loads(report.read_text())["target"]["met"] is True
     assert time.perf_counter() - t0 < first
 
 
 def _run_with_cache(args, cache):
-    return subprocess.run([sys.executable, "-m", "onnxshrink", *args], capture_output=True, text=True,
-                          env={**os.environ, "ONNXSHRINK_CACHE": str(cache), "COLUMNS": "120"})
+    return subprocess.run(
+        [sys.executable, "-m", "onnxshrink", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ONNXSHRINK_CACHE": str(cache), "COLUMNS": "120"},
+    )
 
 
 def test_target_errors_are_one_line(tmp_path, digits_model, digits_calib):
     out = tmp_path / "o.onnx"
-    proc = run_cli("compress", str(digits_model), "-o", str(out), "--data", str(digits_calib), "--target", "fast=2")
+    proc = run_cli(
+        "compress",
+        str(digits_model),
+        "-o",
+        str(out),
+        "--data",
+        str(digits_calib),
+        "--target",
+        "fast=2",
+    )
     _assert_one_line_error(proc, 2, "--target")
     proc = run_cli("compress", str(digits_model), "-o", str(out), "--target", "macs=0.5")
     _assert_one_line_error(proc, 2, "real calibration data")
-    proc = run_cli("compress", str(digits_model), "-o", str(out), "--data", str(digits_calib), "--target",
-                   "macs=0.5", "--max-drop", "2")
+    proc = run_cli(
+        "compress",
+        str(digits_model),
+        "-o",
+        str(out),
+        "--data",
+        str(digits_calib),
+        "--target",
+        "macs=0.5",
+        "--max-drop",
+        "2",
+    )
     _assert_one_line_error(proc, 2, "--max-drop")
     assert not out.exists()
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
 @pytest.mark.slow
@@ -105,15 +160,41 @@ def test_html_report_renders_with_images_in_headless_chromium(tmp_path, digits_m
         pytest.skip("chromium not installed")
     pytest.importorskip("matplotlib")
     html = tmp_path / "report.html"
-    proc = run_cli("compress", str(digits_model), "-o", str(tmp_path / "o.onnx"), "--data", str(digits_calib),
-                   "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", "--target", "macs=0.6", "--report-html", str(html))
+    proc = run_cli(
+        "compress",
+        str(digits_model),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--data",
+        str(digits_calib),
+        "-p",
+        "fold-batchnorm",
+        "-p",
+        "prune:ratio=0.5",
+        "--target",
+        "macs=0.6",
+        "--report-html",
+        str(html),
+    )
     assert proc.returncode == 0, proc.stderr
     text = html.read_text()
     assert text.count("data:image/png;base64,") == 4  # layers, sensitivity, candidates, attempts
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={shot}", "--window-size=1200,4000", html.as_uri()],
-                   capture_output=True, timeout=120, check=False)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1200,4000",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("L"), np.float64)
@@ -126,7 +207,9 @@ def test_html_report_renders_with_images_in_headless_chromium(tmp_path, digits_m
     assert colourful.sum() > 5000, colourful.sum()
 
 
-def test_html_report_without_matplotlib_is_tables(tmp_path, digits_model, digits_calib, monkeypatch):
+def test_html_report_without_matplotlib_is_tables(
+    tmp_path, digits_model, digits_calib, monkeypatch
+):
     import builtins
 
     real_import = builtins.__import__
@@ -140,8 +223,12 @@ def test_html_report_without_matplotlib_is_tables(tmp_path, digits_model, digits
     import onnxshrink
 
     html = tmp_path / "r.html"
-    onnxshrink.compress(onnx.load(str(digits_model)), ["fold-batchnorm", "prune:ratio=0.5"], data=str(digits_calib),
-                        report_html=html)
+    onnxshrink.compress(
+        onnx.load(str(digits_model)),
+        ["fold-batchnorm", "prune:ratio=0.5"],
+        data=str(digits_calib),
+        report_html=html,
+    )
     text = html.read_text()
     assert "data:image/png" not in text and "plots need matplotlib" in text
     assert text.count("<tr") > 10  # totals, passes and the per-layer table
@@ -151,18 +238,37 @@ def test_html_report_without_matplotlib_is_tables(tmp_path, digits_model, digits
 def test_digits_size_target_uses_int8(tmp_path, digits_model, digits_calib, digits_test):
     x, labels = digits_test
     out, report = tmp_path / "s.onnx", tmp_path / "s.json"
-    proc = _run_with_cache(["compress", str(digits_model), "-o", str(out), "--data", str(digits_calib), "--target",
-                            "size=0.3", "--max-drop", "0.01", "--report", str(report)], tmp_path / "cache")
+    proc = _run_with_cache(
+        [
+            "compress",
+            str(digits_model),
+            "-o",
+            str(out),
+            "--data",
+            str(digits_calib),
+            "--target",
+            "size=0.3",
+            "--max-drop",
+            "0.01",
+            "--report",
+            str(report),
+        ],
+        tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     t = json.loads(report.read_text())["target"]
     assert t["met"] and t["reached"]["size"] <= 0.3
     assert out.stat().st_size <= 0.3 * digits_model.stat().st_size
-    assert any(c["method"] == "quantize" for c in t["choices"])  # 4× smaller weights: the cheapest bytes
+    assert any(
+        c["method"] == "quantize" for c in t["choices"]
+    )  # 4× smaller weights: the cheapest bytes
     acc = float((ort_run(str(out), {"input": x})[0].argmax(1) == labels).mean())
     assert acc >= 0.99, acc
 
 
-def test_html_report_shows_the_model_before_the_passes(digits_model, digits_calib, tmp_path, monkeypatch):
+def test_html_report_shows_the_model_before_the_passes(
+    digits_model, digits_calib, tmp_path, monkeypatch
+):
     """The per-layer "before" is the input model: the passes rewrite the model object in place,
     and the report used to read the rewritten one as "before" too (a prune that cut MACs by a
     quarter showed no change)."""
@@ -171,9 +277,18 @@ def test_html_report_shows_the_model_before_the_passes(digits_model, digits_cali
     import onnxshrink
     from onnxshrink import report_html
 
-    monkeypatch.setattr(report_html, "figures", lambda *a, **k: {})  # the per-layer table instead of plots
+    monkeypatch.setattr(
+        report_html, "figures", lambda *a, **k: {}
+    )  # the per-layer table instead of plots
     html = tmp_path / "r.html"
-    onnxshrink.compress(str(digits_model), ["fold-batchnorm", "prune:ratio=0.5"], data=str(digits_calib),
-                        output=tmp_path / "o.onnx", report_html=html)
-    rows = re.findall(r"<tr class=''><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", html.read_text())
+    onnxshrink.compress(
+        str(digits_model),
+        ["fold-batchnorm", "prune:ratio=0.5"],
+        data=str(digits_calib),
+        output=tmp_path / "o.onnx",
+        report_html=html,
+    )
+    rows = re.findall(
+        r"<tr class=''><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", html.read_text()
+    )
     assert rows and sum(before != after for _, before, after in rows) >= 5, rows[:5]

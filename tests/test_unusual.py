@@ -24,19 +24,36 @@ from tests.test_cli import run_cli
 
 def _conv_bn_relu(rng, c_in, c_out, x, prefix, dtype=np.float32):
     w = (rng.standard_normal((c_out, c_in, 3, 3)) * np.sqrt(2 / (9 * c_in))).astype(dtype)
-    inits = [numpy_helper.from_array(w, f"{prefix}W"),
-             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}g"),
-             numpy_helper.from_array((0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}b"),
-             numpy_helper.from_array((0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}m"),
-             numpy_helper.from_array((0.5 + rng.random(c_out)).astype(dtype), f"{prefix}v")]
-    nodes = [helper.make_node("Conv", [x, f"{prefix}W"], [f"{prefix}c"], pads=[1, 1, 1, 1], name=f"{prefix}conv"),
-             helper.make_node("BatchNormalization", [f"{prefix}c", f"{prefix}g", f"{prefix}b", f"{prefix}m", f"{prefix}v"],
-                              [f"{prefix}n"], name=f"{prefix}bn"),
-             helper.make_node("Relu", [f"{prefix}n"], [f"{prefix}r"], name=f"{prefix}relu")]
+    inits = [
+        numpy_helper.from_array(w, f"{prefix}W"),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}g"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}b"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(c_out)).astype(dtype), f"{prefix}m"),
+        numpy_helper.from_array((0.5 + rng.random(c_out)).astype(dtype), f"{prefix}v"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", [x, f"{prefix}W"], [f"{prefix}c"], pads=[1, 1, 1, 1], name=f"{prefix}conv"
+        ),
+        helper.make_node(
+            "BatchNormalization",
+            [f"{prefix}c", f"{prefix}g", f"{prefix}b", f"{prefix}m", f"{prefix}v"],
+            [f"{prefix}n"],
+            name=f"{prefix}bn",
+        ),
+        helper.make_node("Relu", [f"{prefix}n"], [f"{prefix}r"], name=f"{prefix}relu"),
+    ]
     return nodes, inits, f"{prefix}r"
 
 
-def _cnn(opset=17, dims=("N", 3, 16, 16), dtype=TensorProto.FLOAT, np_dtype=np.float32, middle=None, ir_version=None):
+def _cnn(
+    opset=17,
+    dims=("N", 3, 16, 16),
+    dtype=TensorProto.FLOAT,
+    np_dtype=np.float32,
+    middle=None,
+    ir_version=None,
+):
     """Conv-BN-ReLU ×2 -> GlobalAveragePool -> Flatten -> Gemm; ``middle(x) -> (nodes, out)`` is
     spliced between the two conv blocks."""
     rng = np.random.default_rng(0)
@@ -45,15 +62,27 @@ def _cnn(opset=17, dims=("N", 3, 16, 16), dtype=TensorProto.FLOAT, np_dtype=np.f
     if middle is not None:
         extra_nodes, x, extra_inits = middle(x)
     n2, i2, x = _conv_bn_relu(rng, 16, 16, x, "b", np_dtype)
-    head = [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
-            helper.make_node("Flatten", [ "gap"], ["flat"], name="flatten"),
-            helper.make_node("Gemm", ["flat", "fcW", "fcB"], ["logits"], transB=1, name="fc")]
-    inits = i1 + i2 + extra_inits + [
-        numpy_helper.from_array((rng.standard_normal((10, 16)) * 0.25).astype(np_dtype), "fcW"),
-        numpy_helper.from_array(np.zeros(10, np_dtype), "fcB")]
-    graph = helper.make_graph(n1 + extra_nodes + n2 + head, "cnn",
-                              [helper.make_tensor_value_info("input", dtype, list(dims))],
-                              [helper.make_tensor_value_info("logits", dtype, [dims[0], 10])], inits)
+    head = [
+        helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fcW", "fcB"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = (
+        i1
+        + i2
+        + extra_inits
+        + [
+            numpy_helper.from_array((rng.standard_normal((10, 16)) * 0.25).astype(np_dtype), "fcW"),
+            numpy_helper.from_array(np.zeros(10, np_dtype), "fcB"),
+        ]
+    )
+    graph = helper.make_graph(
+        n1 + extra_nodes + n2 + head,
+        "cnn",
+        [helper.make_tensor_value_info("input", dtype, list(dims))],
+        [helper.make_tensor_value_info("logits", dtype, [dims[0], 10])],
+        inits,
+    )
     opsets = [helper.make_opsetid("", opset)]
     if middle is not None and any(n.domain == "com.example" for n in extra_nodes):
         opsets.append(helper.make_opsetid("com.example", 1))
@@ -93,10 +122,16 @@ def _status(rep, name):
 
 def test_custom_domain_op_exact_passes_still_apply(tmp_path):
     def swish(x):
-        return [helper.make_node("Swish", [x], ["sw"], domain="com.example", name="custom_swish")], "sw", []
+        return (
+            [helper.make_node("Swish", [x], ["sw"], domain="com.example", name="custom_swish")],
+            "sw",
+            [],
+        )
 
     path = _save(tmp_path, _cnn(middle=swish))
-    proc, out, rep = _compress(tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", "-p", "quantize")
+    proc, out, rep = _compress(
+        tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", "-p", "quantize"
+    )
     assert proc.returncode == 0, proc.stderr
     assert _status(rep, "fold-batchnorm") == ["applied"]
     assert _status(rep, "prune")[0] in ("rolled-back", "unchanged")
@@ -110,7 +145,9 @@ def test_custom_domain_op_exact_passes_still_apply(tmp_path):
 
 def test_broken_model_without_custom_ops_is_still_an_error(tmp_path):
     model = _cnn()
-    model.graph.node[0].attribute.append(helper.make_attribute("group", 5))  # 3 input channels / 5 groups
+    model.graph.node[0].attribute.append(
+        helper.make_attribute("group", 5)
+    )  # 3 input channels / 5 groups
     path = _save(tmp_path, model)
     proc, out, _ = _compress(tmp_path, path)
     assert proc.returncode == 2
@@ -120,29 +157,55 @@ def test_broken_model_without_custom_ops_is_still_an_error(tmp_path):
 
 def _if_middle(x):
     """y = If(mean(x) > 0) then Relu(x) else Neg(x) -- subgraphs reading an outer tensor."""
-    then_g = helper.make_graph([helper.make_node("Relu", [x], ["t_out"])], "then", [],
-                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
-    else_g = helper.make_graph([helper.make_node("Neg", [x], ["e_out"])], "else", [],
-                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
-    nodes = [helper.make_node("ReduceMean", [x], ["mean"], keepdims=0, name="mean"),
-             helper.make_node("Greater", ["mean", "zero"], ["cond"], name="greater"),
-             helper.make_node("If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g, name="if")]
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", [x], ["t_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", [x], ["e_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("ReduceMean", [x], ["mean"], keepdims=0, name="mean"),
+        helper.make_node("Greater", ["mean", "zero"], ["cond"], name="greater"),
+        helper.make_node(
+            "If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g, name="if"
+        ),
+    ]
     return nodes, "branch", [numpy_helper.from_array(np.array(0, np.float32), "zero")]
 
 
 def _loop_middle(x):
     """y = x scaled by 0.5 three times in a Loop."""
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Mul", ["acc_in", "half"], ["acc_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Mul", ["acc_in", "half"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None),
+        ],
+    )
     nodes = [helper.make_node("Loop", ["trips", "", x], ["looped"], body=body, name="loop")]
-    return nodes, "looped", [numpy_helper.from_array(np.array(3, np.int64), "trips"),
-                             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    return (
+        nodes,
+        "looped",
+        [
+            numpy_helper.from_array(np.array(3, np.int64), "trips"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ],
+    )
 
 
 @pytest.mark.parametrize("middle", [_if_middle, _loop_middle], ids=["If", "Loop"])
@@ -150,8 +213,19 @@ def test_subgraphs_are_left_intact_and_the_rest_compresses(tmp_path, middle):
     model = _cnn(middle=middle)
     path = _save(tmp_path, model)
     data = _data(tmp_path)
-    proc, out, rep = _compress(tmp_path, path, "-p", "simplify", "-p", "fold-batchnorm", "-p", "prune:ratio=0.25",
-                               "-p", "quantize", data=data)
+    proc, out, rep = _compress(
+        tmp_path,
+        path,
+        "-p",
+        "simplify",
+        "-p",
+        "fold-batchnorm",
+        "-p",
+        "prune:ratio=0.25",
+        "-p",
+        "quantize",
+        data=data,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _status(rep, "fold-batchnorm") == ["applied"]
     saved = onnx.load(out)
@@ -166,8 +240,17 @@ def test_dynamic_batch_and_spatial_dims(tmp_path):
     model = _cnn(dims=("N", 3, "H", "W"))
     path = _save(tmp_path, model)
     data = _data(tmp_path, (16, 3, 20, 24))
-    proc, out, rep = _compress(tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.25", "-p", "quantize",
-                               data=data)
+    proc, out, rep = _compress(
+        tmp_path,
+        path,
+        "-p",
+        "fold-batchnorm",
+        "-p",
+        "prune:ratio=0.25",
+        "-p",
+        "quantize",
+        data=data,
+    )
     assert proc.returncode == 0, proc.stderr
     saved = onnx.load(out)
     dims = saved.graph.input[0].type.tensor_type.shape.dim
@@ -177,7 +260,11 @@ def test_dynamic_batch_and_spatial_dims(tmp_path):
         assert ort_run(saved, {"input": x})[0].shape == (shape[0], 10)
     # random data cannot know H and W: one clear line
     proc, _, _ = _compress(tmp_path, path, "-p", "fold-batchnorm", data="random:8")
-    assert proc.returncode == 2 and "dynamic" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.returncode == 2
+        and "dynamic" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
 
 
 @pytest.mark.parametrize("opset", [11, 21])
@@ -186,8 +273,19 @@ def test_old_and_new_opsets(tmp_path, opset):
     onnx.checker.check_model(model, full_check=True)
     path = _save(tmp_path, model)
     data = _data(tmp_path)
-    proc, out, rep = _compress(tmp_path, path, "-p", "simplify", "-p", "fold-batchnorm", "-p", "prune:ratio=0.25",
-                               "-p", "quantize", data=data)
+    proc, out, rep = _compress(
+        tmp_path,
+        path,
+        "-p",
+        "simplify",
+        "-p",
+        "fold-batchnorm",
+        "-p",
+        "prune:ratio=0.25",
+        "-p",
+        "quantize",
+        data=data,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _status(rep, "fold-batchnorm") == ["applied"]
     saved = onnx.load(out)
@@ -202,16 +300,26 @@ def test_fp16_model(tmp_path):
     model = _cnn(dtype=TensorProto.FLOAT16, np_dtype=np.float16)
     path = _save(tmp_path, model)
     data = _data(tmp_path, dtype=np.float16)
-    proc, out, rep = _compress(tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", "-p", "quantize",
-                               data=data)
+    proc, out, rep = _compress(
+        tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", "-p", "quantize", data=data
+    )
     assert proc.returncode == 0, proc.stderr
     assert _status(rep, "fold-batchnorm") == ["applied"]
     assert _status(rep, "prune") == ["applied"]
     quantize = next(p for p in rep["passes"] if p["name"] == "quantize")
     assert quantize["status"] == "unchanged" and "float16 model" in quantize["skipped"][0]["reason"]
     saved = onnx.load(out)
-    assert all(i.data_type in (TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT8, TensorProto.UINT8,
-                               TensorProto.INT32) for i in saved.graph.initializer)
+    assert all(
+        i.data_type
+        in (
+            TensorProto.FLOAT16,
+            TensorProto.INT64,
+            TensorProto.INT8,
+            TensorProto.UINT8,
+            TensorProto.INT32,
+        )
+        for i in saved.graph.initializer
+    )
     x = np.load(data)["input"][:4]
     ref, got = ort_run(model, {"input": x})[0], ort_run(saved, {"input": x})[0]
     assert got.dtype == np.float16 and got.shape == ref.shape
@@ -220,23 +328,43 @@ def test_fp16_model(tmp_path):
 def test_constant_node_weights_through_the_cli(tmp_path):
     model = _cnn()
     for init in list(model.graph.initializer):  # every weight as a Constant node, as Paddle exports
-        model.graph.node.insert(0, helper.make_node("Constant", [], [init.name], value=init, name=f"const_{init.name}"))
+        model.graph.node.insert(
+            0, helper.make_node("Constant", [], [init.name], value=init, name=f"const_{init.name}")
+        )
     del model.graph.initializer[:]
     path = _save(tmp_path, model)
     data = _data(tmp_path)
-    proc, out, rep = _compress(tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", data=data)
+    proc, out, rep = _compress(
+        tmp_path, path, "-p", "fold-batchnorm", "-p", "prune:ratio=0.5", data=data
+    )
     assert proc.returncode == 0, proc.stderr
     assert _status(rep, "fold-batchnorm") == ["applied"] and _status(rep, "prune") == ["applied"]
     assert any("Constant-node weights" in n for n in rep["notes"])
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_across_runs(tmp_path, digits_model, digits_calib):
     outs = []
     for i in range(2):
         out = tmp_path / f"run{i}.onnx"
-        proc = run_cli("compress", str(digits_model), "-o", str(out), "--data", str(digits_calib),
-                       "-p", "fold-batchnorm", "-p", "prune:ratio=0.3", "-p", "tucker:rank=0.5",
-                       "-p", "quantize:min-fidelity=0.999", "-p", "cluster:bits=6")
+        proc = run_cli(
+            "compress",
+            str(digits_model),
+            "-o",
+            str(out),
+            "--data",
+            str(digits_calib),
+            "-p",
+            "fold-batchnorm",
+            "-p",
+            "prune:ratio=0.3",
+            "-p",
+            "tucker:rank=0.5",
+            "-p",
+            "quantize:min-fidelity=0.999",
+            "-p",
+            "cluster:bits=6",
+        )
         assert proc.returncode == 0, proc.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -246,8 +374,9 @@ _RSS_SCRIPT = """
 import resource, sys, numpy as np, onnxshrink
 n = int(sys.argv[1])
 x = np.random.default_rng(0).uniform(-0.5, 0.5, (n, 1, 32, 32)).astype(np.float32)
-onnxshrink.compress(sys.argv[2], ["fold-batchnorm", f"quantize:samples={n},calibration=entropy"], data=x,
-                    output=sys.argv[3], progress=False)
+spec = f"quantize:samples={n},calibration=entropy"
+onnxshrink.compress(sys.argv[2], ["fold-batchnorm", spec], data=x, output=sys.argv[3],
+                    progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
@@ -256,8 +385,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 def test_calibration_memory_does_not_grow_with_samples(tmp_path, digits_model):
     peaks = {}
     for n in (100, 1000):
-        proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(n), str(digits_model), str(tmp_path / f"{n}.onnx")],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _RSS_SCRIPT,
+                str(n),
+                str(digits_model),
+                str(tmp_path / f"{n}.onnx"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[n] = int(proc.stdout.strip().splitlines()[-1])
     # 900 more samples are 3.7 MB of input; activations (256 KB per sample across the net) must
     # not be kept: 1,000 samples would hold ~250 MB

@@ -28,12 +28,21 @@ import onnx_ir as ir
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import set_const_input
 
-__all__ = ["apply_to_mean", "empirical_correction", "input_means", "input_moments", "quantization_shift", "subtract_from_bias"]
+__all__ = [
+    "apply_to_mean",
+    "empirical_correction",
+    "input_means",
+    "input_moments",
+    "quantization_shift",
+    "subtract_from_bias",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def input_moments(model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None):
+def input_moments(
+    model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
+):
     """Per-channel (axis 1) moments of the tensors ``names`` on the calibration data."""
     from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 
@@ -47,9 +56,13 @@ def input_moments(model: ir.Model, names: list[str], data, workdir: Path, sample
     return moments
 
 
-def input_means(model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None) -> dict[str, np.ndarray]:
+def input_means(
+    model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
+) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) mean of the tensors ``names`` on the calibration data."""
-    return {n: m.mean for n, m in input_moments(model, names, data, workdir, samples, progress).items()}
+    return {
+        n: m.mean for n, m in input_moments(model, names, data, workdir, samples, progress).items()
+    }
 
 
 def apply_to_mean(node: ir.Node, w: np.ndarray, x_mean: np.ndarray) -> np.ndarray:
@@ -65,7 +78,9 @@ def apply_to_mean(node: ir.Node, w: np.ndarray, x_mean: np.ndarray) -> np.ndarra
     return alpha * ((w @ x_mean) if trans_b else (x_mean @ w))
 
 
-def subtract_from_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray, what: str = "bias_corrected") -> bool:
+def subtract_from_bias(
+    graph: ir.Graph, node: ir.Node, shift: np.ndarray, what: str = "bias_corrected"
+) -> bool:
     """b ← b − shift for a Conv or Gemm (a bias is added if it had none). False if not possible."""
     n_out = len(shift)
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
@@ -83,13 +98,28 @@ def subtract_from_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray, what: 
         new_b = b.reshape(-1) - shift
     else:
         new_b = -shift
-    dtype = const_array(node.inputs[1]).dtype if const_array(node.inputs[1]) is not None else np.float32
-    set_const_input(graph, node, 2, new_b.astype(dtype if np.issubdtype(dtype, np.floating) else np.float32), what)
+    dtype = (
+        const_array(node.inputs[1]).dtype if const_array(node.inputs[1]) is not None else np.float32
+    )
+    set_const_input(
+        graph,
+        node,
+        2,
+        new_b.astype(dtype if np.issubdtype(dtype, np.floating) else np.float32),
+        what,
+    )
     return True
 
 
-def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, workdir: Path, samples: int,
-                       progress=None) -> dict[str, np.ndarray]:
+def quantization_shift(
+    model: ir.Model,
+    qparams: dict,
+    activations: str,
+    data,
+    workdir: Path,
+    samples: int,
+    progress=None,
+) -> dict[str, np.ndarray]:
     """Per-channel mean of Q(x) − x for each tensor x named in ``qparams`` (its (scale, zero
     point)) on the calibration data: clipping to a calibrated range and rounding shift a
     tensor's mean, and the layer reading it sees that shift times its weights."""
@@ -111,8 +141,15 @@ def quantization_shift(model: ir.Model, qparams: dict, activations: str, data, w
     return {f: sums[f] / max(counts[f], 1) for f in sums}
 
 
-def empirical_correction(model: ir.Model, reference: ir.Model, nodes: list[ir.Node], data, workdir: Path,
-                         samples: int, progress=None) -> dict[str, float]:
+def empirical_correction(
+    model: ir.Model,
+    reference: ir.Model,
+    nodes: list[ir.Node],
+    data,
+    workdir: Path,
+    samples: int,
+    progress=None,
+) -> dict[str, float]:
     """Corrects the bias of each of ``nodes`` (Conv / Gemm of ``model``, in graph order) so its
     output's per-channel mean on the calibration data equals that of the same tensor in
     ``reference``, one node after the other (each measurement sees the earlier corrections; the

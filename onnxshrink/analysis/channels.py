@@ -69,7 +69,9 @@ class Segment:
 
     def tensor_indices(self, group_channels: np.ndarray) -> np.ndarray:
         """Tensor channels of the given group channels (those inside this segment)."""
-        inside = group_channels[(group_channels >= self.start) & (group_channels < self.start + self.length)]
+        inside = group_channels[
+            (group_channels >= self.start) & (group_channels < self.start + self.length)
+        ]
         base = self.offset + (inside - self.start) * self.repeat
         return (base[:, None] + np.arange(self.repeat)[None, :]).reshape(-1)
 
@@ -211,7 +213,9 @@ class ChannelGraph:
             if g.frozen is None:
                 g.frozen = reason
 
-    def add_member(self, kind: str, node: ir.Node, value: ir.Value, axis: int, info: ChannelInfo) -> None:
+    def add_member(
+        self, kind: str, node: ir.Node, value: ir.Value, axis: int, info: ChannelInfo
+    ) -> None:
         for seg in info.segments:
             self.group(seg.group).members.append(Member(kind, node, value, axis, seg))
 
@@ -250,7 +254,11 @@ def _freeze_inputs(cg: ChannelGraph, node: ir.Node, reason: str) -> None:
 
 def _unknown(cg: ChannelGraph, node: ir.Node) -> None:
     if any(v is not None and v in cg.info for v in node.inputs):
-        _freeze_inputs(cg, node, f"channels reach {node.op_type} '{_name(node)}', which pruning does not handle")
+        _freeze_inputs(
+            cg,
+            node,
+            f"channels reach {node.op_type} '{_name(node)}', which pruning does not handle",
+        )
 
 
 def _weight_ok(cg: ChannelGraph, node: ir.Node, index: int) -> str | None:
@@ -270,7 +278,9 @@ def _weight_ok(cg: ChannelGraph, node: ir.Node, index: int) -> str | None:
     return None
 
 
-def _consume(cg: ChannelGraph, node: ir.Node, info: ChannelInfo | None, weight_axis: int, problem: str | None) -> None:
+def _consume(
+    cg: ChannelGraph, node: ir.Node, info: ChannelInfo | None, weight_axis: int, problem: str | None
+) -> None:
     """``node`` reads ``info``'s channels through axis ``weight_axis`` of its weight."""
     if info is None:
         return
@@ -285,8 +295,15 @@ def _consume(cg: ChannelGraph, node: ir.Node, info: ChannelInfo | None, weight_a
     cg.add_member("act", node, node.inputs[0], info.axis, info)
 
 
-def _produce(cg: ChannelGraph, node: ir.Node, size: int, weight_axis: int, axis: int, rank: int,
-             problem: str | None) -> None:
+def _produce(
+    cg: ChannelGraph,
+    node: ir.Node,
+    size: int,
+    weight_axis: int,
+    axis: int,
+    rank: int,
+    problem: str | None,
+) -> None:
     gid = cg.new_group(size, node)
     info = ChannelInfo(axis, rank, size, [Segment(gid, 0, size, 0)])
     out = node.outputs[0]
@@ -390,10 +407,14 @@ def _batchnorm(cg: ChannelGraph, node: ir.Node) -> None:
     if x is None:
         return
     if x.axis != 1:
-        cg.freeze(x, f"{node.op_type} '{_name(node)}' normalises axis 1, channels are on axis {x.axis}")
+        cg.freeze(
+            x, f"{node.op_type} '{_name(node)}' normalises axis 1, channels are on axis {x.axis}"
+        )
         return
     params = [const_array(v) for v in node.inputs[1:5] if v is not None]
-    if any(p is None for p in params) or any(weight_users_outside(v, node) for v in node.inputs[1:5] if v is not None):
+    if any(p is None for p in params) or any(
+        weight_users_outside(v, node) for v in node.inputs[1:5] if v is not None
+    ):
         cg.freeze(x, f"{node.op_type} '{_name(node)}' parameters are not constant or are shared")
         return
     if node.op_type == "BatchNormalization" and len([o for o in node.outputs if o.uses()]) > 1:
@@ -450,26 +471,46 @@ def _elementwise(cg: ChannelGraph, node: ir.Node) -> None:
             continue
         arr = const_array(v)
         if arr is None:
-            _freeze_inputs(cg, node, f"{node.op_type} '{_name(node)}' mixes pruned channels with an untracked tensor")
+            _freeze_inputs(
+                cg,
+                node,
+                f"{node.op_type} '{_name(node)}' mixes pruned channels with an untracked tensor",
+            )
             return
-        kind, _ = _per_channel_const(list(arr.shape), ChannelInfo(ref.axis + out_rank - ref.rank, out_rank, ref.size, []))
+        kind, _ = _per_channel_const(
+            list(arr.shape), ChannelInfo(ref.axis + out_rank - ref.rank, out_rank, ref.size, [])
+        )
         if kind == "bad" or (kind == "channel" and weight_users_outside(v, node)):
-            _freeze_inputs(cg, node, f"{node.op_type} '{_name(node)}' constant operand cannot be sliced")
+            _freeze_inputs(
+                cg, node, f"{node.op_type} '{_name(node)}' constant operand cannot be sliced"
+            )
             return
     for _, info in tracked[1:]:
         if not _aligned(ref, info):
-            _freeze_inputs(cg, node, f"{node.op_type} '{_name(node)}' joins tensors whose channels do not line up")
+            _freeze_inputs(
+                cg,
+                node,
+                f"{node.op_type} '{_name(node)}' joins tensors whose channels do not line up",
+            )
             return
     for _, info in tracked[1:]:
         for s, t in zip(ref.segments, info.segments):
             gs, gt = cg.group(s.group), cg.group(t.group)
-            if s.start != 0 or t.start != 0 or s.length != gs.size or t.length != gt.size or gs.size != gt.size:
+            if (
+                s.start != 0
+                or t.start != 0
+                or s.length != gs.size
+                or t.length != gt.size
+                or gs.size != gt.size
+            ):
                 _freeze_inputs(cg, node, f"{node.op_type} '{_name(node)}' couples parts of groups")
                 return
     for _, info in tracked[1:]:
         for s, t in zip(ref.segments, info.segments):
             cg.merge(s.group, t.group)
-    cg.info[node.outputs[0]] = ChannelInfo(ref.axis + out_rank - ref.rank, out_rank, ref.size, list(ref.segments))
+    cg.info[node.outputs[0]] = ChannelInfo(
+        ref.axis + out_rank - ref.rank, out_rank, ref.size, list(ref.segments)
+    )
 
 
 def _concat(cg: ChannelGraph, node: ir.Node) -> None:
@@ -487,7 +528,11 @@ def _concat(cg: ChannelGraph, node: ir.Node) -> None:
         if info is None:
             shape = _dims(v)
             if shape is None or shape[axis] is None:
-                _freeze_inputs(cg, node, f"Concat '{_name(node)}' input '{v.name}' has an unknown channel count")
+                _freeze_inputs(
+                    cg,
+                    node,
+                    f"Concat '{_name(node)}' input '{v.name}' has an unknown channel count",
+                )
                 return
             offset += shape[axis]
             continue
@@ -520,8 +565,15 @@ def _split(cg: ChannelGraph, node: ir.Node) -> None:
             if (lo - s.offset) % s.repeat or (hi - s.offset) % s.repeat:
                 cg.freeze(x, f"Split '{_name(node)}' cuts through a flattened channel")
                 return
-            segs.append(Segment(s.group, s.start + (lo - s.offset) // s.repeat,
-                                (hi - lo) // s.repeat, lo - start, s.repeat))
+            segs.append(
+                Segment(
+                    s.group,
+                    s.start + (lo - s.offset) // s.repeat,
+                    (hi - lo) // s.repeat,
+                    lo - start,
+                    s.repeat,
+                )
+            )
         cg.info[out] = ChannelInfo(axis, x.rank, size, segs)
         start += size
 
@@ -583,8 +635,12 @@ def _resize(cg: ChannelGraph, node: ir.Node) -> None:
     x = _input_info(cg, node)
     if x is None:
         return
-    scales = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    sizes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    scales = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
+    sizes = (
+        const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    )
     if node.op_type == "Upsample":
         scales = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if scales is not None and scales.size and float(scales.reshape(-1)[x.axis]) == 1.0:
@@ -600,10 +656,39 @@ def _resize(cg: ChannelGraph, node: ir.Node) -> None:
 
 
 _UNARY = (
-    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-    "Celu", "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Dropout",
-    "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf",
-    "Sin", "Cos", "Cast", "Not", "IsNaN",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Gelu",
+    "Mish",
+    "ThresholdedRelu",
+    "Identity",
+    "Dropout",
+    "Neg",
+    "Abs",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Erf",
+    "Sin",
+    "Cos",
+    "Cast",
+    "Not",
+    "IsNaN",
 )
 
 _PROPAGATE: dict[str, Handler] = {
@@ -661,4 +746,7 @@ def analyze(model: ir.Model) -> ChannelGraph:
 
 
 def describe(groups: Iterable[Group]) -> list[str]:
-    return [f"{g.name}: {g.size} channels{' (frozen: ' + g.frozen + ')' if g.frozen else ''}" for g in groups]
+    return [
+        f"{g.name}: {g.size} channels{' (frozen: ' + g.frozen + ')' if g.frozen else ''}"
+        for g in groups
+    ]

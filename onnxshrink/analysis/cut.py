@@ -34,7 +34,9 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def insert_after_value(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value) -> None:
+def insert_after_value(
+    graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value
+) -> None:
     """Puts ``nodes`` (which read ``value`` and compute ``out``) right after ``value``'s producer,
     or first in the graph for an input or initializer, and moves every other reader of ``value``
     to ``out``. Graph outputs are left to the caller."""
@@ -47,7 +49,9 @@ def insert_after_value(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], o
         graph.insert_after(producer, nodes)
 
 
-def set_const_input(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str) -> ir.Value:
+def set_const_input(
+    graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str
+) -> ir.Value:
     """Gives ``node`` a new initializer ``arr`` at input ``index`` (appending if needed)."""
     base = node.name or node.op_type
     value = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(arr))
@@ -59,7 +63,12 @@ def set_const_input(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray,
 
 
 class _Ctx:
-    def __init__(self, graph: ir.Graph, removed: dict[ir.Value, np.ndarray], info: dict[ir.Value, ChannelInfo]):
+    def __init__(
+        self,
+        graph: ir.Graph,
+        removed: dict[ir.Value, np.ndarray],
+        info: dict[ir.Value, ChannelInfo],
+    ):
         self.graph, self.removed, self.info = graph, removed, info
 
     def rem(self, value: ir.Value | None) -> np.ndarray:
@@ -67,7 +76,9 @@ class _Ctx:
             return np.zeros(0, np.int64)
         return self.removed.get(value, np.zeros(0, np.int64))
 
-    def slice(self, node: ir.Node, index: int, cuts: list[tuple[int, np.ndarray]], what: str) -> None:
+    def slice(
+        self, node: ir.Node, index: int, cuts: list[tuple[int, np.ndarray]], what: str
+    ) -> None:
         if index >= len(node.inputs) or node.inputs[index] is None:
             return
         cuts = [(axis, r) for axis, r in cuts if len(r)]
@@ -188,7 +199,9 @@ _CUT: dict[str, Cut] = {
 }
 
 
-def cut_model(model: ir.Model, removed: dict[ir.Value, np.ndarray], info: dict[ir.Value, ChannelInfo]) -> int:
+def cut_model(
+    model: ir.Model, removed: dict[ir.Value, np.ndarray], info: dict[ir.Value, ChannelInfo]
+) -> int:
     """Applies the removal to every affected node; returns how many nodes were rewritten."""
     graph = model.graph
     ctx = _Ctx(graph, removed, info)

@@ -36,7 +36,7 @@ CRITERIA = ("l1", "l2", "bn", "activation", "hessian")
 def weight_norms(arr: np.ndarray, axis: int, power: int) -> np.ndarray:
     """Σ|w|^power over every axis but ``axis``: one value per index of ``axis``."""
     a = np.abs(np.moveaxis(np.asarray(arr, np.float64), axis, 0)).reshape(arr.shape[axis], -1)
-    return (a ** power).sum(1)
+    return (a**power).sum(1)
 
 
 def _to_group(m: Member, per_tensor_channel: np.ndarray, size: int) -> np.ndarray:

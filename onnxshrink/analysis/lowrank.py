@@ -27,7 +27,14 @@ import math
 
 import numpy as np
 
-__all__ = ["CrossMoments", "Factors", "InputMoments", "factorize", "shrinks", "spectrum", "speedup_rank"]
+__all__ = [
+    "Factors",
+    "InputMoments",
+    "factorize",
+    "shrinks",
+    "spectrum",
+    "speedup_rank",
+]
 
 
 class InputMoments:
@@ -88,8 +95,11 @@ def spectrum(W: np.ndarray, G: np.ndarray | None = None, ridge: float = 1e-4):
     return U, s, Vt, L
 
 
-def factorize(W: np.ndarray, r: int, svd=None, G: np.ndarray | None = None, ridge: float = 1e-4) -> Factors:
-    """Rank-``r`` factors of W (plain, or whitened by G); ``svd`` reuses :func:`spectrum`'s result."""
+def factorize(
+    W: np.ndarray, r: int, svd=None, G: np.ndarray | None = None, ridge: float = 1e-4
+) -> Factors:
+    """Rank-``r`` factors of W (plain, or whitened by G); ``svd`` reuses :func:`spectrum`'s
+    result."""
     U, s, Vt, L = svd if svd is not None else spectrum(W, G, ridge)
     r = min(r, len(s))
     root = np.sqrt(s[:r])
@@ -113,34 +123,3 @@ def speedup_rank(n_in: int, n_out: int, x: float, multiple: int) -> int:
     if multiple > 1 and min(n_in, n_out) >= 16 and r >= multiple:
         r = (r // multiple) * multiple
     return max(1, r)
-
-
-class CrossMoments:
-    """Paired input rows of one layer in the compressed model (x_s) and the original (x_t):
-    running Σx_s, Σx_t, Σx_sᵀx_s and Σx_sᵀx_t, for a sequential fit."""
-
-    def __init__(self, n: int) -> None:
-        self.sum_s, self.sum_t = np.zeros(n), np.zeros(n)
-        self.ss, self.st = np.zeros((n, n)), np.zeros((n, n))
-        self.count = 0
-
-    def update(self, xs: np.ndarray, xt: np.ndarray) -> None:
-        xs, xt = np.asarray(xs, np.float64), np.asarray(xt, np.float64)
-        self.sum_s += xs.sum(0)
-        self.sum_t += xt.sum(0)
-        self.ss += xs.T @ xs
-        self.st += xs.T @ xt
-        self.count += xs.shape[0]
-
-    def fit(self, W: np.ndarray, centred: bool, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(W_ls, G, μ_s, μ_t): the full-rank weights that best map the compressed model's inputs
-        to the original layer's outputs, min ‖x_t·W − x_s·W_ls‖² (+ intercept when ``centred``),
-        and the input moment G to whiten the rank-r truncation of W_ls with."""
-        n = max(self.count, 1)
-        mu_s, mu_t = self.sum_s / n, self.sum_t / n
-        G, C = self.ss / n, self.st / n
-        if centred:
-            G, C = G - np.outer(mu_s, mu_s), C - np.outer(mu_s, mu_t)
-        lam = max(ridge * float(np.trace(G)) / G.shape[0], 1e-12)
-        W_ls = np.linalg.solve(G + lam * np.eye(G.shape[0]), C @ np.asarray(W, np.float64))
-        return W_ls, G, mu_s, mu_t

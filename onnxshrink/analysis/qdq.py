@@ -7,8 +7,7 @@ weight is a float initializer, and quantizes that weight to per-*tensor* int8 (b
 session start, so the layer runs on integer kernels. A layer we leave float on purpose (excluded,
 kept by mixed precision) would silently be quantized, and per tensor: on BatchNorm-folded
 weights, whose channels differ in scale by orders of magnitude, that loses more than our
-per-channel quantization would (MobileNetV2, mixed precision with 8 layers float: 96.1% top-1
-agreement as written, 90.0% in a session). The layer reads a DQ of its own instead, with the
+per-channel quantization would (docs/design.md). The layer reads a DQ of its own instead, with the
 same scale and zero point repeated along the channel axis (``axis``, one entry per channel: the
 same numbers, so the graph computes exactly what it did); a per-axis scale is not the pattern.
 """
@@ -27,7 +26,9 @@ __all__ = ["dq_of", "qdq_params", "shield_float_layer"]
 def qdq_params(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, int] | None:
     """(scale, zero point or None, axis) of a QuantizeLinear / DequantizeLinear, if constant."""
     scale = const_array(node.inputs[1])
-    zp = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    zp = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
     if scale is None or (len(node.inputs) > 2 and node.inputs[2] is not None and zp is None):
         return None
     return scale, zp, node.attributes.get_int("axis", 1)
@@ -64,20 +65,31 @@ def shield_float_layer(graph: ir.Graph, node: ir.Node) -> tuple[str | None, str 
         return None, None
     axis, n = _channels(node, w)
     if n < 2:
-        return None, ("one input channel: onnxruntime quantizes this float layer's weight per tensor "
-                      "at session start (WeightBiasQuantization)")
+        return None, (
+            "one input channel: onnxruntime quantizes this float layer's weight per tensor "
+            "at session start (WeightBiasQuantization)"
+        )
     scale, zp, _ = params
     base = node.name or node.op_type
-    s_val = ir.val(unique_name(graph, f"{base}.float_input_scale"),
-                   const_value=ir.tensor(np.full(n, scale.reshape(()), np.float32)))
+    s_val = ir.val(
+        unique_name(graph, f"{base}.float_input_scale"),
+        const_value=ir.tensor(np.full(n, scale.reshape(()), np.float32)),
+    )
     ins = [x_dq.inputs[0], s_val]
     graph.register_initializer(s_val)
     if zp is not None:
-        z_val = ir.val(unique_name(graph, f"{base}.float_input_zero_point"),
-                       const_value=ir.tensor(np.full(n, zp.reshape(()), zp.dtype)))
+        z_val = ir.val(
+            unique_name(graph, f"{base}.float_input_zero_point"),
+            const_value=ir.tensor(np.full(n, zp.reshape(()), zp.dtype)),
+        )
         graph.register_initializer(z_val)
         ins.append(z_val)
-    dq = ir.node("DequantizeLinear", ins, attributes={"axis": axis}, name=unique_name(graph, f"{base}.float_input_dq"))
+    dq = ir.node(
+        "DequantizeLinear",
+        ins,
+        attributes={"axis": axis},
+        name=unique_name(graph, f"{base}.float_input_dq"),
+    )
     x, out = node.inputs[0], dq.outputs[0]
     out.name, out.type = unique_name(graph, f"{base}.float_input"), x.type
     out.shape = x.shape.copy() if x.shape is not None else None

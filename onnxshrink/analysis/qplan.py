@@ -19,10 +19,28 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 
-__all__ = ["COMPUTE_OPS", "WEIGHTED_OPS", "QuantPlan", "plan_quantization", "quantize_weight", "stem_layers",
-           "weight_axis", "weight_scale"]
+__all__ = [
+    "COMPUTE_OPS",
+    "WEIGHTED_OPS",
+    "QuantPlan",
+    "plan_quantization",
+    "quantize_weight",
+    "stem_layers",
+    "weight_axis",
+    "weight_scale",
+]
 
-COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
+COMPUTE_OPS = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+}
 _SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
@@ -30,7 +48,15 @@ _FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 
 def _data_inputs(node: ir.Node) -> list[ir.Value]:
     """The activation inputs a quantized node reads (constants and shape inputs excluded)."""
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "Reshape", "Resize", "Squeeze", "Unsqueeze"):
+    if node.op_type in (
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "Reshape",
+        "Resize",
+        "Squeeze",
+        "Unsqueeze",
+    ):
         return [node.inputs[0]]
     return [v for v in node.inputs if v is not None and const_array(v) is None]
 
@@ -112,19 +138,21 @@ def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
     the stem), with the depthwise Convs that alone read its output (directly or through its fused
     Relu / Clip) -- the layers that see the image at full resolution.
 
-    With ``rule`` only the stems where int8 loses on onnxruntime's CPU kernels, measured
-    (``InsertQDQPass``, option ``stem``): at most 4 input channels (an image: at 3×3 to 7×7 the
-    QLinearConv took 1.2-4.5× the float Conv's time with 1-4 input channels, 0.9× with 8), and
-    only quantized compute ops reading the output (after a float stem onnxruntime moves the
-    QuantizeLinear above a MaxPool and runs that on uint8 NCHW: 2.8 ms against 0.1 ms in NHWC
-    on ResNet-18). Something quantized must follow, or the stem stays as it is.
+    With ``rule`` only the stems where int8 loses on onnxruntime's CPU kernels (option
+    ``stem``; the timings in docs/design.md): at most 4 input channels (an image), and only
+    quantized compute ops reading the output (after a float stem onnxruntime would run a
+    MaxPool on uint8 NCHW, far slower than NHWC). Something quantized must follow, or the stem
+    stays as it is.
     """
     planned = {id(n) for n in plan.nodes}
     fused = {id(c): a for c, a in plan.fused}
     stem = []
     for node in plan.nodes:
-        if (node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1
-                or node.inputs[0] is None):
+        if (
+            node.op_type != "Conv"
+            or node.attributes.get_int("group", 1) != 1
+            or node.inputs[0] is None
+        ):
             continue
         chain = input_chain(node.inputs[0])
         if chain is None:
@@ -134,18 +162,27 @@ def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
         readers = out.consumers()
         if w is None or out.is_graph_output() or not readers:
             continue
-        if rule and (w.shape[1] > 4 or any(id(r) not in planned or r.op_type not in COMPUTE_OPS
-                                           for r in readers)):
+        if rule and (
+            w.shape[1] > 4
+            or any(id(r) not in planned or r.op_type not in COMPUTE_OPS for r in readers)
+        ):
             continue
         stem.extend(n for n in reversed(chain) if id(n) in planned)
         stem.append(node)
-        if all(r.op_type == "Conv" and id(r) in planned and r.inputs[0] is out
-               and r.attributes.get_int("group", 1) == w.shape[0] for r in readers):
+        if all(
+            r.op_type == "Conv"
+            and id(r) in planned
+            and r.inputs[0] is out
+            and r.attributes.get_int("group", 1) == w.shape[0]
+            for r in readers
+        ):
             stem.extend(readers)
     return stem
 
 
-def plan_quantization(model: ir.Model, exclude: set[str], exclude_types: set[str]) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
+def plan_quantization(
+    model: ir.Model, exclude: set[str], exclude_types: set[str]
+) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
     """Decides what to quantize (no change to the model). Returns the plan and refusals."""
     refused = []
     nodes, tensors, share, concat, fused = [], {}, {}, [], []
@@ -222,7 +259,9 @@ def _weight_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax", pairs=None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(
+    w: np.ndarray, axis: int, method: str = "minmax", pairs=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(per-channel scale, int8 weights): symmetric int8 along ``axis`` (all other axes reduced).
 
     With ``pairs`` (:func:`onnxshrink.analysis.saturation.pairs`) no channel's scale is below
@@ -246,7 +285,9 @@ def quantize_weight(w: np.ndarray, axis: int, method: str = "minmax", pairs=None
             q = np.clip(np.round(w / s.reshape(shape)), -127, 127)
             if pairs is not None:
                 q = make_safe(q, w / s.reshape(shape), pairs)[0]
-            err = np.square(np.moveaxis(q * s.reshape(shape) - w, axis, 0)).reshape(len(s), -1).sum(1)
+            err = (
+                np.square(np.moveaxis(q * s.reshape(shape) - w, axis, 0)).reshape(len(s), -1).sum(1)
+            )
             better = err < best_err
             best[better], best_err[better] = s[better], err[better]
         scale = best

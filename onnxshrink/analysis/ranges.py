@@ -1,10 +1,7 @@
 """Activation ranges from calibration data, and the int8 / uint8 parameters they give.
 
-Memory is bounded: one pass over the data keeps each tensor's running min and max; methods that
-need a distribution make a second pass filling a fixed histogram (2048 bins over [min, max])
-per tensor. No activation is stored.
-
-Methods (``calibration``):
+Memory is bounded: one pass keeps each tensor's min and max; methods that need a distribution
+make a second pass filling a 2048-bin histogram per tensor. Methods (``calibration``):
 
 * ``minmax`` -- the observed range;
 * ``percentile=<p>`` -- the p-th and (100 − p)-th percentiles (lower end 0 for non-negative
@@ -19,14 +16,8 @@ Methods (``calibration``):
 
 Cascade (:func:`cascade_calibrate`): the ranges are measured again on the float model with
 every quantized tensor saturated where its grid ends (:func:`clipped_copy`), round after round
-until they settle, so each range is that of the tensor the quantized model actually computes.
-On MobileNetV2 the feature maps' border pixels carry activations that grow block after block
-along the residual stream (features.16's residual Add: |x| up to 35 at the two top corners of
-the 7×7 map, against a median channel maximum of 6.7); the float model's ranges are set by them
-(the 99.99th percentile keeps them: values above half of it are 0.13% of that tensor, nearly all
-at those corners), while upstream saturation already removes most of them. In cascade that
-Add's range is 0.098 of the float model's, and top-1 agreement on the evaluation crops goes from
-90.0% to 94.4% (bench/quantize.py).
+until they settle, so each range is that of the tensor the quantized model actually computes
+(why: docs/design.md, quantization).
 
 Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
 scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).
@@ -42,8 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METHODS", "SETTLED", "Cascade", "RangeStats", "cascade_calibrate", "choose_range",
-           "clipped_copy", "grid_bounds", "qparams"]
+__all__ = [
+    "METHODS",
+    "SETTLED",
+    "Cascade",
+    "RangeStats",
+    "cascade_calibrate",
+    "choose_range",
+    "clipped_copy",
+    "grid_bounds",
+    "qparams",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,11 @@ def _mse_range(st: RangeStats, levels: int) -> tuple[float, float]:
         if delta <= 0:
             continue
         inside = (c >= lo) & (c <= hi)
-        err = (h[inside].sum() * delta * delta / 12.0
-               + float((h[c > hi] * (c[c > hi] - hi) ** 2).sum())
-               + float((h[c < lo] * (lo - c[c < lo]) ** 2).sum()))
+        err = (
+            h[inside].sum() * delta * delta / 12.0
+            + float((h[c > hi] * (c[c > hi] - hi) ** 2).sum())
+            + float((h[c < lo] * (lo - c[c < lo]) ** 2).sum())
+        )
         if err < best_err:
             best, best_err = (lo, hi), err
     return best
@@ -210,8 +212,17 @@ def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.
     return np.float32(scale), np.array(zp, np_dtype)
 
 
-def _collect(model, sources: list[str], mean_names: list[str], data, workdir: Path, samples: int,
-             method: str, progress=None, seed: dict[str, RangeStats] | None = None):
+def _collect(
+    model,
+    sources: list[str],
+    mean_names: list[str],
+    data,
+    workdir: Path,
+    samples: int,
+    method: str,
+    progress=None,
+    seed: dict[str, RangeStats] | None = None,
+):
     """(RangeStats of each tensor in ``sources``, per-channel mean of each in ``mean_names``).
 
     Without ``seed``: one pass for min/max and means, a second filling the histograms (unless
@@ -258,9 +269,20 @@ class Cascade:
     shrunk: dict[str, float]  # tensor -> final width / first-round width, for those that moved
 
 
-def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[str], data, workdir: Path,
-                      samples: int, method: str, percentile: float, rounds: int, tol: float = SETTLED,
-                      progress=None) -> Cascade:
+def cascade_calibrate(
+    model,
+    saturation,
+    sources: list[str],
+    mean_names: list[str],
+    data,
+    workdir: Path,
+    samples: int,
+    method: str,
+    percentile: float,
+    rounds: int,
+    tol: float = SETTLED,
+    progress=None,
+) -> Cascade:
     """Ranges measured on the model *as the quantized one runs it*, up to saturation.
 
     Round 0 measures every range on the float model (what onnxruntime's calibrators do). Each
@@ -268,8 +290,8 @@ def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[st
     its uint8 grid ends (``saturation(ranges)`` gives tensor -> (lo, hi);
     :func:`clipped_copy`) -- the model's own clipping without its rounding. A tensor's range
     then reflects what the quantized model feeds it: large values that an upstream tensor's
-    range already clips (on MobileNetV2, activations at the feature maps' border pixels that
-    grow block after block along the residual stream) no longer widen the ranges downstream.
+    range already clips (outliers that grow along a residual stream) no longer widen the ranges
+    downstream.
     Ranges at depth d settle after d rounds; the rounds stop when no range end moves by more
     than ``tol`` of its width, or after ``rounds``. One pass over the data per round (the
     histograms reuse the previous round's span); ``progress`` advances by samples seen.
@@ -280,14 +302,19 @@ def cascade_calibrate(model, saturation, sources: list[str], mean_names: list[st
     changes: list[float] = []
     for _ in range(rounds):
         clipped = clipped_copy(model, saturation(ranges))
-        stats, _ = _collect(clipped, sources, [], data, workdir, samples, method, progress, seed=stats)
+        stats, _ = _collect(
+            clipped, sources, [], data, workdir, samples, method, progress, seed=stats
+        )
         new = {s: choose_range(st, method, percentile) for s, st in stats.items()}
         changes.append(max((_moved(ranges[s], new[s]) for s in new), default=0.0))
         ranges = new
         if changes[-1] <= tol:
             break
-    shrunk = {s: (ranges[s][1] - ranges[s][0]) / (first[s][1] - first[s][0]) for s in ranges
-              if first[s][1] > first[s][0] and _moved(first[s], ranges[s]) > tol}
+    shrunk = {
+        s: (ranges[s][1] - ranges[s][0]) / (first[s][1] - first[s][0])
+        for s in ranges
+        if first[s][1] > first[s][0] and _moved(first[s], ranges[s]) > tol
+    }
     return Cascade(ranges, means, changes, shrunk)
 
 
@@ -318,8 +345,10 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
         value = values[name]
         ends = []
         for end, x in (("lo", lo), ("hi", hi)):
-            v = ir.val(unique_name(graph, f"{name}.saturate_{end}"),
-                       const_value=ir.tensor(np.array(x, np.float32)))
+            v = ir.val(
+                unique_name(graph, f"{name}.saturate_{end}"),
+                const_value=ir.tensor(np.array(x, np.float32)),
+            )
             graph.register_initializer(v)
             ends.append(v)
         clip = ir.node("Clip", [value, *ends], name=unique_name(graph, f"{name}.saturate"))

@@ -34,7 +34,9 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
     return 0.5 * (x - (1 + alpha) + np.sqrt(np.maximum((x - (1 + alpha)) ** 2 - 4 * alpha, 0.0)))
 
 
-def _free_energy(sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float) -> float:
+def _free_energy(
+    sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float
+) -> float:
     H = len(s)
     alpha = L / M
     x = s**2 / (M * sigma2)
@@ -69,7 +71,9 @@ def evbmf_rank(matrix: np.ndarray) -> int:
     lower = max(s[eH_ub + 1] ** 2 / (M * xubar), float(np.mean(s[eH_ub + 1 :] ** 2)) / M)
     if not upper > lower > 0:
         return len(s)
-    opt = minimize_scalar(_free_energy, args=(L, M, s, 0.0, xubar), bounds=(lower, upper), method="bounded")
+    opt = minimize_scalar(
+        _free_energy, args=(L, M, s, 0.0, xubar), bounds=(lower, upper), method="bounded"
+    )
     threshold = math.sqrt(M * opt.x * (1 + tauubar) * (1 + alpha / tauubar))
     return int(np.sum(s > threshold))
 

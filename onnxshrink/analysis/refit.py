@@ -27,7 +27,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import set_const_input
 
-__all__ = ["NormalEquations", "conv_patches", "input_rows", "refit_supported", "rows_of", "solve", "write_weights"]
+__all__ = [
+    "NormalEquations",
+    "conv_patches",
+    "input_rows",
+    "refit_supported",
+    "rows_of",
+    "solve",
+    "write_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,9 @@ def refit_supported(node: ir.Node) -> str | None:
             return "auto_pad SAME_* convolutions are not re-fitted"
         return None
     if node.op_type == "Gemm":
-        return "Gemm with transA=1 is not re-fitted" if node.attributes.get_int("transA", 0) else None
+        return (
+            "Gemm with transA=1 is not re-fitted" if node.attributes.get_int("transA", 0) else None
+        )
     if node.op_type == "MatMul":
         return None
     return f"{node.op_type} is not re-fitted"
@@ -55,7 +65,9 @@ def _conv_geometry(node: ir.Node, kernel: tuple[int, int]):
     return pads, strides, dil
 
 
-def conv_patches(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+def conv_patches(
+    x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np.ndarray
+) -> np.ndarray:
     """im2col rows: patch of output position ``rows`` (flat over N, Ho, Wo) as [R, C·kh·kw]."""
     (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(node, kernel)
     kh, kw = kernel
@@ -127,7 +139,9 @@ class NormalEquations:
 
     def error(self, W: np.ndarray) -> float:
         """Relative squared error ‖Y − XW‖² / ‖Y‖² of the (bias-augmented) solution ``W``."""
-        err = float(np.einsum("gio,gio->", W, self.A @ W) - 2 * np.einsum("gio,gio->", W, self.B) + self.yy)
+        err = float(
+            np.einsum("gio,gio->", W, self.A @ W) - 2 * np.einsum("gio,gio->", W, self.B) + self.yy
+        )
         return max(err, 0.0) / max(self.yy, 1e-30)
 
 
@@ -140,7 +154,10 @@ def solve(eq: NormalEquations, ridge: float, prior: np.ndarray | None = None) ->
     A = eq.A.copy()
     B = eq.B.copy()
     d = A.shape[1] - (1 if eq.bias else 0)
-    lam = max(ridge * float(np.trace(A[:, :d, :d], axis1=1, axis2=2).sum()) / max(d * A.shape[0], 1), 1e-12)
+    lam = max(
+        ridge * float(np.trace(A[:, :d, :d], axis1=1, axis2=2).sum()) / max(d * A.shape[0], 1),
+        1e-12,
+    )
     A[:, np.arange(d), np.arange(d)] += lam
     if prior is not None:
         B[:, :d] += lam * prior[:, :d]
@@ -160,12 +177,25 @@ def current_solution(node: ir.Node, bias: bool) -> np.ndarray:
     if node.op_type == "Conv":
         g = _groups(node)
         W = w.reshape(g, w.shape[0] // g, -1).transpose(0, 2, 1)  # [G, d, O/G]
-        b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(w.shape[0])
+        b = (
+            const_array(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else np.zeros(w.shape[0])
+        )
         b = np.asarray(b, np.float64).reshape(g, 1, -1)
     elif node.op_type == "Gemm":
-        W = (w.T if node.attributes.get_int("transB", 0) else w) * node.attributes.get_float("alpha", 1.0)
-        c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(W.shape[1])
-        b = np.broadcast_to(np.asarray(c, np.float64).reshape(-1)[-W.shape[1]:] if np.size(c) > 1 else c, (W.shape[1],))
+        W = (w.T if node.attributes.get_int("transB", 0) else w) * node.attributes.get_float(
+            "alpha", 1.0
+        )
+        c = (
+            const_array(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else np.zeros(W.shape[1])
+        )
+        b = np.broadcast_to(
+            np.asarray(c, np.float64).reshape(-1)[-W.shape[1] :] if np.size(c) > 1 else c,
+            (W.shape[1],),
+        )
         W, b = W[None], (b * node.attributes.get_float("beta", 1.0))[None, None, :]
     else:
         W, b = w[None], None
@@ -178,7 +208,9 @@ def write_weights(graph: ir.Graph, node: ir.Node, sol: np.ndarray, bias: bool) -
     dtype = w_old.dtype
     W, b = (sol[:, :-1], sol[:, -1]) if bias else (sol, None)
     if node.op_type == "Conv":
-        set_const_input(graph, node, 1, W.transpose(0, 2, 1).reshape(w_old.shape).astype(dtype), "refit.weight")
+        set_const_input(
+            graph, node, 1, W.transpose(0, 2, 1).reshape(w_old.shape).astype(dtype), "refit.weight"
+        )
         set_const_input(graph, node, 2, b.reshape(-1).astype(dtype), "refit.bias")
     elif node.op_type == "Gemm":
         B = W[0].T if node.attributes.get_int("transB", 0) else W[0]
@@ -221,11 +253,18 @@ def refit_layers(
         steps.setdefault(n.inputs[0].name, []).append(n)
     results: list[dict] = []
     n_batches = len(list(data.batches(samples)))
-    held_batches = set(range(n_batches - max(1, n_batches // 4), n_batches)) if n_batches > 1 else set()
+    held_batches = (
+        set(range(n_batches - max(1, n_batches // 4), n_batches)) if n_batches > 1 else set()
+    )
     for step_i, (x_name, step) in enumerate(steps.items()):
         ynames = [n.outputs[0].name for n in step]
-        eqs = [(NormalEquations(bias=n.op_type != "MatMul"), NormalEquations(bias=n.op_type != "MatMul"))
-               for n in step]
+        eqs = [
+            (
+                NormalEquations(bias=n.op_type != "MatMul"),
+                NormalEquations(bias=n.op_type != "MatMul"),
+            )
+            for n in step
+        ]
         rng = np.random.default_rng(step_i)
         with Probe(student, [x_name], workdir) as sprobe, Probe(teacher, ynames, workdir) as tprobe:
             for b, (xb, yb) in enumerate(zip(sprobe.run(data, samples), tprobe.run(data, samples))):
@@ -245,7 +284,9 @@ def refit_layers(
     return results
 
 
-def _choose(graph: ir.Graph, node: ir.Node, fit: NormalEquations, hold: NormalEquations, ridge: float) -> dict:
+def _choose(
+    graph: ir.Graph, node: ir.Node, fit: NormalEquations, hold: NormalEquations, ridge: float
+) -> dict:
     cut = current_solution(node, fit.bias)
     best_err, best_ridge = hold.error(cut), None
     before = best_err
@@ -254,17 +295,30 @@ def _choose(graph: ir.Graph, node: ir.Node, fit: NormalEquations, hold: NormalEq
         err = hold.error(solve(fit, float(lam), prior=cut))
         if err < best_err - margin:
             best_err, best_ridge = err, float(lam)
-    record = {"node": node.name, "heldout_error_before": round(before, 6),
-              "heldout_error_after": round(best_err, 6), "ridge": best_ridge,
-              "applied": best_ridge is not None, "rows": fit.n + hold.n}
+    record = {
+        "node": node.name,
+        "heldout_error_before": round(before, 6),
+        "heldout_error_after": round(best_err, 6),
+        "ridge": best_ridge,
+        "applied": best_ridge is not None,
+        "rows": fit.n + hold.n,
+    }
     if best_ridge is not None:
-        both = NormalEquations(fit.bias, fit.A + hold.A, fit.B + hold.B, fit.yy + hold.yy, fit.n + hold.n)
+        both = NormalEquations(
+            fit.bias, fit.A + hold.A, fit.B + hold.B, fit.yy + hold.yy, fit.n + hold.n
+        )
         write_weights(graph, node, solve(both, best_ridge, prior=cut), fit.bias)
     return record
 
 
-def _rows(node: ir.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray | None,
-          rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows(
+    node: ir.Node,
+    x: np.ndarray,
+    y: np.ndarray,
+    removed_out: np.ndarray | None,
+    rng: np.random.Generator,
+    rows: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y) rows of one batch: sampled im2col patches for a Conv, samples for Gemm/MatMul."""
     keep = np.setdiff1d(np.arange(y.shape[1]), removed_out if removed_out is not None else [])
     if node.op_type == "Conv":

@@ -156,7 +156,13 @@ def steerable(nodes: list[ir.Node], refused: dict[str, str]) -> list[ir.Node]:
 
 
 def usable_grams(
-    model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, refused: dict[str, str], progress=None
+    model: ir.Model,
+    nodes: list[ir.Node],
+    data,
+    workdir: Path,
+    samples: int,
+    refused: dict[str, str],
+    progress=None,
 ) -> Iterator[tuple[ir.Node, np.ndarray]]:
     """(node, H) from :func:`iter_grams` for every node whose H saw enough calibration rows to
     steer rounding (:func:`too_few_rows`); the others are named in ``refused`` with the reason."""

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 class Log(Protocol):
     """Where a pass's code records changes and refusals: the pass itself (a :class:`ShrinkPass`)
-    on the real model, :data:`DISCARD` on a trial copy, so nothing a trial does reaches the report."""
+    on the real model, :data:`DISCARD` on a trial copy, so nothing a trial does reaches the
+    report."""
 
     def change(self, what: str) -> None: ...
 
@@ -143,8 +144,17 @@ class ShrinkPass(ir.passes.InPlacePass):
             return []
         task = self.task(f"{self.name}: re-fit", len({n.inputs[0].name for n in todo}))
         try:
-            return refit_layers(model, teacher, todo, removed or {}, data, workdir, samples=self.samples,
-                                ridge=self.ridge, progress=task)
+            return refit_layers(
+                model,
+                teacher,
+                todo,
+                removed or {},
+                data,
+                workdir,
+                samples=self.samples,
+                ridge=self.ridge,
+                progress=task,
+            )
         finally:
             task.done()
 
@@ -160,12 +170,15 @@ class ShrinkPass(ir.passes.InPlacePass):
             value = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
             if value != default:
-                out[f.name.rstrip("_").replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+                out[f.name.rstrip("_").replace("_", "-")] = (
+                    list(value) if isinstance(value, tuple) else value
+                )
         return out
 
     @classmethod
     def describe(cls) -> str:
-        """The docstring's first paragraph, on one line (a first line alone may stop mid-sentence)."""
+        """The docstring's first paragraph, on one line (a first line alone may stop
+        mid-sentence)."""
         return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     @classmethod
@@ -237,7 +250,8 @@ def _convert_to(raw: str | list[str], tp: Any, key: str, cls: type) -> Any:
         choices = typing.get_args(tp)
         if raw not in choices:
             raise OptionError(
-                f"pass '{cls.name}': {key} must be one of {', '.join(map(str, choices))}; got '{raw}'"
+                f"pass '{cls.name}': {key} must be one of {', '.join(map(str, choices))}; got "
+                f"'{raw}'"
             )
         return raw
     try:

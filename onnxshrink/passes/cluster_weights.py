@@ -14,8 +14,7 @@ per weight (ONNX's Gather takes only int32/int64 indices, hence the Cast).
 With real data (``rounding=auto`` → ``hessian``) each weight is assigned its centroid
 Hessian-aware (GPTQ, :mod:`onnxshrink.analysis.rounding`): inputs one by one, each assignment
 error pushed onto the inputs not yet assigned so the layer *output* on the calibration data
-moves least, and the bias re-solved with them. On MobileNetV2 this halves the output error of
-clustering (1 − cosine 4.6e-4 → 2.2e-4). Without it (``nearest``), each layer's bias is
+moves least, and the bias re-solved with them. Without it (``nearest``), each layer's bias is
 corrected for the output mean shift, (Ŵ − W)·E[x] (``bias-correction``,
 :mod:`onnxshrink.analysis.bias`).
 
@@ -77,8 +76,9 @@ def _panter_dite_init(s: np.ndarray, k: int) -> np.ndarray:
     return np.unique(np.interp((np.arange(k) + 0.5) / k, cdf, edges))
 
 
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 25,
-              weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_1d(
+    values: np.ndarray, k: int, iterations: int = 25, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(centroids [k'], indices) minimising Σ h·(v − c[i])² by Lloyd's algorithm in 1-D.
 
     ``weights`` h (default 1) say how much each value's error costs. Sorting once makes each
@@ -137,7 +137,11 @@ class ClusterWeightsPass(ShrinkPass):
         self._assigned: dict[str, tuple] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rounding = self.rounding if self.rounding != "auto" else ("hessian" if self.has_real_data else "nearest")
+        rounding = (
+            self.rounding
+            if self.rounding != "auto"
+            else ("hessian" if self.has_real_data else "nearest")
+        )
         if rounding == "hessian":
             NameFixPass()(model)  # assignments (and min-fidelity's trial copies) go by node name
         self._assigned = self._assign(model) if rounding == "hessian" else {}
@@ -151,7 +155,9 @@ class ClusterWeightsPass(ShrinkPass):
             self.details["weight_bytes"] = {"before": int(before), "after": int(after)}
         return ir.passes.PassResult(model, modified=modified)
 
-    def _cluster(self, model: ir.Model, means, exclude: set[str], log: Log, only: str | None = None):
+    def _cluster(
+        self, model: ir.Model, means, exclude: set[str], log: Log, only: str | None = None
+    ):
         graph = model.graph
         modified = False
         total_before = total_after = 0
@@ -160,7 +166,12 @@ class ClusterWeightsPass(ShrinkPass):
                 continue
             if node.name in exclude or (only is not None and node.name != only):
                 if node.name in exclude:
-                    log.skip(node, "excluded" if node.name in self.exclude else "kept by min-fidelity (most sensitive)")
+                    log.skip(
+                        node,
+                        "excluded"
+                        if node.name in self.exclude
+                        else "kept by min-fidelity (most sensitive)",
+                    )
                 continue
             w_val = node.inputs[1]
             w = const_array(w_val)
@@ -184,9 +195,13 @@ class ClusterWeightsPass(ShrinkPass):
             if new_bias is not None:
                 set_const_input(graph, node, 2, new_bias.astype(w.dtype), "bias_clustered")
             elif mu is not None:
-                subtract_from_bias(graph, node, apply_to_mean(node, decoded - w.astype(np.float64), mu))
+                subtract_from_bias(
+                    graph, node, apply_to_mean(node, decoded - w.astype(np.float64), mu)
+                )
             total_before += w.nbytes
-            total_after += indices.size + centroids.size * 4 + (0 if scale is None else scale.size * 4)
+            total_after += (
+                indices.size + centroids.size * 4 + (0 if scale is None else scale.size * 4)
+            )
             modified = True
         return modified, total_before, total_after
 
@@ -211,7 +226,12 @@ class ClusterWeightsPass(ShrinkPass):
         refused: dict[str, str] = {}
         nodes = []
         for n in model.graph:
-            if n.op_type not in _TARGETS or len(n.inputs) < 2 or n.inputs[1] is None or n.name in self.exclude:
+            if (
+                n.op_type not in _TARGETS
+                or len(n.inputs) < 2
+                or n.inputs[1] is None
+                or n.name in self.exclude
+            ):
                 continue
             w = const_array(n.inputs[1])
             if w is not None and w.size >= self.min_size and np.issubdtype(w.dtype, np.floating):
@@ -267,32 +287,58 @@ class ClusterWeightsPass(ShrinkPass):
             self.details["fidelity_all_clustered"] = round(full, 6)
             if full >= self.min_fidelity:
                 return set()
-            names = [nd.name for nd in model.graph if nd.op_type in _TARGETS and nd.name not in exclude
-                     and const_array(nd.inputs[1]) is not None and const_array(nd.inputs[1]).size >= self.min_size]
+            names = [
+                nd.name
+                for nd in model.graph
+                if nd.op_type in _TARGETS
+                and nd.name not in exclude
+                and const_array(nd.inputs[1]) is not None
+                and const_array(nd.inputs[1]).size >= self.min_size
+            ]
             damage = {name: 1.0 - trial(exclude, only=name) for name in names}
             order = sorted(damage, key=damage.get, reverse=True)
-            kept, current = spare_until(order, lambda spared: trial(exclude | spared), self.min_fidelity)
+            kept, current = spare_until(
+                order, lambda spared: trial(exclude | spared), self.min_fidelity
+            )
             current = full if current is None else current
-            self.details["min_fidelity"] = {"kept_float": sorted(kept), "fidelity": round(current, 6)}
+            self.details["min_fidelity"] = {
+                "kept_float": sorted(kept),
+                "fidelity": round(current, 6),
+            }
             return set(kept)
 
     def _rewrite(self, graph, node, w, centroids, indices, scale, log: Log) -> np.ndarray:
         base = node.name or node.op_type
-        codebook = ir.val(unique_name(graph, f"{base}.codebook"),
-                          const_value=ir.tensor(centroids.astype(w.dtype)))
-        idx = ir.val(unique_name(graph, f"{base}.indices"),
-                     const_value=ir.tensor(indices.reshape(w.shape).astype(np.uint8)))
+        codebook = ir.val(
+            unique_name(graph, f"{base}.codebook"), const_value=ir.tensor(centroids.astype(w.dtype))
+        )
+        idx = ir.val(
+            unique_name(graph, f"{base}.indices"),
+            const_value=ir.tensor(indices.reshape(w.shape).astype(np.uint8)),
+        )
         graph.register_initializer(codebook)
         graph.register_initializer(idx)
-        cast = ir.node("Cast", [idx], attributes={"to": ir.DataType.INT32}, name=unique_name(graph, f"{base}.indices_cast"))
-        gather = ir.node("Gather", [codebook, cast.outputs[0]], attributes={"axis": 0},
-                         name=unique_name(graph, f"{base}.decode"))
+        cast = ir.node(
+            "Cast",
+            [idx],
+            attributes={"to": ir.DataType.INT32},
+            name=unique_name(graph, f"{base}.indices_cast"),
+        )
+        gather = ir.node(
+            "Gather",
+            [codebook, cast.outputs[0]],
+            attributes={"axis": 0},
+            name=unique_name(graph, f"{base}.decode"),
+        )
         cast.outputs[0].name = unique_name(graph, f"{base}.indices_int32")
         gather.outputs[0].name = unique_name(graph, f"{base}.weight_clustered")
         nodes, out = [cast, gather], gather.outputs[0]
         decoded = centroids[indices].reshape(w.shape)
         if scale is not None:
-            s_val = ir.val(unique_name(graph, f"{base}.channel_scale"), const_value=ir.tensor(scale.astype(w.dtype)))
+            s_val = ir.val(
+                unique_name(graph, f"{base}.channel_scale"),
+                const_value=ir.tensor(scale.astype(w.dtype)),
+            )
             graph.register_initializer(s_val)
             mul = ir.node("Mul", [out, s_val], name=unique_name(graph, f"{base}.rescale"))
             mul.outputs[0].name = unique_name(graph, f"{base}.weight_rescaled")
@@ -302,18 +348,28 @@ class ClusterWeightsPass(ShrinkPass):
         graph.insert_before(node, nodes)
         node.replace_input_with(1, out)
         err = float(np.sqrt(np.mean((decoded - w) ** 2)) / (np.std(w) + 1e-30))
-        log.change(f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})")
+        log.change(
+            f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})"
+        )
         return decoded
 
     def _means(self, model: ir.Model) -> dict[str, np.ndarray]:
         """Per-channel E[x] of the layers' inputs, for bias correction (``auto``: with real data
-        only). Weighting the k-means by E[x²] (the Hessian diagonal) was measured too: no gain
-        on MobileNetV2 (top-1 agreement 96.1% against 96.7%), so the plain objective stays."""
+        only); the k-means objective stays unweighted (docs/design.md, clustering)."""
         data = self.context.data
-        if self.bias_correction == "off" or (self.bias_correction == "auto" and not self.has_real_data) or data is None:
+        if (
+            self.bias_correction == "off"
+            or (self.bias_correction == "auto" and not self.has_real_data)
+            or data is None
+        ):
             return {}
-        names = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("Conv", "Gemm")
-                        and const_array(n.inputs[1]) is not None})
+        names = sorted(
+            {
+                n.inputs[0].name
+                for n in model.graph
+                if n.op_type in ("Conv", "Gemm") and const_array(n.inputs[1]) is not None
+            }
+        )
         if not names:
             return {}
         with self.scratch() as workdir:

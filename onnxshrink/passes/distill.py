@@ -53,7 +53,8 @@ def _cosine(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
 
 @dataclasses.dataclass
 class DistillPass(ShrinkPass):
-    """Post-training distillation: layer outputs re-fitted to the original model's, input to output."""
+    """Post-training distillation: layer outputs re-fitted to the original model's, input to
+    output."""
 
     name: ClassVar[str] = "distill"
     lossy: ClassVar[bool] = True
@@ -85,15 +86,19 @@ class DistillPass(ShrinkPass):
             results = self.refit_nodes(model, teacher, nodes, data, workdir, self.removed)
             changed = [r for r in results if r["applied"]]
             for r in changed:
-                self.change(f"{r['node']}: held-out error {r['heldout_error_before']:.4g} -> "
-                            f"{r['heldout_error_after']:.4g}")
+                self.change(
+                    f"{r['node']}: held-out error {r['heldout_error_before']:.4g} -> "
+                    f"{r['heldout_error_after']:.4g}"
+                )
             for r in results:
                 if not r["applied"]:
                     self.skip(r["node"], "re-fit did not lower the held-out error: kept as it was")
             self.details["layers"] = results
             if changed:
-                self.details["calibration_cosine"] = {"before": round(before, 6),
-                                                      "after": round(self._fidelity(model, teacher, data, workdir), 6)}
+                self.details["calibration_cosine"] = {
+                    "before": round(before, 6),
+                    "after": round(self._fidelity(model, teacher, data, workdir), 6),
+                }
             return ir.passes.PassResult(model, modified=bool(changed))
 
     def _eligible(self, model: ir.Model, teacher: ir.Model, data, workdir: Path) -> list[ir.Node]:
@@ -108,7 +113,9 @@ class DistillPass(ShrinkPass):
             if wanted and node.name not in wanted:
                 continue
             if const_array(node.inputs[1]) is None:
-                self.skip(node, "weights are not constant (quantized?): run distill before quantize")
+                self.skip(
+                    node, "weights are not constant (quantized?): run distill before quantize"
+                )
             elif reason := refit_supported(node):
                 self.skip(node, f"not re-fitted: {reason}")
             elif node.outputs[0].name not in teacher_names:
@@ -135,8 +142,11 @@ class DistillPass(ShrinkPass):
                     self.removed[n.outputs[0]] = np.setdiff1d(np.arange(ts[1]), idx)
                     out.append(n)  # fitted to the original layer's kept channels
                     continue
-            self.skip(n, f"output shape {list(ss)} differs from the original's {list(ts)} and the "
-                         f"kept channels are not recorded")
+            self.skip(
+                n,
+                f"output shape {list(ss)} differs from the original's {list(ts)} and the "
+                f"kept channels are not recorded",
+            )
         return out
 
     def _fidelity(self, model: ir.Model, teacher: ir.Model, data, workdir: Path) -> float:

@@ -51,8 +51,12 @@ def equalize_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
 def _is_relu6(node: ir.Node) -> bool:
     if node.op_type != "Clip":
         return False
-    lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    hi = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    lo = (
+        const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    )
+    hi = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
     return lo is not None and float(np.asarray(lo)) == 0.0 and hi is not None
 
 
@@ -75,7 +79,10 @@ def _pair(first: ir.Node, relu6: bool):
             return None
         nxt = a_out.consumers()[0]
         if act.op_type == "Clip" and not relu6:
-            return "ReLU6 between the layers is not positively homogeneous (relu6-to-relu=true allows it)"
+            return (
+                "ReLU6 between the layers is not positively homogeneous "
+                "(relu6-to-relu=true allows it)"
+            )
     if nxt.op_type != "Conv" or nxt.inputs[0] is not (act.outputs[0] if act else out):
         return None
     return act, nxt
@@ -135,7 +142,11 @@ class EqualizePass(ShrinkPass):
                 return f"{node.name}: weight is not a constant 2-D kernel"
             if weight_users_outside(node.inputs[1], node):
                 return f"{node.name}: weight is shared"
-            if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            if (
+                len(node.inputs) > 2
+                and node.inputs[2] is not None
+                and const_array(node.inputs[2]) is None
+            ):
                 return f"{node.name}: bias is not constant"
         w1, w2 = const_array(first.inputs[1]), const_array(second.inputs[1])
         if first.attributes.get_int("group", 1) != 1 and not _depthwise(first, w1):
@@ -152,7 +163,9 @@ class EqualizePass(ShrinkPass):
         r2 = np.abs(w2).reshape(w2.shape[0], -1).max(1) if dw2 else np.abs(w2).max(axis=(0, 2, 3))
         s = equalize_scales(r1, r2)
         dtype = const_array(first.inputs[1]).dtype
-        set_const_input(graph, first, 1, (w1 / s[:, None, None, None]).astype(dtype), "equalized.weight")
+        set_const_input(
+            graph, first, 1, (w1 / s[:, None, None, None]).astype(dtype), "equalized.weight"
+        )
         if len(first.inputs) > 2 and first.inputs[2] is not None:
             b1 = const_array(first.inputs[2]).astype(np.float64)
             set_const_input(graph, first, 2, (b1 / s).astype(dtype), "equalized.bias")

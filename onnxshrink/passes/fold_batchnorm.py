@@ -64,9 +64,16 @@ def _match(bn: ir.Node) -> _Match | str | None:
         return None
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
-    if producer is None or producer.op_type not in _PRODUCERS or producer.domain not in ("", "ai.onnx"):
+    if (
+        producer is None
+        or producer.op_type not in _PRODUCERS
+        or producer.domain not in ("", "ai.onnx")
+    ):
         return None
-    if bn.attributes.get_int("training_mode", 0) or len([o for o in bn.outputs if o.uses() or o.is_graph_output()]) > 1:
+    if (
+        bn.attributes.get_int("training_mode", 0)
+        or len([o for o in bn.outputs if o.uses() or o.is_graph_output()]) > 1
+    ):
         return "BatchNormalization is in training mode"
     if x.is_graph_output():
         return f"{producer.op_type} output is a graph output"
@@ -135,8 +142,12 @@ _FOLD = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fol
 def _rewrite(graph: ir.Graph, m: _Match, w: np.ndarray, b: np.ndarray) -> None:
     dtype = m.weight.dtype
     base = m.producer.name or m.producer.outputs[0].name or m.producer.op_type
-    w_val = ir.val(unique_name(graph, f"{base}.bn_folded.weight"), const_value=ir.tensor(w.astype(dtype)))
-    b_val = ir.val(unique_name(graph, f"{base}.bn_folded.bias"), const_value=ir.tensor(b.astype(dtype)))
+    w_val = ir.val(
+        unique_name(graph, f"{base}.bn_folded.weight"), const_value=ir.tensor(w.astype(dtype))
+    )
+    b_val = ir.val(
+        unique_name(graph, f"{base}.bn_folded.bias"), const_value=ir.tensor(b.astype(dtype))
+    )
     graph.register_initializer(w_val)
     graph.register_initializer(b_val)
     attrs = dict(m.producer.attributes)
@@ -177,7 +188,10 @@ class FoldBatchNormPass(ShrinkPass):
                 self.skip(bn, folded)
                 continue
             _rewrite(graph, match, *folded)
-            self.change(f"{match.producer.name or match.producer.op_type} <- {bn.name or 'BatchNormalization'}")
+            self.change(
+                f"{match.producer.name or match.producer.op_type} <- "
+                f"{bn.name or 'BatchNormalization'}"
+            )
             modified = True
         for bn in graph:
             if bn.op_type == "BatchNormalization" and _match(bn) is None:

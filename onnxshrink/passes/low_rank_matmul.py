@@ -22,11 +22,6 @@ MACs; ``target-macs=<f>``: a whole-model MAC budget, ranks allocated greedily by
 lost per MAC saved. Ranks are rounded to a multiple of ``round`` (up for energy, down for
 speedup, nearest for rank).
 
-``sequential=true`` fits the layers in graph order to the original layers' outputs from the
-inputs the already-factorised model produces (each layer corrects the error of those before it);
-measured on MiniLM and MobileNetV2 it did not beat the one-shot fit (README), so it is off by
-default.
-
 Emitted form (``fused=true``): one call of a model-local function, domain ``onnxshrink``:
 ``LowRankMatMul(X, A, B) = MatMul(MatMul(X, A), B)``, ``LowRankGemm(X, A, B, C) =
 Gemm(Gemm(X, A), B, C)``, ``LowRankConv(X, A, B, bias) = Conv(Conv(X, A), B, bias)``; onnxruntime
@@ -48,7 +43,6 @@ from onnx_ir.passes.common import NameFixPass
 from onnxshrink.analysis.channels import const_array, weight_users_outside
 from onnxshrink.analysis.cut import unique_name
 from onnxshrink.analysis.lowrank import (
-    CrossMoments,
     InputMoments,
     factorize,
     shrinks,
@@ -90,7 +84,9 @@ class _Target:
             return True
         if self.kind == "gemm":
             c = self.node.inputs[2] if len(self.node.inputs) > 2 else None
-            return c is None or (const_array(c) is not None and not weight_users_outside(c, self.node))
+            return c is None or (
+                const_array(c) is not None and not weight_users_outside(c, self.node)
+            )
         return self.bias_add is not None
 
 
@@ -127,8 +123,13 @@ def _function(model: ir.Model, kind: str) -> tuple[str, str]:
         first.outputs[0].name = "H"
         second = ir.node(op, [first.outputs[0], *inputs[2:]], name="second")
         second.outputs[0].name = "Y"
-        graph = ir.Graph(inputs, [second.outputs[0]], nodes=[first, second],
-                         opset_imports={"": model.opset_imports.get("", 17)}, name=fname)
+        graph = ir.Graph(
+            inputs,
+            [second.outputs[0]],
+            nodes=[first, second],
+            opset_imports={"": model.opset_imports.get("", 17)},
+            name=fname,
+        )
         func = ir.Function(DOMAIN, fname, graph=graph, attributes=[])
         model.functions[func.identifier()] = func
         model.opset_imports[DOMAIN] = 1
@@ -153,7 +154,6 @@ class LowRankMatMulPass(ShrinkPass):
     ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     min_size: int = 16
     ridge: float = 1e-4
-    sequential: bool = False
     samples: int = 128
     shrink_only: bool = True
     skip_: tuple[str, ...] = ()
@@ -166,7 +166,9 @@ class LowRankMatMulPass(ShrinkPass):
         if sum(chosen) > 1:
             raise OptionError("pass 'lowrank': give one of rank, energy, speedup, target-macs")
         if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise OptionError(f"pass 'lowrank': target-macs must be in (0, 1), got {self.target_macs}")
+            raise OptionError(
+                f"pass 'lowrank': target-macs must be in (0, 1), got {self.target_macs}"
+            )
         if not any(chosen):
             self.speedup = 2.0
         if self.rank is not None and not 0 < self.rank <= 1:
@@ -177,7 +179,10 @@ class LowRankMatMulPass(ShrinkPass):
             raise OptionError(f"pass 'lowrank': speedup must be > 1, got {self.speedup}")
         bad = set(self.ops) - {"MatMul", "Gemm", "Conv"}
         if bad:
-            raise OptionError(f"pass 'lowrank': ops must be among MatMul, Gemm, Conv; got {', '.join(sorted(bad))}")
+            raise OptionError(
+                "pass 'lowrank': ops must be among MatMul, Gemm, Conv; got "
+                f"{', '.join(sorted(bad))}"
+            )
         if self.round < 0 or self.samples < 1 or self.ridge < 0:
             raise OptionError("pass 'lowrank': round >= 0, samples >= 1, ridge >= 0")
 
@@ -198,7 +203,6 @@ class LowRankMatMulPass(ShrinkPass):
             return ir.passes.PassResult(model, modified=False)
         data = self.context.data
         aware = self.method == "activation" or (self.method == "auto" and self.has_real_data)
-        teacher = model.clone() if aware and self.sequential else None
         moments = self._moments(model, targets, data) if aware else {}
         spectra = []
         for t in targets:
@@ -216,63 +220,44 @@ class LowRankMatMulPass(ShrinkPass):
             if r is None:
                 self.skip(t.node, "left dense by the MAC budget allocation (target-macs)")
             elif self.shrink_only and not shrinks(r, n_in, n_out):
-                self.skip(t.node, f"rank {r} would not shrink it: r·(n_in + n_out) = {r * (n_in + n_out)} "
-                                  f">= n_in·n_out = {n_in * n_out}")
+                self.skip(
+                    t.node,
+                    f"rank {r} would not shrink it: r·(n_in + n_out) = {r * (n_in + n_out)} "
+                    f">= n_in·n_out = {n_in * n_out}",
+                )
             else:
                 plan.append((t, m, G, svd, r))
-        sequential = aware and self.sequential
-        if sequential and plan:
-            layers = self._apply_sequential(model, teacher, plan, data)
-        else:
-            layers = [self._apply(model, t, t.W, r, svd, G, *((m.mean, m.mean) if m else (None, None)))
-                      for t, m, G, svd, r in plan]
-        self.details["method"] = ("sequential " if sequential and plan else "") + ("activation-aware" if aware else "svd")
+        layers = [
+            self._apply(model, t, t.W, r, svd, G, *((m.mean, m.mean) if m else (None, None)))
+            for t, m, G, svd, r in plan
+        ]
+        self.details["method"] = "activation-aware" if aware else "svd"
         self.details["layers"] = layers
         return ir.passes.PassResult(model, modified=bool(layers))
 
     def _apply(self, model, t: _Target, W: np.ndarray, r: int, svd, G, mu_s, mu_t) -> dict:
-        """Factorises ``W`` (the layer's weights, or its sequential re-fit) at rank r and rewrites."""
+        """Factorises ``W`` at rank r and rewrites the layer."""
         f = factorize(W, r, svd, G, self.ridge)
-        shift = (mu_t @ t.W - mu_s @ (f.A @ f.B)) if (mu_s is not None and t.has_bias_slot) else None
+        shift = (
+            (mu_t @ t.W - mu_s @ (f.A @ f.B)) if (mu_s is not None and t.has_bias_slot) else None
+        )
         kept = float(np.sum(f.s[:r] ** 2) / max(np.sum(f.s**2), 1e-30))
         form = self._rewrite(model, t, f, shift)
         n_in, n_out = t.W.shape
-        self.change(f"{t.node.name}: {n_in}×{n_out} -> rank {r} ({'activation-aware' if G is not None else 'SVD'}, "
-                    f"{form}, {100 * kept:.1f}% energy kept)")
-        return {"node": t.node.name, "op": t.node.op_type, "shape": [n_in, n_out], "rank": r,
-                "energy_kept": round(kept, 6), "form": form, "macs_per_row": [n_in * n_out, r * (n_in + n_out)]}
-
-    def _apply_sequential(self, model, teacher, plan, data) -> list[dict]:
-        """Layers in graph order, grouped by input; each group is fitted to the original layers'
-        outputs from the inputs the already-factorised model produces (:class:`CrossMoments`)."""
-        from onnxshrink.calibrate import Probe
-
-        order = {id(n): i for i, n in enumerate(model.graph)}
-        steps: dict[tuple, list] = {}
-        for entry in sorted(plan, key=lambda e: order[id(e[0].node)]):
-            steps.setdefault(entry[0].row_key, []).append(entry)
-        task = self.task("lowrank: sequential fit", len(steps))
-        layers = []
-        try:
-            with self.scratch() as workdir:
-                for i, (key, entries) in enumerate(steps.items()):
-                    n_in = entries[0][0].W.shape[0]
-                    cm = CrossMoments(n_in)
-                    rng = np.random.default_rng(i)
-                    with Probe(model, [key[0]], workdir) as sp, Probe(teacher, [key[0]], workdir) as tp:
-                        for bs, bt in zip(sp.run(data, self.samples), tp.run(data, self.samples)):
-                            xs, xt = _rows(key, bs[key[0]], n_in), _rows(key, bt[key[0]], n_in)
-                            if xs.shape[0] > _ROWS_PER_BATCH:
-                                idx = np.sort(rng.choice(xs.shape[0], _ROWS_PER_BATCH, replace=False))
-                                xs, xt = xs[idx], xt[idx]
-                            cm.update(xs, xt)
-                    for t, _, _, _, r in entries:
-                        W_ls, G, mu_s, mu_t = cm.fit(t.W, t.has_bias_slot, self.ridge)
-                        layers.append(self._apply(model, t, W_ls, r, spectrum(W_ls, G, self.ridge), G, mu_s, mu_t))
-                    task(1)
-        finally:
-            task.done()
-        return layers
+        self.change(
+            f"{t.node.name}: {n_in}×{n_out} -> rank {r} "
+            f"({'activation-aware' if G is not None else 'SVD'}, "
+            f"{form}, {100 * kept:.1f}% energy kept)"
+        )
+        return {
+            "node": t.node.name,
+            "op": t.node.op_type,
+            "shape": [n_in, n_out],
+            "rank": r,
+            "energy_kept": round(kept, 6),
+            "form": form,
+            "macs_per_row": [n_in * n_out, r * (n_in + n_out)],
+        }
 
     # -- matching ---------------------------------------------------------------------------------
     def _target(self, node: ir.Node) -> _Target | str:
@@ -294,7 +279,11 @@ class LowRankMatMulPass(ShrinkPass):
                 return "grouped or depthwise convolution"
             if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                 return "auto_pad SAME_* is not factorised"
-            if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            if (
+                len(node.inputs) > 2
+                and node.inputs[2] is not None
+                and const_array(node.inputs[2]) is None
+            ):
                 return "bias is not constant"
             W = w[:, :, 0, 0].T.astype(np.float64)
             kind = "conv"
@@ -354,7 +343,10 @@ class LowRankMatMulPass(ShrinkPass):
             rows = macs[id(t.node)] / (n_in * n_out)
             s = self._spectrum(t, svd)
             energy = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
-            top = max((r for r in range(step, min(n_in, n_out) + 1, step) if shrinks(r, n_in, n_out)), default=None)
+            top = max(
+                (r for r in range(step, min(n_in, n_out) + 1, step) if shrinks(r, n_in, n_out)),
+                default=None,
+            )
             if top is None:
                 continue
             grid = list(range(top, 0, -step))
@@ -374,11 +366,19 @@ class LowRankMatMulPass(ShrinkPass):
             chosen[key] = r
             nxt = r - step
             if nxt in saving:
-                heapq.heappush(heap, ((loss[nxt] - loss[r]) / max(saving[nxt] - saving[r], 1e-9), key, nxt))
-        self.details["budget"] = {"target_macs": self.target_macs, "reached": round(1.0 - saved / max(total, 1), 4)}
+                heapq.heappush(
+                    heap, ((loss[nxt] - loss[r]) / max(saving[nxt] - saving[r], 1e-9), key, nxt)
+                )
+        self.details["budget"] = {
+            "target_macs": self.target_macs,
+            "reached": round(1.0 - saved / max(total, 1), 4),
+        }
         if saved < need:
-            self.skip("model", f"target-macs {self.target_macs} not reached: every candidate layer is at its "
-                               f"smallest rank, MACs at {1.0 - saved / max(total, 1):.3f} of the original")
+            self.skip(
+                "model",
+                f"target-macs {self.target_macs} not reached: every candidate layer is at its "
+                f"smallest rank, MACs at {1.0 - saved / max(total, 1):.3f} of the original",
+            )
         return chosen
 
     def _moments(self, model: ir.Model, targets: list[_Target], data) -> dict[tuple, InputMoments]:
@@ -395,7 +395,9 @@ class LowRankMatMulPass(ShrinkPass):
                     for key, m in moments.items():
                         rows = _rows(key, batch[key[0]], m.sum.shape[0])
                         if rows.shape[0] > _ROWS_PER_BATCH:
-                            rows = rows[np.sort(rng.choice(rows.shape[0], _ROWS_PER_BATCH, replace=False))]
+                            rows = rows[
+                                np.sort(rng.choice(rows.shape[0], _ROWS_PER_BATCH, replace=False))
+                            ]
                         m.update(rows)
                     task(1)
         finally:
@@ -409,20 +411,36 @@ class LowRankMatMulPass(ShrinkPass):
         dtype = const_array(node.inputs[1]).dtype
 
         def const(arr, what):
-            v = ir.val(unique_name(graph, f"{base}.lowrank.{what}"),
-                       const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)))
+            v = ir.val(
+                unique_name(graph, f"{base}.lowrank.{what}"),
+                const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)),
+            )
             graph.register_initializer(v)
             return v
 
         x, before, fused = node.inputs[0], [], self.fused
         if t.kind == "conv":
             A, B = const(f.A.T[:, :, None, None], "A"), const(f.B.T[:, :, None, None], "B")
-            b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else 0.0
-            bias = const(np.broadcast_to(np.asarray(b, np.float64) + (shift if shift is not None else 0.0),
-                                         (t.W.shape[1],)), "bias")
-            geometry = {a.name: a for a in node.attributes.values() if a.name in ("strides", "pads", "dilations")}
-            plain_geometry = all(v == 1 for v in node.attributes.get_ints("strides", [1, 1])) and \
-                not any(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+            b = (
+                const_array(node.inputs[2])
+                if len(node.inputs) > 2 and node.inputs[2] is not None
+                else 0.0
+            )
+            bias = const(
+                np.broadcast_to(
+                    np.asarray(b, np.float64) + (shift if shift is not None else 0.0),
+                    (t.W.shape[1],),
+                ),
+                "bias",
+            )
+            geometry = {
+                a.name: a
+                for a in node.attributes.values()
+                if a.name in ("strides", "pads", "dilations")
+            }
+            plain_geometry = all(
+                v == 1 for v in node.attributes.get_ints("strides", [1, 1])
+            ) and not any(node.attributes.get_ints("pads", [0, 0, 0, 0]))
             fused = fused and plain_geometry
             if fused:
                 call = [ir.node(_function(model, "conv")[1], [x, A, B, bias], domain=DOMAIN)]
@@ -431,7 +449,10 @@ class LowRankMatMulPass(ShrinkPass):
                 call = [first, ir.node("Conv", [first.outputs[0], B, bias])]
         elif t.kind == "gemm":
             A, B = const(f.A, "A"), const(f.B, "B")
-            c, beta = (node.inputs[2] if len(node.inputs) > 2 else None), node.attributes.get_float("beta", 1.0)
+            c, beta = (
+                (node.inputs[2] if len(node.inputs) > 2 else None),
+                node.attributes.get_float("beta", 1.0),
+            )
             c_arr = const_array(c) if c is not None else None
             if c is not None and c_arr is None:  # a runtime C: kept, its beta applied
                 if beta != 1.0:
@@ -439,18 +460,30 @@ class LowRankMatMulPass(ShrinkPass):
                     before.append(scale)
                     c = scale.outputs[0]
             elif c_arr is not None or shift is not None:
-                c = const((beta * np.asarray(c_arr if c_arr is not None else 0.0, np.float64))
-                          + (shift if shift is not None else 0.0), "C")
+                c = const(
+                    (beta * np.asarray(c_arr if c_arr is not None else 0.0, np.float64))
+                    + (shift if shift is not None else 0.0),
+                    "C",
+                )
             if node.attributes.get_int("transA", 0):
                 tr = ir.node("Transpose", [x], attributes={"perm": [1, 0]})
                 before.append(tr)
                 x = tr.outputs[0]
             op = "gemm" if c is not None else "matmul"
             if fused:
-                call = [ir.node(_function(model, op)[1], [x, A, B, *([c] if c is not None else [])], domain=DOMAIN)]
+                call = [
+                    ir.node(
+                        _function(model, op)[1],
+                        [x, A, B, *([c] if c is not None else [])],
+                        domain=DOMAIN,
+                    )
+                ]
             else:
                 first = ir.node("Gemm", [x, A])
-                call = [first, ir.node("Gemm", [first.outputs[0], B, *([c] if c is not None else [])])]
+                call = [
+                    first,
+                    ir.node("Gemm", [first.outputs[0], B, *([c] if c is not None else [])]),
+                ]
         else:
             A, B = const(f.A, "A"), const(f.B, "B")
             if fused:
@@ -462,7 +495,9 @@ class LowRankMatMulPass(ShrinkPass):
                 add = t.bias_add
                 i = 1 if add.inputs[0] is node.outputs[0] else 0
                 b = const_array(add.inputs[i])
-                add.replace_input_with(i, const((np.asarray(b, np.float64) + shift.reshape(b.shape)), "bias"))
+                add.replace_input_with(
+                    i, const((np.asarray(b, np.float64) + shift.reshape(b.shape)), "bias")
+                )
         self._replace(graph, node, before + call)
         return "fused" if fused else "plain"
 

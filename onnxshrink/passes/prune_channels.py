@@ -90,9 +90,13 @@ class PruneChannelsPass(ShrinkPass):
         if not 0.0 <= self.ratio < 1.0:
             raise OptionError(f"pass 'prune': ratio must be in [0, 1), got {self.ratio}")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
-            raise OptionError(f"pass 'prune': target-macs must be in (0, 1), got {self.target_macs}")
+            raise OptionError(
+                f"pass 'prune': target-macs must be in (0, 1), got {self.target_macs}"
+            )
         if self.round < 0 or self.min_channels < 1 or self.samples < 1 or self.ridge < 0:
-            raise OptionError("pass 'prune': round >= 0, min-channels >= 1, samples >= 1, ridge >= 0")
+            raise OptionError(
+                "pass 'prune': round >= 0, min-channels >= 1, samples >= 1, ridge >= 0"
+            )
 
     # -- the pass ---------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -116,7 +120,9 @@ class PruneChannelsPass(ShrinkPass):
             self._record(cg, plan)
             if refit and teacher is not None:
                 consumers = {id(n): n for gid in plan for n in cg.groups[gid].consumers}
-                if results := self.refit_nodes(model, teacher, list(consumers.values()), data, workdir, removed):
+                if results := self.refit_nodes(
+                    model, teacher, list(consumers.values()), data, workdir, removed
+                ):
                     self.details["refit"] = results
         return ir.passes.PassResult(model, modified=True)
 
@@ -158,8 +164,10 @@ class PruneChannelsPass(ShrinkPass):
         if self.global_ or self.target_macs is not None:
             counts = self._global_counts(model, scored)
         else:
-            counts = {g.id: g.size - keep_count(g.size, self.ratio, self.round, self.min_channels)
-                      for g, _, _ in scored}
+            counts = {
+                g.id: g.size - keep_count(g.size, self.ratio, self.round, self.min_channels)
+                for g, _, _ in scored
+            }
         plan = {}
         for g, score, used in scored:
             n = counts[g.id]
@@ -193,7 +201,9 @@ class PruneChannelsPass(ShrinkPass):
         target = None if self.target_macs is None else total_macs * (1.0 - self.target_macs)
         saved = 0.0
         for _, gid in sorted(entries):
-            if (target is not None and saved >= target) or (target is None and budget_channels <= 0):
+            if (target is not None and saved >= target) or (
+                target is None and budget_channels <= 0
+            ):
                 break
             floor_keep = max(min(self.min_channels, sizes[gid]), 1)
             if sizes[gid] - removed[gid] - 1 < floor_keep:
@@ -201,15 +211,23 @@ class PruneChannelsPass(ShrinkPass):
             removed[gid] += 1
             budget_channels -= 1
             saved += per_channel[gid]
-        return {gid: sizes[gid] - _round_keep(sizes[gid], sizes[gid] - r, self.round, self.min_channels)
-                for gid, r in removed.items()}
+        return {
+            gid: sizes[gid] - _round_keep(sizes[gid], sizes[gid] - r, self.round, self.min_channels)
+            for gid, r in removed.items()
+        }
 
     def _record(self, cg, plan) -> None:
         rows = []
         for gid, (idx, used, size) in plan.items():
             g = cg.groups[gid]
-            rows.append({"group": g.name, "channels": f"{size} -> {size - len(idx)}", "criterion": used,
-                         "producers": [p.name for p in g.producers]})
+            rows.append(
+                {
+                    "group": g.name,
+                    "channels": f"{size} -> {size - len(idx)}",
+                    "criterion": used,
+                    "producers": [p.name for p in g.producers],
+                }
+            )
             self.change(f"{g.name}: {size} -> {size - len(idx)} channels ({used})")
         self.details["groups"] = rows
 
@@ -223,13 +241,22 @@ def _mark_kept(removed: dict[ir.Value, np.ndarray]) -> None:
     match its output to the original layer's kept channels."""
     for value, rem in removed.items():
         node = value.producer()
-        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not len(rem):
+        if (
+            node is None
+            or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            or not len(rem)
+        ):
             continue
         w = const_array(node.inputs[1])
         if w is None:
             continue
-        now = w.shape[1] if node.op_type == "ConvTranspose" or (node.op_type == "MatMul") or \
-            (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0)) else w.shape[0]
+        now = (
+            w.shape[1]
+            if node.op_type == "ConvTranspose"
+            or (node.op_type == "MatMul")
+            or (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0))
+            else w.shape[0]
+        )
         kept = np.setdiff1d(np.arange(now + len(rem)), rem)
         if prior := node.metadata_props.get(KEPT):
             kept = np.array([int(i) for i in prior.split(",")])[kept]
@@ -245,4 +272,3 @@ def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
         shape = const_array(m.value).shape
         total += macs.get(id(m.node), 0) / shape[m.axis] * m.segment.repeat
     return total
-

@@ -18,8 +18,8 @@ numerator. E.g. 3×3, pads 1, stride 1: dropping the top row gives 2×3 with pad
 shape whose pads would go negative is not representable without cropping the input: the next
 best shape is tried, and a layer with none is left alone with the reason.
 
-With real data (``refit``), the remaining taps of each changed layer (group by group) are re-fitted by
-ridge least squares to the original layer's outputs (:mod:`onnxshrink.analysis.refit`).
+With real data (``refit``), the remaining taps of each changed layer (group by group) are
+re-fitted by ridge least squares to the original layer's outputs (:mod:`onnxshrink.analysis.refit`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ def progressions(k: int) -> list[tuple[int, ...]]:
     return sorted(out, key=lambda p: (-len(p), p))
 
 
-def _axis(keep: tuple[int, ...], k: int, d: int, begin: int, end: int) -> tuple[int, int, int] | None:
-    """(dilation, pad_begin, pad_end) keeping ``keep`` of ``k`` taps, or None if pads go negative."""
+def _axis(
+    keep: tuple[int, ...], k: int, d: int, begin: int, end: int
+) -> tuple[int, int, int] | None:
+    """(dilation, pad_begin, pad_end) keeping ``keep`` of ``k`` taps, or None if pads go
+    negative."""
     a, last = keep[0], keep[-1]
     m = keep[1] - keep[0] if len(keep) > 1 else 1
     b, e = begin - a * d, end - (k - 1 - last) * d
@@ -122,21 +125,40 @@ class PruneKernelPass(ShrinkPass):
             pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
             choice = kernel_shape(energy, budget, dil, pads)
             if choice is None:
-                self.skip(node, f"no kernel shape with at most {budget} of {kh * kw} taps keeps the pads "
-                                f"{pads} non-negative (the output would shift)")
+                self.skip(
+                    node,
+                    f"no kernel shape with at most {budget} of {kh * kw} taps keeps the pads "
+                    f"{pads} non-negative (the output would shift)",
+                )
                 continue
             rows, cols, (dh, pt, pb), (dw, pl, pr) = choice
-            set_const_input(model.graph, node, 1, np.ascontiguousarray(w[:, :, list(rows)][:, :, :, list(cols)]),
-                            "kernel_pruned")
+            set_const_input(
+                model.graph,
+                node,
+                1,
+                np.ascontiguousarray(w[:, :, list(rows)][:, :, :, list(cols)]),
+                "kernel_pruned",
+            )
             node.attributes["dilations"] = ir.AttrInt64s("dilations", [dh, dw])
             node.attributes["pads"] = ir.AttrInt64s("pads", [pt, pl, pb, pr])
             if "kernel_shape" in node.attributes:
-                node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [len(rows), len(cols)])
+                node.attributes["kernel_shape"] = ir.AttrInt64s(
+                    "kernel_shape", [len(rows), len(cols)]
+                )
             kept = float(energy[np.ix_(rows, cols)].sum() / max(energy.sum(), 1e-30))
-            layers.append({"node": node.name, "kernel": f"{kh}×{kw} -> {len(rows)}×{len(cols)}",
-                           "rows": list(rows), "cols": list(cols), "energy_kept": round(kept, 6)})
-            self.change(f"{node.name}: kernel {kh}×{kw} -> {len(rows)}×{len(cols)} (rows {list(rows)}, "
-                        f"cols {list(cols)}; {100 * kept:.1f}% of the weight energy)")
+            layers.append(
+                {
+                    "node": node.name,
+                    "kernel": f"{kh}×{kw} -> {len(rows)}×{len(cols)}",
+                    "rows": list(rows),
+                    "cols": list(cols),
+                    "energy_kept": round(kept, 6),
+                }
+            )
+            self.change(
+                f"{node.name}: kernel {kh}×{kw} -> {len(rows)}×{len(cols)} (rows {list(rows)}, "
+                f"cols {list(cols)}; {100 * kept:.1f}% of the weight energy)"
+            )
             changed.append(node)
         if not changed:
             return ir.passes.PassResult(model, modified=False)

@@ -78,8 +78,11 @@ class SimplifyPass(ShrinkPass):
             return ir.passes.PassResult(model, modified=bool(lifted))
         grown = tensor_bytes(simplified)
         if grown > max(_GROWTH * size, size + _GROWTH_MIN):
-            self.skip("model", f"constant folding grew the model's tensors from {size:,} to {grown:,} bytes: "
-                               "result discarded")
+            self.skip(
+                "model",
+                f"constant folding grew the model's tensors from {size:,} to {grown:,} bytes: "
+                "result discarded",
+            )
             return ir.passes.PassResult(model, modified=bool(lifted))
         _replace_graph(model, simplified)
         lift_constants(model)
@@ -95,8 +98,10 @@ class SimplifyPass(ShrinkPass):
             return "model is larger than 2 GB; onnxsim needs one in-memory protobuf"
         if blowups := constant_blowups(model):
             node, n = max(blowups, key=lambda b: b[1])
-            return (f"{node} makes a constant of {n:,} elements from small inputs: folding it would "
-                    "grow the model (and onnxsim computes it); left as it is")
+            return (
+                f"{node} makes a constant of {n:,} elements from small inputs: folding it would "
+                "grow the model (and onnxsim computes it); left as it is"
+            )
         if model.functions:
             return "model has local functions; onnxsim would inline them"
         return None
@@ -113,14 +118,22 @@ class SimplifyPass(ShrinkPass):
         finally:
             for value, tensor in swapped:
                 value.const_value = tensor
-        largest = max((v.const_value.nbytes for v in model.graph.initializers.values()
-                       if v.const_value is not None), default=0)
+        largest = max(
+            (
+                v.const_value.nbytes
+                for v in model.graph.initializers.values()
+                if v.const_value is not None
+            ),
+            default=0,
+        )
         fold = min(max(_FOLD_MIN, 2 * largest), 2**31 - 10000)
         with self.scratch() as workdir, tempfile.TemporaryDirectory(dir=workdir) as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(proto, str(src))
             del proto
-            ok = sandbox.simplify_file(str(src), str(dst), f"{fold}B", _memory_limit(src.stat().st_size), _TIMEOUT)
+            ok = sandbox.simplify_file(
+                str(src), str(dst), f"{fold}B", _memory_limit(src.stat().st_size), _TIMEOUT
+            )
             if not ok:
                 self.skip("model", "onnxsim reported a failed self-check; result discarded")
                 return None

@@ -98,7 +98,10 @@ class SparsifyPass(ShrinkPass):
         if self.pattern != "none":
             m = re.fullmatch(r"(\d+):(\d+)", self.pattern)
             if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-                raise OptionError(f"pass 'sparsify': pattern must be none or N:M with 0 < N < M, got '{self.pattern}'")
+                raise OptionError(
+                    "pass 'sparsify': pattern must be none or N:M with 0 < N < M, got "
+                    f"'{self.pattern}'"
+                )
             self._nm = (int(m.group(2)) - int(m.group(1)), int(m.group(2)))  # (pruned, group)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -117,12 +120,22 @@ class SparsifyPass(ShrinkPass):
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         data = self.context.data
-        method = self.method if self.method != "auto" else ("activation" if self.has_real_data else "magnitude")
-        norms = self._input_norms(model, [n for n, _ in layers], data) if method == "activation" else {}
-        scores = {id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(id(n), 1.0) for n, w in layers}
+        method = (
+            self.method
+            if self.method != "auto"
+            else ("activation" if self.has_real_data else "magnitude")
+        )
+        norms = (
+            self._input_norms(model, [n for n, _ in layers], data) if method == "activation" else {}
+        )
+        scores = {
+            id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(id(n), 1.0) for n, w in layers
+        }
         threshold = None
         if self.scope == "global" and self._nm is None:
-            threshold = np.quantile(np.concatenate([s.ravel() for s in scores.values()]), self.sparsity)
+            threshold = np.quantile(
+                np.concatenate([s.ravel() for s in scores.values()]), self.sparsity
+            )
         before = after = 0
         records = []
         for node, w in layers:
@@ -133,13 +146,27 @@ class SparsifyPass(ShrinkPass):
             form = self._store(graph, node, sparse)
             size = w.nbytes if form == "dense" else encoded_bytes(sparse.size, nnz, self.values)
             before, after = before + w.nbytes, after + size
-            records.append({"node": node.name, "sparsity": round(1 - nnz / sparse.size, 4), "form": form,
-                            "bytes": [int(w.nbytes), int(size)]})
-            self.change(f"{node.name}: {100 * (1 - nnz / sparse.size):.1f}% zeros, {form}, "
-                        f"{w.nbytes} -> {size} bytes")
-        self.details.update({"method": method, "layers": records, "weight_bytes": [before, after],
-                             "note": "stock onnxruntime runs unstructured sparsity at dense speed; "
-                                     "the saving is the file size"})
+            records.append(
+                {
+                    "node": node.name,
+                    "sparsity": round(1 - nnz / sparse.size, 4),
+                    "form": form,
+                    "bytes": [int(w.nbytes), int(size)],
+                }
+            )
+            self.change(
+                f"{node.name}: {100 * (1 - nnz / sparse.size):.1f}% zeros, {form}, "
+                f"{w.nbytes} -> {size} bytes"
+            )
+        self.details.update(
+            {
+                "method": method,
+                "layers": records,
+                "weight_bytes": [before, after],
+                "note": "stock onnxruntime runs unstructured sparsity at dense speed; "
+                "the saving is the file size",
+            }
+        )
         return ir.passes.PassResult(model, modified=True)
 
     def _refusal(self, node: ir.Node, w: np.ndarray | None) -> str | None:
@@ -195,7 +222,9 @@ class SparsifyPass(ShrinkPass):
                 taps = int(np.prod(w.shape[2:]))
                 if norm.size != group * per_group:
                     continue  # the input's channel count does not match: magnitude for this layer
-                rows = np.repeat(norm.reshape(group, per_group), taps, axis=1)  # [group, in/g · taps]
+                rows = np.repeat(
+                    norm.reshape(group, per_group), taps, axis=1
+                )  # [group, in/g · taps]
                 out[id(node)] = np.repeat(rows, w.shape[0] // group, axis=0)  # [outputs, ...]
             elif norm.size == _rows(node, w).shape[1]:
                 out[id(node)] = norm[None, :]
@@ -204,8 +233,13 @@ class SparsifyPass(ShrinkPass):
     def _store(self, graph: ir.Graph, node: ir.Node, sparse: np.ndarray) -> str:
         n = sparse.size
         nnz = int(np.count_nonzero(sparse))
-        if self.storage == "dense" or (self.storage == "auto" and encoded_bytes(n, nnz, self.values) >= sparse.nbytes):
-            v = ir.val(unique_name(graph, f"{node.name}.sparse"), const_value=ir.tensor(np.ascontiguousarray(sparse)))
+        if self.storage == "dense" or (
+            self.storage == "auto" and encoded_bytes(n, nnz, self.values) >= sparse.nbytes
+        ):
+            v = ir.val(
+                unique_name(graph, f"{node.name}.sparse"),
+                const_value=ir.tensor(np.ascontiguousarray(sparse)),
+            )
             graph.register_initializer(v)
             node.replace_input_with(1, v)
             return "dense"
@@ -227,37 +261,70 @@ def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str) -> 
     packed = np.packbits(mask, bitorder="little")
 
     def const(arr, what):
-        v = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(np.ascontiguousarray(arr)))
+        v = ir.val(
+            unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(np.ascontiguousarray(arr))
+        )
         graph.register_initializer(v)
         return v
 
     count = iter(range(100))
 
     def op(kind, inputs, **attrs):
-        nd = ir.node(kind, inputs, attributes=attrs or None, name=f"{base}.decode{next(count)}.{kind}")
+        nd = ir.node(
+            kind, inputs, attributes=attrs or None, name=f"{base}.decode{next(count)}.{kind}"
+        )
         graph.insert_before(node, nd)  # in the graph at once: the next unique name sees it
         nd.outputs[0].name = unique_name(graph, f"{nd.name}.out")
         return nd.outputs[0]
 
-    shifted = op("BitShift", [op("Unsqueeze", [const(packed, "mask"), const(np.array([1], np.int64), "axis")]),
-                              const(np.arange(8, dtype=np.uint8), "shifts")], direction="RIGHT")
+    shifted = op(
+        "BitShift",
+        [
+            op("Unsqueeze", [const(packed, "mask"), const(np.array([1], np.int64), "axis")]),
+            const(np.arange(8, dtype=np.uint8), "shifts"),
+        ],
+        direction="RIGHT",
+    )
     bits = op("Mod", [shifted, const(np.array(2, np.uint8), "two")])
     bits = op("Reshape", [bits, const(np.array([-1], np.int64), "flat")])
-    bits = op("Slice", [bits, const(np.array([0], np.int64), "start"), const(np.array([flat.size], np.int64), "end")])
+    bits = op(
+        "Slice",
+        [
+            bits,
+            const(np.array([0], np.int64), "start"),
+            const(np.array([flat.size], np.int64), "end"),
+        ],
+    )
     keep = op("Cast", [bits], to=ir.DataType.BOOL)
     # position p takes value number cumsum(bits)[p] - 1 (-1 where nothing is kept yet: Gather
     # wraps it, and Where discards it). No NonZero: onnxruntime's constant folding skips it.
-    index = op("Sub", [op("CumSum", [op("Cast", [bits], to=ir.DataType.INT64), const(np.array(0, np.int64), "axis0")]),
-                       const(np.array(1, np.int64), "one")])
+    index = op(
+        "Sub",
+        [
+            op(
+                "CumSum",
+                [op("Cast", [bits], to=ir.DataType.INT64), const(np.array(0, np.int64), "axis0")],
+            ),
+            const(np.array(1, np.int64), "one"),
+        ],
+    )
     nz = flat[mask]
     if values == "int8":
         scale = max(float(np.abs(nz).max(initial=0.0)) / 127.0, 1e-12)
         q = np.clip(np.round(nz / scale), -127, 127).astype(np.int8)
         # Cast + Mul rather than DequantizeLinear, which onnxruntime leaves unfolded (QDQ fusion)
-        vals = op("Mul", [op("Cast", [const(q, "values")], to=ir.DataType(onnx_dtype(sparse.dtype))),
-                          const(np.array(scale, sparse.dtype), "scale")])
+        vals = op(
+            "Mul",
+            [
+                op("Cast", [const(q, "values")], to=ir.DataType(onnx_dtype(sparse.dtype))),
+                const(np.array(scale, sparse.dtype), "scale"),
+            ],
+        )
     else:
         vals = const(nz.astype(sparse.dtype), "values")
-    dense = op("Where", [keep, op("Gather", [vals, index], axis=0), const(np.array(0, sparse.dtype), "zero")])
+    dense = op(
+        "Where",
+        [keep, op("Gather", [vals, index], axis=0), const(np.array(0, sparse.dtype), "zero")],
+    )
     weight = op("Reshape", [dense, const(np.array(sparse.shape, np.int64), "shape")])
     node.replace_input_with(1, weight)

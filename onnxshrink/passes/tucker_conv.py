@@ -30,7 +30,7 @@ those), non-2-D kernels, ``auto_pad`` SAME_*, non-constant or shared weights, la
 ``min-channels``, and layers where the decomposition would not cut MACs.
 
 The emitted form is three convolutions: ``bench/tucker.py`` measures it against writing the
-1×1 stages as MatMul (see the README for the figures).
+1×1 stages as MatMul (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -64,15 +64,20 @@ def spatial_macs(c_in: int, c_out: int, r: int, kh: int, kw: int, stride_w: int 
     return stride_w * r * c_in * kh + r * c_out * kw
 
 
-def speedup_ranks(c_in: int, c_out: int, kh: int, kw: int, x: float, stride2: int = 1,
-                  multiple: int = 8) -> tuple[int, int]:
+def speedup_ranks(
+    c_in: int, c_out: int, kh: int, kw: int, x: float, stride2: int = 1, multiple: int = 8
+) -> tuple[int, int]:
     """The largest (R_in, R_out) = r·(C_in, C_out), rounded down to ``multiple``, whose block has
     at most 1/x of the convolution's MACs (``stride2`` = s_h·s_w)."""
     budget = c_out * c_in * kh * kw / x
     lo, hi = 0.0, 1.0
     for _ in range(60):  # the block's MACs grow with r: bisect
         mid = (lo + hi) / 2
-        macs = stride2 * c_in * mid * c_in + (mid * c_in) * (mid * c_out) * kh * kw + mid * c_out * c_out
+        macs = (
+            stride2 * c_in * mid * c_in
+            + (mid * c_in) * (mid * c_out) * kh * kw
+            + mid * c_out * c_out
+        )
         if macs <= budget:
             lo = mid
         else:
@@ -90,8 +95,14 @@ def tucker2(w: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarra
     """(U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]) by tensorly's HOOI."""
     from tensorly.decomposition import partial_tucker
 
-    (core, factors), _ = partial_tucker(np.asarray(w, np.float64), rank=[r_out, r_in], modes=[0, 1],
-                                        init="svd", n_iter_max=100, tol=1e-6)
+    (core, factors), _ = partial_tucker(
+        np.asarray(w, np.float64),
+        rank=[r_out, r_in],
+        modes=[0, 1],
+        init="svd",
+        n_iter_max=100,
+        tol=1e-6,
+    )
     return np.asarray(factors[0]), np.asarray(core), np.asarray(factors[1])
 
 
@@ -113,7 +124,8 @@ def _unfold(w: np.ndarray, mode: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class TuckerConvPass(ShrinkPass):
-    """Tucker-2 (three convs) or spatial SVD (two convs) of K×K convolutions, with rank selection."""
+    """Tucker-2 (three convs) or spatial SVD (two convs) of K×K convolutions, with rank
+    selection."""
 
     name: ClassVar[str] = "tucker"
     lossy: ClassVar[bool] = True
@@ -135,7 +147,12 @@ class TuckerConvPass(ShrinkPass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        chosen = [self.rank is not None, self.energy is not None, self.vbmf, self.speedup is not None]
+        chosen = [
+            self.rank is not None,
+            self.energy is not None,
+            self.vbmf,
+            self.speedup is not None,
+        ]
         if sum(chosen) > 1:
             raise OptionError("pass 'tucker': give one of rank, energy, vbmf, speedup")
         if not any(chosen):
@@ -168,14 +185,18 @@ class TuckerConvPass(ShrinkPass):
             last, record = self._rewrite(graph, node, w, ranks)
             done.append(last)
             layers.append(record)
-            self.change(f"{record['node']}: {record['form']} ranks {record['ranks']}, MACs/pixel "
-                        f"{record['macs_before']} -> {record['macs_after']}")
+            self.change(
+                f"{record['node']}: {record['form']} ranks {record['ranks']}, MACs/pixel "
+                f"{record['macs_before']} -> {record['macs_after']}"
+            )
         if not done:
             return ir.passes.PassResult(model, modified=False)
         self.details["layers"] = layers
         if self.refit if self.refit is not None else self.has_real_data:
             with self.scratch() as workdir:
-                self.details["refit"] = self.refit_nodes(model, teacher, done, self.context.data, workdir)
+                self.details["refit"] = self.refit_nodes(
+                    model, teacher, done, self.context.data, workdir
+                )
         return ir.passes.PassResult(model, modified=True)
 
     # -- checks and ranks ----------------------------------------------------------------------
@@ -195,7 +216,11 @@ class TuckerConvPass(ShrinkPass):
             return "auto_pad SAME_* is not decomposed"
         if weight_users_outside(node.inputs[1], node):
             return "weight is shared with another node"
-        if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+        if (
+            len(node.inputs) > 2
+            and node.inputs[2] is not None
+            and const_array(node.inputs[2]) is None
+        ):
             return "bias is not constant"
         if min(w.shape[0], w.shape[1]) < self.min_channels:
             return f"fewer than {self.min_channels} channels"
@@ -211,12 +236,20 @@ class TuckerConvPass(ShrinkPass):
             full = min(c_in * kh, c_out * kw)
             if self.speedup is not None:
                 r = int(orig / self.speedup // (strides[1] * c_in * kh + c_out * kw))
-                r = max(1, (r // self.round) * self.round) if self.round > 1 and full >= 16 and r >= self.round else max(1, r)
+                r = (
+                    max(1, (r // self.round) * self.round)
+                    if self.round > 1 and full >= 16 and r >= self.round
+                    else max(1, r)
+                )
             elif self.rank is not None:
                 r = round_rank(self.rank * full, full, self.round)
             else:
                 m = np.asarray(w, np.float64).transpose(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)
-                r = energy_rank(np.linalg.svd(m, compute_uv=False), self.energy) if self.energy else evbmf_rank(m)
+                r = (
+                    energy_rank(np.linalg.svd(m, compute_uv=False), self.energy)
+                    if self.energy
+                    else evbmf_rank(m)
+                )
                 r = round_rank(max(r, floor_out), full, self.round)
             after = spatial_macs(c_in, c_out, r, kh, kw, strides[1])
             if after >= orig:
@@ -238,11 +271,16 @@ class TuckerConvPass(ShrinkPass):
             r_out = round_rank(max(r_out, floor_out), c_out, self.round)
         after = s * c_in * r_in + r_in * r_out * kh * kw + r_out * c_out
         if after >= orig:
-            return f"Tucker at ranks ({r_out}, {r_in}) would not cut MACs ({after} >= {orig} per pixel)"
+            return (
+                f"Tucker at ranks ({r_out}, {r_in}) would not cut MACs "
+                f"({after} >= {orig} per pixel)"
+            )
         return (r_out, r_in)
 
     # -- rewrite --------------------------------------------------------------------------------
-    def _rewrite(self, graph: ir.Graph, node: ir.Node, w: np.ndarray, ranks) -> tuple[ir.Node, dict]:
+    def _rewrite(
+        self, graph: ir.Graph, node: ir.Node, w: np.ndarray, ranks
+    ) -> tuple[ir.Node, dict]:
         base = node.name or node.op_type
         dtype = w.dtype
         bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -253,34 +291,67 @@ class TuckerConvPass(ShrinkPass):
         c_out, c_in, kh, kw = w.shape
 
         def const(arr, what):
-            v = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)))
+            v = ir.val(
+                unique_name(graph, f"{base}.{what}"),
+                const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)),
+            )
             graph.register_initializer(v)
             return v
 
         if self.mode == "tucker":
             r_out, r_in = ranks
             u_out, core, u_in = tucker2(w, r_out, r_in)
-            first = ir.node("Conv", [node.inputs[0], const(u_in.T[:, :, None, None], "tucker.in")],
-                            name=unique_name(graph, f"{base}.tucker_in"))
+            first = ir.node(
+                "Conv",
+                [node.inputs[0], const(u_in.T[:, :, None, None], "tucker.in")],
+                name=unique_name(graph, f"{base}.tucker_in"),
+            )
             middle_attrs = {k: v for k, v in attrs.items() if k not in ("group", "kernel_shape")}
-            middle = ir.node("Conv", [first.outputs[0], const(core, "tucker.core")], attributes=middle_attrs,
-                             name=unique_name(graph, f"{base}.tucker_core"))
-            last = ir.node("Conv", [middle.outputs[0], const(u_out[:, :, None, None], "tucker.out"),
-                                    *([bias] if bias is not None else [])], name=unique_name(graph, f"{base}.tucker_out"))
+            middle = ir.node(
+                "Conv",
+                [first.outputs[0], const(core, "tucker.core")],
+                attributes=middle_attrs,
+                name=unique_name(graph, f"{base}.tucker_core"),
+            )
+            last = ir.node(
+                "Conv",
+                [
+                    middle.outputs[0],
+                    const(u_out[:, :, None, None], "tucker.out"),
+                    *([bias] if bias is not None else []),
+                ],
+                name=unique_name(graph, f"{base}.tucker_out"),
+            )
             nodes = [first, middle, last]
             after = strides[0] * strides[1] * c_in * r_in + r_in * r_out * kh * kw + r_out * c_out
             form, shown = "Tucker-2", [r_out, r_in]
         else:
             (r,) = ranks
             v1, v2 = spatial_svd(w, r)
-            first = ir.node("Conv", [node.inputs[0], const(v1, "svd.vertical")],
-                            attributes={"pads": [pads[0], 0, pads[2], 0], "strides": [strides[0], 1],
-                                        "dilations": [dil[0], 1]},
-                            name=unique_name(graph, f"{base}.svd_vertical"))
-            last = ir.node("Conv", [first.outputs[0], const(v2, "svd.horizontal"), *([bias] if bias is not None else [])],
-                           attributes={"pads": [0, pads[1], 0, pads[3]], "strides": [1, strides[1]],
-                                       "dilations": [1, dil[1]]},
-                           name=unique_name(graph, f"{base}.svd_horizontal"))
+            first = ir.node(
+                "Conv",
+                [node.inputs[0], const(v1, "svd.vertical")],
+                attributes={
+                    "pads": [pads[0], 0, pads[2], 0],
+                    "strides": [strides[0], 1],
+                    "dilations": [dil[0], 1],
+                },
+                name=unique_name(graph, f"{base}.svd_vertical"),
+            )
+            last = ir.node(
+                "Conv",
+                [
+                    first.outputs[0],
+                    const(v2, "svd.horizontal"),
+                    *([bias] if bias is not None else []),
+                ],
+                attributes={
+                    "pads": [0, pads[1], 0, pads[3]],
+                    "strides": [1, strides[1]],
+                    "dilations": [1, dil[1]],
+                },
+                name=unique_name(graph, f"{base}.svd_horizontal"),
+            )
             nodes = [first, last]
             after = strides[1] * r * c_in * kh + r * c_out * kw
             form, shown = "spatial SVD", [r]
@@ -294,7 +365,12 @@ class TuckerConvPass(ShrinkPass):
         out.name = None
         last.outputs[0].name = name  # the block's output keeps the convolution's output name
         last.outputs[0].type, last.outputs[0].shape = out.type, out.shape
-        record = {"node": base, "form": form, "ranks": shown, "channels": [c_out, c_in],
-                  "macs_before": c_out * c_in * kh * kw, "macs_after": int(after)}
+        record = {
+            "node": base,
+            "form": form,
+            "ranks": shown,
+            "channels": [c_out, c_in],
+            "macs_before": c_out * c_in * kh * kw,
+            "macs_after": int(after),
+        }
         return last, record
-

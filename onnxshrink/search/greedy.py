@@ -13,8 +13,12 @@ from collections.abc import Callable, Sequence
 __all__ = ["spare_until"]
 
 
-def spare_until(order: Sequence[str], fidelity: Callable[[set[str]], float], floor: float,
-                limit: int | None = None) -> tuple[list[str], float | None]:
+def spare_until(
+    order: Sequence[str],
+    fidelity: Callable[[set[str]], float],
+    floor: float,
+    limit: int | None = None,
+) -> tuple[list[str], float | None]:
     """(the layers spared, in order; the fidelity with them spared -- None when none was tried)."""
     spared: list[str] = []
     current = None

@@ -22,9 +22,15 @@ g (float[2, 4, 8, 8] x, float[16, 4, 1, 1] W1, float[16] b1, float[16, 1, 3, 3] 
 def _model(act: str, seed=0):
     rng = np.random.default_rng(seed)
     scales = np.logspace(-2, 1, 16).astype(np.float32)  # very uneven channel ranges
-    inits = {"W1": rand(rng, 16, 4, 1, 1) * scales[:, None, None, None], "b1": rand(rng, 16) * scales,
-             "D": rand(rng, 16, 1, 3, 3), "db": rand(rng, 16), "W3": rand(rng, 8, 16, 1, 1),
-             "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    inits = {
+        "W1": rand(rng, 16, 4, 1, 1) * scales[:, None, None, None],
+        "b1": rand(rng, 16) * scales,
+        "D": rand(rng, 16, 1, 3, 3),
+        "db": rand(rng, 16),
+        "W3": rand(rng, 8, 16, 1, 1),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+    }
     return make_model(CHAIN.replace("{act}", act), inits), {"x": rand(rng, 2, 4, 8, 8)}
 
 
@@ -41,7 +47,9 @@ def test_relu_and_depthwise_chain_exact_and_balanced():
     p = EqualizePass()
     out, modified = apply(p, model)
     assert modified and len(p.changed) == 2  # conv -> dw and dw -> conv
-    np.testing.assert_allclose(ort_run(out, feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ort_run(out, feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4
+    )
     w1_before = _ranges(model, None)[0]
     w1_after, d_after, w3_after = _ranges(out, None)
     spread = lambda r: r.max() / r.min()  # noqa: E731

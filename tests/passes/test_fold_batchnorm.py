@@ -45,7 +45,8 @@ def test_conv(bias, group, stride, dilation):
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 8, 12, 12] x, float[16, {c_in // group}, 3, 3] W{b},
        float[16] gamma, float[16] beta, float[16] mean, float[16] var) => (float[2, 16, ?, ?] y) {{
-        c = Conv <group = {group}, strides = [{stride}, {stride}], dilations = [{dilation}, {dilation}], pads = [1, 1, 1, 1]> (x, W{", b" if bias else ""})
+        c = Conv <group = {group}, strides = [{stride}, {stride}], dilations = [{dilation},
+            {dilation}], pads = [1, 1, 1, 1]> (x, W{", b" if bias else ""})
         y = BatchNormalization <epsilon = 0.001> (c, gamma, beta, mean, var)
     }}"""
     inits = {"W": rand(rng, c_out, c_in // group, 3, 3), **_bn(rng, c_out)}
@@ -81,7 +82,8 @@ def test_gemm(trans_b, c_shape, alpha, beta):
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[3, 4] a, float[{w_shape[0]}, {w_shape[1]}] B{c_decl},
        float[6] gamma, float[6] beta, float[6] mean, float[6] var) => (float[3, 6] y) {{
-        h = Gemm <transB = {trans_b}, alpha = {alpha}, beta = {beta}> (a, B{", C" if c_shape else ""})
+        h = Gemm <transB = {trans_b}, alpha = {alpha}, beta = {beta}>
+            (a, B{", C" if c_shape else ""})
         y = BatchNormalization (h, gamma, beta, mean, var)
     }}"""
     inits = {"B": rand(rng, *w_shape), **_bn(rng, 6)}
@@ -95,12 +97,15 @@ def test_bn_output_is_graph_output_keeps_name():
     rng = np.random.default_rng(3)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[4, 3, 1, 1] W, float[4] gamma, float[4] beta, float[4] mean, float[4] var)
+    g (float[1, 3, 4, 4] x, float[4, 3, 1, 1] W, float[4] gamma, float[4] beta, float[4] mean,
+        float[4] var)
       => (float[1, 4, 4, 4] y) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
     }"""
-    out = _check(make_model(text, {"W": rand(rng, 4, 3, 1, 1), **_bn(rng, 4)}), {"x": rand(rng, 1, 3, 4, 4)})
+    out = _check(
+        make_model(text, {"W": rand(rng, 4, 3, 1, 1), **_bn(rng, 4)}), {"x": rand(rng, 1, 3, 4, 4)}
+    )
     assert [o.name for o in out.graph.output] == ["y"]
 
 
@@ -115,7 +120,8 @@ def _refused(text, inits, reason_part):
 
 _SHARED = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean, float[3] var)
+g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean,
+    float[3] var)
   => (float[1, 3, 4, 4] y, float[1, 3, 4, 4] z) {
     c = Conv (x, W)
     y = BatchNormalization (c, gamma, beta, mean, var)
@@ -133,7 +139,8 @@ def test_refuses_conv_output_read_elsewhere():
     rng = np.random.default_rng(5)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean, float[3] var)
+    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean,
+        float[3] var)
       => (float[1, 3, 4, 4] y, float[1, 3, 4, 4] z) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
@@ -146,7 +153,8 @@ def test_refuses_conv_output_that_is_graph_output():
     rng = np.random.default_rng(6)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean, float[3] var)
+    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean,
+        float[3] var)
       => (float[1, 3, 4, 4] y, float[1, 3, 4, 4] c) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
@@ -158,7 +166,8 @@ def test_refuses_non_constant_bn_parameters():
     rng = np.random.default_rng(7)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean, float[3] var)
+    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean,
+        float[3] var)
       => (float[1, 3, 4, 4] y) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
@@ -172,7 +181,8 @@ def test_refuses_non_constant_weight():
     rng = np.random.default_rng(8)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean, float[3] var)
+    g (float[1, 3, 4, 4] x, float[3, 3, 1, 1] W, float[3] gamma, float[3] beta, float[3] mean,
+        float[3] var)
       => (float[1, 3, 4, 4] y) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
@@ -185,7 +195,8 @@ def test_reports_bn_after_other_op():
     rng = np.random.default_rng(9)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 3, 4, 4] x, float[3] gamma, float[3] beta, float[3] mean, float[3] var) => (float[1, 3, 4, 4] y) {
+    g (float[1, 3, 4, 4] x, float[3] gamma, float[3] beta, float[3] mean,
+        float[3] var) => (float[1, 3, 4, 4] y) {
         r = Relu (x)
         y = BatchNormalization (r, gamma, beta, mean, var)
     }"""
@@ -200,12 +211,15 @@ def test_float16_weights_keep_dtype():
     rng = np.random.default_rng(10)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float16[1, 3, 4, 4] x, float16[4, 3, 3, 3] W, float16[4] gamma, float16[4] beta, float16[4] mean, float16[4] var)
+    g (float16[1, 3, 4, 4] x, float16[4, 3, 3, 3] W, float16[4] gamma, float16[4] beta,
+       float16[4] mean, float16[4] var)
       => (float16[1, 4, 2, 2] y) {
         c = Conv (x, W)
         y = BatchNormalization (c, gamma, beta, mean, var)
     }"""
-    inits = {k: v.astype(np.float16) for k, v in {"W": rand(rng, 4, 3, 3, 3), **_bn(rng, 4)}.items()}
+    inits = {
+        k: v.astype(np.float16) for k, v in {"W": rand(rng, 4, 3, 3, 3), **_bn(rng, 4)}.items()
+    }
     model = make_model(text, inits)
     out, modified = apply(FoldBatchNormPass(), model)
     assert modified
@@ -213,5 +227,7 @@ def test_float16_weights_keep_dtype():
     (r,), (g,) = ort_run(model, {"x": x}), ort_run(out, {"x": x})
     assert g.dtype == np.float16
     np.testing.assert_allclose(g.astype(np.float32), r.astype(np.float32), atol=2e-2, rtol=2e-2)
-    assert all(ir.from_proto(out).graph.initializers[n].dtype == ir.DataType.FLOAT16
-               for n in ir.from_proto(out).graph.initializers)
+    assert all(
+        ir.from_proto(out).graph.initializers[n].dtype == ir.DataType.FLOAT16
+        for n in ir.from_proto(out).graph.initializers
+    )

@@ -61,18 +61,32 @@ def _prune(model: onnx.ModelProto, feeds, *, exact=True, **opts):
     return out, p
 
 
-_CHAIN = OPSET + """
-g (float[2, 3, 8, 8] x, float[8, 3, 3, 3] W1, float[8] b1, float[6, 8, 3, 3] W2) => (float[2, 6, 8, 8] y) {
+_CHAIN = (
+    OPSET
+    + """
+g (float[2, 3, 8, 8] x, float[8, 3, 3, 3] W1, float[8] b1, float[6, 8, 3, 3] W2) => (float[2, 6, 8,
+    8] y) {
     h = Conv <pads = [1, 1, 1, 1]> (x, W1, b1)
     a = {act}
     y = Conv <pads = [1, 1, 1, 1]> (a, W2)
 }"""
+)
 
 
-@pytest.mark.parametrize("act", ["Relu (h)", "LeakyRelu (h)", "Tanh (h)", "HardSwish (h)", "Elu (h)",
-                                 "Identity (h)", "Clip (h, lo, hi)",
-                                 "MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h)",
-                                 "AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h)"])
+@pytest.mark.parametrize(
+    "act",
+    [
+        "Relu (h)",
+        "LeakyRelu (h)",
+        "Tanh (h)",
+        "HardSwish (h)",
+        "Elu (h)",
+        "Identity (h)",
+        "Clip (h, lo, hi)",
+        "MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h)",
+        "AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (h)",
+    ],
+)
 def test_conv_chain_through_unary_and_pooling(act):
     rng = np.random.default_rng(0)
     w1, b1 = _dead(rand(rng, 8, 3, 3, 3), [1, 5], bias=rand(rng, 8))
@@ -88,7 +102,9 @@ def test_conv_chain_through_unary_and_pooling(act):
 
 def test_batchnorm_slices_its_parameters():
     rng = np.random.default_rng(1)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[8] s, float[8] b, float[8] m, float[8] v,
        float[4, 8, 1, 1] W2) => (float[1, 4, 6, 6] y) {
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
@@ -96,11 +112,20 @@ def test_batchnorm_slices_its_parameters():
         r = Relu (n)
         y = Conv (r, W2)
     }"""
+    )
     s, b = rng.uniform(0.5, 1.5, 8).astype(np.float32), rand(rng, 8)
     s[[2, 3]], b[[2, 3]] = 0.0, 0.0  # BN output of channels 2, 3 is exactly 0
-    model = make_model(text, {"W1": rand(rng, 8, 3, 3, 3), "s": s, "b": b, "m": rand(rng, 8),
-                              "v": rng.uniform(0.5, 1.5, 8).astype(np.float32),
-                              "W2": _quiet(rand(rng, 4, 8, 1, 1), [2, 3], 1)})
+    model = make_model(
+        text,
+        {
+            "W1": rand(rng, 8, 3, 3, 3),
+            "s": s,
+            "b": b,
+            "m": rand(rng, 8),
+            "v": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+            "W2": _quiet(rand(rng, 4, 8, 1, 1), [2, 3], 1),
+        },
+    )
     out, p = _prune(model, {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.25, criterion="bn")
     bn = next(n for n in out.graph.node if n.op_type == "BatchNormalization")
     inits = {i.name: i for i in out.graph.initializer}
@@ -110,8 +135,11 @@ def test_batchnorm_slices_its_parameters():
 
 def test_depthwise_conv_carries_the_channel():
     rng = np.random.default_rng(2)
-    text = OPSET + """
-    g (float[1, 4, 8, 8] x, float[16, 4, 1, 1] W1, float[16, 1, 3, 3] D, float[16] db, float[8, 16, 1, 1] W2)
+    text = (
+        OPSET
+        + """
+    g (float[1, 4, 8, 8] x, float[16, 4, 1, 1] W1, float[16, 1, 3, 3] D, float[16] db, float[8, 16,
+        1, 1] W2)
       => (float[1, 8, 8, 8] y) {
         h = Conv (x, W1)
         r = Relu (h)
@@ -119,17 +147,26 @@ def test_depthwise_conv_carries_the_channel():
         e = Relu (d)
         y = Conv (e, W2)
     }"""
+    )
     w1 = _dead(rand(rng, 16, 4, 1, 1), [0, 7, 9, 15])
     d, db = _dead(rand(rng, 16, 1, 3, 3), [0, 7, 9, 15], bias=rand(rng, 16))
-    model = make_model(text, {"W1": w1, "D": d, "db": db, "W2": _quiet(rand(rng, 8, 16, 1, 1), [0, 7, 9, 15], 1)})
+    model = make_model(
+        text, {"W1": w1, "D": d, "db": db, "W2": _quiet(rand(rng, 8, 16, 1, 1), [0, 7, 9, 15], 1)}
+    )
     out, _ = _prune(model, {"x": rand(rng, 1, 4, 8, 8)}, ratio=0.25)
-    dw = next(n for n in out.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    dw = next(
+        n
+        for n in out.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    )
     assert next(a.i for a in dw.attribute if a.name == "group") == 12
 
 
 def test_residual_add_prunes_the_group_together():
     rng = np.random.default_rng(3)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[8, 8, 3, 3] W2, float[5, 8, 1, 1] W3)
       => (float[1, 5, 6, 6] y) {
         a = Conv <pads = [1, 1, 1, 1]> (x, W1)
@@ -139,10 +176,17 @@ def test_residual_add_prunes_the_group_together():
         t = Relu (s)
         y = Conv (t, W3)
     }"""
+    )
     dead = [2, 6]
     w2 = _dead(rand(rng, 8, 8, 3, 3), dead)
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), dead), "W2": _quiet(w2, dead, 1),
-                              "W3": _quiet(rand(rng, 5, 8, 1, 1), dead, 1)})
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), dead),
+            "W2": _quiet(w2, dead, 1),
+            "W3": _quiet(rand(rng, 5, 8, 1, 1), dead, 1),
+        },
+    )
     out, p = _prune(model, {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.25)
     assert len(p.details["groups"]) == 1 and len(p.details["groups"][0]["producers"]) == 2
     assert p.details["groups"][0]["channels"] == "8 -> 6"
@@ -150,8 +194,11 @@ def test_residual_add_prunes_the_group_together():
 
 def test_per_channel_constants_are_sliced_and_scalars_pass():
     rng = np.random.default_rng(4)
-    text = OPSET + """
-    g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1, float[8, 1, 1] scale, float[1, 8, 1, 1] shift, float two,
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1, float[8, 1, 1] scale, float[1, 8, 1, 1] shift,
+        float two,
        float[4, 8, 3, 3] W2) => (float[1, 4, 5, 5] y) {
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
         m = Mul (h, scale)
@@ -160,11 +207,19 @@ def test_per_channel_constants_are_sliced_and_scalars_pass():
         r = Relu (d)
         y = Conv <pads = [1, 1, 1, 1]> (r, W2)
     }"""
+    )
     shift = rand(rng, 1, 8, 1, 1)
     shift[0, [3, 4]] = 0.0
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), [3, 4]), "scale": rand(rng, 8, 1, 1),
-                              "shift": shift, "two": np.array(2.0, np.float32),
-                              "W2": _quiet(rand(rng, 4, 8, 3, 3), [3, 4], 1)})
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), [3, 4]),
+            "scale": rand(rng, 8, 1, 1),
+            "shift": shift,
+            "two": np.array(2.0, np.float32),
+            "W2": _quiet(rand(rng, 4, 8, 3, 3), [3, 4], 1),
+        },
+    )
     out, _ = _prune(model, {"x": rand(rng, 1, 3, 5, 5)}, ratio=0.25)
     dims = {i.name: list(i.dims) for i in out.graph.initializer}
     assert [6, 1, 1] in dims.values() and [1, 6, 1, 1] in dims.values()
@@ -172,8 +227,11 @@ def test_per_channel_constants_are_sliced_and_scalars_pass():
 
 def test_squeeze_excitation_gate_couples_main_path_and_expand_conv():
     rng = np.random.default_rng(5)
-    text = OPSET + """
-    g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[4, 8, 1, 1] Wr, float[4] br, float[8, 4, 1, 1] We,
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[4, 8, 1, 1] Wr, float[4] br, float[8, 4, 1,
+        1] We,
        float[8] be, float[5, 8, 1, 1] W3) => (float[1, 5, 6, 6] y) {
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
         r = Relu (h)
@@ -185,10 +243,20 @@ def test_squeeze_excitation_gate_couples_main_path_and_expand_conv():
         m = Mul (r, s)
         y = Conv (m, W3)
     }"""
+    )
     dead = [1, 4]
     we, be = _dead(rand(rng, 8, 4, 1, 1), dead, bias=rand(rng, 8))
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), dead), "Wr": _quiet(rand(rng, 4, 8, 1, 1), dead, 1),
-                              "br": rand(rng, 4), "We": we, "be": be, "W3": _quiet(rand(rng, 5, 8, 1, 1), dead, 1)})
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), dead),
+            "Wr": _quiet(rand(rng, 4, 8, 1, 1), dead, 1),
+            "br": rand(rng, 4),
+            "We": we,
+            "be": be,
+            "W3": _quiet(rand(rng, 5, 8, 1, 1), dead, 1),
+        },
+    )
     out, p = _prune(model, {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.25, min_channels=4)
     merged = [g for g in p.details["groups"] if len(g["producers"]) == 2]
     assert merged and merged[0]["channels"] == "8 -> 6"
@@ -196,8 +264,11 @@ def test_squeeze_excitation_gate_couples_main_path_and_expand_conv():
 
 def test_global_pool_pad_and_resize_pass_channels():
     rng = np.random.default_rng(6)
-    text = OPSET + """
-    g (float[1, 3, 4, 4] x, float[8, 3, 3, 3] W1, int64[8] pads, float[4] scales, float[5, 8, 3, 3] W2)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 4, 4] x, float[8, 3, 3, 3] W1, int64[8] pads, float[4] scales, float[5, 8, 3,
+        3] W2)
       => (float[1, 5, 7, 7] y) {
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
         r = Relu (h)
@@ -205,16 +276,24 @@ def test_global_pool_pad_and_resize_pass_channels():
         u = Resize <mode = "nearest"> (p, , scales)
         y = Conv (u, W2)
     }"""
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), [0, 1]),
-                              "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
-                              "scales": np.array([1, 1, 1.5, 1.5], np.float32),
-                              "W2": _quiet(rand(rng, 5, 8, 3, 3), [0, 1], 1)})
+    )
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), [0, 1]),
+            "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+            "scales": np.array([1, 1, 1.5, 1.5], np.float32),
+            "W2": _quiet(rand(rng, 5, 8, 3, 3), [0, 1], 1),
+        },
+    )
     _prune(model, {"x": rand(rng, 1, 3, 4, 4)}, ratio=0.25)
 
 
 def test_concat_maps_by_offset():
     rng = np.random.default_rng(7)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 3, 5, 5] x, float[8, 3, 1, 1] Wa, float[8, 3, 1, 1] Wb, float[4, 16, 1, 1] W3)
       => (float[1, 4, 5, 5] y) {
         a = Conv (x, Wa)
@@ -224,9 +303,16 @@ def test_concat_maps_by_offset():
         c = Concat <axis = 1> (ra, rb)
         y = Conv (c, W3)
     }"""
+    )
     w3 = _quiet(_quiet(rand(rng, 4, 16, 1, 1), [1, 2], 1), [8 + 5, 8 + 6], 1)
-    model = make_model(text, {"Wa": _dead(rand(rng, 8, 3, 1, 1), [1, 2]), "Wb": _dead(rand(rng, 8, 3, 1, 1), [5, 6]),
-                              "W3": w3})
+    model = make_model(
+        text,
+        {
+            "Wa": _dead(rand(rng, 8, 3, 1, 1), [1, 2]),
+            "Wb": _dead(rand(rng, 8, 3, 1, 1), [5, 6]),
+            "W3": w3,
+        },
+    )
     out, _ = _prune(model, {"x": rand(rng, 1, 3, 5, 5)}, ratio=0.25)
     dims = {i.name: list(i.dims) for i in out.graph.initializer}
     assert [4, 12, 1, 1] in dims.values()
@@ -234,8 +320,11 @@ def test_concat_maps_by_offset():
 
 def test_split_cuts_the_group_and_rewrites_sizes():
     rng = np.random.default_rng(8)
-    text = OPSET + """
-    g (float[1, 3, 5, 5] x, float[16, 3, 1, 1] W1, int64[2] split, float[4, 8, 1, 1] Wa, float[4, 8, 1, 1] Wb)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 5, 5] x, float[16, 3, 1, 1] W1, int64[2] split, float[4, 8, 1, 1] Wa, float[4,
+        8, 1, 1] Wb)
       => (float[1, 4, 5, 5] ya, float[1, 4, 5, 5] yb) {
         h = Conv (x, W1)
         r = Relu (h)
@@ -243,8 +332,16 @@ def test_split_cuts_the_group_and_rewrites_sizes():
         ya = Conv (s1, Wa)
         yb = Conv (s2, Wb)
     }"""
-    model = make_model(text, {"W1": _dead(rand(rng, 16, 3, 1, 1), [2, 10]), "split": np.array([8, 8], np.int64),
-                              "Wa": _quiet(rand(rng, 4, 8, 1, 1), [2], 1), "Wb": _quiet(rand(rng, 4, 8, 1, 1), [2], 1)})
+    )
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 16, 3, 1, 1), [2, 10]),
+            "split": np.array([8, 8], np.int64),
+            "Wa": _quiet(rand(rng, 4, 8, 1, 1), [2], 1),
+            "Wb": _quiet(rand(rng, 4, 8, 1, 1), [2], 1),
+        },
+    )
     out, _ = _prune(model, {"x": rand(rng, 1, 3, 5, 5)}, ratio=0.125)
     dims = sorted(list(i.dims) for i in out.graph.initializer if len(i.dims) == 4)
     assert dims == [[4, 7, 1, 1], [4, 7, 1, 1], [14, 3, 1, 1]]
@@ -252,8 +349,11 @@ def test_split_cuts_the_group_and_rewrites_sizes():
 
 def test_conv_transpose_in_and_out_channels():
     rng = np.random.default_rng(9)
-    text = OPSET + """
-    g (float[1, 3, 4, 4] x, float[8, 3, 3, 3] W1, float[8, 6, 2, 2] T, float[6] tb, float[2, 6, 1, 1] W3)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 4, 4] x, float[8, 3, 3, 3] W1, float[8, 6, 2, 2] T, float[6] tb, float[2, 6, 1,
+        1] W3)
       => (float[1, 2, 8, 8] y) {
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
         r = Relu (h)
@@ -261,10 +361,18 @@ def test_conv_transpose_in_and_out_channels():
         u = Relu (t)
         y = Conv (u, W3)
     }"""
+    )
     t, tb = _dead(_quiet(rand(rng, 8, 6, 2, 2), [3, 4], 0), [0, 5], axis=1), rand(rng, 6)
     tb[[0, 5]] = 0.0
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), [3, 4]), "T": t, "tb": tb,
-                              "W3": _quiet(rand(rng, 2, 6, 1, 1), [0, 5], 1)})
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), [3, 4]),
+            "T": t,
+            "tb": tb,
+            "W3": _quiet(rand(rng, 2, 6, 1, 1), [0, 5], 1),
+        },
+    )
     out, _ = _prune(model, {"x": rand(rng, 1, 3, 4, 4)}, ratio=0.34)
     dims = {i.name: list(i.dims) for i in out.graph.initializer}
     assert [5, 4, 2, 2] in dims.values() or [6, 4, 2, 2] in dims.values()
@@ -274,7 +382,9 @@ def test_conv_transpose_in_and_out_channels():
 def test_flatten_to_gemm_maps_channel_to_rows(head):
     rng = np.random.default_rng(10)
     reshape = "f = Reshape (r, shape)" if head == "Reshape" else "f = Flatten (r)"
-    text = OPSET + f"""
+    text = (
+        OPSET
+        + f"""
     g (float[2, 3, 8, 8] x, float[8, 3, 3, 3] W1, int64[2] shape, float[10, 128] G, float[10] gb)
       => (float[2, 10] y) {{
         h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, W1)
@@ -282,6 +392,7 @@ def test_flatten_to_gemm_maps_channel_to_rows(head):
         {reshape}
         y = Gemm <transB = 1> (f, G, gb)
     }}"""
+    )
     g = rand(rng, 10, 128)
     for c in (3, 6):
         g[:, c * 16 : (c + 1) * 16] *= 1e-3
@@ -300,12 +411,16 @@ def test_flatten_to_gemm_maps_channel_to_rows(head):
 def test_gemm_and_matmul_mlp(trans_b):
     rng = np.random.default_rng(11)
     w1_shape = (12, 6) if trans_b else (6, 12)
-    text = OPSET + f"""
-    g (float[4, 6] x, float[{w1_shape[0]}, {w1_shape[1]}] W1, float[12] b1, float[12, 3] W2) => (float[4, 3] y) {{
+    text = (
+        OPSET
+        + f"""
+    g (float[4, 6] x, float[{w1_shape[0]}, {w1_shape[1]}] W1, float[12] b1, float[12,
+        3] W2) => (float[4, 3] y) {{
         h = Gemm <transB = {trans_b}> (x, W1, b1)
         r = Relu (h)
         y = MatMul (r, W2)
     }}"""
+    )
     dead = [0, 11, 5]
     w1 = _dead(rand(rng, *w1_shape), dead, axis=0 if trans_b else 1)
     b1 = rand(rng, 12)
@@ -316,14 +431,24 @@ def test_gemm_and_matmul_mlp(trans_b):
 
 def test_prelu_slope_is_sliced():
     rng = np.random.default_rng(12)
-    text = OPSET + """
-    g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1, float[8, 1, 1] slope, float[4, 8, 1, 1] W2) => (float[1, 4, 3, 3] y) {
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1, float[8, 1, 1] slope, float[4, 8, 1,
+        1] W2) => (float[1, 4, 3, 3] y) {
         h = Conv (x, W1)
         r = PRelu (h, slope)
         y = Conv (r, W2)
     }"""
-    model = make_model(text, {"W1": _dead(rand(rng, 8, 3, 3, 3), [6, 7]), "slope": rand(rng, 8, 1, 1),
-                              "W2": _quiet(rand(rng, 4, 8, 1, 1), [6, 7], 1)})
+    )
+    model = make_model(
+        text,
+        {
+            "W1": _dead(rand(rng, 8, 3, 3, 3), [6, 7]),
+            "slope": rand(rng, 8, 1, 1),
+            "W2": _quiet(rand(rng, 4, 8, 1, 1), [6, 7], 1),
+        },
+    )
     _prune(model, {"x": rand(rng, 1, 3, 5, 5)}, ratio=0.25)
 
 
@@ -339,8 +464,10 @@ def test_sigmoid_channels_are_compensated_by_refit():
     bias -- up to the borders, where the next conv's zero padding makes it not constant."""
     rng = np.random.default_rng(13)
     w1, b1 = _dead(rand(rng, 8, 3, 3, 3), [1, 5], bias=rand(rng, 8))
-    model = make_model(_CHAIN.replace("{act}", "Sigmoid (h)"),
-                       {"W1": w1, "b1": b1, "W2": _quiet(rand(rng, 6, 8, 3, 3), [1, 5], 1)})
+    model = make_model(
+        _CHAIN.replace("{act}", "Sigmoid (h)"),
+        {"W1": w1, "b1": b1, "W2": _quiet(rand(rng, 6, 8, 3, 3), [1, 5], 1)},
+    )
     x = {"x": rand(rng, 2, 3, 8, 8)}
     ref = ort_run(model, x)[0]
     p = PruneChannelsPass(criterion="l1", ratio=0.25, round=0, min_channels=1, refit=False)
@@ -367,23 +494,29 @@ def _frozen(text, inits, reason_part, **opts):
 
 def test_graph_output_freezes():
     rng = np.random.default_rng(20)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1) => (float[1, 8, 3, 3] y) {
         h = Conv (x, W1)
         y = Relu (h)
     }"""
+    )
     out, p = _frozen(text, {"W1": rand(rng, 8, 3, 3, 3)}, "graph output 'y'")
     assert [list(i.dims) for i in out.graph.initializer] == [[8, 3, 3, 3]]
 
 
 def test_unknown_op_freezes():
     rng = np.random.default_rng(21)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 3, 5, 5] x, float[8, 3, 3, 3] W1, float[4, 8, 1, 1] W2) => (float[1, 4, 3, 3] y) {
         h = Conv (x, W1)
         s = Softmax <axis = 1> (h)
         y = Conv (s, W2)
     }"""
+    )
     _frozen(text, {"W1": rand(rng, 8, 3, 3, 3), "W2": rand(rng, 4, 8, 1, 1)}, "Softmax")
 
 
@@ -396,41 +529,58 @@ def test_custom_domain_op_freezes():
         y = Conv (s, W2)
     }"""
     p = PruneChannelsPass(criterion="l1", ratio=0.5, round=0, min_channels=1, refit=False)
-    m = ir.from_proto(make_model(text, {"W1": rand(rng, 8, 3, 3, 3), "W2": rand(rng, 4, 8, 1, 1)}, check=False))
+    m = ir.from_proto(
+        make_model(text, {"W1": rand(rng, 8, 3, 3, 3), "W2": rand(rng, 4, 8, 1, 1)}, check=False)
+    )
     p(m)
     assert any("Swish" in s.reason for s in p.skipped)
 
 
 def test_shared_weight_freezes():
     rng = np.random.default_rng(23)
-    text = OPSET + """
+    text = (
+        OPSET
+        + """
     g (float[1, 8, 5, 5] x, float[8, 8, 1, 1] W) => (float[1, 8, 5, 5] y) {
         h = Conv (x, W)
         r = Relu (h)
         Wi = Identity (W)
         y = Conv (r, Wi)
     }"""
+    )
     _frozen(text, {"W": rand(rng, 8, 8, 1, 1)}, "shared")
 
 
 def test_grouped_conv_freezes():
     rng = np.random.default_rng(24)
-    text = OPSET + """
-    g (float[1, 3, 5, 5] x, float[8, 3, 1, 1] W1, float[8, 4, 1, 1] G, float[4, 8, 1, 1] W2) => (float[1, 4, 5, 5] y) {
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 5, 5] x, float[8, 3, 1, 1] W1, float[8, 4, 1, 1] G, float[4, 8, 1,
+        1] W2) => (float[1, 4, 5, 5] y) {
         h = Conv (x, W1)
         r = Relu (h)
         k = Conv <group = 2> (r, G)
         y = Conv (k, W2)
     }"""
-    _frozen(text, {"W1": rand(rng, 8, 3, 1, 1), "G": rand(rng, 8, 4, 1, 1), "W2": rand(rng, 4, 8, 1, 1)}, "grouped Conv")
+    )
+    _frozen(
+        text,
+        {"W1": rand(rng, 8, 3, 1, 1), "G": rand(rng, 8, 4, 1, 1), "W2": rand(rng, 4, 8, 1, 1)},
+        "grouped Conv",
+    )
 
 
 def test_skip_option_freezes_named_producer():
     rng = np.random.default_rng(25)
-    model = make_model(_CHAIN.replace("{act}", "Relu (h)"),
-                       {"W1": rand(rng, 8, 3, 3, 3), "b1": rand(rng, 8), "W2": rand(rng, 6, 8, 3, 3)})
+    model = make_model(
+        _CHAIN.replace("{act}", "Relu (h)"),
+        {"W1": rand(rng, 8, 3, 3, 3), "b1": rand(rng, 8), "W2": rand(rng, 6, 8, 3, 3)},
+    )
     model.graph.node[0].name = "conv1"
-    p = PruneChannelsPass.from_options({"ratio": "0.5", "skip": "conv1", "round": "0", "refit": "false"})
+    p = PruneChannelsPass.from_options(
+        {"ratio": "0.5", "skip": "conv1", "round": "0", "refit": "false"}
+    )
     _, modified = apply(p, model)
     assert modified is False and any("skip" in s.reason for s in p.skipped)
 

@@ -1,4 +1,4 @@
-"""prune-kernel: kernel shapes and pad arithmetic, exactness on zero taps, refusals, digits accuracy."""
+"""prune-kernel: kernel shapes and pad arithmetic, exact on zero taps, refusals, digits accuracy."""
 
 from __future__ import annotations
 
@@ -20,11 +20,25 @@ def test_progressions_and_shape_choice():
     rows, cols, gh, _ = kernel_shape(energy, 6, [1, 1], [1, 1, 1, 1])
     assert rows == (0, 2) and gh == (2, 1, 1)
     # unpadded: dropping an edge row would shift the output; the middle (dilated) one still works
-    assert kernel_shape(np.array([[1.0, 2, 1], [5, 6, 5], [9, 10, 9]]), 6, [1, 1], [0, 0, 0, 0])[0] == (0, 2)
-    assert kernel_shape(np.ones((3, 3)), 1, [1, 1], [0, 0, 0, 0]) is None  # one tap: pads must shrink
+    assert kernel_shape(np.array([[1.0, 2, 1], [5, 6, 5], [9, 10, 9]]), 6, [1, 1], [0, 0, 0, 0])[
+        0
+    ] == (0, 2)
+    assert (
+        kernel_shape(np.ones((3, 3)), 1, [1, 1], [0, 0, 0, 0]) is None
+    )  # one tap: pads must shrink
 
 
-def _conv(zero_row=None, zero_col=None, *, stride=1, dilation=1, pads=(1, 1, 1, 1), group=1, size=11, seed=0):
+def _conv(
+    zero_row=None,
+    zero_col=None,
+    *,
+    stride=1,
+    dilation=1,
+    pads=(1, 1, 1, 1),
+    group=1,
+    size=11,
+    seed=0,
+):
     rng = np.random.default_rng(seed)
     c_in, c_out = 8, (12 if group == 1 else 8)
     w = rand(rng, c_out, c_in // group, 3, 3)
@@ -33,15 +47,22 @@ def _conv(zero_row=None, zero_col=None, *, stride=1, dilation=1, pads=(1, 1, 1, 
     if zero_col is not None:
         w[:, :, :, zero_col] = 0
     p = ", ".join(map(str, pads))
-    model = make_model(f"""
+    model = make_model(
+        f"""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[2, {c_in}, {size}, {size}] x, float[{c_out}, {c_in // group}, 3, 3] W, float[{c_out}] b) => (float[2, {c_out}, ?, ?] y) {{
-        y = Conv <kernel_shape = [3, 3], strides = [{stride}, {stride}], dilations = [{dilation}, {dilation}], pads = [{p}], group = {group}> (x, W, b)
-    }}""", {"W": w, "b": rand(rng, c_out)})
+    g (float[2, {c_in}, {size}, {size}] x, float[{c_out}, {c_in // group}, 3, 3] W,
+        float[{c_out}] b) => (float[2, {c_out}, ?, ?] y) {{
+        y = Conv <kernel_shape = [3, 3], strides = [{stride}, {stride}], dilations = [{dilation},
+            {dilation}], pads = [{p}], group = {group}> (x, W, b)
+    }}""",
+        {"W": w, "b": rand(rng, c_out)},
+    )
     return model, {"x": rand(rng, 2, c_in, size, size)}
 
 
-@pytest.mark.parametrize("zero_row,zero_col", [(0, None), (1, None), (2, None), (None, 0), (None, 2), (0, 2)])
+@pytest.mark.parametrize(
+    "zero_row,zero_col", [(0, None), (1, None), (2, None), (None, 0), (None, 2), (0, 2)]
+)
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_dropping_zero_taps_is_exact(zero_row, zero_col, stride, dilation):
     pads = (dilation,) * 4
@@ -85,10 +106,12 @@ def test_depthwise_and_refusals():
     p = PruneKernelPass(ratio=0.9, refit=False)
     _, modified = apply(p, model)
     assert not modified and "non-negative" in p.skipped[0].reason
-    one = make_model("""
+    one = make_model(
+        """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[1, 4, 5, 5] x, float[4, 4, 1, 1] W) => (float[1, 4, 5, 5] y) { y = Conv (x, W) }""",
-                     {"W": rand(np.random.default_rng(0), 4, 4, 1, 1)})
+        {"W": rand(np.random.default_rng(0), 4, 4, 1, 1)},
+    )
     p = PruneKernelPass()
     _, modified = apply(p, one)
     assert not modified and "1×1" in p.skipped[0].reason
@@ -97,11 +120,17 @@ def test_depthwise_and_refusals():
 def test_digits_every_3x3_conv_loses_a_quarter_of_its_taps(digits_model, digits_calib, digits_test):
     x, labels = digits_test
     original = onnx.load(str(digits_model))
-    out, rep = onnxshrink.compress(original, ["fold-batchnorm", "prune-kernel:ratio=0.25"], data=str(digits_calib),
-                                   progress=False)
+    out, rep = onnxshrink.compress(
+        original,
+        ["fold-batchnorm", "prune-kernel:ratio=0.25"],
+        data=str(digits_calib),
+        progress=False,
+    )
     rec = rep.passes[-1]
     assert rec.status == "applied", rec
-    n3 = sum(1 for i in original.graph.initializer if len(i.dims) == 4 and tuple(i.dims[2:]) == (3, 3))
+    n3 = sum(
+        1 for i in original.graph.initializer if len(i.dims) == 4 and tuple(i.dims[2:]) == (3, 3)
+    )
     assert len(rec.details["layers"]) == n3  # every 3×3 conv changed
     for layer in rec.details["layers"]:
         h, w = map(int, layer["kernel"].split("-> ")[1].split("×"))
@@ -117,16 +146,21 @@ def test_depthwise_layers_are_refitted_per_group(tmp_path):
     model, _ = _conv(group=8, size=9, seed=3)
     rng = np.random.default_rng(4)
     base = rng.standard_normal((32, 2, 8, 1, 1)).astype(np.float32)
-    x = (base + 0.3 * rng.standard_normal((32, 2, 8, 9, 9))).astype(np.float32)  # spatially smooth inputs
+    x = (base + 0.3 * rng.standard_normal((32, 2, 8, 9, 9))).astype(
+        np.float32
+    )  # spatially smooth inputs
     np.savez(tmp_path / "c.npz", x=x)  # the model's batch is fixed at 2: 32 samples of [2, 8, 9, 9]
-    out, rep = onnxshrink.compress(model, ["prune-kernel:ratio=0.5,floor=0"], data=tmp_path / "c.npz", holdout=0)
+    out, rep = onnxshrink.compress(
+        model, ["prune-kernel:ratio=0.5,floor=0"], data=tmp_path / "c.npz", holdout=0
+    )
     rec = rep.passes[0]
     assert rec.status == "applied"
     assert not any("re-fitted" in s.reason for s in rec.skipped)
     (fit,) = rec.details["refit"]
     assert fit["applied"] and fit["heldout_error_after"] < 0.5 * fit["heldout_error_before"], fit
-    no_refit, _ = onnxshrink.compress(model, ["prune-kernel:ratio=0.5,refit=false,floor=0"], data=tmp_path / "c.npz",
-                                      holdout=0)
+    no_refit, _ = onnxshrink.compress(
+        model, ["prune-kernel:ratio=0.5,refit=false,floor=0"], data=tmp_path / "c.npz", holdout=0
+    )
     ref = ort_run(model, {"x": x[0]})[0]
     err = lambda m: np.linalg.norm(ort_run(m, {"x": x[0]})[0] - ref)  # noqa: E731
     assert err(out) < err(no_refit)

@@ -42,16 +42,26 @@ g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] W1, float[8] b1, float[8, 8, 3, 3] W2,
 
 def _net(seed=0):
     rng = np.random.default_rng(seed)
-    inits = {"W1": rand(rng, 8, 3, 3, 3, scale=0.5), "b1": rand(rng, 8, scale=0.1),
-             "W2": rand(rng, 8, 8, 3, 3, scale=0.2), "b2": rand(rng, 8, scale=0.1),
-             "G": rand(rng, 10, 8), "gb": rand(rng, 10), "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    inits = {
+        "W1": rand(rng, 8, 3, 3, 3, scale=0.5),
+        "b1": rand(rng, 8, scale=0.1),
+        "W2": rand(rng, 8, 8, 3, 3, scale=0.2),
+        "b2": rand(rng, 8, scale=0.1),
+        "G": rand(rng, 10, 8),
+        "gb": rand(rng, 10),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+    }
     return make_model(NET, inits)
 
 
 def _data(model, n=64, seed=1, random=False):
     specs = input_specs(ir.from_proto(model))
     rng = np.random.default_rng(seed)
-    arrays = {s.name: rng.standard_normal((n, *[d or 1 for d in s.dims[1:]])).astype(np.float32) for s in specs}
+    arrays = {
+        s.name: rng.standard_normal((n, *[d or 1 for d in s.dims[1:]])).astype(np.float32)
+        for s in specs
+    }
     return Dataset(arrays, specs, "test", is_random=random)
 
 
@@ -74,7 +84,9 @@ def _cosine(a, b):
 def test_quantize_structure_onnxruntime_fuses():
     model = _net()
     data = _data(model)
-    out, modified = _run(QuantizePass(stem="int8"), model, data)  # every Conv quantized: the stem too
+    out, modified = _run(
+        QuantizePass(stem="int8"), model, data
+    )  # every Conv quantized: the stem too
     assert modified
     init = {i.name: i for i in out.graph.initializer}
     producers = {o: n for n in out.graph.node for o in n.output}
@@ -85,7 +97,10 @@ def test_quantize_structure_onnxruntime_fuses():
         assert w_dq.op_type == "DequantizeLinear"
         assert init[w_dq.input[0]].data_type == onnx.TensorProto.INT8  # stored pre-quantized
         b_dq = producers[conv.input[2]]
-        assert b_dq.op_type == "DequantizeLinear" and init[b_dq.input[0]].data_type == onnx.TensorProto.INT32
+        assert (
+            b_dq.op_type == "DequantizeLinear"
+            and init[b_dq.input[0]].data_type == onnx.TensorProto.INT32
+        )
         assert producers[conv.input[0]].op_type == "DequantizeLinear"
     # no float weight for a quantized op, no QuantizeLinear on a constant
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in init for n in out.graph.node)
@@ -96,7 +111,9 @@ def test_quantize_structure_onnxruntime_fuses():
             assert dq.input[1:] != q.input[1:]
     # MaxPool shares its input's scale: DQ(s) -> MaxPool -> Q(s)
     mp = next(n for n in out.graph.node if n.op_type == "MaxPool")
-    q_after = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mp.output[0])
+    q_after = next(
+        n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mp.output[0]
+    )
     assert list(producers[mp.input[0]].input[1:]) == list(q_after.input[1:])
     # the Gemm output feeds the graph output only: left float (QGemm with float output)
     assert [o.name for o in out.graph.output] == ["y"]
@@ -111,15 +128,19 @@ def test_quantize_structure_onnxruntime_fuses():
 
 STEM = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[N, {c}, 8, 8] x, float[8, {c}, 3, 3] W1, float[8, 1, 3, 3] D, float[8, 8, 3, 3] W2, float lo, float hi)
+g (float[N, {c}, 8, 8] x, float[8, {c}, 3, 3] W1, float[8, 1, 3, 3] D, float[8, 8, 3, 3] W2,
+    float lo, float hi)
   => (float[N, 8, {s}, {s}] y) {{
     h = Conv <pads = [1, 1, 1, 1]> (x, W1)
     r = Clip (h, lo, hi)
     {body}
     y = Conv <pads = [1, 1, 1, 1]> (t, W2)
 }}"""
-_BODIES = {"conv": ("t = Identity (r)", 8), "pool": ("t = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)", 4),
-           "depthwise": ("t = Conv <pads = [1, 1, 1, 1], group = 8> (r, D)", 8)}
+_BODIES = {
+    "conv": ("t = Identity (r)", 8),
+    "pool": ("t = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)", 4),
+    "depthwise": ("t = Conv <pads = [1, 1, 1, 1], group = 8> (r, D)", 8),
+}
 
 
 def _stem_net(channels: int, body: str):
@@ -128,19 +149,31 @@ def _stem_net(channels: int, body: str):
     net = STEM.format(c=channels, s=side, body=text)
     if body == "conv":  # no Identity: the next Conv reads the stem's output itself
         net = net.replace("t = Identity (r)", "").replace("(t, W2)", "(r, W2)")
-    inits = {"W1": rand(rng, 8, channels, 3, 3, scale=0.5), "D": rand(rng, 8, 1, 3, 3, scale=0.5),
-             "W2": rand(rng, 8, 8, 3, 3, scale=0.2), "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    inits = {
+        "W1": rand(rng, 8, channels, 3, 3, scale=0.5),
+        "D": rand(rng, 8, 1, 3, 3, scale=0.5),
+        "W2": rand(rng, 8, 8, 3, 3, scale=0.2),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+    }
     if body != "depthwise":
         net = net.replace("float[8, 1, 3, 3] D, ", "")
         del inits["D"]
     return make_model(net, inits)
 
 
-@pytest.mark.parametrize("channels, body, stem, float_convs", [
-    (3, "conv", "auto", 1), (1, "conv", "auto", 1), (3, "depthwise", "auto", 2),  # image stems: float
-    (8, "conv", "auto", 0),  # 8 channels: int8 is as fast
-    (3, "pool", "auto", 0), (3, "pool", "float", 1),  # a MaxPool after a float stem runs slowly on uint8
-    (3, "depthwise", "int8", 0)])
+@pytest.mark.parametrize(
+    "channels, body, stem, float_convs",
+    [
+        (3, "conv", "auto", 1),
+        (1, "conv", "auto", 1),
+        (3, "depthwise", "auto", 2),  # image stems: float
+        (8, "conv", "auto", 0),  # 8 channels: int8 is as fast
+        (3, "pool", "auto", 0),
+        (3, "pool", "float", 1),  # a MaxPool after a float stem runs slowly on uint8
+        (3, "depthwise", "int8", 0),
+    ],
+)
 def test_stem_stays_float_where_onnxruntime_int8_is_slower(channels, body, stem, float_convs):
     model = _stem_net(channels, body)
     data = _data(model)
@@ -161,9 +194,10 @@ def test_stem_stays_float_where_onnxruntime_int8_is_slower(channels, body, stem,
         assert floats[0].input[0] == "x"  # the image is not rounded, nor the stem's weights
         assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in out.graph.node)
         w1 = next(i for i in out.graph.initializer if i.name == floats[0].input[1])
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(w1),
-                                      next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                                           if i.name == "W1"))
+        np.testing.assert_array_equal(
+            onnx.numpy_helper.to_array(w1),
+            next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "W1"),
+        )
     assert _pair_safe(out)
     x = data.arrays["x"][:16]
     ref = ort_run(model, {"x": x})[0]
@@ -187,17 +221,29 @@ g (float[N, 8, 8, 3] x, float[1, 3, 1, 1] mean, float[1, 3, 1, 1] inv_std, float
 }}"""
 
 
-@pytest.mark.parametrize("stem, extra_out, float_stem", [
-    ("auto", "", True),  # NHWC image, normalised in the graph: still an image stem
-    ("int8", "", False),
-    ("auto", ", float[N, 3, 8, 8] c", False),  # the chain's tensor is also an output: not a stem
-])
+@pytest.mark.parametrize(
+    "stem, extra_out, float_stem",
+    [
+        ("auto", "", True),  # NHWC image, normalised in the graph: still an image stem
+        ("int8", "", False),
+        (
+            "auto",
+            ", float[N, 3, 8, 8] c",
+            False,
+        ),  # the chain's tensor is also an output: not a stem
+    ],
+)
 def test_stem_found_behind_in_graph_preprocessing(stem, extra_out, float_stem):
     rng = np.random.default_rng(3)
-    model = make_model(PREPROCESSED.format(extra_out=extra_out), {
-        "mean": np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1),
-        "inv_std": np.array([4.0, 4.5, 5.0], np.float32).reshape(1, 3, 1, 1),
-        "W1": rand(rng, 8, 3, 3, 3, scale=0.5), "W2": rand(rng, 8, 8, 3, 3, scale=0.2)})
+    model = make_model(
+        PREPROCESSED.format(extra_out=extra_out),
+        {
+            "mean": np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1),
+            "inv_std": np.array([4.0, 4.5, 5.0], np.float32).reshape(1, 3, 1, 1),
+            "W1": rand(rng, 8, 3, 3, 3, scale=0.5),
+            "W2": rand(rng, 8, 8, 3, 3, scale=0.2),
+        },
+    )
     data = _data(model)
     data.arrays["x"] = np.abs(data.arrays["x"]) * 0.3  # image-like values in [0, 1]
     p = QuantizePass(stem=stem)
@@ -210,8 +256,10 @@ def test_stem_found_behind_in_graph_preprocessing(stem, extra_out, float_stem):
         assert p.details["float_stem"] == [mul.name, conv1.name]
         assert conv1.input[0] == "n" and conv1.input[1] == "W1"  # float image, float weights
         assert mul.input[0] == "c"  # the normalisation reads float: nothing before it is rounded
-        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("x", "t", "c", "n")
-                       for n in out.graph.node)
+        assert not any(
+            n.op_type == "QuantizeLinear" and n.input[0] in ("x", "t", "c", "n")
+            for n in out.graph.node
+        )
     else:
         assert "float_stem" not in p.details
         assert producers[conv1.input[0]].op_type == "DequantizeLinear"
@@ -221,8 +269,9 @@ def test_stem_found_behind_in_graph_preprocessing(stem, extra_out, float_stem):
     ref = ort_run(model, {"x": x})[0]
     written = ort_run(out, {"x": x})[0]
     assert _cosine(ref, written) > 0.995
-    np.testing.assert_allclose(ort_run(out, {"x": x}, optimize=True)[0], written,
-                               atol=2e-2 * np.abs(written).max())
+    np.testing.assert_allclose(
+        ort_run(out, {"x": x}, optimize=True)[0], written, atol=2e-2 * np.abs(written).max()
+    )
 
 
 def test_insert_then_fold_equals_quantize():
@@ -253,8 +302,14 @@ def test_fold_removes_equal_dq_q_pairs():
         d = QuantizeLinear (b, s2, z)
         w = DequantizeLinear (d, s2, z)
     }"""
-    model = make_model(text, {"s": np.array(0.1, np.float32), "z": np.array(128, np.uint8),
-                              "s2": np.array(0.2, np.float32)})
+    model = make_model(
+        text,
+        {
+            "s": np.array(0.1, np.float32),
+            "z": np.array(128, np.uint8),
+            "s2": np.array(0.2, np.float32),
+        },
+    )
     p = FoldQDQPass()
     out, modified = apply(p, model)
     assert modified and op_count(out, "QuantizeLinear") == 2  # the requantizing pair stays
@@ -279,17 +334,23 @@ def test_activation_that_is_a_graph_output_is_not_fused():
     """Conv -> Relu -> graph output: the Relu stays (float, after the Conv's DQ), the Conv is
     quantized (the pass used to raise: the fused Relu's output could not be replaced)."""
     rng = np.random.default_rng(5)
-    model = make_model("""
+    model = make_model(
+        """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 8, 4, 4] x, float[8, 8, 1, 1] W) => (float[N, 8, 4, 4] z) {
     y = Conv (x, W)
     z = Relu (y)
-}""", {"W": rand(rng, 8, 8, 1, 1)})
+}""",
+        {"W": rand(rng, 8, 8, 1, 1)},
+    )
     data = _data(model)
     out, modified = _run(QuantizePass(), model, data)
     assert modified and op_count(out, "Relu") == 1 and [o.name for o in out.graph.output] == ["z"]
     producers = {o: n for n in out.graph.node for o in n.output}
-    assert producers["z"].op_type == "Relu" and producers[producers["z"].input[0]].op_type == "DequantizeLinear"
+    assert (
+        producers["z"].op_type == "Relu"
+        and producers[producers["z"].input[0]].op_type == "DequantizeLinear"
+    )
     x = data.arrays["x"][:16]
     assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.999
 
@@ -352,20 +413,39 @@ def test_bias_correction_reduces_output_bias():
     ref = ort_run(model, {"x": x})[0]
     errs = {}
     for mode in ("off", "weights"):
-        out, _ = _run(QuantizePass(bias_correction=mode, calibration="minmax", rounding="nearest"), model, data)
+        out, _ = _run(
+            QuantizePass(bias_correction=mode, calibration="minmax", rounding="nearest"),
+            model,
+            data,
+        )
         errs[mode] = np.abs((ort_run(out, {"x": x})[0] - ref).mean(0)).mean()
     assert errs["weights"] < errs["off"]
 
 
 def test_mixed_precision_keeps_sensitive_layers_float(digits_model, digits_calib):
     model = onnx.load(str(digits_model))
-    out, rep = onnxshrink.compress(model, ["fold-batchnorm", "quantize:min-fidelity=0.99999,max-float=2"],
-                                   data=str(digits_calib))
+    out, rep = onnxshrink.compress(
+        model,
+        ["fold-batchnorm", "quantize:min-fidelity=0.99999,max-float=2"],
+        data=str(digits_calib),
+    )
     q = rep.passes[1]
     assert q.status == "applied", q.reason
     mp = q.details["mixed_precision"]
     assert 1 <= len(mp["float"]) <= 2
-    assert all(any(s.node == name and "mixed precision" in s.reason for s in q.skipped) for name in mp["float"])
+    # the most sensitive layers, in order; the target met, or max-float layers spent on it
+    assert mp["float"] == list(mp["sensitivity"])[: len(mp["float"])]
+    assert mp["fidelity"] >= 0.99999 or len(mp["float"]) == 2
+    assert mp["fidelity"] > q.details["fidelity_all_quantized"]
+    # and the file keeps them float: their weights are not dequantized int8
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    layers = {n.name: n for n in out.graph.node}
+    for name in mp["float"]:
+        assert producers.get(layers[name].input[1]) != "DequantizeLinear", name
+    assert all(
+        any(s.node == name and "mixed precision" in s.reason for s in q.skipped)
+        for name in mp["float"]
+    )
 
 
 def test_digits_accuracy_within_half_a_point(digits_model, digits_calib, digits_test):
@@ -399,15 +479,23 @@ def test_quantize_folds_batchnorm_first_and_insert_qdq_alone_does_not(digits_mod
 
 
 def test_quantize_names_why_a_batchnorm_stays_float():
-    model = make_model("""
+    model = make_model(
+        """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 4, 6, 6] x, float[4, 4, 3, 3] W, float[4] s, float[4] b, float[4] m, float[4] v)
     => (float[N, 4, 6, 6] y) {
     h = Conv <pads = [1, 1, 1, 1]> (x, W)
     r = Relu (h)
     y = BatchNormalization (r, s, b, m, v)
-}""", {"W": rand(np.random.default_rng(0), 4, 4, 3, 3), "s": np.full(4, 1.5, np.float32),
-       "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32), "v": np.ones(4, np.float32)})
+}""",
+        {
+            "W": rand(np.random.default_rng(0), 4, 4, 3, 3),
+            "s": np.full(4, 1.5, np.float32),
+            "b": np.zeros(4, np.float32),
+            "m": np.zeros(4, np.float32),
+            "v": np.ones(4, np.float32),
+        },
+    )
     q = QuantizePass(stem="int8")
     out, modified = _run(q, model, _data(model))
     assert modified and op_count(out, "BatchNormalization") == 1  # after a Relu: not foldable
@@ -446,7 +534,11 @@ def test_qparams_make_zero_exact():
 
 
 def test_weight_quantization_per_channel():
-    w = np.stack([np.linspace(-1, 1, 27), np.linspace(-100, 100, 27)]).reshape(2, 3, 3, 3).astype(np.float32)
+    w = (
+        np.stack([np.linspace(-1, 1, 27), np.linspace(-100, 100, 27)])
+        .reshape(2, 3, 3, 3)
+        .astype(np.float32)
+    )
     scale, q = quantize_weight(w, 0)
     np.testing.assert_allclose(scale, [1 / 127, 100 / 127], rtol=1e-6)
     assert q.dtype == np.int8 and q.min() >= -127
@@ -455,15 +547,21 @@ def test_weight_quantization_per_channel():
 
 @pytest.mark.slow
 def test_mobilenet_quantized_file_and_structure(mobilenet, photos):
-    out, rep = onnxshrink.compress(str(mobilenet["folded"]), ["quantize"], data=str(photos["calib"]),
-                                   output=mobilenet["folded"].parent.parent / "test_mnv2_int8.onnx")
+    out, rep = onnxshrink.compress(
+        str(mobilenet["folded"]),
+        ["quantize"],
+        data=str(photos["calib"]),
+        output=mobilenet["folded"].parent.parent / "test_mnv2_int8.onnx",
+    )
     try:
         q = rep.passes[0]
         assert q.status == "applied", q.reason
         assert rep.after["bytes"] <= 0.30 * rep.before["bytes"]  # measured 0.281
         proto = onnx.load(str(out))
         init = {i.name for i in proto.graph.initializer}
-        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in init for n in proto.graph.node)
+        assert not any(
+            n.op_type == "QuantizeLinear" and n.input[0] in init for n in proto.graph.node
+        )
         stem = q.details["float_stem"]  # the first Conv and the depthwise one after it
         assert len(stem) == 2 and stem[0] == "/features/features.0/features.0.0/Conv"
         producers = {o: n for n in proto.graph.node for o in n.output}
@@ -514,8 +612,12 @@ g (float[N, 4] x) => (float[N, 4] r, float[N, 4] y) {
     onnx.checker.check_model(clipped, full_check=True)
     x = np.array([[-3.0, -0.5, 0.7, 3.0]], np.float32)
     r, y = ort_run(clipped, {"x": x})
-    np.testing.assert_array_equal(r, np.array([[0.0, 0.0, 0.7, 1.0]], np.float32))  # r: ReLU of the clipped input, not clipped itself
-    np.testing.assert_array_equal(y, np.array([[0.0, 0.0, -0.5, -0.5]], np.float32))  # its reader sees Clip(r, 0, 0.5)
+    np.testing.assert_array_equal(
+        r, np.array([[0.0, 0.0, 0.7, 1.0]], np.float32)
+    )  # r: ReLU of the clipped input, not clipped itself
+    np.testing.assert_array_equal(
+        y, np.array([[0.0, 0.0, -0.5, -0.5]], np.float32)
+    )  # its reader sees Clip(r, 0, 0.5)
     assert op_count(model, "Clip") == 0  # the input model is untouched
 
 
@@ -526,25 +628,43 @@ def test_cascade_ranges_are_those_of_the_clipped_model(tmp_path):
     def saturation(ranges):  # r is quantized with its own range; z is read by nobody
         return {"r": grid_bounds(*ranges["r"])}
 
-    one = cascade_calibrate(m, saturation, ["r", "z"], [], data, tmp_path, 512, "percentile", 99.0, rounds=0)
-    found = cascade_calibrate(m, saturation, ["r", "z"], [], data, tmp_path, 512, "percentile", 99.0, rounds=6)
+    one = cascade_calibrate(
+        m, saturation, ["r", "z"], [], data, tmp_path, 512, "percentile", 99.0, rounds=0
+    )
+    found = cascade_calibrate(
+        m, saturation, ["r", "z"], [], data, tmp_path, 512, "percentile", 99.0, rounds=6
+    )
     x = data.arrays["x"].astype(np.float64)
     r = np.maximum(x, 0)
-    np.testing.assert_allclose(one.ranges["z"][1], np.percentile(r.mean(1), 99), rtol=0.02)  # the float model's
+    np.testing.assert_allclose(
+        one.ranges["z"][1], np.percentile(r.mean(1), 99), rtol=0.02
+    )  # the float model's
     lo, hi = grid_bounds(*one.ranges["r"])
     expected = np.percentile(np.clip(r, lo, hi).mean(1), 99)  # z as the quantized model computes it
     np.testing.assert_allclose(found.ranges["z"][1], expected, rtol=0.02)
     assert found.ranges["z"][1] < 0.5 * one.ranges["z"][1]  # the outliers no longer widen z
     assert found.ranges["r"] == one.ranges["r"]  # nothing upstream of r: its range stays
-    assert len(found.changes) == 2 and found.changes[0] > 0.5 and found.changes[1] <= 0.01  # settled
+    assert (
+        len(found.changes) == 2 and found.changes[0] > 0.5 and found.changes[1] <= 0.01
+    )  # settled
     assert set(found.shrunk) == {"z"} and found.shrunk["z"] < 0.5
 
 
 def test_cascade_with_nothing_clipped_stops_after_one_round(tmp_path):
     model, data = _spread_model_and_data(outliers=0.0)
     m = ir.from_proto(model)
-    found = cascade_calibrate(m, lambda ranges: {"r": grid_bounds(*ranges["r"])}, ["r", "z"], [], data,
-                              tmp_path, 512, "minmax", 99.99, rounds=6)
+    found = cascade_calibrate(
+        m,
+        lambda ranges: {"r": grid_bounds(*ranges["r"])},
+        ["r", "z"],
+        [],
+        data,
+        tmp_path,
+        512,
+        "minmax",
+        99.99,
+        rounds=6,
+    )
     assert len(found.changes) == 1 and found.changes[0] <= 1e-6 and not found.shrunk
 
 
@@ -552,14 +672,21 @@ def test_cascade_lowers_the_quantization_error_where_outliers_spread():
     # x's percentile clips its outliers (rarer than 1 in 10^4); in the float model they reach a
     # whole row of z, widening z's range unless it is measured with x saturated
     rng = np.random.default_rng(0)
-    model = make_model("""
+    model = make_model(
+        """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 64] x, float[64, 64] I, float[64, 64] W, float[64, 8] V) => (float[N, 8] y) {
     h = MatMul (x, I)
     r = Relu (h)
     z = MatMul (r, W)
     y = MatMul (z, V)
-}""", {"I": np.eye(64, dtype=np.float32), "W": np.full((64, 64), 1 / 64, np.float32), "V": rand(rng, 64, 8)})
+}""",
+        {
+            "I": np.eye(64, dtype=np.float32),
+            "W": np.full((64, 64), 1 / 64, np.float32),
+            "V": rand(rng, 64, 8),
+        },
+    )
     x = np.abs(rng.standard_normal((2048, 64))).astype(np.float32)
     x[rng.random(x.shape) < 5e-5] = 100.0
     data = Dataset({"x": x}, input_specs(ir.from_proto(model)), "test")
@@ -570,7 +697,7 @@ g (float[N, 64] x, float[64, 64] I, float[64, 64] W, float[64, 8] V) => (float[N
         pass_ = QuantizePass(cascade_rounds=rounds, samples=2048)
         out, _ = _run(pass_, model, data)
         got = ort_run(out, {"x": clean})[0]
-        err[rounds] = float(np.sum((got - ref) ** 2) / np.sum(ref ** 2))  # relative squared error
+        err[rounds] = float(np.sum((got - ref) ** 2) / np.sum(ref**2))  # relative squared error
         if rounds:
             assert pass_.details["cascade"]["narrowed"] >= 1
     assert err[6] < 0.5 * err[0], err  # measured 5.5e-6 vs 1.4e-5
@@ -604,8 +731,9 @@ def test_quantization_shift_is_the_mean_clipping_and_rounding_error(tmp_path):
     model = _net()
     data = _data(model, 16)
     # uint8, scale 0.01, zero point 50: range [-0.5, 2.05] -- the standard-normal input clips below
-    shift = quantization_shift(ir.from_proto(model), {"x": (np.float32(0.01), np.uint8(50))}, "uint8",
-                               data, tmp_path, 16)
+    shift = quantization_shift(
+        ir.from_proto(model), {"x": (np.float32(0.01), np.uint8(50))}, "uint8", data, tmp_path, 16
+    )
     x = data.arrays["x"].astype(np.float64)
     expected = ((np.clip(np.rint(x / 0.01) + 50, 0, 255) - 50) * 0.01 - x).mean((0, 2, 3))
     np.testing.assert_allclose(shift["x"], expected, atol=1e-6)
@@ -649,8 +777,17 @@ def test_empirical_bias_correction_removes_the_mean_shift_rounding_noise_causes(
     W1[0] *= 60
     W2 = rand(rng, 16, 16, 1, 1, scale=1.0)
     W2[:, 0] = 0
-    model = make_model(CHAIN, {"W1": W1, "b1": rand(rng, 16, scale=0.1), "W2": W2, "b2": rand(rng, 16, scale=0.1),
-                               "W3": np.abs(rand(rng, 8, 16, 1, 1, scale=0.5)), "b3": rand(rng, 8, scale=0.1)})
+    model = make_model(
+        CHAIN,
+        {
+            "W1": W1,
+            "b1": rand(rng, 16, scale=0.1),
+            "W2": W2,
+            "b2": rand(rng, 16, scale=0.1),
+            "W3": np.abs(rand(rng, 8, 16, 1, 1, scale=0.5)),
+            "b3": rand(rng, 8, scale=0.1),
+        },
+    )
     data = _data(model, 64)
     x = _data(model, 64, seed=9).arrays["x"]
     ref = ort_run(model, {"x": x})[0]
@@ -659,7 +796,10 @@ def test_empirical_bias_correction_removes_the_mean_shift_rounding_noise_causes(
         p = QuantizePass(bias_correction=mode)
         out, _ = _run(p, model, data)
         got = ort_run(out, {"x": x}, optimize=True)[0]
-        errors[mode] = (np.abs((got - ref).mean((0, 2, 3))).mean(), np.sum((got - ref) ** 2) / np.sum(ref ** 2))
+        errors[mode] = (
+            np.abs((got - ref).mean((0, 2, 3))).mean(),
+            np.sum((got - ref) ** 2) / np.sum(ref**2),
+        )
     assert p.details["empirical_bias"]["layers"] == 3
     assert errors["empirical"][0] < 0.5 * errors["weights"][0]
     assert errors["empirical"][1] < errors["weights"][1]
@@ -678,8 +818,12 @@ def test_cpu_option_decides_the_pair_rule(cpu, digits_model, digits_calib, monke
     from onnxshrink import cpu as cpu_module
     from onnxshrink.cpu import CPU
 
-    monkeypatch.setattr(cpu_module, "this_cpu", lambda: CPU("test AVX2", "x86_64", frozenset({"avx2"})))
-    out, rep = onnxshrink.compress(onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib))
+    monkeypatch.setattr(
+        cpu_module, "this_cpu", lambda: CPU("test AVX2", "x86_64", frozenset({"avx2"}))
+    )
+    out, rep = onnxshrink.compress(
+        onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib)
+    )
     q = rep.passes[0]
     assert q.status == "applied", q.reason
     assert q.details["int8_cpu"]["pair_rule"] == (cpu != "vnni")
@@ -701,7 +845,9 @@ def test_pair_rule_costs_less_than_a_bit_of_weight_precision(digits_model):
 
     model = ir.from_proto(onnx.load(str(digits_model)))
     err = {"full": 0.0, "safe": 0.0, "7-bit": 0.0}
-    for node in (n for n in model.graph if n.op_type == "Conv" and n.attributes.get_int("group", 1) == 1):
+    for node in (
+        n for n in model.graph if n.op_type == "Conv" and n.attributes.get_int("group", 1) == 1
+    ):
         w = const_array(node.inputs[1]).astype(np.float64)
         idx = weight_pairs(node, w.shape)
         amax = np.abs(w).reshape(len(w), -1).max(1)[:, None, None, None]
@@ -720,7 +866,9 @@ def test_avx2_and_this_cpu_give_the_same_int8_outputs(cpu, digits_model, digits_
     """The same int8 file on this CPU and on an emulated AVX2 CPU without VNNI: identical with
     ``cpu=any`` weights; ``cpu=vnni`` weights saturate the AVX2 kernels (the negative control)."""
     x = digits_test[0][:64]
-    out, _ = onnxshrink.compress(onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib))
+    out, _ = onnxshrink.compress(
+        onnx.load(str(digits_model)), [f"quantize:cpu={cpu}"], data=str(digits_calib)
+    )
     native = ort_run(out, {"input": x}, optimize=True)[0]
     avx2 = emulated_cpu.run(out, {"input": x})[0]
     written = ort_run(out, {"input": x})[0]

@@ -1,4 +1,4 @@
-"""Hessian-aware (GPTQ) rounding and depthwise range balancing: the math alone, then in the passes."""
+"""Hessian-aware (GPTQ) rounding and depthwise range balancing: the math, then in the passes."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def test_grams_in_small_chunks_equal_one_pass(tmp_path):
 NET = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 8, 8, 8] x, float[32, 8, 1, 1] W1, float[32] b1, float lo, float hi,
-   float[32, 1, 3, 3] D, float[32] db, float[16, 32, 1, 1] W2, float[16] b2) => (float[N, 16, 8, 8] y) {
+   float[32, 1, 3, 3] D, float[32] db, float[16, 32, 1, 1] W2, float[16] b2) => (float[N, 16, 8,
+       8] y) {
     e = Conv (x, W1, b1)
     r = Clip (e, lo, hi)
     d = Conv <group = 32, pads = [1, 1, 1, 1]> (r, D, db)

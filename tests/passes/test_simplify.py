@@ -11,7 +11,8 @@ from tests.helpers import apply, make_model, op_count, ort_run, rand
 
 _FOLDABLE = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[2, 4, 6, 6] x, float[8, 4, 3, 3] W, float[8] gamma, float[8] beta, float[8] mean, float[8] var)
+g (float[2, 4, 6, 6] x, float[8, 4, 3, 3] W, float[8] gamma, float[8] beta, float[8] mean,
+    float[8] var)
   => (float[2, 288] y) {
     c = Conv <pads = [1, 1, 1, 1]> (x, W)
     n = BatchNormalization (c, gamma, beta, mean, var)
@@ -28,9 +29,13 @@ g (float[2, 4, 6, 6] x, float[8, 4, 3, 3] W, float[8] gamma, float[8] beta, floa
 
 def _inits(rng):
     return {
-        "W": rand(rng, 8, 4, 3, 3), "gamma": rng.uniform(0.5, 1.5, 8).astype(np.float32),
-        "beta": rand(rng, 8), "mean": rand(rng, 8), "var": rng.uniform(0.5, 1.5, 8).astype(np.float32),
-        "zero": np.array([0], np.int64), "minus_one": np.array([-1], np.int64),
+        "W": rand(rng, 8, 4, 3, 3),
+        "gamma": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "beta": rand(rng, 8),
+        "mean": rand(rng, 8),
+        "var": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "zero": np.array([0], np.int64),
+        "minus_one": np.array([-1], np.int64),
         "half": np.array(0.5, np.float32),
     }
 

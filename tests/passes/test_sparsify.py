@@ -1,4 +1,5 @@
-"""sparsify: masks (unstructured, per output, global, N:M), exact compact storage, Wanda vs magnitude."""
+"""sparsify: masks (unstructured, per output, global, N:M), exact compact storage, Wanda vs
+magnitude."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ def test_nm_mask_keeps_two_of_every_four():
     assert keep.reshape(5, 3, 4).sum(2).tolist() == [[2, 2, 2]] * 5
     # the kept ones are the two largest of each group
     g = s.reshape(5, 3, 4)
-    assert np.all(np.sort(g, 2)[:, :, 2:].sum(2) == pytest.approx((g * keep.reshape(5, 3, 4)).sum(2)))
-    assert nm_mask(np.ones((2, 6)), 2, 4).sum(1).tolist() == [4, 4]  # a short tail group keeps its share
+    assert np.all(
+        np.sort(g, 2)[:, :, 2:].sum(2) == pytest.approx((g * keep.reshape(5, 3, 4)).sum(2))
+    )
+    assert nm_mask(np.ones((2, 6)), 2, 4).sum(1).tolist() == [
+        4,
+        4,
+    ]  # a short tail group keeps its share
 
 
 def _mlp(rng, scale_in=None):
@@ -31,16 +37,22 @@ def _mlp(rng, scale_in=None):
         r = Relu(hb)
         y = Gemm <transB = 1> (r, W2)
     }"""
-    return make_model(text, {"W1": w1, "b1": rand(rng, 128, scale=0.1), "W2": rand(rng, 48, 128, scale=0.2)})
+    return make_model(
+        text, {"W1": w1, "b1": rand(rng, 128, scale=0.1), "W2": rand(rng, 48, 128, scale=0.2)}
+    )
 
 
 @pytest.mark.parametrize("values", ["float", "int8"])
 def test_mask_storage_decodes_to_the_sparse_weights(values):
     rng = np.random.default_rng(1)
     model = _mlp(rng)
-    dense, _ = apply(SparsifyPass(sparsity=0.7, method="magnitude", storage="dense", min_size=16), model)
-    packed, modified = apply(SparsifyPass(sparsity=0.7, method="magnitude", storage="mask", values=values,
-                                          min_size=16), model)
+    dense, _ = apply(
+        SparsifyPass(sparsity=0.7, method="magnitude", storage="dense", min_size=16), model
+    )
+    packed, modified = apply(
+        SparsifyPass(sparsity=0.7, method="magnitude", storage="mask", values=values, min_size=16),
+        model,
+    )
     assert modified
     assert any(n.op_type == "CumSum" for n in packed.graph.node)
     x = rand(rng, 8, 64)
@@ -63,8 +75,10 @@ def test_onnxruntime_folds_the_decoder_at_load(tmp_path, values):
     # are not folded; MobileNetV2 ran 7-8× slower)
     import onnxruntime as ort
 
-    packed, _ = apply(SparsifyPass(sparsity=0.5, method="magnitude", storage="mask", min_size=16, values=values),
-                      _mlp(np.random.default_rng(5)))
+    packed, _ = apply(
+        SparsifyPass(sparsity=0.5, method="magnitude", storage="mask", min_size=16, values=values),
+        _mlp(np.random.default_rng(5)),
+    )
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -88,7 +102,11 @@ def test_scopes_and_patterns():
     ):
         p = SparsifyPass(sparsity=0.5, method="magnitude", storage="dense", min_size=16, **opts)
         out, _ = apply(p, model)
-        w2 = next(onnx.numpy_helper.to_array(i) for i in out.graph.initializer if tuple(i.dims) == (48, 128))
+        w2 = next(
+            onnx.numpy_helper.to_array(i)
+            for i in out.graph.initializer
+            if tuple(i.dims) == (48, 128)
+        )
         assert check(w2), opts
     p = SparsifyPass(sparsity=0.6, method="magnitude", storage="dense", scope="global", min_size=16)
     out, _ = apply(p, model)
@@ -105,8 +123,12 @@ def test_activation_aware_beats_magnitude_when_inputs_differ_in_scale(tmp_path):
     ref = ort_run(model, {"x": x[200:]})[0]
     err = {}
     for method in ("magnitude", "activation"):
-        out, rep = onnxshrink.compress(model, [f"sparsify:sparsity=0.5,method={method},min-size=16,floor=0"],
-                                       data=tmp_path / "c.npz", holdout=0)
+        out, rep = onnxshrink.compress(
+            model,
+            [f"sparsify:sparsity=0.5,method={method},min-size=16,floor=0"],
+            data=tmp_path / "c.npz",
+            holdout=0,
+        )
         assert rep.passes[0].details["method"] == method
         err[method] = np.linalg.norm(ort_run(out, {"x": x[200:]})[0] - ref) / np.linalg.norm(ref)
     # measured: 0.269 against 0.380 relative output error on held-out rows
@@ -127,8 +149,11 @@ def test_refusals():
 
 def test_digits_half_sparse(digits_model, digits_calib, digits_test):
     x, labels = digits_test
-    out, rep = onnxshrink.compress(onnx.load(str(digits_model)), ["fold-batchnorm", "sparsify:sparsity=0.5,floor=0"],
-                                   data=str(digits_calib))
+    out, rep = onnxshrink.compress(
+        onnx.load(str(digits_model)),
+        ["fold-batchnorm", "sparsify:sparsity=0.5,floor=0"],
+        data=str(digits_calib),
+    )
     rec = rep.passes[-1]
     assert rec.status == "applied" and rec.details["method"] == "activation"
     before, after = rec.details["weight_bytes"]
@@ -142,17 +167,25 @@ def test_two_convs_of_different_kernels_reading_one_tensor(tmp_path):
     # found by tests/test_properties.py: a 3×3 and a 1×1 conv on the same input (a Concat of two
     # branches) shared one norm vector sized for the last of them -> broadcast error
     rng = np.random.default_rng(6)
-    model = make_model("""
+    model = make_model(
+        """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 8, 6, 6] x, float[4, 8, 3, 3] A, float[6, 8, 1, 1] B, float[8, 2, 3, 3] D) => (float[N, 18, 6, 6] y) {
+    g (float[N, 8, 6, 6] x, float[4, 8, 3, 3] A, float[6, 8, 1, 1] B, float[8, 2, 3,
+        3] D) => (float[N, 18, 6, 6] y) {
         a = Conv <pads = [1, 1, 1, 1]> (x, A)
         b = Conv (x, B)
         d = Conv <pads = [1, 1, 1, 1], group = 4> (x, D)
         y = Concat <axis = 1> (a, b, d)
-    }""", {"A": rand(rng, 4, 8, 3, 3), "B": rand(rng, 6, 8, 1, 1), "D": rand(rng, 8, 2, 3, 3)})
+    }""",
+        {"A": rand(rng, 4, 8, 3, 3), "B": rand(rng, 6, 8, 1, 1), "D": rand(rng, 8, 2, 3, 3)},
+    )
     np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 8, 6, 6)).astype(np.float32))
-    out, rep = onnxshrink.compress(model, ["sparsify:sparsity=0.5,method=activation,min-size=16,floor=0"],
-                                   data=tmp_path / "c.npz", holdout=0)
+    out, rep = onnxshrink.compress(
+        model,
+        ["sparsify:sparsity=0.5,method=activation,min-size=16,floor=0"],
+        data=tmp_path / "c.npz",
+        holdout=0,
+    )
     rec = rep.passes[0]
     assert rec.status == "applied", rec.reason
     assert sorted(r["sparsity"] for r in rec.details["layers"]) == [0.5, 0.5, 0.5]

@@ -26,9 +26,15 @@ def test_mac_formula_and_speedup_two_at_256_channels():
 def test_rank_helpers():
     s = np.array([10.0, 5.0, 1.0, 0.1])
     assert energy_rank(s, 0.79) == 1 and energy_rank(s, 0.8) == 2 and energy_rank(s, 1.0) == 4
-    assert round_rank(154.6, 256, 8) == 152 and round_rank(3, 8, 8) == 3 and round_rank(300, 256, 8) == 256
+    assert (
+        round_rank(154.6, 256, 8) == 152
+        and round_rank(3, 8, 8) == 3
+        and round_rank(300, 256, 8) == 256
+    )
     rng = np.random.default_rng(0)
-    low = rng.standard_normal((64, 6)) @ rng.standard_normal((6, 200)) * 3 + 0.1 * rng.standard_normal((64, 200))
+    low = rng.standard_normal((64, 6)) @ rng.standard_normal(
+        (6, 200)
+    ) * 3 + 0.1 * rng.standard_normal((64, 200))
     assert 4 <= evbmf_rank(low) <= 8  # the planted rank 6 is found in the noise
 
 
@@ -37,8 +43,10 @@ def _conv_model(c_in, c_out, k, *, stride=1, dilation=1, pad=1, bias=True, size=
     b = f", float[{c_out}] b" if bias else ""
     text = f"""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[2, {c_in}, {size}, {size}] x, float[{c_out}, {c_in}, {k}, {k}] W{b}) => (float[2, {c_out}, ?, ?] y) {{
-        y = Conv <strides = [{stride}, {stride}], dilations = [{dilation}, {dilation}], pads = [{pad}, {pad}, {pad}, {pad}]> (x, W{", b" if bias else ""})
+    g (float[2, {c_in}, {size}, {size}] x, float[{c_out}, {c_in}, {k}, {k}] W{b}) => (float[2,
+        {c_out}, ?, ?] y) {{
+        y = Conv <strides = [{stride}, {stride}], dilations = [{dilation}, {dilation}],
+            pads = [{pad}, {pad}, {pad}, {pad}]> (x, W{", b" if bias else ""})
     }}"""
     inits = {"W": rand(rng, c_out, c_in, k, k)}
     if bias:
@@ -47,7 +55,10 @@ def _conv_model(c_in, c_out, k, *, stride=1, dilation=1, pad=1, bias=True, size=
 
 
 @pytest.mark.parametrize("mode", ["tucker", "spatial"])
-@pytest.mark.parametrize("stride,dilation,pad,bias", [(1, 1, 1, True), (2, 1, 1, False), (1, 2, 2, True), (2, 1, 0, True)])
+@pytest.mark.parametrize(
+    "stride,dilation,pad,bias",
+    [(1, 1, 1, True), (2, 1, 1, False), (1, 2, 2, True), (2, 1, 0, True)],
+)
 def test_full_rank_reproduces_the_convolution(mode, stride, dilation, pad, bias):
     model, feeds = _conv_model(16, 24, 3, stride=stride, dilation=dilation, pad=pad, bias=bias)
     import onnx_ir as ir
@@ -79,19 +90,25 @@ def test_speedup_two_decomposes_and_reports_ranks():
     assert got.shape == ref.shape
 
 
-@pytest.mark.parametrize("text_mod,reason", [
-    ("group", "grouped or depthwise"),
-    ("1x1", "1×1 kernel"),
-    ("small", "fewer than 16 channels"),
-])
+@pytest.mark.parametrize(
+    "text_mod,reason",
+    [
+        ("group", "grouped or depthwise"),
+        ("1x1", "1×1 kernel"),
+        ("small", "fewer than 16 channels"),
+    ],
+)
 def test_refusals(text_mod, reason):
     if text_mod == "group":
         text = """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[1, 32, 8, 8] x, float[32, 1, 3, 3] W) => (float[1, 32, 6, 6] y) { y = Conv <group = 32> (x, W) }"""
+        g (float[1, 32, 8, 8] x, float[32, 1, 3, 3] W) => (float[1, 32, 6,
+            6] y) { y = Conv <group = 32> (x, W) }"""
         inits = {"W": rand(np.random.default_rng(0), 32, 1, 3, 3)}
     elif text_mod == "1x1":
         text = """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[1, 32, 8, 8] x, float[32, 32, 1, 1] W) => (float[1, 32, 8, 8] y) { y = Conv (x, W) }"""
+        g (float[1, 32, 8, 8] x, float[32, 32, 1, 1] W) => (float[1, 32, 8, 8] y) {
+            y = Conv (x, W)
+        }"""
         inits = {"W": rand(np.random.default_rng(0), 32, 32, 1, 1)}
     else:
         text = """<ir_version: 8, opset_import: ["" : 17]>
@@ -113,7 +130,11 @@ def test_vbmf_never_collapses_to_rank_one():
     rng = np.random.default_rng(3)
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[1, 32, 8, 8] x, float[32, 32, 3, 3] W) => (float[1, 32, 6, 6] y) { y = Conv (x, W) }"""
-    w = np.outer(rng.standard_normal(32), rng.standard_normal(32 * 9)).reshape(32, 32, 3, 3).astype(np.float32)
+    w = (
+        np.outer(rng.standard_normal(32), rng.standard_normal(32 * 9))
+        .reshape(32, 32, 3, 3)
+        .astype(np.float32)
+    )
     w += 0.01 * rand(rng, 32, 32, 3, 3)  # essentially rank one
     p = TuckerConvPass(vbmf=True, refit=False)
     _, modified = apply(p, make_model(text, {"W": w}))
@@ -134,7 +155,9 @@ def test_bad_options():
 def test_digits_speedup_two_keeps_accuracy(digits_model, digits_calib, digits_test):
     x, y = digits_test
     model = onnx.load(str(digits_model))
-    out, rep = onnxshrink.compress(model, ["fold-batchnorm", "tucker:speedup=2"], data=str(digits_calib))
+    out, rep = onnxshrink.compress(
+        model, ["fold-batchnorm", "tucker:speedup=2"], data=str(digits_calib)
+    )
     t = rep.passes[1]
     assert t.status == "applied", t.reason
     assert all(len(layer["ranks"]) == 2 for layer in t.details["layers"])

@@ -55,13 +55,14 @@ class InputErrors(Step):
         qp = {f: qparams(*params[q], p.activations) for f, q in pairs.items()}
         n = min(p.samples, state.data.n_samples)
         task = p.task(f"{p.name}: bias correction", n)
-        state.deltas = quantization_shift(state.model, qp, p.activations, state.data, state.workdir, n,
-                                          progress=task)
+        state.deltas = quantization_shift(
+            state.model, qp, p.activations, state.data, state.workdir, n, progress=task
+        )
         task.done()
 
 
 class SaturatedReference(Step):
-    """``bias-correction=empirical``: the float model clipped at the grids, taken before the rewrite."""
+    """``bias-correction=empirical``: the float model clipped at the grids, before the rewrite."""
 
     name = "saturated-reference"
 
@@ -69,7 +70,9 @@ class SaturatedReference(Step):
         return state.bias_mode == "empirical"
 
     def run(self, p, state: QuantState) -> None:
-        state.reference = clipped_copy(state.model, saturation_bounds(state.plan, state.ranges, p.activations))
+        state.reference = clipped_copy(
+            state.model, saturation_bounds(state.plan, state.ranges, p.activations)
+        )
 
 
 class EmpiricalBias(Step):
@@ -83,15 +86,25 @@ class EmpiricalBias(Step):
     def run(self, p, state: QuantState) -> None:
         model, reference = state.model, state.reference
         known = {v.name for v in all_values(reference.graph)}
-        nodes = [n for n in model.graph if n.op_type in ("Conv", "Gemm") and n.outputs[0].name in known
-                 and not (n.op_type == "Gemm" and n.attributes.get_int("transA", 0))]
+        nodes = [
+            n
+            for n in model.graph
+            if n.op_type in ("Conv", "Gemm")
+            and n.outputs[0].name in known
+            and not (n.op_type == "Gemm" and n.attributes.get_int("transA", 0))
+        ]
         if not nodes:
             return
         n = min(p.samples, state.data.n_samples)
         task = p.task(f"{p.name}: empirical bias correction", n * (len(nodes) + 1))
-        moved = empirical_correction(model, reference, nodes, state.data, state.workdir, n, progress=task)
+        moved = empirical_correction(
+            model, reference, nodes, state.data, state.workdir, n, progress=task
+        )
         task.done()
         if moved:
             shifts = sorted(moved.values())
-            p.details["empirical_bias"] = {"layers": len(moved), "median_shift": round(shifts[len(shifts) // 2], 4),
-                                           "largest_shift": round(shifts[-1], 4)}
+            p.details["empirical_bias"] = {
+                "layers": len(moved),
+                "median_shift": round(shifts[len(shifts) // 2], 4),
+                "largest_shift": round(shifts[-1], 4),
+            }

@@ -6,7 +6,8 @@ its channels scaled by (R/m_c)^α in the producer and divided back in the depthw
 
 Calibrate: each quantized tensor's range by ``calibration`` (minmax | percentile | entropy |
 mse), re-measured on the float model saturated at the quantized grids until no range end moves
-by more than 1% of its width (``cascade-rounds``, :func:`onnxshrink.analysis.ranges.cascade_calibrate`);
+by more than 1% of its width (``cascade-rounds``,
+:func:`onnxshrink.analysis.ranges.cascade_calibrate`);
 the per-channel means of Conv/Gemm inputs come with it (bias correction).
 """
 
@@ -49,16 +50,24 @@ class Balance(Step):
             return
         n = min(p.samples, data.n_samples)
         task = p.task(f"{p.name}: channel ranges", n)
-        maxes = channel_max(model, [pr.tensor.name for pr in pairs], data, state.workdir, n, progress=task)
+        maxes = channel_max(
+            model, [pr.tensor.name for pr in pairs], data, state.workdir, n, progress=task
+        )
         task.done()
         gains = []
         for pr in pairs:
             m = maxes[pr.tensor.name]
             s = apply_balance(model.graph, pr, m, p.balance_alpha)
             gains.append(float(np.mean(s)))
-            p.change(f"balanced {pr.tensor.name} ({len(m)} channels, scale x{s.min():.2g}..x{s.max():.2g}) "
-                     f"between {pr.producer.name} and {', '.join(u.name for u in pr.consumers)}")
-        p.details["balanced"] = {"tensors": len(pairs), "mean_scale": round(float(np.mean(gains)), 3)}
+            p.change(
+                f"balanced {pr.tensor.name} ({len(m)} channels, scale "
+                f"x{s.min():.2g}..x{s.max():.2g}) "
+                f"between {pr.producer.name} and {', '.join(u.name for u in pr.consumers)}"
+            )
+        p.details["balanced"] = {
+            "tensors": len(pairs),
+            "mean_scale": round(float(np.mean(gains)), 3),
+        }
 
 
 class Calibrate(Step):
@@ -71,18 +80,32 @@ class Calibrate(Step):
         n = min(p.samples, data.n_samples)
         passes = 1 if p.calibration == "minmax" else 2
         task = p.task(f"{p.name}: calibration", n * (passes + p.cascade_rounds))
-        found = cascade_calibrate(state.model, lambda r: saturation_bounds(plan, r, p.activations), sources,
-                                  mean_names, data, state.workdir, n, p.calibration, p.percentile,
-                                  p.cascade_rounds, progress=task)
+        found = cascade_calibrate(
+            state.model,
+            lambda r: saturation_bounds(plan, r, p.activations),
+            sources,
+            mean_names,
+            data,
+            state.workdir,
+            n,
+            p.calibration,
+            p.percentile,
+            p.cascade_rounds,
+            progress=task,
+        )
         task.done()
         if p.cascade_rounds:
             narrowed = sorted(found.shrunk.items(), key=lambda kv: kv[1])
-            p.details["cascade"] = {"rounds": len(found.changes),
-                                    "largest_move": [round(c, 4) for c in found.changes],
-                                    "narrowed": len(narrowed),
-                                    "narrowest": {k: round(v, 3) for k, v in narrowed[:5]}}
+            p.details["cascade"] = {
+                "rounds": len(found.changes),
+                "largest_move": [round(c, 4) for c in found.changes],
+                "narrowed": len(narrowed),
+                "narrowest": {k: round(v, 3) for k, v in narrowed[:5]},
+            }
             if found.changes and found.changes[-1] > SETTLED:
-                p.details["cascade"]["note"] = (f"ranges still moved {found.changes[-1]:.1%} in the last "
-                                                f"round (cascade-rounds={p.cascade_rounds})")
+                p.details["cascade"]["note"] = (
+                    f"ranges still moved {found.changes[-1]:.1%} in the last "
+                    f"round (cascade-rounds={p.cascade_rounds})"
+                )
         state.ranges = found.ranges
         state.means = found.means if state.bias_mode != "off" else None

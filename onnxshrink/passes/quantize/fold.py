@@ -14,7 +14,8 @@ Rules, on any QDQ model (ours or another tool's):
    Unsqueeze -> Q whose Q parameters differ from the DQ's is left alone (it requantizes);
    the inserting pass gives them the same parameters, so nothing is left to fix here;
 5. *float layers stay float*: a Conv / ConvTranspose / Gemm with a float weight that reads a
-   per-tensor DQ gets a per-channel copy of that DQ (:func:`onnxshrink.analysis.qdq.shield_float_layer`:
+   per-tensor DQ gets a per-channel copy of that DQ
+   (:func:`onnxshrink.analysis.qdq.shield_float_layer`:
    otherwise onnxruntime quantizes its weight per tensor at session start).
 
 Rule 2 rounds the bias to the accumulator's grid, which can move an output across a rounding
@@ -60,8 +61,12 @@ def _fold_weight(graph: ir.Graph, dq: ir.Node) -> str | None:
         return None
     scale, zp, axis = params
     dtype = zp.dtype if zp is not None else np.uint8
-    info = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
-            np.dtype(np.int16): (-32768, 32767), np.dtype(np.uint16): (0, 65535)}.get(np.dtype(dtype))
+    info = {
+        np.dtype(np.int8): (-128, 127),
+        np.dtype(np.uint8): (0, 255),
+        np.dtype(np.int16): (-32768, 32767),
+        np.dtype(np.uint16): (0, 65535),
+    }.get(np.dtype(dtype))
     if info is None:
         return None
     axis = axis + w.ndim if axis < 0 else axis
@@ -77,7 +82,11 @@ def _fold_weight(graph: ir.Graph, dq: ir.Node) -> str | None:
 
 
 def _fold_bias(graph: ir.Graph, node: ir.Node) -> str | None:
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+    if (
+        node.op_type not in ("Conv", "ConvTranspose", "Gemm")
+        or len(node.inputs) < 3
+        or node.inputs[2] is None
+    ):
         return None
     if dq_of(node.inputs[2]) is not None:
         return None
@@ -88,7 +97,10 @@ def _fold_bias(graph: ir.Graph, node: ir.Node) -> str | None:
     px, pw = qdq_params(x_dq), qdq_params(w_dq)
     if px is None or pw is None or px[0].size != 1:
         return None
-    if node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
+    if node.op_type == "Gemm" and (
+        node.attributes.get_float("alpha", 1.0) != 1.0
+        or node.attributes.get_float("beta", 1.0) != 1.0
+    ):
         return None
     n_out = b.shape[-1] if b.ndim else 1
     if b.ndim != 1:
@@ -102,12 +114,21 @@ def _fold_bias(graph: ir.Graph, node: ir.Node) -> str | None:
     bq = np.clip(np.rint(b.astype(np.float64) / s_b), -(2**31), 2**31 - 1).astype(np.int32)
     base = node.name or node.op_type
     bq_val = ir.val(unique_name(graph, f"{base}.bias_int32"), const_value=ir.tensor(bq))
-    sb_val = ir.val(unique_name(graph, f"{base}.bias_scale"), const_value=ir.tensor(s_b.astype(np.float32)))
-    zb_val = ir.val(unique_name(graph, f"{base}.bias_zero_point"), const_value=ir.tensor(np.zeros(n_out, np.int32)))
+    sb_val = ir.val(
+        unique_name(graph, f"{base}.bias_scale"), const_value=ir.tensor(s_b.astype(np.float32))
+    )
+    zb_val = ir.val(
+        unique_name(graph, f"{base}.bias_zero_point"),
+        const_value=ir.tensor(np.zeros(n_out, np.int32)),
+    )
     for v in (bq_val, sb_val, zb_val):
         graph.register_initializer(v)
-    dq = ir.node("DequantizeLinear", [bq_val, sb_val, zb_val], attributes={"axis": 0},
-                 name=unique_name(graph, f"{base}.bias_dq"))
+    dq = ir.node(
+        "DequantizeLinear",
+        [bq_val, sb_val, zb_val],
+        attributes={"axis": 0},
+        name=unique_name(graph, f"{base}.bias_dq"),
+    )
     dq.outputs[0].name = unique_name(graph, f"{base}.bias_dequantized")
     graph.insert_before(node, dq)
     node.replace_input_with(2, dq.outputs[0])

@@ -33,8 +33,17 @@ def _scalar_init(graph: ir.Graph, base: str, arr) -> ir.Value:
     return v
 
 
-def rewrite(p, state: QuantState, model: ir.Model, plan: QuantPlan, log: Log, *, means, deltas,
-            moved: dict | None) -> None:
+def rewrite(
+    p,
+    state: QuantState,
+    model: ir.Model,
+    plan: QuantPlan,
+    log: Log,
+    *,
+    means,
+    deltas,
+    moved: dict | None,
+) -> None:
     """Quantizes ``model`` by ``plan`` with ``state``'s ranges and rounded weights; what it does
     goes to ``log`` (and weights the pair rule moved to ``moved``, when given)."""
     graph = model.graph
@@ -47,7 +56,11 @@ def rewrite(p, state: QuantState, model: ir.Model, plan: QuantPlan, log: Log, *,
         graph.remove(act, safe=True)
         log.change(f"fused {act.op_type} into {node.name or node.op_type}")
     for node in plan.nodes:
-        if node.op_type in WEIGHTED_OPS and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
+        if (
+            node.op_type in WEIGHTED_OPS
+            and len(node.inputs) > 1
+            and const_array(node.inputs[1]) is not None
+        ):
             float_in = plan.inputs.get(node.name, (None, None))[0]
             mu = means.get(float_in) if means is not None else None
             delta = deltas.get(float_in) if deltas is not None else None
@@ -71,10 +84,18 @@ def _quantize_weights(p, state, graph, node, mu, delta, log: Log, moved) -> None
     s_val = _scalar_init(graph, f"{base}.weight_scale", scale)
     z_val = _scalar_init(graph, f"{base}.weight_zero_point", zp)
     attrs = {} if axis is None else {"axis": axis}
-    q_node = ir.node("QuantizeLinear", [node.inputs[1], s_val, z_val], attributes=attrs,
-                     name=unique_name(graph, f"{base}.weight_q"))
-    dq_node = ir.node("DequantizeLinear", [q_node.outputs[0], s_val, z_val], attributes=attrs,
-                      name=unique_name(graph, f"{base}.weight_dq"))
+    q_node = ir.node(
+        "QuantizeLinear",
+        [node.inputs[1], s_val, z_val],
+        attributes=attrs,
+        name=unique_name(graph, f"{base}.weight_q"),
+    )
+    dq_node = ir.node(
+        "DequantizeLinear",
+        [q_node.outputs[0], s_val, z_val],
+        attributes=attrs,
+        name=unique_name(graph, f"{base}.weight_dq"),
+    )
     q_node.outputs[0].name = unique_name(graph, f"{base}.weight_quantized")
     dq_node.outputs[0].name = unique_name(graph, f"{base}.weight_dequantized")
     graph.insert_before(node, [q_node, dq_node])
@@ -91,11 +112,15 @@ def _insert(graph, value: ir.Value, scale, zp, shared: dict) -> None:
     base = value.name
     key = (float(scale), int(zp))
     if key not in shared:
-        shared[key] = (_scalar_init(graph, f"{base}.scale", scale),
-                       _scalar_init(graph, f"{base}.zero_point", zp))
+        shared[key] = (
+            _scalar_init(graph, f"{base}.scale", scale),
+            _scalar_init(graph, f"{base}.zero_point", zp),
+        )
     s_val, z_val = shared[key]
     q_node = ir.node("QuantizeLinear", [value, s_val, z_val], name=unique_name(graph, f"{base}.q"))
-    dq_node = ir.node("DequantizeLinear", [q_node.outputs[0], s_val, z_val], name=unique_name(graph, f"{base}.dq"))
+    dq_node = ir.node(
+        "DequantizeLinear", [q_node.outputs[0], s_val, z_val], name=unique_name(graph, f"{base}.dq")
+    )
     q_node.outputs[0].name = unique_name(graph, f"{base}.quantized")
     dq = dq_node.outputs[0]
     dq.name = unique_name(graph, f"{base}.dequantized")
@@ -116,9 +141,22 @@ class InsertQDQ(Step):
     name = "insert-qdq"
 
     def run(self, p, state: QuantState) -> None:
-        rewrite(p, state, state.model, state.plan, p, means=state.means, deltas=state.deltas, moved=state.moved)
+        rewrite(
+            p,
+            state,
+            state.model,
+            state.plan,
+            p,
+            means=state.means,
+            deltas=state.deltas,
+            moved=state.moved,
+        )
         state.modified = True
         p.details["tensors"] = len(state.plan.tensors)
         p.details["nodes"] = len(state.plan.nodes)
-        p.details["int8_cpu"] = {"cpu": p.cpu, "pair_rule": state.safe, "layers_moved": len(state.moved),
-                                 "weights_moved": sum(state.moved.values())}
+        p.details["int8_cpu"] = {
+            "cpu": p.cpu,
+            "pair_rule": state.safe,
+            "layers_moved": len(state.moved),
+            "weights_moved": sum(state.moved.values()),
+        }

@@ -58,9 +58,16 @@ class MixedPrecision(Step):
             task(1)
         task.done()
         order = sorted(gains, key=gains.get, reverse=True)
-        kept, current = spare_until(order, lambda spared: fidelity(self._variant(p, state, base | spared)),
-                                    p.min_fidelity, limit=p.max_float)
+        kept, current = spare_until(
+            order,
+            lambda spared: fidelity(self._variant(p, state, base | spared)),
+            p.min_fidelity,
+            limit=p.max_float,
+        )
         current = full if current is None else current
-        p.details["mixed_precision"] = {"float": kept, "fidelity": round(current, 6),
-                                        "sensitivity": {k: round(gains[k], 6) for k in order[:10]}}
+        p.details["mixed_precision"] = {
+            "float": kept,
+            "fidelity": round(current, 6),
+            "sensitivity": {k: round(gains[k], 6) for k in order[:10]},
+        }
         return kept

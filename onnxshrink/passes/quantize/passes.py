@@ -35,8 +35,17 @@ __all__ = ["STEPS", "InsertQDQPass", "QuantizePass"]
 logger = logging.getLogger(__name__)
 
 # the order matters: the saturated reference is taken before the rewrite changes the model
-STEPS: tuple[Step, ...] = (PlanLayers(), Balance(), Calibrate(), RoundWeights(), MixedPrecision(),
-                           InputErrors(), SaturatedReference(), InsertQDQ(), EmpiricalBias())
+STEPS: tuple[Step, ...] = (
+    PlanLayers(),
+    Balance(),
+    Calibrate(),
+    RoundWeights(),
+    MixedPrecision(),
+    InputErrors(),
+    SaturatedReference(),
+    InsertQDQ(),
+    EmpiricalBias(),
+)
 
 
 def _model_refusal(model: ir.Model) -> str | None:
@@ -46,17 +55,23 @@ def _model_refusal(model: ir.Model) -> str | None:
         return f"opset {opset} < 13: per-channel QDQ needs opset 13 or later"
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
         return "the model is already quantized (has QuantizeLinear/DequantizeLinear)"
-    coarse = {v.type.dtype.name for v in [*model.graph.inputs, *model.graph.initializers.values()]
-              if v.type is not None and v.type.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
+    coarse = {
+        v.type.dtype.name
+        for v in [*model.graph.inputs, *model.graph.initializers.values()]
+        if v.type is not None and v.type.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    }
     if coarse:
         kinds = "/".join(sorted(coarse)).lower()
-        return f"{kinds} model: int8 QDQ is implemented for float32 models (convert to float32 first)"
+        return (
+            f"{kinds} model: int8 QDQ is implemented for float32 models (convert to float32 first)"
+        )
     return None
 
 
 @dataclasses.dataclass
 class InsertQDQPass(ShrinkPass):
-    """Calibrated int8 QDQ insertion: per-channel weights, uint8/int8 activations, bias correction."""
+    """Calibrated int8 QDQ insertion: per-channel weights, uint8/int8 activations, bias
+    correction."""
 
     name: ClassVar[str] = "insert-qdq"
     lossy: ClassVar[bool] = True
@@ -83,13 +98,19 @@ class InsertQDQPass(ShrinkPass):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 50.0 < self.percentile <= 100.0:
-            raise OptionError(f"pass '{self.name}': percentile must be in (50, 100], got {self.percentile}")
+            raise OptionError(
+                f"pass '{self.name}': percentile must be in (50, 100], got {self.percentile}"
+            )
         if self.samples < 1:
             raise OptionError(f"pass '{self.name}': samples must be >= 1")
         if self.cascade_rounds < 0:
-            raise OptionError(f"pass '{self.name}': cascade-rounds must be >= 0, got {self.cascade_rounds}")
+            raise OptionError(
+                f"pass '{self.name}': cascade-rounds must be >= 0, got {self.cascade_rounds}"
+            )
         if not 0.0 < self.balance_alpha <= 1.0:
-            raise OptionError(f"pass '{self.name}': balance-alpha must be in (0, 1], got {self.balance_alpha}")
+            raise OptionError(
+                f"pass '{self.name}': balance-alpha must be in (0, 1], got {self.balance_alpha}"
+            )
 
     def _float_batchnorm(self, bn: ir.Node) -> str:
         return "BatchNormalization stays float between DQ and Q: run fold-batchnorm first"

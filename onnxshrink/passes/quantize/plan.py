@@ -25,11 +25,16 @@ class PlanLayers(Step):
         plan, refused = plan_quantization(state.model, state.exclude, set(p.exclude_types))
         for node, reason in refused:
             p.skip(node, reason)
-        stem = [] if p.stem == "int8" else [n.name for n in stem_layers(plan, rule=p.stem == "auto")]
+        stem = (
+            [] if p.stem == "int8" else [n.name for n in stem_layers(plan, rule=p.stem == "auto")]
+        )
         if stem:
             for name in stem:
-                p.skip(name, f"stem kept float (stem={p.stem}): onnxruntime's int8 kernels are slower "
-                             f"on an image's few channels, and the image is not rounded")
+                p.skip(
+                    name,
+                    f"stem kept float (stem={p.stem}): onnxruntime's int8 kernels are slower "
+                    f"on an image's few channels, and the image is not rounded",
+                )
             p.details["float_stem"] = stem
             state.exclude |= set(stem)
             plan, _ = plan_quantization(state.model, state.exclude, set(p.exclude_types))
@@ -40,6 +45,8 @@ class PlanLayers(Step):
         if state.data is None:
             raise OptionError(f"pass '{p.name}' needs calibration data")
         real = p.has_real_data
-        state.bias_mode = p.bias_correction if p.bias_correction != "auto" else ("empirical" if real else "off")
+        state.bias_mode = (
+            p.bias_correction if p.bias_correction != "auto" else ("empirical" if real else "off")
+        )
         state.rounding = p.rounding if p.rounding != "auto" else ("hessian" if real else "nearest")
         state.safe = p.cpu == "any" or (p.cpu == "auto" and host.this_cpu().int8 != "exact")

@@ -2,7 +2,8 @@
 
 Scale per output channel s = max|W| / 127 (``weights=mse``: the clipping that minimises
 ‖W − s·q‖²); with ``cpu=any`` at least the largest pair sum / 128, and every pair (2j, 2j+1) of
-the integer kernel's reduction axis kept within |q_a + q_b| ≤ 128 (:mod:`onnxshrink.analysis.saturation`:
+the integer kernel's reduction axis kept within |q_a + q_b| ≤ 128
+(:mod:`onnxshrink.analysis.saturation`:
 CPUs without VNNI add pairs in int16). Rounding: nearest, or Hessian-aware (``rounding=hessian``,
 GPTQ; :func:`onnxshrink.analysis.rounding.round_int8`): each rounding error pushed onto the
 inputs not yet rounded so the layer's output on the calibration data moves least, the bias
@@ -40,23 +41,35 @@ class RoundWeights(Step):
 
     def run(self, p, state: QuantState) -> None:
         refused: dict[str, str] = {}
-        nodes = steerable([node for node in state.plan.nodes if node.op_type in WEIGHTED_OPS
-                           and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None], refused)
+        nodes = steerable(
+            [
+                node
+                for node in state.plan.nodes
+                if node.op_type in WEIGHTED_OPS
+                and len(node.inputs) > 1
+                and const_array(node.inputs[1]) is not None
+            ],
+            refused,
+        )
         presets = {}
         errors = []
         if nodes:
             n = min(p.samples, state.data.n_samples)
             task = p.task(f"{p.name}: Hessian-aware rounding", n * chunks_needed(nodes))
-            for node, H in usable_grams(state.model, nodes, state.data, state.workdir, n, refused, progress=task):
+            for node, H in usable_grams(
+                state.model, nodes, state.data, state.workdir, n, refused, progress=task
+            ):
                 presets[node.name] = self._round_layer(p, state, node, H)
                 errors.append(presets[node.name][3])
             task.done()
         if refused:
             p.details["nearest_rounding"] = refused
         if errors:
-            p.details["rounding"] = {"layers": len(errors),
-                                     "output_error_nearest": round(float(np.mean([e[0] for e in errors])), 8),
-                                     "output_error_hessian": round(float(np.mean([e[1] for e in errors])), 8)}
+            p.details["rounding"] = {
+                "layers": len(errors),
+                "output_error_nearest": round(float(np.mean([e[0] for e in errors])), 8),
+                "output_error_hessian": round(float(np.mean([e[1] for e in errors])), 8),
+            }
         state.presets = presets
 
     @staticmethod
@@ -85,8 +98,9 @@ def _pair_safe(state: QuantState, graph, node, q, scale, w, moved: dict | None) 
     return deq
 
 
-def int8_weights(p, state: QuantState, graph: ir.Graph, node: ir.Node, w: np.ndarray, delta,
-                 moved: dict | None) -> tuple[object, np.ndarray, np.ndarray, bool]:
+def int8_weights(
+    p, state: QuantState, graph: ir.Graph, node: ir.Node, w: np.ndarray, delta, moved: dict | None
+) -> tuple[object, np.ndarray, np.ndarray, bool]:
     """(scale, zero point, dequantized weight, whether the bias was re-solved) of ``node``'s
     weight ``w``; a Hessian-rounded layer's weight and bias are written to the graph here."""
     axis = weight_axis(node)
