@@ -39,9 +39,8 @@ class QuantState:
     means: dict[str, np.ndarray] | None = None  # per-channel E[x] of Conv/Gemm inputs
     deltas: dict[str, np.ndarray] | None = None  # per-channel E[Q(x) - x] (bias-correction=full)
     presets: dict[str, tuple] = dataclasses.field(default_factory=dict)  # Hessian-rounded weights
-    moved: dict[str, int] = dataclasses.field(
-        default_factory=dict
-    )  # weights moved by the pair rule
+    # per layer, how many weights the pair rule moved (reported in details["int8_cpu"])
+    moved: dict[str, int] = dataclasses.field(default_factory=dict)
     reference: ir.Model | None = None  # the float model saturated at the grids (empirical bias)
     done: bool = False  # nothing (more) to do: the steps after are not run
     modified: bool = False  # Q/DQ inserted
