@@ -320,21 +320,21 @@ class LowRankMatMulPass(ShrinkPass):
         return min(max(r, 1), full)
 
     def _allocate(self, model: ir.Model, spectra, data) -> dict[int, int]:
-        """Ranks for a whole-model MAC budget: greedy on (output energy lost) / (MACs saved).
+        """Ranks for a whole-model MAC budget: greedy on (output energy lost) / (MACs saved)
+        (:func:`onnxshrink.search.allocate`).
 
         Each layer's first step goes from dense to the rank with the best average ratio; later
         steps drop one rounding unit of rank. The step with the least relative output energy
         lost per MAC saved is taken until the model's MACs are down to ``target-macs``.
         """
-        import heapq
-
         from onnxshrink.metrics import macs_by_node
+        from onnxshrink.search import Curve, allocate
 
         macs = macs_by_node(model, data.input_shapes() if data is not None else None)
         total = sum(macs.values())
         need = total * (1.0 - self.target_macs)
         step = max(self.round, 1)
-        curves = {}
+        curves, grids = [], {}
         for t, _, _, svd in spectra:
             n_in, n_out = t.W.shape
             if id(t.node) not in macs:
@@ -349,26 +349,12 @@ class LowRankMatMulPass(ShrinkPass):
             )
             if top is None:
                 continue
-            grid = list(range(top, 0, -step))
-            loss = {r: 1.0 - float(energy[r - 1]) for r in grid}
-            saving = {r: rows * (n_in * n_out - r * (n_in + n_out)) for r in grid}
-            curves[id(t.node)] = (grid, loss, saving)
-        heap, chosen = [], {}
-        for key, (grid, loss, saving) in curves.items():
-            first = min(grid, key=lambda r: loss[r] / saving[r])
-            heapq.heappush(heap, (loss[first] / saving[first], key, first))
-        saved = 0.0
-        while heap and saved < need:
-            _, key, r = heapq.heappop(heap)
-            grid, loss, saving = curves[key]
-            prev = chosen.get(key)
-            saved += saving[r] - (saving[prev] if prev else 0.0)
-            chosen[key] = r
-            nxt = r - step
-            if nxt in saving:
-                heapq.heappush(
-                    heap, ((loss[nxt] - loss[r]) / max(saving[nxt] - saving[r], 1e-9), key, nxt)
-                )
+            grid = list(range(top, 0, -step))  # levels: smaller ranks save more, lose more
+            saving = [rows * (n_in * n_out - r * (n_in + n_out)) for r in grid]
+            curves.append(Curve(id(t.node), saving, [1.0 - float(energy[r - 1]) for r in grid]))
+            grids[id(t.node)] = grid
+        levels, saved = allocate(curves, need)
+        chosen = {key: grids[key][i] for key, i in levels.items()}
         self.details["budget"] = {
             "target_macs": self.target_macs,
             "reached": round(1.0 - saved / max(total, 1), 4),

@@ -178,7 +178,8 @@ class PruneChannelsPass(ShrinkPass):
         return plan
 
     def _global_counts(self, model, scored) -> dict[int, int]:
-        """Channels to remove per group, cheapest damage per MAC saved first.
+        """Channels to remove per group, cheapest damage per MAC saved first
+        (:func:`onnxshrink.search.allocate`).
 
         A channel's damage is its share of its group's total score (the relative output energy
         its consumers lose, for ``hessian``); the MACs it saves are its producers' MACs per
@@ -187,34 +188,45 @@ class PruneChannelsPass(ShrinkPass):
         ``ratio`` of all prunable channels.
         """
         from onnxshrink.metrics import macs_by_node
+        from onnxshrink.search import Curve, allocate
 
         macs = macs_by_node(model)
-        total_macs = sum(macs.values())
-        entries, per_channel = [], {}
+        curves, sizes = [], {}
         for g, score, _ in scored:
-            per_channel[g.id] = _macs_per_channel(g, macs)
+            per_channel = max(_macs_per_channel(g, macs), 1.0)
             share = score / score.sum() if score.sum() > 0 else np.full(g.size, 1.0 / g.size)
-            entries += [(float(v) / max(per_channel[g.id], 1.0), g.id) for v in share]
-        sizes = {g.id: g.size for g, _, _ in scored}
-        removed = dict.fromkeys(sizes, 0)
-        budget_channels = math.floor(self.ratio * sum(sizes.values()))
-        target = None if self.target_macs is None else total_macs * (1.0 - self.target_macs)
-        saved = 0.0
-        for _, gid in sorted(entries):
-            if (target is not None and saved >= target) or (
-                target is None and budget_channels <= 0
-            ):
+            removable = g.size - max(min(self.min_channels, g.size), 1)
+            damage = np.cumsum(np.sort(share))[:removable]
+            k = np.arange(1, removable + 1, dtype=np.float64)
+            if self.target_macs is None:  # a budget of channels, spent by damage per MAC
+                curves.append(Curve(g.id, k, damage / per_channel))
+            else:
+                curves.append(Curve(g.id, k * per_channel, damage))
+            sizes[g.id] = g.size
+
+        def counts(need: float) -> dict[int, int]:
+            chosen, _ = allocate(curves, need)
+            removed = {gid: chosen[gid] + 1 if gid in chosen else 0 for gid in sizes}
+            return {
+                gid: sizes[gid]
+                - _round_keep(sizes[gid], sizes[gid] - r, self.round, self.min_channels)
+                for gid, r in removed.items()
+            }
+
+        if self.target_macs is None:
+            return counts(math.floor(self.ratio * sum(sizes.values())))
+        # per-channel savings double-count a layer whose input and output channels are both cut,
+        # and rounding keeps channels: ask for the shortfall again until the budget holds
+        groups = [g for g, _, _ in scored]
+        total = sum(macs.values())
+        need, plan = total * (1.0 - self.target_macs), {}
+        for _ in range(8):
+            plan = counts(need)
+            short = _macs_after(groups, macs, plan) - total * self.target_macs
+            if short <= 0:
                 break
-            floor_keep = max(min(self.min_channels, sizes[gid]), 1)
-            if sizes[gid] - removed[gid] - 1 < floor_keep:
-                continue
-            removed[gid] += 1
-            budget_channels -= 1
-            saved += per_channel[gid]
-        return {
-            gid: sizes[gid] - _round_keep(sizes[gid], sizes[gid] - r, self.round, self.min_channels)
-            for gid, r in removed.items()
-        }
+            need += short
+        return plan
 
     def _record(self, cg, plan) -> None:
         rows = []
@@ -272,3 +284,20 @@ def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
         shape = const_array(m.value).shape
         total += macs.get(id(m.node), 0) / shape[m.axis] * m.segment.repeat
     return total
+
+
+def _macs_after(groups: list[ch.Group], macs: dict[int, int], removed: dict[int, int]) -> float:
+    """The model's MACs with ``removed[g.id]`` channels cut from each group: a weight layer's
+    MACs scale with the share of its input channels kept times the share of its outputs kept."""
+    cut: dict[tuple[int, str], float] = {}
+    size: dict[tuple[int, str], int] = {}
+    for g in groups:
+        for m in g.members:
+            if m.kind in ("in", "out"):
+                key = (id(m.node), m.kind)
+                cut[key] = cut.get(key, 0.0) + removed.get(g.id, 0) * m.segment.repeat
+                size[key] = const_array(m.value).shape[m.axis]
+    kept: dict[int, float] = {}
+    for (node, kind), n in cut.items():
+        kept[node] = kept.get(node, 1.0) * max(0.0, 1.0 - n / size[(node, kind)])
+    return sum(macs.values()) - sum(macs.get(node, 0) * (1.0 - k) for node, k in kept.items())

@@ -1,10 +1,14 @@
-"""Measuring candidates: how faithful a variant of a model is, and which layers to spare.
+"""Searching for what to compress: how faithful a variant of a model is, which layers to spare
+for a fidelity floor, and how to spend a saving budget across layers.
 
 Passes that search (``quantize`` and ``cluster`` with ``min-fidelity``) measure their trial copies
-here, never through :mod:`onnxshrink.runtime` or :mod:`onnxshrink.validate` themselves.
+here, never through :mod:`onnxshrink.runtime` or :mod:`onnxshrink.validate` themselves; budgets
+(``--target``, ``prune`` global / ``target-macs``, ``lowrank`` ``target-macs``) are spent by
+:func:`allocate`.
 """
 
+from onnxshrink.search.allocate import Curve, allocate
 from onnxshrink.search.fidelity import Fidelity
 from onnxshrink.search.greedy import spare_until
 
-__all__ = ["Fidelity", "spare_until"]
+__all__ = ["Curve", "Fidelity", "allocate", "spare_until"]

@@ -604,3 +604,41 @@ def test_bad_options():
         PruneChannelsPass(target_macs=1.5)
     with pytest.raises(OptionError, match="must be one of"):
         PruneChannelsPass.from_options({"criterion": "taylor"})
+
+
+@pytest.fixture(scope="module")
+def resnet16():
+    from models import resnet
+
+    net = resnet.build(width=16, image=32, classes=10)
+    rng = np.random.default_rng(3)
+    return net, {net.graph.input[0].name: rng.standard_normal((32, 3, 32, 32)).astype(np.float32)}
+
+
+def test_target_macs_budget_holds_on_a_resnet(resnet16):
+    """Cutting both a layer's inputs and outputs saves less than the two cuts counted apart:
+    the budget must hold on the model as written, not on the per-channel estimate."""
+    import onnxshrink
+
+    net, feeds = resnet16
+    _, report = onnxshrink.compress(net, ["prune:target-macs=0.6,floor=0"], data=feeds)
+    ratio = report.after["macs"] / report.before["macs"]
+    assert report.passes[0].status == "applied"
+    assert 0.5 < ratio <= 0.6, ratio
+
+
+def test_global_ratio_cuts_that_share_of_channels_unevenly(resnet16):
+    import onnxshrink
+
+    def cuts(spec: str) -> dict[str, tuple[int, int]]:
+        _, report = onnxshrink.compress(net, [spec], data=feeds)
+        groups = report.passes[0].details["groups"]
+        return {g["group"]: tuple(map(int, g["channels"].split(" -> "))) for g in groups}
+
+    net, feeds = resnet16
+    uniform, global_ = cuts("prune:ratio=0.3,floor=0"), cuts("prune:global=true,ratio=0.3,floor=0")
+    total = sum(b for b, _ in uniform.values())  # every prunable group is cut by the uniform one
+    removed = sum(b - a for b, a in global_.values())
+    assert abs(removed - 0.3 * total) <= 8 * len(uniform)  # 30% of them, up to rounding to 8
+    differs = [g for g in uniform if global_.get(g, uniform[g][:1] * 2) != uniform[g]]
+    assert len(differs) >= len(uniform) // 2, differs  # spent by damage per MAC, not evenly
