@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -114,36 +115,15 @@ def compress(
     # the passes rewrite loaded.model in place: the report's "before" and --target's reference
     # are a clone taken first (tensors shared, never mutated)
     original = loaded.model.clone()
-    result = _run(
-        loaded,
-        pass_list,
-        calibration,
-        validation,
-        report,
-        strict,
-        validate_samples,
-        progress,
-        console,
-    )
+    run = _Run(calibration, validation, strict, validate_samples, progress, console)
+    result = run(loaded, pass_list, report)
     if parsed_target is not None:
         if dataset.is_random:
             raise OptionError(
                 "--target needs real calibration data (--data): sensitivity on random "
                 "inputs says nothing about yours"
             )
-        result = _search(
-            result,
-            original,
-            parsed_target,
-            max_drop,
-            calibration,
-            validation,
-            report,
-            strict,
-            validate_samples,
-            progress,
-            console,
-        )
+        result = _search(result, original, parsed_target, max_drop, run, report)
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
     unchanged = (
@@ -174,105 +154,90 @@ def compress(
     return result, report
 
 
-def _search(
-    model: ir.Model,
-    original: ir.Model,
-    target,
-    max_drop,
-    calibration,
-    validation,
-    report,
-    strict,
-    limit,
-    progress,
-    console,
-) -> ir.Model:
-    """``target`` search on ``model`` (the result of the exact passes); merges into ``report``."""
-    from onnxshrink import runtime
+@dataclasses.dataclass
+class _Run:
+    """Runs passes on a model through the validated pipeline, with compress's settings."""
+
+    calibration: Dataset
+    validation: Dataset
+    strict: bool
+    limit: int  # validation samples
+    progress: bool
+    console: Any
+
+    def __call__(self, loaded: io.LoadedModel, pass_list: list, report: Report) -> ir.Model:
+        with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
+            workdir = Path(tmp)
+            bar = Progress(console=self.console, enabled=self.progress)
+            validate = Validate(
+                self.validation, workdir, limit=self.limit, progress=bar, original_path=loaded.path
+            )
+            shapes = self.calibration.input_shapes()
+            context = PassContext(
+                data=self.calibration, workdir=workdir, original=loaded.model.clone(), progress=bar
+            )
+            pipeline = Pipeline(
+                pass_list,
+                [bar, Timing(), validate, ReportCollector(report, shapes, validate)],
+                context=context,
+                strict=self.strict,
+            )
+            try:
+                return pipeline.run(loaded.model)
+            finally:
+                bar.close()
+
+
+class _TargetRunner:
+    """What the ``--target`` search runs through (:class:`onnxshrink.target.Runner`): passes
+    applied to a copy of ``model`` in the validated pipeline; latency of a model against the
+    original's, optimized sessions side by side on one held-out sample."""
+
+    def __init__(self, model: ir.Model, original: ir.Model, run: _Run, workdir: Path, data: str):
+        self.model, self.run, self.workdir, self.data = model, run, workdir, data
+        self.progress = Progress(console=run.console, enabled=run.progress)
+        self.original_path = workdir / "original.onnx"
+        io.write(original, self.original_path)
+        self.feed = next(iter(run.validation.batches(1)))
+
+    def apply(self, passes: list) -> tuple[ir.Model, Report]:
+        rep = Report(model="target", data=self.data)
+        return self.run(io.LoadedModel(self.model.clone(), "ir"), passes, rep), rep
+
+    def latency(self, model: ir.Model) -> tuple[float, float]:
+        from onnxshrink import runtime
+
+        path = self.workdir / "candidate.onnx"
+        io.write(model, path)
+        sessions = {
+            "a": runtime.session(self.original_path, optimize=True, spin=False),
+            "b": runtime.session(path, optimize=True, spin=False),
+        }
+        ms = runtime.latency(sessions, self.feed, runs=30, warmup=5)
+        return ms["a"], ms["b"]
+
+
+def _search(model: ir.Model, original: ir.Model, target, max_drop, run: _Run, report) -> ir.Model:
+    """``target`` search on ``model`` (the result of the user's passes); merges into ``report``."""
     from onnxshrink.target import search
 
     with tempfile.TemporaryDirectory(prefix="onnxshrink-target-") as tmp:
-        workdir = Path(tmp)
-        original_path = workdir / "original.onnx"
-        io.write(original, original_path)
-        feed = next(iter(validation.batches(1)))
-
-        def apply(specs):
-            rep = Report(model="target", data=report.data)
-            out = _run(
-                io.LoadedModel(model.clone(), "ir"),
-                [make_pass(s) for s in specs],
-                calibration,
-                validation,
-                rep,
-                strict,
-                limit,
-                progress,
-                console,
-            )
-            return out, rep
-
-        def measure_latency(candidate):
-            path = workdir / "candidate.onnx"
-            io.write(candidate, path)
-            sess = {
-                "a": runtime.session(original_path, optimize=True, spin=False),
-                "b": runtime.session(path, optimize=True, spin=False),
-            }
-            ms = runtime.latency(sess, feed, runs=30, warmup=5)
-            return ms["a"], ms["b"]
-
-        bar = Progress(console=console, enabled=progress)
+        runner = _TargetRunner(model, original, run, Path(tmp), report.data)
         try:
             result, info = search(
                 model,
                 target,
                 max_drop,
-                calibration,
-                workdir,
-                apply,
-                measure_latency,
-                progress=bar,
+                run.calibration,
+                Path(tmp),
+                runner,
                 original_totals=report.before,
             )
         finally:
-            bar.close()
+            runner.progress.close()
     final = info.pop("report")
     report.passes += final.passes
     report.fidelity = final.fidelity
     report.after = final.after
     report.target = info
     return result
-
-
-def _run(
-    loaded,
-    pass_list,
-    calibration: Dataset,
-    validation: Dataset,
-    report,
-    strict,
-    limit,
-    progress,
-    console,
-) -> ir.Model:
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
-        workdir = Path(tmp)
-        bar = Progress(console=console, enabled=progress)
-        validate = Validate(
-            validation, workdir, limit=limit, progress=bar, original_path=loaded.path
-        )
-        shapes = calibration.input_shapes()
-        context = PassContext(
-            data=calibration, workdir=workdir, original=loaded.model.clone(), progress=bar
-        )
-        pipeline = Pipeline(
-            pass_list,
-            [bar, Timing(), validate, ReportCollector(report, shapes, validate)],
-            context=context,
-            strict=strict,
-        )
-        try:
-            return pipeline.run(loaded.model)
-        finally:
-            bar.close()

@@ -162,7 +162,7 @@ class Report:
             style = {"applied": "green", "unchanged": "dim", "rolled-back": "red"}.get(p.status, "")
             f = p.fidelity
             table.add_row(
-                literal(p.name + (f" ({_opts(p.options)})" if p.options else "")),
+                literal(p.name + (f" ({format_options(p.options)})" if p.options else "")),
                 f"[{style}]{p.status}[/]",
                 str(len(p.changed)),
                 str(len(p.skipped)),
@@ -237,8 +237,17 @@ def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
         )
 
 
-def _opts(options: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in options.items())
+def format_options(options: dict[str, Any], items: int = 2) -> str:
+    """``ratio=0.5,only=conv1+conv2+… (12)``: lists joined as on the command line, long ones cut
+    to their first ``items`` and their length."""
+
+    def value(v: Any) -> str:
+        if not isinstance(v, (list, tuple)):
+            return str(v).lower() if isinstance(v, bool) else str(v)
+        shown = "+".join(map(str, v[:items]))
+        return shown + (f"+… ({len(v)})" if len(v) > items else "")
+
+    return ",".join(f"{k}={value(v)}" for k, v in options.items())
 
 
 def _ratio(after: int | None, before: int | None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxshrink import metrics
-from onnxshrink.report import Report, human
+from onnxshrink.report import Report, format_options, human
 from onnxshrink.text import printable
 
 __all__ = ["write_report", "figures"]
@@ -101,64 +101,81 @@ def _figures(plt, report: Report, before: ir.Model, after: ir.Model, shapes) -> 
         out["layers"] = png(fig)
     t = report.target
     if t and t.get("candidates"):
-        cands = [c for c in t["candidates"] if c["applied"] and c["method"] != "quantize"]
-        curves: dict[tuple[str, str], list] = {}
-        for c in cands:
-            curves.setdefault((c["method"], c["layer"]), []).append((c["level"], c["drop"]))
-        worst = sorted(curves.items(), key=lambda kv: -max(d for _, d in kv[1]))[:12]
-        if worst:
-            fig, ax = plt.subplots(figsize=(8, 5))
-            for (method, layer), pts in worst:
+        out.update(_target_charts(plt, png, t))
+    return out
+
+
+def _short(name: str, n: int = 28) -> str:
+    """Its start and its end: layer names share long middles (``/5/body/body.1/…/Conv``)."""
+    return name if len(name) <= n else name[:10] + "…" + name[-(n - 11) :]
+
+
+def _symlog(ax) -> None:
+    """A symmetric log y axis with plain tick labels (mathtext is off for layer names)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+_LEVEL = {"prune": "ratio of channels removed", "tucker": "speed-up", "lowrank": "speed-up"}
+_COLORS = {"prune": "#c53", "tucker": "#36a", "lowrank": "#3a6", "quantize": "#a3a"}
+
+
+def _target_charts(plt, png, t: dict) -> dict[str, str]:
+    """Sensitivity, one panel per method (prune ratios and speed-ups are different scales), its
+    six most sensitive layers each; candidates as drop against saving -- for time, the share of
+    the model's profiled time, as the profile's milliseconds are not the deployed latency."""
+    out = {}
+    cands = [c for c in t["candidates"] if c["applied"]]
+    methods = [m for m in _LEVEL if any(c["method"] == m for c in cands)]
+    if methods:
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            curves: dict[str, list] = {}
+            for c in cands:
+                if c["method"] == method:
+                    curves.setdefault(c["layer"], []).append((c["level"], c["drop"]))
+            for layer, pts in sorted(curves.items(), key=lambda kv: -max(d for _, d in kv[1]))[:6]:
                 pts.sort()
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker="o",
-                    label=f"{method} {printable(layer)[-30:]}",
-                )
-            ax.set_xlabel("level (prune ratio, or speed-up for tucker / lowrank)")
-            ax.set_ylabel("drop (1 − cosine) on calibration data")
-            ax.set_yscale("symlog", linthresh=1e-4)
-            ax.set_title("sensitivity: the 12 most sensitive layers")
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                ax.plot(xs, ys, marker="o", label=_short(printable(layer)))
+            ax.set_title(method)
+            ax.set_xlabel(_LEVEL[method])
+            _symlog(ax)
             ax.legend(fontsize=6)
-            out["sensitivity"] = png(fig)
-        kind = t["target"].split("=")[0]
-        key = {"macs": "macs_saved", "size": "bytes_saved"}.get(kind, "ms_saved")
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for method, color in (
-            ("prune", "#c53"),
-            ("tucker", "#36a"),
-            ("lowrank", "#3a6"),
-            ("quantize", "#a3a"),
-        ):
-            pts = [
-                (c[key], c["drop"])
-                for c in t["candidates"]
-                if c["method"] == method and c["applied"]
-            ]
-            if pts:
-                ax.scatter(
-                    [p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=method
-                )
-        ax.set_xlabel(key.replace("_", " ") + " (one candidate alone)")
-        ax.set_ylabel("drop on calibration data")
-        ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_title("candidates tried: fidelity against saving")
+        axes[0][0].set_ylabel("drop (1 − cosine) on calibration data")
+        fig.suptitle("sensitivity: the most sensitive layers of each method")
+        out["sensitivity"] = png(fig)
+    kind = t["target"].split("=")[0]
+    key = {"macs": "macs_saved", "size": "bytes_saved"}.get(kind, "ms_saved")
+    scale = {"ms_saved": max(t.get("base_ms_profiled") or 0.0, 1e-9)}.get(key, 1.0)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, color in _COLORS.items():
+        pts = [(c[key] / scale, c["drop"]) for c in cands if c["method"] == method]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=method)
+    what = "share of the profiled time saved" if key == "ms_saved" else key.replace("_", " ")
+    ax.set_xlabel(what + " (one candidate alone)")
+    ax.set_ylabel("drop on calibration data")
+    _symlog(ax)
+    ax.set_title("candidates tried: fidelity against saving")
+    ax.legend()
+    out["candidates"] = png(fig)
+    attempts = t.get("attempts", [])
+    if attempts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [a["reached"].get(kind, a["reached"].get("macs")) for a in attempts]
+        ax.plot(xs, [a["drop"] for a in attempts], marker="o")
+        for i, (x, a) in enumerate(zip(xs, attempts)):  # labels fanned out: points overlap
+            offset = (4 + 10 * (i % 3), 4 + 8 * (i % 4))
+            ax.annotate(str(i + 1), (x, a["drop"]), xytext=offset, textcoords="offset points")
+        ax.axhline(t["max_drop"], color="#b00", ls="--", label="max drop")
+        ax.set_xlabel(f"{kind} reached")
+        ax.set_ylabel("drop on held-out data")
+        ax.set_title("attempts (back-off until the budget holds)")
         ax.legend()
-        out["candidates"] = png(fig)
-        attempts = t.get("attempts", [])
-        if attempts:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            xs = [a["reached"].get(kind, a["reached"].get("macs")) for a in attempts]
-            ax.plot(xs, [a["drop"] for a in attempts], marker="o")
-            for i, (x, a) in enumerate(zip(xs, attempts)):
-                ax.annotate(str(i + 1), (x, a["drop"]))
-            ax.axhline(t["max_drop"], color="#b00", ls="--", label="max drop")
-            ax.set_xlabel(f"{kind} reached")
-            ax.set_ylabel("drop on held-out data")
-            ax.set_title("attempts (back-off until the budget holds)")
-            ax.legend()
-            out["attempts"] = png(fig)
+        out["attempts"] = png(fig)
     return out
 
 
@@ -196,8 +213,7 @@ def render(report: Report, figs: dict[str, bytes], layer_rows) -> str:
         f = p.fidelity
         rows.append(
             [
-                p.name
-                + (f" ({','.join(f'{k}={v}' for k, v in p.options.items())})" if p.options else ""),
+                p.name + (f" ({format_options(p.options)})" if p.options else ""),
                 p.status,
                 len(p.changed),
                 len(p.skipped),

@@ -386,3 +386,21 @@ def test_saturating_weights_are_caught_on_avx2(tmp_path):
     assert any("|w_a + w_b| > 128" in w for w in fold[2])
     here = results["here"]["widen"]
     assert here[0] == ("rolled-back" if this_cpu().int8 == "saturating" else "applied"), here
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "prune:ratio=0.5,only=conv1+conv2,floor=0",
+        "lowrank:speedup=1.5,fused=false,only=a",
+        "tucker:speedup=2,skip=x+y",
+        "quantize",
+        "cluster:bits=4",
+    ],
+)
+def test_a_pass_spec_reads_back_to_an_equal_pass(spec):
+    from onnxshrink.passes import make_pass
+
+    p = make_pass(spec)
+    again = make_pass(p.spec())
+    assert type(again) is type(p) and again.options() == p.options()

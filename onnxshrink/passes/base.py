@@ -175,6 +175,12 @@ class ShrinkPass(ir.passes.InPlacePass):
                 )
         return out
 
+    def spec(self) -> str:
+        """``NAME:key=value,...`` with the options that differ from the defaults (lists joined
+        by ``+``); :func:`onnxshrink.passes.make_pass` reads it back to an equal pass."""
+        options = ",".join(f"{k}={_spec_value(v)}" for k, v in self.options().items())
+        return f"{self.name}:{options}" if options else self.name
+
     @classmethod
     def describe(cls) -> str:
         """The docstring's first paragraph, on one line (a first line alone may stop
@@ -208,6 +214,14 @@ class NullTask:
     def __call__(self, n: int = 1) -> None: ...
 
     def done(self) -> None: ...
+
+
+def _spec_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(_spec_value, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def option_fields(cls: type) -> list[dataclasses.Field]:

@@ -1,0 +1,229 @@
+"""Compress to a target: allocate the budget across measured candidates, apply, back off.
+
+1. Candidates are measured alone (:mod:`onnxshrink.target.candidates`).
+2. Allocation: :func:`onnxshrink.search.allocate` on each (method, layer)'s curve of drop
+   against saving (one method per layer), until the predicted saving meets the target.
+3. Apply and verify: the choices run as one validated pipeline (one pass per method and level,
+   structural first, ``distill`` after them, ``quantize`` last). When the drop (1 − top-1
+   agreement for classifiers, else 1 − cosine) on held-out data exceeds ``max_drop``, the
+   request is bisected between what held and what broke the budget (the greedy takes the least
+   damaging steps first, so less compression drops the most damaging layers); when the budget
+   holds but the target is not reached -- savings do not add up exactly -- more is asked for.
+   At most ten attempts; the best one that held the budget is the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx_ir as ir
+
+from onnxshrink import io
+from onnxshrink.search import Curve
+from onnxshrink.search import allocate as allocate_budget
+from onnxshrink.target.candidates import Candidate, Sensitivity, build_pass, candidates, node_times
+from onnxshrink.target.kinds import Budget, Target
+
+__all__ = ["Runner", "allocate", "plan", "search"]
+
+ATTEMPTS = 10
+
+
+class Runner(Protocol):
+    """What the search needs from its caller (:func:`onnxshrink.compress`)."""
+
+    progress: Any  # a Progress, or None
+
+    def apply(self, passes: list) -> tuple[ir.Model, Any]:
+        """The search's starting model after ``passes`` (validated), and their report."""
+
+    def latency(self, model: ir.Model) -> tuple[float, float]:
+        """(ms of the original model, ms of ``model``), optimized sessions side by side."""
+
+
+def allocate(
+    measured: list[Candidate],
+    target: Target,
+    need: float,
+    caps: dict[tuple[str, str], float] | None = None,
+) -> tuple[dict[str, Candidate], float]:
+    """(layer -> chosen candidate, ``"quantize"`` for int8 of the whole model; the predicted
+    saving). ``caps`` bounds the level of a (method, layer) after a back-off."""
+    caps = caps or {}
+    items: dict[tuple[str, str], list[Candidate]] = {}
+    for c in measured:
+        key = (c.method, c.layer)
+        if c.applied and target.saving(c) > 0 and c.level <= caps.get(key, math.inf):
+            items.setdefault(key, []).append(c)
+    curves = []
+    for (method, layer), levels in items.items():
+        levels.sort(key=lambda c: c.level)
+        savings, drops = [target.saving(c) for c in levels], [c.drop for c in levels]
+        curves.append(Curve((method, layer), savings, drops, group=layer or "quantize"))
+    chosen, saved = allocate_budget(curves, need, finish=True)
+    return {(layer or "quantize"): items[(m, layer)][i] for (m, layer), i in chosen.items()}, saved
+
+
+def plan(chosen: dict[str, Candidate]) -> list:
+    """The passes for the choices: one per (method, level), structural first, then ``distill``,
+    then ``quantize``."""
+    from onnxshrink.passes import DistillPass
+
+    groups: dict[tuple[str, float], list[str]] = {}
+    for c in chosen.values():
+        if c.method != "quantize":
+            groups.setdefault((c.method, c.level), []).append(c.layer)
+    order = ("prune", "tucker", "lowrank")
+    passes = [
+        build_pass(m, tuple(layers), level)
+        for (m, level), layers in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv))
+    ]
+    if passes:
+        passes.append(DistillPass())
+    if "quantize" in chosen:
+        passes.append(build_pass("quantize", (), 1.0))
+    return passes
+
+
+def _back_off(chosen: dict[str, Candidate], measured: list[Candidate], caps) -> None:
+    """Less compression on the most damaging choice from now on: capped at its previous level,
+    or excluded."""
+    worst = max(chosen.values(), key=lambda c: c.drop)
+    same = [c for c in measured if (c.method, c.layer) == (worst.method, worst.layer)]
+    lower = [c.level for c in same if c.applied and c.level < worst.level]
+    caps[(worst.method, worst.layer)] = max(lower) if lower else -math.inf
+
+
+def search(
+    model: ir.Model,
+    target: Target,
+    max_drop: float,
+    calibration,
+    workdir: Path,
+    runner: Runner,
+    *,
+    samples: int = 32,
+    original_totals: dict[str, float] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Finds and applies the compression of ``model`` (the result of the user's passes);
+    ``original_totals`` (``macs``, ``bytes``) are the original model's. Returns the result and
+    the search's record (with the final pipeline's report under ``"report"``)."""
+    from onnxshrink.passes.base import NullTask
+
+    base_path = workdir / "target_base.onnx"
+    io.write(model, base_path)
+    times, _ = node_times(base_path, calibration)
+    cache = Path(os.environ.get("ONNXSHRINK_CACHE", Path.home() / ".cache" / "onnxshrink"))
+    n = min(samples, calibration.n_samples)
+    shapes = calibration.input_shapes()
+    sens = Sensitivity(model, calibration, workdir, n, shapes, times, cache / "sensitivity")
+    todo = candidates(model, target)
+    progress = runner.progress
+    task = NullTask() if progress is None else progress.task("target: sensitivity", len(todo))
+    measured = []
+    for c in todo:
+        measured.append(sens.measure(c))
+        task(1)
+    task.done()
+    orig = original_totals or {"macs": sens.stats.macs, "bytes": sens.stats.bytes}
+    budget = Budget(
+        orig["macs"] or 1, orig["bytes"] or 1, sens.stats.macs, sens.stats.bytes or 0,
+        sum(times.values()),
+    )  # fmt: skip
+    if target.timed:
+        budget.orig_ms, budget.base_ms = runner.latency(model)
+    need = target.need(budget)
+    info: dict[str, Any] = {
+        "target": str(target),
+        "max_drop": max_drop,
+        "base_ms_profiled": round(budget.base_ms_profiled, 3),
+        "candidates": [dataclasses.asdict(c) for c in measured],
+        "attempts": [],
+    }
+    caps: dict[tuple[str, str], float] = {}
+    want, best, tried = need, None, set()
+    ok_want, fail_want = 0.0, math.inf  # the largest request that held, the smallest that broke
+    for _attempt in range(ATTEMPTS):
+        chosen, predicted = allocate(measured, target, want, caps)
+        for _ in range(20):  # tried already: ask for just more than it saves, so a step is added
+            if _key(chosen) not in tried or predicted * 1.001 >= fail_want:
+                break
+            want = predicted * 1.001
+            chosen, predicted = allocate(measured, target, want, caps)
+        if _key(chosen) in tried:
+            break  # nothing new to try
+        tried.add(_key(chosen))
+        passes = plan(chosen)
+        result, rep = runner.apply(passes)
+        drop = _drop(rep)
+        reached = _reached(target, rep, result, runner, budget)
+        info["attempts"].append(
+            {
+                "passes": [p.spec() for p in passes],
+                "drop": round(drop, 5),
+                "reached": reached,
+                "choices": {k: f"{c.method}@{c.level:g}" for k, c in chosen.items()},
+            }
+        )
+        if drop > max_drop:
+            # less compression: a smaller request drops the most damaging choices; a single
+            # all-or-nothing step (int8 of the whole model) that broke the budget is excluded
+            if len(chosen) == 1:
+                _back_off(chosen, measured, caps)
+            else:
+                fail_want = min(fail_want, want)
+                want = (ok_want + want) / 2
+            continue
+        if best is None or target.better(reached, best[2]):
+            best = (result, rep, reached, drop, dict(chosen))
+        if target.met(reached):
+            break
+        ok_want = max(ok_want, want)
+        # savings are not additive (a pruned group and a decomposed consumer share MACs):
+        # ask for more, by the measured shortfall, below what broke the budget
+        got = target.saved(budget, reached)
+        more = want * min(4.0, need / max(got, 1e-9 * need)) if got > 0 else want * 2
+        want = min(more, (want + fail_want) / 2) if fail_want < math.inf else more
+    if best is None:  # nothing within the budget: the model as it was
+        result, rep = runner.apply([])
+        best = (result, rep, _reached(target, rep, result, runner, budget), _drop(rep), {})
+    result, rep, reached, drop, chosen = best
+    info.update(
+        {
+            "met": target.met(reached),
+            "reached": reached,
+            "drop": round(drop, 5),
+            "choices": [dataclasses.asdict(c) for c in chosen.values()],
+            "report": rep,
+        }
+    )
+    return result, info
+
+
+def _key(chosen: dict[str, Candidate]) -> tuple:
+    return tuple(sorted((k, c.method, c.level) for k, c in chosen.items()))
+
+
+def _drop(rep) -> float:
+    """1 − top-1 agreement for classifier-like outputs (what a user's budget is about), else
+    1 − cosine. Few held-out samples measure agreement in coarse steps: one of 50 is 2%."""
+    f = rep.fidelity
+    if f is None:
+        return 1.0
+    return 1.0 - (f.top1_agreement if f.top1_agreement is not None else f.cosine)
+
+
+def _reached(target: Target, rep, model, runner: Runner, budget: Budget) -> dict[str, float]:
+    """MACs and bytes as shares of the original model's; latency against the original's."""
+    out = {
+        "macs": rep.after["macs"] / budget.orig_macs,
+        "size": (rep.after.get("bytes") or 0) / budget.orig_bytes,
+    }
+    if target.timed:
+        ms0, ms1 = runner.latency(model)
+        out.update({"speedup": ms0 / ms1, "latency-ms": ms1, "original-ms": ms0})
+    return {k: round(v, 4) for k, v in out.items()}
