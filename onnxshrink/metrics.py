@@ -208,7 +208,7 @@ def constant_blowups(model: ir.Model, limit: int = 1 << 22) -> list[tuple[str, i
     """(node, elements) for every Tile / Expand / ConstantOfShape / Range / Resize / Pad whose
     inputs are all constant and whose output would hold more than ``limit`` elements: what
     constant folding or data propagation would materialise (a 4 KB model can hold 10^8)."""
-    from onnxshrink.analysis.channels import const_array
+    from onnxshrink.irtools import const_array
 
     found = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -249,7 +249,7 @@ _AVX2_SCRIPT = """
 import dataclasses, json, sys
 import numpy as np, onnx, onnx_ir as ir
 import onnxshrink
-from onnxshrink.analysis.channels import const_array
+from onnxshrink.irtools import const_array
 from onnxshrink.passes.base import ShrinkPass
 
 @dataclasses.dataclass

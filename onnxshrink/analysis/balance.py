@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import set_const_input
+from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 
 __all__ = ["BalancePair", "apply_balance", "balance_pairs", "channel_max"]
 

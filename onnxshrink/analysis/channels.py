@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.irtools import const_array, weight_users_outside
+
 __all__ = [
     "Segment",
     "ChannelInfo",
@@ -49,8 +51,6 @@ __all__ = [
     "Group",
     "ChannelGraph",
     "analyze",
-    "const_array",
-    "weight_users_outside",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,35 +115,6 @@ class Group:
         return ", ".join(p.name or p.op_type for p in self.producers[:3]) + (
             f" (+{len(self.producers) - 3})" if len(self.producers) > 3 else ""
         )
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (following Identity chains), or None."""
-    while value is not None:
-        if value.const_value is not None:
-            return value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity":
-            return None
-        value = producer.inputs[0]
-    return None
-
-
-def weight_users_outside(value: ir.Value, node: ir.Node) -> list[ir.Node]:
-    """Nodes other than ``node`` reading the same constant (through Identity chains too)."""
-    while (p := value.producer()) is not None and p.op_type == "Identity":
-        value = p.inputs[0]
-    others, stack = [], [value]
-    while stack:
-        v = stack.pop()
-        for user in v.consumers():
-            if user is node:
-                continue
-            if user.op_type == "Identity":
-                stack.append(user.outputs[0])
-            else:
-                others.append(user)
-    return others
 
 
 def _static_shape(value: ir.Value | None) -> list[int] | None:

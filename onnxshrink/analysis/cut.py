@@ -15,51 +15,14 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import ChannelInfo, const_array
+from onnxshrink.analysis.channels import ChannelInfo
+from onnxshrink.irtools import const_array, set_const_input
 
-__all__ = ["cut_model", "insert_after_value", "unique_name", "set_const_input"]
+__all__ = ["cut_model"]
 
 logger = logging.getLogger(__name__)
 
 Cut = Callable[["_Ctx", ir.Node], None]
-
-
-def unique_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs}
-    taken |= {o.name for n in graph for o in n.outputs}
-    taken |= {n.name for n in graph if n.name}  # node names too: ONNX wants them unique
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def insert_after_value(
-    graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value
-) -> None:
-    """Puts ``nodes`` (which read ``value`` and compute ``out``) right after ``value``'s producer,
-    or first in the graph for an input or initializer, and moves every other reader of ``value``
-    to ``out``. Graph outputs are left to the caller."""
-    for node, i in [(n, i) for n, i in value.uses() if n not in nodes]:
-        node.replace_input_with(i, out)
-    producer = value.producer()
-    if producer is None:
-        graph.insert_before(next(iter(graph)), nodes)
-    else:
-        graph.insert_after(producer, nodes)
-
-
-def set_const_input(
-    graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str
-) -> ir.Value:
-    """Gives ``node`` a new initializer ``arr`` at input ``index`` (appending if needed)."""
-    base = node.name or node.op_type
-    value = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(arr))
-    graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
-    return value
 
 
 class _Ctx:

@@ -23,8 +23,9 @@ import logging
 
 import numpy as np
 
-from onnxshrink.analysis.channels import Group, Member, const_array
+from onnxshrink.analysis.channels import Group, Member
 from onnxshrink.calibrate import ChannelMoments
+from onnxshrink.irtools import const_array
 
 __all__ = ["CRITERIA", "group_scores", "weight_norms"]
 

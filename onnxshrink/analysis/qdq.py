@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.cut import unique_name
+from onnxshrink.irtools import const_array, unique_name
 
 __all__ = ["dq_of", "qdq_params", "shield_float_layer"]
 

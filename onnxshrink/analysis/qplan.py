@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
+from onnxshrink.irtools import const_array, weight_users_outside
 
 __all__ = [
     "COMPUTE_OPS",

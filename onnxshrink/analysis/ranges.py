@@ -335,8 +335,8 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
     ``Clip(t, lo, hi)`` instead (``t`` itself, what a probe reads, is unchanged)."""
     import onnx_ir as ir
 
-    from onnxshrink.analysis.cut import insert_after_value, unique_name
     from onnxshrink.calibrate import all_values
+    from onnxshrink.irtools import insert_after_value, unique_name
 
     clone = model.clone()
     graph = clone.graph

@@ -24,8 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.cut import set_const_input
+from onnxshrink.irtools import const_array, set_const_input
 
 __all__ = [
     "NormalEquations",

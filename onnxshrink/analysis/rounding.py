@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.refit import input_rows
+from onnxshrink.irtools import const_array
 
 __all__ = [
     "MAX_INPUTS",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array
+from onnxshrink.irtools import const_array
 
 __all__ = [
     "LIMIT",

@@ -159,6 +159,14 @@ class ShrinkPass(ir.passes.InPlacePass):
             task.done()
 
     # -- for the pipeline -------------------------------------------------------------------
+    def __call__(self, model: ir.Model) -> ir.passes.PassResult:
+        """Runs the pass with one name scope (:func:`onnxshrink.irtools.names`): each graph's
+        names are gathered once per pass, not once per new name."""
+        from onnxshrink.irtools import names
+
+        with names():
+            return super().__call__(model)
+
     def bind(self, context: PassContext) -> None:
         self.context = context
         self.changed, self.skipped, self.details = [], [], {}

@@ -34,8 +34,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.analysis.bias import apply_to_mean, input_moments, subtract_from_bias
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import set_const_input, unique_name
 from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import (
     chunks_needed,
@@ -46,6 +44,7 @@ from onnxshrink.analysis.rounding import (
     usable_grams,
 )
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array, set_const_input, unique_name, weight_users_outside
 from onnxshrink.passes.base import DISCARD, Log, ShrinkPass
 
 __all__ = ["ClusterWeightsPass", "kmeans_1d"]

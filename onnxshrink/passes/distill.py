@@ -31,9 +31,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.refit import refit_supported
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.prune_channels import KEPT
 

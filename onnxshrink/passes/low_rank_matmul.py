@@ -40,8 +40,6 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
 from onnxshrink.analysis.lowrank import (
     InputMoments,
     factorize,
@@ -51,6 +49,7 @@ from onnxshrink.analysis.lowrank import (
 )
 from onnxshrink.analysis.ranks import energy_rank, round_rank
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array, unique_name, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["DOMAIN", "LowRankMatMulPass"]
@@ -491,7 +490,7 @@ class LowRankMatMulPass(ShrinkPass):
     def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
         base = node.name or node.op_type
         for i, n in enumerate(nodes):
-            n.name = unique_name_node(graph, f"{base}.lowrank{i}")
+            n.name = unique_name(graph, f"{base}.lowrank{i}")
             n.metadata_props[_MARK] = "factor"
             if n is not nodes[-1]:
                 n.outputs[0].name = unique_name(graph, f"{base}.lowrank{i}.out")
@@ -503,11 +502,3 @@ class LowRankMatMulPass(ShrinkPass):
         out.name = None
         last.name = name  # the result keeps the layer's output name
         last.type, last.shape = out.type, out.shape
-
-
-def unique_name_node(graph: ir.Graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name

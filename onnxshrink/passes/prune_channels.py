@@ -35,11 +35,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxshrink.analysis import channels as ch
-from onnxshrink.analysis.channels import const_array
 from onnxshrink.analysis.cut import cut_model
 from onnxshrink.analysis.importance import group_scores
 from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["PruneChannelsPass", "keep_count"]

@@ -32,9 +32,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import set_const_input
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["PruneKernelPass", "progressions", "kernel_shape"]

@@ -31,9 +31,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array, take, unique_name, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["SparsifyPass", "nm_mask", "encoded_bytes"]
@@ -270,9 +269,8 @@ def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str) -> 
     count = iter(range(100))
 
     def op(kind, inputs, **attrs):
-        nd = ir.node(
-            kind, inputs, attributes=attrs or None, name=f"{base}.decode{next(count)}.{kind}"
-        )
+        name = take(graph, f"{base}.decode{next(count)}.{kind}")
+        nd = ir.node(kind, inputs, attributes=attrs or None, name=name)
         graph.insert_before(node, nd)  # in the graph at once: the next unique name sees it
         nd.outputs[0].name = unique_name(graph, f"{nd.name}.out")
         return nd.outputs[0]

@@ -43,10 +43,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
 from onnxshrink.analysis.ranks import energy_rank, evbmf_rank, round_rank
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import const_array, unique_name, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["TuckerConvPass", "tucker_macs", "speedup_ranks", "tucker2", "spatial_svd"]

@@ -75,7 +75,7 @@ class Candidate:
 # -- candidates ----------------------------------------------------------------------------------
 def candidates(model: ir.Model, target: Target) -> list[Candidate]:
     from onnxshrink.analysis import channels as ch
-    from onnxshrink.analysis.channels import const_array
+    from onnxshrink.irtools import const_array
 
     out: list[Candidate] = []
     cg = ch.analyze(model.clone())

@@ -840,8 +840,8 @@ def test_cpu_option_decides_the_pair_rule(cpu, digits_model, digits_calib, monke
 def test_pair_rule_costs_less_than_a_bit_of_weight_precision(digits_model):
     """The safe scale (max(max|w| / 127, largest pair sum / 128) per channel) against the full
     range and against 7-bit weights (onnxruntime's reduce_range) on the digits CNN's convs."""
-    from onnxshrink.analysis.channels import const_array
     from onnxshrink.analysis.saturation import make_safe, weight_pairs
+    from onnxshrink.irtools import const_array
 
     model = ir.from_proto(onnx.load(str(digits_model)))
     err = {"full": 0.0, "safe": 0.0, "7-bit": 0.0}

@@ -32,9 +32,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array, weight_users_outside
-from onnxshrink.analysis.cut import unique_name
 from onnxshrink.analysis.qdq import dq_of, qdq_params, shield_float_layer
+from onnxshrink.irtools import const_array, unique_name, weight_users_outside
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldQDQPass"]

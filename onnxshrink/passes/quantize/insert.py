@@ -14,12 +14,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.cut import insert_after_value, unique_name
 from onnxshrink.analysis.qdq import shield_float_layer
 from onnxshrink.analysis.qplan import WEIGHTED_OPS, QuantPlan, weight_axis
 from onnxshrink.analysis.ranges import qparams
 from onnxshrink.calibrate import all_values
+from onnxshrink.irtools import const_array, insert_after_value, unique_name
 from onnxshrink.passes.quantize.bias import correct_bias
 from onnxshrink.passes.quantize.state import Log, QuantState, Step
 from onnxshrink.passes.quantize.weights import int8_weights

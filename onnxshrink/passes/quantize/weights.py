@@ -16,11 +16,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
-from onnxshrink.analysis.channels import const_array
-from onnxshrink.analysis.cut import set_const_input
 from onnxshrink.analysis.qplan import WEIGHTED_OPS, quantize_weight, weight_axis, weight_scale
 from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
 from onnxshrink.analysis.saturation import make_safe, weight_pairs
+from onnxshrink.irtools import const_array, set_const_input
 from onnxshrink.passes.quantize.state import QuantState, Step
 
 __all__ = ["RoundWeights", "int8_weights"]

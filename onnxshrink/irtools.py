@@ -1,0 +1,139 @@
+"""Small edits of the IR that passes share: constants behind values, fresh names, new inputs.
+
+Names: ONNX wants value and node names unique in a graph. :func:`unique_name` returns ``base``
+or ``base_1``, ``base_2``, ... -- the first not taken. Outside a :func:`names` scope it scans the
+graph (O(nodes) per call); inside one (each pass runs in its own) the names of the graph are
+gathered once and every name handed out is added, so a pass naming n things costs O(nodes + n).
+A name set directly inside a scope (not through :func:`unique_name`) must be registered with
+:func:`take`, or a later call could hand it out again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "const_array",
+    "insert_after_value",
+    "names",
+    "set_const_input",
+    "take",
+    "unique_name",
+    "weight_users_outside",
+]
+
+# id(graph) -> (the graph, weakly: trial copies come and go; the names taken in it)
+_Names = dict[int, tuple[weakref.ref, set[str]]]
+_SCOPE: contextvars.ContextVar[_Names | None] = contextvars.ContextVar("names", default=None)
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (following Identity chains), or None."""
+    while value is not None:
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return None
+        value = producer.inputs[0]
+    return None
+
+
+def weight_users_outside(value: ir.Value, node: ir.Node) -> list[ir.Node]:
+    """Nodes other than ``node`` reading the same constant (through Identity chains too)."""
+    while (p := value.producer()) is not None and p.op_type == "Identity":
+        value = p.inputs[0]
+    others, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        for user in v.consumers():
+            if user is node:
+                continue
+            if user.op_type == "Identity":
+                stack.append(user.outputs[0])
+            else:
+                others.append(user)
+    return others
+
+
+def _taken(graph: ir.Graph) -> set[str]:
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    taken |= {o.name for n in graph for o in n.outputs}
+    taken |= {n.name for n in graph if n.name}  # node names too: ONNX wants them unique
+    return taken
+
+
+@contextlib.contextmanager
+def names() -> Iterator[None]:
+    """A scope in which :func:`unique_name` keeps each graph's taken names instead of
+    re-scanning; nested scopes share the outermost one's."""
+    if _SCOPE.get() is not None:
+        yield
+        return
+    token = _SCOPE.set({})
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def _scoped(graph: ir.Graph) -> set[str] | None:
+    scope = _SCOPE.get()
+    if scope is None:
+        return None
+    entry = scope.get(id(graph))
+    if entry is None or entry[0]() is not graph:  # new, or another graph at a freed one's id
+        entry = scope[id(graph)] = (weakref.ref(graph), _taken(graph))
+    return entry[1]
+
+
+def take(graph: ir.Graph, name: str) -> str:
+    """Registers ``name`` as taken in ``graph``'s scope (a name set directly); returns it."""
+    if (taken := _scoped(graph)) is not None:
+        taken.add(name)
+    return name
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_<i>`` with the smallest i ≥ 1 that no value or node of ``graph`` has."""
+    taken = _scoped(graph)
+    if taken is None:
+        taken = _taken(graph)
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return take(graph, name)
+
+
+def insert_after_value(
+    graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value
+) -> None:
+    """Puts ``nodes`` (which read ``value`` and compute ``out``) right after ``value``'s producer,
+    or first in the graph for an input or initializer, and moves every other reader of ``value``
+    to ``out``. Graph outputs are left to the caller."""
+    for node, i in [(n, i) for n, i in value.uses() if n not in nodes]:
+        node.replace_input_with(i, out)
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph)), nodes)
+    else:
+        graph.insert_after(producer, nodes)
+
+
+def set_const_input(
+    graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str
+) -> ir.Value:
+    """Gives ``node`` a new initializer ``arr`` at input ``index`` (appending if needed)."""
+    base = node.name or node.op_type
+    value = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(arr))
+    graph.register_initializer(value)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return value
