@@ -404,3 +404,26 @@ def test_a_pass_spec_reads_back_to_an_equal_pass(spec):
     p = make_pass(spec)
     again = make_pass(p.spec())
     assert type(again) is type(p) and again.options() == p.options()
+
+
+def test_shared_options_are_range_checked_in_every_pass_that_declares_them():
+    """floor, ridge, samples, rank, energy, speedup, target-macs, min-fidelity: one rule each,
+    enforced for every pass (a value outside the range is one OptionError naming the key)."""
+    import dataclasses
+
+    from onnxshrink.errors import OptionError
+    from onnxshrink.passes import REGISTRY, make_pass
+
+    bad = {"floor": "1.5", "ridge": "-1", "samples": "0", "rank": "0", "energy": "2"}
+    bad |= {"speedup": "1", "target-macs": "1", "min-fidelity": "0"}
+    checked = 0
+    for name, cls in REGISTRY.items():
+        for f in dataclasses.fields(cls):
+            key = f.name.rstrip("_").replace("_", "-")
+            if "rule" in f.metadata:
+                with pytest.raises(OptionError, match=f"pass '{name}': {key} must be"):
+                    make_pass(f"{name}:{key}={bad[key]}")
+                checked += 1
+    assert checked >= 25
+    assert make_pass("quantize:exclude=a+b").skip_ == ("a", "b")  # the old name still reads
+    assert make_pass("cluster:exclude=c").spec() == "cluster:skip=c"

@@ -70,8 +70,12 @@ class ShrinkPass(ir.passes.InPlacePass):
     # what a lossy pass's fidelity floor is measured against: "original" or "before" (the pass);
     # "improve": no floor, but the cosine with the original must not fall (distill)
     compare_to: ClassVar[str] = "original"
+    one_of: ClassVar[tuple[str, ...]] = ()  # options of which at most one may be set
 
     def __post_init__(self) -> None:
+        from onnxshrink.passes import options
+
+        options.check(self)
         self.context = PassContext()
         self.changed: list[str] = []
         self.skipped: list[Skip] = []
@@ -200,8 +204,10 @@ class ShrinkPass(ir.passes.InPlacePass):
         """Builds the pass from string options, converting each by its field's type."""
         fields = {f.name: f for f in option_fields(cls)}
         kwargs = {}
+        from onnxshrink.passes.options import ALIASES
+
         for key, raw in options.items():
-            fname = key.replace("-", "_")
+            fname = ALIASES.get(key, key).replace("-", "_")
             if fname not in fields and fname + "_" in fields:  # python keywords: global -> global_
                 fname += "_"
             if fname not in fields:

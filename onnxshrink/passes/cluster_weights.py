@@ -45,6 +45,7 @@ from onnxshrink.analysis.rounding import (
 )
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, set_const_input, unique_name, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import DISCARD, Log, ShrinkPass
 
 __all__ = ["ClusterWeightsPass", "kmeans_1d"]
@@ -124,10 +125,10 @@ class ClusterWeightsPass(ShrinkPass):
     per_channel: bool = True
     bias_correction: Literal["auto", "off", "on"] = "auto"
     rounding: Literal["auto", "nearest", "hessian"] = "auto"
-    samples: int = 128
-    exclude: tuple[str, ...] = ()
-    min_fidelity: float | None = None
-    floor: float | None = 0.99
+    samples: int = options.samples(128)
+    skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
+    min_fidelity: float | None = options.share()
+    floor: float | None = options.floor(0.99)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,7 +146,7 @@ class ClusterWeightsPass(ShrinkPass):
             NameFixPass()(model)  # assignments (and min-fidelity's trial copies) go by node name
         self._assigned = self._assign(model) if rounding == "hessian" else {}
         means = self._means(model)
-        exclude = set(self.exclude)
+        exclude = set(self.skip_)
         if self.min_fidelity is not None:
             exclude |= self._sensitive(model, means, exclude)
         modified, before, after = self._cluster(model, means, exclude, self)
@@ -168,7 +169,7 @@ class ClusterWeightsPass(ShrinkPass):
                     log.skip(
                         node,
                         "excluded"
-                        if node.name in self.exclude
+                        if node.name in self.skip_
                         else "kept by min-fidelity (most sensitive)",
                     )
                 continue
@@ -229,7 +230,7 @@ class ClusterWeightsPass(ShrinkPass):
                 n.op_type not in _TARGETS
                 or len(n.inputs) < 2
                 or n.inputs[1] is None
-                or n.name in self.exclude
+                or n.name in self.skip_
             ):
                 continue
             w = const_array(n.inputs[1])

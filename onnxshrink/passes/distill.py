@@ -34,6 +34,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.refit import refit_supported
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.prune_channels import KEPT
 
@@ -62,13 +63,8 @@ class DistillPass(ShrinkPass):
     compare_to: ClassVar[str] = "improve"  # validated: the cosine with the original must not fall
 
     blocks: tuple[str, ...] = ()
-    ridge: float = 1e-3
-    samples: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ridge < 0 or self.samples < 2:
-            raise OptionError("pass 'distill': ridge >= 0 and samples >= 2")
+    ridge: float = options.ridge(1e-3)
+    samples: int = options.samples(128, least=2)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         teacher, data = self.context.original, self.context.data

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["EqualizePass", "equalize_scales"]
@@ -96,7 +97,7 @@ class EqualizePass(ShrinkPass):
 
     relu6_to_relu: bool = False
     iterations: int = 4
-    floor: float | None = 0.99
+    floor: float | None = options.floor(0.99)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

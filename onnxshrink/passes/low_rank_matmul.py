@@ -50,6 +50,7 @@ from onnxshrink.analysis.lowrank import (
 from onnxshrink.analysis.ranks import energy_rank, round_rank
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["DOMAIN", "LowRankMatMulPass"]
@@ -141,49 +142,37 @@ class LowRankMatMulPass(ShrinkPass):
 
     name: ClassVar[str] = "lowrank"
     lossy: ClassVar[bool] = True
+    one_of: ClassVar[tuple[str, ...]] = ("rank", "energy", "speedup", "target_macs")
 
     method: Literal["auto", "svd", "activation"] = "auto"
-    rank: float | None = None
-    energy: float | None = None
-    speedup: float | None = None
-    target_macs: float | None = None
+    rank: float | None = options.share()
+    energy: float | None = options.share()
+    speedup: float | None = options.speedup()
+    target_macs: float | None = options.share(closed=False)
     spectrum: Literal["factorised", "weights"] = "factorised"
     round: int = 8
     fused: bool = True
     ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     min_size: int = 16
-    ridge: float = 1e-4
-    samples: int = 128
+    ridge: float = options.ridge(1e-4)
+    samples: int = options.samples(128)
     shrink_only: bool = True
-    skip_: tuple[str, ...] = ()
-    only: tuple[str, ...] = ()
-    floor: float | None = 0.9
+    skip_: tuple[str, ...] = options.layers()
+    only: tuple[str, ...] = options.layers()
+    floor: float | None = options.floor(0.9)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        chosen = [x is not None for x in (self.rank, self.energy, self.speedup, self.target_macs)]
-        if sum(chosen) > 1:
-            raise OptionError("pass 'lowrank': give one of rank, energy, speedup, target-macs")
-        if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise OptionError(
-                f"pass 'lowrank': target-macs must be in (0, 1), got {self.target_macs}"
-            )
-        if not any(chosen):
+        if all(getattr(self, k) is None for k in self.one_of):
             self.speedup = 2.0
-        if self.rank is not None and not 0 < self.rank <= 1:
-            raise OptionError(f"pass 'lowrank': rank must be in (0, 1], got {self.rank}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise OptionError(f"pass 'lowrank': energy must be in (0, 1], got {self.energy}")
-        if self.speedup is not None and self.speedup <= 1:
-            raise OptionError(f"pass 'lowrank': speedup must be > 1, got {self.speedup}")
         bad = set(self.ops) - {"MatMul", "Gemm", "Conv"}
         if bad:
             raise OptionError(
                 "pass 'lowrank': ops must be among MatMul, Gemm, Conv; got "
                 f"{', '.join(sorted(bad))}"
             )
-        if self.round < 0 or self.samples < 1 or self.ridge < 0:
-            raise OptionError("pass 'lowrank': round >= 0, samples >= 1, ridge >= 0")
+        if self.round < 0:
+            raise OptionError(f"pass 'lowrank': round must be >= 0, got {self.round}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         NameFixPass()(model)  # every node named: skip lists and the report refer to names

@@ -40,6 +40,7 @@ from onnxshrink.analysis.importance import group_scores
 from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["PruneChannelsPass", "keep_count"]
@@ -77,26 +78,20 @@ class PruneChannelsPass(ShrinkPass):
     global_: bool = False
     round: int = 8
     min_channels: int = 8
-    skip_: tuple[str, ...] = ()  # CLI name: skip
-    only: tuple[str, ...] = ()  # producer names: prune only their groups
+    skip_: tuple[str, ...] = options.layers()  # CLI name: skip
+    only: tuple[str, ...] = options.layers()  # producer names: prune only their groups
     refit: bool | None = None
-    ridge: float = 1e-3
-    samples: int = 128
-    target_macs: float | None = None
-    floor: float | None = 0.9
+    ridge: float = options.ridge(1e-3)
+    samples: int = options.samples(128)
+    target_macs: float | None = options.share(closed=False)
+    floor: float | None = options.floor(0.9)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.ratio < 1.0:
             raise OptionError(f"pass 'prune': ratio must be in [0, 1), got {self.ratio}")
-        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
-            raise OptionError(
-                f"pass 'prune': target-macs must be in (0, 1), got {self.target_macs}"
-            )
-        if self.round < 0 or self.min_channels < 1 or self.samples < 1 or self.ridge < 0:
-            raise OptionError(
-                "pass 'prune': round >= 0, min-channels >= 1, samples >= 1, ridge >= 0"
-            )
+        if self.round < 0 or self.min_channels < 1:
+            raise OptionError("pass 'prune': round >= 0, min-channels >= 1")
 
     # -- the pass ---------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["PruneKernelPass", "progressions", "kernel_shape"]
@@ -93,11 +94,11 @@ class PruneKernelPass(ShrinkPass):
 
     ratio: float = 0.25
     refit: bool | None = None
-    ridge: float = 1e-3
-    samples: int = 128
-    skip_: tuple[str, ...] = ()
-    only: tuple[str, ...] = ()
-    floor: float | None = 0.9
+    ridge: float = options.ridge(1e-3)
+    samples: int = options.samples(128)
+    skip_: tuple[str, ...] = options.layers()
+    only: tuple[str, ...] = options.layers()
+    floor: float | None = options.floor(0.9)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,6 +33,7 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, take, unique_name, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["SparsifyPass", "nm_mask", "encoded_bytes"]
@@ -85,9 +86,9 @@ class SparsifyPass(ShrinkPass):
     values: Literal["float", "int8"] = "float"
     storage: Literal["auto", "dense", "mask"] = "auto"
     min_size: int = 1024
-    samples: int = 64
-    skip_: tuple[str, ...] = ()
-    floor: float | None = 0.9
+    samples: int = options.samples(64)
+    skip_: tuple[str, ...] = options.layers()
+    floor: float | None = options.floor(0.9)
 
     def __post_init__(self) -> None:
         super().__post_init__()

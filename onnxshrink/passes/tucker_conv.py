@@ -44,8 +44,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.ranks import energy_rank, evbmf_rank, round_rank
-from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["TuckerConvPass", "tucker_macs", "speedup_ranks", "tucker2", "spatial_svd"]
@@ -128,40 +128,27 @@ class TuckerConvPass(ShrinkPass):
 
     name: ClassVar[str] = "tucker"
     lossy: ClassVar[bool] = True
+    one_of: ClassVar[tuple[str, ...]] = ("rank", "energy", "vbmf", "speedup")
 
     mode: Literal["tucker", "spatial"] = "tucker"
-    rank: float | None = None
-    energy: float | None = None
+    rank: float | None = options.share()
+    energy: float | None = options.share()
     vbmf: bool = False
-    speedup: float | None = None
+    speedup: float | None = options.speedup()
     round: int = 8
     min_channels: int = 16
     min_rank: float = 0.1
     refit: bool | None = None
-    ridge: float = 1e-3
-    samples: int = 128
-    skip_: tuple[str, ...] = ()
-    only: tuple[str, ...] = ()
-    floor: float | None = 0.9
+    ridge: float = options.ridge(1e-3)
+    samples: int = options.samples(128)
+    skip_: tuple[str, ...] = options.layers()
+    only: tuple[str, ...] = options.layers()
+    floor: float | None = options.floor(0.9)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        chosen = [
-            self.rank is not None,
-            self.energy is not None,
-            self.vbmf,
-            self.speedup is not None,
-        ]
-        if sum(chosen) > 1:
-            raise OptionError("pass 'tucker': give one of rank, energy, vbmf, speedup")
-        if not any(chosen):
+        if not any(getattr(self, k) not in (None, False) for k in self.one_of):
             self.speedup = 2.0
-        if self.rank is not None and not 0 < self.rank <= 1:
-            raise OptionError(f"pass 'tucker': rank must be in (0, 1], got {self.rank}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise OptionError(f"pass 'tucker': energy must be in (0, 1], got {self.energy}")
-        if self.speedup is not None and self.speedup <= 1:
-            raise OptionError(f"pass 'tucker': speedup must be > 1, got {self.speedup}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.qdq import dq_of, qdq_params, shield_float_layer
 from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
 __all__ = ["FoldQDQPass"]
@@ -166,7 +167,7 @@ class FoldQDQPass(ShrinkPass):
     name: ClassVar[str] = "fold-qdq"
     lossy: ClassVar[bool] = True
     compare_to: ClassVar[str] = "before"
-    floor: float | None = 0.9999
+    floor: float | None = options.floor(0.9999)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.errors import OptionError
+from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.quantize.bias import EmpiricalBias, InputErrors, SaturatedReference
 from onnxshrink.passes.quantize.calibrate import Balance, Calibrate
@@ -88,12 +89,12 @@ class InsertQDQPass(ShrinkPass):
     balance_alpha: float = 0.5
     stem: Literal["auto", "float", "int8"] = "auto"
     cpu: Literal["any", "vnni", "auto"] = "any"
-    exclude: tuple[str, ...] = ()
+    skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     exclude_types: tuple[str, ...] = ()
-    samples: int = 128
-    min_fidelity: float | None = None
+    samples: int = options.samples(128)
+    min_fidelity: float | None = options.share()
     max_float: int = 8
-    floor: float | None = 0.95
+    floor: float | None = options.floor(0.95)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,8 +102,6 @@ class InsertQDQPass(ShrinkPass):
             raise OptionError(
                 f"pass '{self.name}': percentile must be in (50, 100], got {self.percentile}"
             )
-        if self.samples < 1:
-            raise OptionError(f"pass '{self.name}': samples must be >= 1")
         if self.cascade_rounds < 0:
             raise OptionError(
                 f"pass '{self.name}': cascade-rounds must be >= 0, got {self.cascade_rounds}"
@@ -123,7 +122,7 @@ class InsertQDQPass(ShrinkPass):
         for bn in (n for n in model.graph if n.op_type == "BatchNormalization"):
             self.skip(bn, self._float_batchnorm(bn))
         with self.scratch() as workdir:
-            state = QuantState(model, self.context.data, workdir, set(self.exclude))
+            state = QuantState(model, self.context.data, workdir, set(self.skip_))
             for step in self.steps:
                 if state.done:
                     break
