@@ -1,7 +1,8 @@
 """How to cut one op: given the channels removed from its input and output tensors, rewrite it.
 
-A per-op table (``_CUT``); ops not listed need no change (element-wise activations, pooling,
-Concat, Flatten: their shapes follow from their inputs). Weights are never edited in place:
+Each op's cut is the ``cut`` of its record in :data:`onnxshrink.analysis.ops.OPS`; ops without
+one need no change (element-wise activations, pooling, Concat, Flatten: their shapes follow from
+their inputs). Weights are never edited in place:
 each cut writes a new initializer named after the node (``<node>.pruned.<what>``) and rewires
 only that node, so a tensor shared through Identity chains stays intact for its other users.
 After cutting, intermediate shape annotations are stale; :func:`cut_model` clears them.
@@ -53,7 +54,7 @@ class _Ctx:
         set_const_input(self.graph, node, index, np.ascontiguousarray(arr), what)
 
 
-def _conv(c: _Ctx, node: ir.Node) -> None:
+def conv(c: _Ctx, node: ir.Node) -> None:
     rin, rout = c.rem(node.inputs[0]), c.rem(node.outputs[0])
     group = node.attributes.get_int("group", 1)
     if group == 1:
@@ -64,13 +65,13 @@ def _conv(c: _Ctx, node: ir.Node) -> None:
     c.slice(node, 2, [(0, rout)], "pruned.bias")
 
 
-def _conv_transpose(c: _Ctx, node: ir.Node) -> None:
+def conv_transpose(c: _Ctx, node: ir.Node) -> None:
     rin, rout = c.rem(node.inputs[0]), c.rem(node.outputs[0])
     c.slice(node, 1, [(0, rin), (1, rout)], "pruned.weight")
     c.slice(node, 2, [(0, rout)], "pruned.bias")
 
 
-def _gemm(c: _Ctx, node: ir.Node) -> None:
+def gemm(c: _Ctx, node: ir.Node) -> None:
     rin, rout = c.rem(node.inputs[0]), c.rem(node.outputs[0])
     in_axis, out_axis = (1, 0) if node.attributes.get_int("transB", 0) else (0, 1)
     c.slice(node, 1, [(in_axis, rin), (out_axis, rout)], "pruned.weight")
@@ -80,17 +81,17 @@ def _gemm(c: _Ctx, node: ir.Node) -> None:
             c.slice(node, 2, [(bias.ndim - 1, rout)], "pruned.bias")
 
 
-def _matmul(c: _Ctx, node: ir.Node) -> None:
+def matmul(c: _Ctx, node: ir.Node) -> None:
     c.slice(node, 1, [(0, c.rem(node.inputs[0])), (1, c.rem(node.outputs[0]))], "pruned.weight")
 
 
-def _norm(c: _Ctx, node: ir.Node) -> None:
+def norm(c: _Ctx, node: ir.Node) -> None:
     r = c.rem(node.outputs[0])
     for i, what in enumerate(("scale", "bias", "mean", "var"), start=1):
         c.slice(node, i, [(0, r)], f"pruned.{what}")
 
 
-def _broadcast_consts(c: _Ctx, node: ir.Node) -> None:
+def broadcast_consts(c: _Ctx, node: ir.Node) -> None:
     """Per-channel constant operands of element-wise ops (and PRelu's slope) are sliced."""
     out = node.outputs[0]
     info, r = c.info.get(out), c.rem(out)
@@ -107,7 +108,7 @@ def _broadcast_consts(c: _Ctx, node: ir.Node) -> None:
             c.slice(node, i, [(axis, r)], f"pruned.input{i}")
 
 
-def _split(c: _Ctx, node: ir.Node) -> None:
+def split(c: _Ctx, node: ir.Node) -> None:
     if not any(len(c.rem(o)) for o in node.outputs):
         return
     sizes = []
@@ -121,7 +122,7 @@ def _split(c: _Ctx, node: ir.Node) -> None:
         set_const_input(c.graph, node, 1, np.asarray(sizes, np.int64), "pruned.split")
 
 
-def _reshape(c: _Ctx, node: ir.Node) -> None:
+def reshape(c: _Ctx, node: ir.Node) -> None:
     r = c.rem(node.outputs[0])
     if not len(r):
         return
@@ -131,7 +132,7 @@ def _reshape(c: _Ctx, node: ir.Node) -> None:
         set_const_input(c.graph, node, 1, shape, "pruned.shape")
 
 
-def _resize(c: _Ctx, node: ir.Node) -> None:
+def resize(c: _Ctx, node: ir.Node) -> None:
     r = c.rem(node.outputs[0])
     if len(r) and len(node.inputs) > 3 and node.inputs[3] is not None:
         info = c.info[node.outputs[0]]
@@ -140,41 +141,21 @@ def _resize(c: _Ctx, node: ir.Node) -> None:
         set_const_input(c.graph, node, 3, sizes, "pruned.sizes")
 
 
-_CUT: dict[str, Cut] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv_transpose,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    "BatchNormalization": _norm,
-    "InstanceNormalization": _norm,
-    "PRelu": _broadcast_consts,
-    "Add": _broadcast_consts,
-    "Sub": _broadcast_consts,
-    "Mul": _broadcast_consts,
-    "Div": _broadcast_consts,
-    "Max": _broadcast_consts,
-    "Min": _broadcast_consts,
-    "Sum": _broadcast_consts,
-    "Mean": _broadcast_consts,
-    "Split": _split,
-    "Reshape": _reshape,
-    "Resize": _resize,
-}
-
-
 def cut_model(
     model: ir.Model, removed: dict[ir.Value, np.ndarray], info: dict[ir.Value, ChannelInfo]
 ) -> int:
     """Applies the removal to every affected node; returns how many nodes were rewritten."""
+    from onnxshrink.analysis.ops import OPS
+
     graph = model.graph
     ctx = _Ctx(graph, removed, info)
     touched = 0
     for node in list(graph):
         if not any(v is not None and v in removed for v in (*node.inputs, *node.outputs)):
             continue
-        fn = _CUT.get(node.op_type)
-        if fn is not None:
-            fn(ctx, node)
+        rule = OPS.get(node.op_type)
+        if rule is not None and rule.cut is not None:
+            rule.cut(ctx, node)
             touched += 1
     for node in graph:  # shapes downstream of a cut are stale: let inference redo them
         for out in node.outputs:

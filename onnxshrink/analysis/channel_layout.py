@@ -1,0 +1,291 @@
+"""How layout ops move channel groups: pass through, couple, concatenate, split, flatten.
+
+Element-wise and pooling ops pass channels on unchanged; two tracked tensors meeting in an
+element-wise op couple (merge) their groups when their segments are whole and aligned, and a
+per-channel constant operand is sliced along; Concat offsets each input's segments, Split cuts
+them at its boundaries; Flatten/Reshape to [N, C·H·W] repeats each channel H·W times; spatial
+reductions, spatial Pad and Resize keep them. Anything else freezes what it touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import onnx_ir as ir
+
+from onnxshrink.analysis.channels import (
+    ChannelGraph,
+    ChannelInfo,
+    Segment,
+    dims,
+    freeze_inputs,
+    input_info,
+    name_of,
+    per_channel_const,
+)
+from onnxshrink.irtools import const_array, weight_users_outside
+
+__all__ = [
+    "UNARY",
+    "concat",
+    "elementwise",
+    "flatten",
+    "pad",
+    "passthrough",
+    "reduce_spatial",
+    "resize",
+    "split",
+]
+
+
+def passthrough(cg: ChannelGraph, node: ir.Node) -> None:
+    """y[c] depends only on x[c]: the output carries the input's channels."""
+    x = input_info(cg, node)
+    if x is not None:
+        for out in node.outputs[:1]:
+            cg.info[out] = x
+
+
+def _aligned(a: ChannelInfo, b: ChannelInfo) -> bool:
+    if a.size != b.size or a.rank - a.axis != b.rank - b.axis or len(a.segments) != len(b.segments):
+        return False
+    return all(
+        (s.start, s.length, s.offset, s.repeat) == (t.start, t.length, t.offset, t.repeat)
+        for s, t in zip(a.segments, b.segments)
+    )
+
+
+def elementwise(cg: ChannelGraph, node: ir.Node) -> None:
+    """Add / Sub / Mul / Div / Max / Min / Sum / Mean / Where-free binary and n-ary ops."""
+    tracked = [(i, cg.info[v]) for i, v in enumerate(node.inputs) if v is not None and v in cg.info]
+    if not tracked:
+        return
+    out_rank = max(tracked, key=lambda t: t[1].rank)[1].rank
+    ref = tracked[0][1]
+    for i, v in enumerate(node.inputs):
+        if v is None or v in cg.info:
+            continue
+        arr = const_array(v)
+        if arr is None:
+            freeze_inputs(
+                cg,
+                node,
+                f"{node.op_type} '{name_of(node)}' mixes pruned channels with an untracked tensor",
+            )
+            return
+        kind, _ = per_channel_const(
+            list(arr.shape), ChannelInfo(ref.axis + out_rank - ref.rank, out_rank, ref.size, [])
+        )
+        if kind == "bad" or (kind == "channel" and weight_users_outside(v, node)):
+            freeze_inputs(
+                cg, node, f"{node.op_type} '{name_of(node)}' constant operand cannot be sliced"
+            )
+            return
+    for _, info in tracked[1:]:
+        if not _aligned(ref, info):
+            freeze_inputs(
+                cg,
+                node,
+                f"{node.op_type} '{name_of(node)}' joins tensors whose channels do not line up",
+            )
+            return
+    for _, info in tracked[1:]:
+        for s, t in zip(ref.segments, info.segments):
+            gs, gt = cg.group(s.group), cg.group(t.group)
+            if (
+                s.start != 0
+                or t.start != 0
+                or s.length != gs.size
+                or t.length != gt.size
+                or gs.size != gt.size
+            ):
+                freeze_inputs(cg, node, f"{node.op_type} '{name_of(node)}' couples parts of groups")
+                return
+    for _, info in tracked[1:]:
+        for s, t in zip(ref.segments, info.segments):
+            cg.merge(s.group, t.group)
+    cg.info[node.outputs[0]] = ChannelInfo(
+        ref.axis + out_rank - ref.rank, out_rank, ref.size, list(ref.segments)
+    )
+
+
+def concat(cg: ChannelGraph, node: ir.Node) -> None:
+    infos = [cg.info.get(v) if v is not None else None for v in node.inputs]
+    if not any(infos):
+        return
+    first = next(i for i in infos if i is not None)
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + first.rank if axis < 0 else axis
+    if axis != first.axis:
+        freeze_inputs(cg, node, f"Concat '{name_of(node)}' on axis {axis}, not the channel axis")
+        return
+    segments, offset = [], 0
+    for v, info in zip(node.inputs, infos):
+        if info is None:
+            shape = dims(v)
+            if shape is None or shape[axis] is None:
+                freeze_inputs(
+                    cg,
+                    node,
+                    f"Concat '{name_of(node)}' input '{v.name}' has an unknown channel count",
+                )
+                return
+            offset += shape[axis]
+            continue
+        segments += [dataclasses.replace(s, offset=s.offset + offset) for s in info.segments]
+        offset += info.size
+    cg.info[node.outputs[0]] = ChannelInfo(axis, first.rank, offset, segments)
+
+
+def split(cg: ChannelGraph, node: ir.Node) -> None:
+    """Output k takes input channels [start_k, start_k + size_k): segments are cut there."""
+    x = input_info(cg, node)
+    if x is None:
+        return
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + x.rank if axis < 0 else axis
+    if axis != x.axis:
+        cg.freeze(x, f"Split '{name_of(node)}' on axis {axis}, not the channel axis")
+        return
+    sizes = [(dims(o) or [None] * x.rank)[axis] for o in node.outputs]
+    if any(s is None for s in sizes) or sum(sizes) != x.size:
+        cg.freeze(x, f"Split '{name_of(node)}' output sizes are unknown")
+        return
+    start = 0
+    for out, size in zip(node.outputs, sizes):
+        segs = []
+        for s in x.segments:
+            lo, hi = max(start, s.offset), min(start + size, s.offset + s.length * s.repeat)
+            if lo >= hi:
+                continue
+            if (lo - s.offset) % s.repeat or (hi - s.offset) % s.repeat:
+                cg.freeze(x, f"Split '{name_of(node)}' cuts through a flattened channel")
+                return
+            segs.append(
+                Segment(
+                    s.group,
+                    s.start + (lo - s.offset) // s.repeat,
+                    (hi - lo) // s.repeat,
+                    lo - start,
+                    s.repeat,
+                )
+            )
+        cg.info[out] = ChannelInfo(axis, x.rank, size, segs)
+        start += size
+
+
+def flatten(cg: ChannelGraph, node: ir.Node) -> None:
+    """[N, C, H, W] -> [N, C·H·W]: channel c becomes features [c·HW, (c+1)·HW)."""
+    x = input_info(cg, node)
+    if x is None:
+        return
+    shape, out_shape = dims(node.inputs[0]), dims(node.outputs[0])
+    inner = None if shape is None or any(d is None for d in shape[1:]) else math.prod(shape[1:])  # type: ignore[misc]
+    if node.op_type == "Flatten":
+        ok = node.attributes.get_int("axis", 1) == 1
+    else:
+        ok = out_shape is not None and len(out_shape) == 2 and out_shape[1] == inner
+    if not ok or inner is None or x.axis != 1:
+        cg.freeze(x, f"{node.op_type} '{name_of(node)}' does not flatten [N, C, ...] to [N, C·...]")
+        return
+    hw = inner // x.size
+    segs = [dataclasses.replace(s, offset=s.offset * hw, repeat=s.repeat * hw) for s in x.segments]
+    cg.info[node.outputs[0]] = ChannelInfo(1, 2, x.size * hw, segs)
+
+
+def _ints(node: ir.Node, attr: str, index: int) -> list[int] | None:
+    """An int list given as attribute (older opsets) or as constant input ``index`` (newer)."""
+    values = node.attributes.get_ints(attr, None)
+    if values is None and len(node.inputs) > index and node.inputs[index] is not None:
+        arr = const_array(node.inputs[index])
+        values = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    return None if values is None else list(values)
+
+
+def reduce_spatial(cg: ChannelGraph, node: ir.Node) -> None:
+    x = input_info(cg, node)
+    if x is None:
+        return
+    axes = _ints(node, "axes", 1)
+    keep = node.attributes.get_int("keepdims", 1)
+    if axes is None or not keep or any((a + x.rank) % x.rank == x.axis for a in axes):
+        cg.freeze(
+            x, f"{node.op_type} '{name_of(node)}' reduces over the channel axis or drops axes"
+        )
+        return
+    cg.info[node.outputs[0]] = x
+
+
+def pad(cg: ChannelGraph, node: ir.Node) -> None:
+    x = input_info(cg, node)
+    if x is None:
+        return
+    pads = _ints(node, "pads", 1)
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        pads = None  # explicit axes: not handled
+    if pads is None or pads[x.axis] != 0 or pads[x.axis + x.rank] != 0:
+        cg.freeze(x, f"Pad '{name_of(node)}' pads the channel axis or has unknown pads")
+        return
+    cg.info[node.outputs[0]] = x
+
+
+def resize(cg: ChannelGraph, node: ir.Node) -> None:
+    x = input_info(cg, node)
+    if x is None:
+        return
+    scales = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
+    sizes = (
+        const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    )
+    if node.op_type == "Upsample":
+        scales = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if scales is not None and scales.size and float(scales.reshape(-1)[x.axis]) == 1.0:
+        cg.info[node.outputs[0]] = x
+        return
+    if sizes is not None and sizes.size == x.rank and int(sizes[x.axis]) == x.size:
+        if weight_users_outside(node.inputs[3], node):
+            cg.freeze(x, f"Resize '{name_of(node)}' sizes tensor is shared")
+            return
+        cg.info[node.outputs[0]] = x
+        return
+    cg.freeze(x, f"{node.op_type} '{name_of(node)}' scales the channel axis or has unknown scales")
+
+
+UNARY = (
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Gelu",
+    "Mish",
+    "ThresholdedRelu",
+    "Identity",
+    "Dropout",
+    "Neg",
+    "Abs",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Erf",
+    "Sin",
+    "Cos",
+    "Cast",
+    "Not",
+    "IsNaN",
+)
