@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxshrink import io
+from onnxshrink import io, marks
 from onnxshrink.data import Dataset, ImageOptions, input_specs, load_data
 from onnxshrink.errors import OptionError
 from onnxshrink.passes import DEFAULT_PIPELINE, PassContext, ShrinkPass, make_pass
@@ -124,6 +124,7 @@ def compress(
                 "inputs says nothing about yours"
             )
         result = _search(result, original, parsed_target, max_drop, run, report)
+    marks.strip(result)  # notes between this run's passes, not part of the user's model
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
     unchanged = (

@@ -31,12 +31,12 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.analysis.refit import refit_supported
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
-from onnxshrink.passes.prune_channels import KEPT
 
 __all__ = ["DistillPass"]
 
@@ -90,6 +90,8 @@ class DistillPass(ShrinkPass):
                 if not r["applied"]:
                     self.skip(r["node"], "re-fit did not lower the held-out error: kept as it was")
             self.details["layers"] = results
+            # pruned layers matched to the original's channels they kept (prune's marks)
+            self.details["kept_channels"] = sorted(v.producer().name for v in self.removed)
             if changed:
                 self.details["calibration_cosine"] = {
                     "before": round(before, 6),
@@ -131,9 +133,8 @@ class DistillPass(ShrinkPass):
             if ss == ts:
                 out.append(n)
                 continue
-            kept = n.metadata_props.get(KEPT)
-            if kept and len(ss) > 1 and ss[:1] + ss[2:] == ts[:1] + ts[2:]:
-                idx = np.array([int(i) for i in kept.split(",")])
+            idx = marks.kept_channels(n)
+            if idx is not None and len(ss) > 1 and ss[:1] + ss[2:] == ts[:1] + ts[2:]:
                 if len(idx) == ss[1] and idx.max() < ts[1]:
                     self.removed[n.outputs[0]] = np.setdiff1d(np.arange(ts[1]), idx)
                     out.append(n)  # fitted to the original layer's kept channels

@@ -22,11 +22,7 @@ MACs; ``target-macs=<f>``: a whole-model MAC budget, ranks allocated greedily by
 lost per MAC saved. Ranks are rounded to a multiple of ``round`` (up for energy, down for
 speedup, nearest for rank).
 
-Emitted form (``fused=true``): one call of a model-local function, domain ``onnxshrink``:
-``LowRankMatMul(X, A, B) = MatMul(MatMul(X, A), B)``, ``LowRankGemm(X, A, B, C) =
-Gemm(Gemm(X, A), B, C)``, ``LowRankConv(X, A, B, bias) = Conv(Conv(X, A), B, bias)``; onnxruntime
-inlines them. A transposed Gemm input gets a Transpose before the call, a beta on a non-constant C
-a Mul; strided or padded 1×1 convs are emitted plain. ``fused=false`` emits the plain products.
+Emitted form: :mod:`onnxshrink.passes.lowrank_emit`.
 """
 
 from __future__ import annotations
@@ -40,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from onnxshrink import marks
 from onnxshrink.analysis.lowrank import (
     InputMoments,
     factorize,
@@ -49,45 +46,16 @@ from onnxshrink.analysis.lowrank import (
 )
 from onnxshrink.analysis.ranks import energy_rank, round_rank
 from onnxshrink.errors import OptionError
-from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array, weight_users_outside
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
+from onnxshrink.passes.lowrank_emit import DOMAIN, Target, rewrite
 
 __all__ = ["DOMAIN", "LowRankMatMulPass"]
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "onnxshrink"
-_MARK = "onnxshrink.lowrank"  # node metadata on emitted plain factors: never factorised again
 _ROWS_PER_BATCH = 8192
-
-
-@dataclasses.dataclass
-class _Target:
-    node: ir.Node
-    kind: str  # matmul | gemm | conv
-    W: np.ndarray  # effective (n_in, n_out), float64
-    bias_add: ir.Node | None = None  # MatMul's consumer Add of a constant bias
-
-    @property
-    def row_key(self) -> tuple:
-        n = self.node
-        if self.kind == "gemm":
-            return (n.inputs[0].name, "T" if n.attributes.get_int("transA", 0) else "")
-        if self.kind == "conv":
-            return (n.inputs[0].name, "conv", *n.attributes.get_ints("strides", [1, 1]))
-        return (n.inputs[0].name, "")
-
-    @property
-    def has_bias_slot(self) -> bool:
-        if self.kind == "conv":
-            return True
-        if self.kind == "gemm":
-            c = self.node.inputs[2] if len(self.node.inputs) > 2 else None
-            return c is None or (
-                const_array(c) is not None and not weight_users_outside(c, self.node)
-            )
-        return self.bias_add is not None
 
 
 def _rows(key: tuple, x: np.ndarray, n_in: int) -> np.ndarray:
@@ -110,30 +78,6 @@ def _bias_add(node: ir.Node, n_out: int) -> ir.Node | None:
     if b is None or b.size != n_out or b.shape[-1] != n_out or weight_users_outside(other, add):
         return None
     return add
-
-
-def _function(model: ir.Model, kind: str) -> tuple[str, str]:
-    """Defines (once) the model-local function for ``kind``; returns its (domain, name)."""
-    fname = {"matmul": "LowRankMatMul", "gemm": "LowRankGemm", "conv": "LowRankConv"}[kind]
-    if (DOMAIN, fname, "") not in model.functions:
-        op = {"matmul": "MatMul", "gemm": "Gemm", "conv": "Conv"}[kind]
-        names = ["X", "A", "B"] + {"matmul": [], "gemm": ["C"], "conv": ["bias"]}[kind]
-        inputs = [ir.Value(name=n) for n in names]
-        first = ir.node(op, inputs[:2], name="first")
-        first.outputs[0].name = "H"
-        second = ir.node(op, [first.outputs[0], *inputs[2:]], name="second")
-        second.outputs[0].name = "Y"
-        graph = ir.Graph(
-            inputs,
-            [second.outputs[0]],
-            nodes=[first, second],
-            opset_imports={"": model.opset_imports.get("", 17)},
-            name=fname,
-        )
-        func = ir.Function(DOMAIN, fname, graph=graph, attributes=[])
-        model.functions[func.identifier()] = func
-        model.opset_imports[DOMAIN] = 1
-    return DOMAIN, fname
 
 
 @dataclasses.dataclass
@@ -223,14 +167,14 @@ class LowRankMatMulPass(ShrinkPass):
         self.details["layers"] = layers
         return ir.passes.PassResult(model, modified=bool(layers))
 
-    def _apply(self, model, t: _Target, W: np.ndarray, r: int, svd, G, mu_s, mu_t) -> dict:
+    def _apply(self, model, t: Target, W: np.ndarray, r: int, svd, G, mu_s, mu_t) -> dict:
         """Factorises ``W`` at rank r and rewrites the layer."""
         f = factorize(W, r, svd, G, self.ridge)
         shift = (
             (mu_t @ t.W - mu_s @ (f.A @ f.B)) if (mu_s is not None and t.has_bias_slot) else None
         )
         kept = float(np.sum(f.s[:r] ** 2) / max(np.sum(f.s**2), 1e-30))
-        form = self._rewrite(model, t, f, shift)
+        form = rewrite(model, t, f, shift, self.fused)
         n_in, n_out = t.W.shape
         self.change(
             f"{t.node.name}: {n_in}×{n_out} -> rank {r} "
@@ -248,10 +192,10 @@ class LowRankMatMulPass(ShrinkPass):
         }
 
     # -- matching ---------------------------------------------------------------------------------
-    def _target(self, node: ir.Node) -> _Target | str:
+    def _target(self, node: ir.Node) -> Target | str:
         if node.name in self.skip_:
             return "listed in skip"
-        if _MARK in node.metadata_props:
+        if marks.is_factor(node):
             return "already a low-rank factor"
         w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if w is None:
@@ -286,16 +230,16 @@ class LowRankMatMulPass(ShrinkPass):
                 W = W * node.attributes.get_float("alpha", 1.0)
         if min(W.shape) < self.min_size:
             return f"smaller than min-size {self.min_size} ({W.shape[0]}×{W.shape[1]})"
-        return _Target(node, kind, W, _bias_add(node, W.shape[1]) if kind == "matmul" else None)
+        return Target(node, kind, W, _bias_add(node, W.shape[1]) if kind == "matmul" else None)
 
-    def _spectrum(self, t: _Target, svd) -> np.ndarray:
+    def _spectrum(self, t: Target, svd) -> np.ndarray:
         """The singular values ranks are read from: those factorised (whitened when
         activation-aware), or W's own (``spectrum=weights``: same ranks as plain SVD)."""
         if self.spectrum == "weights" and svd[3] is not None:
             return np.linalg.svd(t.W, compute_uv=False)
         return svd[1]
 
-    def _rank(self, t: _Target, s: np.ndarray) -> int:
+    def _rank(self, t: Target, s: np.ndarray) -> int:
         n_in, n_out = t.W.shape
         full = min(n_in, n_out)
         if self.speedup is not None:
@@ -355,7 +299,7 @@ class LowRankMatMulPass(ShrinkPass):
             )
         return chosen
 
-    def _moments(self, model: ir.Model, targets: list[_Target], data) -> dict[tuple, InputMoments]:
+    def _moments(self, model: ir.Model, targets: list[Target], data) -> dict[tuple, InputMoments]:
         from onnxshrink.calibrate import Probe
 
         keys = {t.row_key: t.W.shape[0] for t in targets}
@@ -379,115 +323,3 @@ class LowRankMatMulPass(ShrinkPass):
         return moments
 
     # -- rewrite ----------------------------------------------------------------------------------
-    def _rewrite(self, model: ir.Model, t: _Target, f, shift: np.ndarray | None) -> str:
-        graph, node = model.graph, t.node
-        base = node.name or node.op_type
-        dtype = const_array(node.inputs[1]).dtype
-
-        def const(arr, what):
-            v = ir.val(
-                unique_name(graph, f"{base}.lowrank.{what}"),
-                const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)),
-            )
-            graph.register_initializer(v)
-            return v
-
-        x, before, fused = node.inputs[0], [], self.fused
-        if t.kind == "conv":
-            A, B = const(f.A.T[:, :, None, None], "A"), const(f.B.T[:, :, None, None], "B")
-            b = (
-                const_array(node.inputs[2])
-                if len(node.inputs) > 2 and node.inputs[2] is not None
-                else 0.0
-            )
-            bias = const(
-                np.broadcast_to(
-                    np.asarray(b, np.float64) + (shift if shift is not None else 0.0),
-                    (t.W.shape[1],),
-                ),
-                "bias",
-            )
-            geometry = {
-                a.name: a
-                for a in node.attributes.values()
-                if a.name in ("strides", "pads", "dilations")
-            }
-            plain_geometry = all(
-                v == 1 for v in node.attributes.get_ints("strides", [1, 1])
-            ) and not any(node.attributes.get_ints("pads", [0, 0, 0, 0]))
-            fused = fused and plain_geometry
-            if fused:
-                call = [ir.node(_function(model, "conv")[1], [x, A, B, bias], domain=DOMAIN)]
-            else:
-                first = ir.node("Conv", [x, A], attributes=geometry)
-                call = [first, ir.node("Conv", [first.outputs[0], B, bias])]
-        elif t.kind == "gemm":
-            A, B = const(f.A, "A"), const(f.B, "B")
-            c, beta = (
-                (node.inputs[2] if len(node.inputs) > 2 else None),
-                node.attributes.get_float("beta", 1.0),
-            )
-            c_arr = const_array(c) if c is not None else None
-            if c is not None and c_arr is None:  # a runtime C: kept, its beta applied
-                if beta != 1.0:
-                    scale = ir.node("Mul", [c, const(np.array(beta), "beta")])
-                    before.append(scale)
-                    c = scale.outputs[0]
-            elif c_arr is not None or shift is not None:
-                c = const(
-                    (beta * np.asarray(c_arr if c_arr is not None else 0.0, np.float64))
-                    + (shift if shift is not None else 0.0),
-                    "C",
-                )
-            if node.attributes.get_int("transA", 0):
-                tr = ir.node("Transpose", [x], attributes={"perm": [1, 0]})
-                before.append(tr)
-                x = tr.outputs[0]
-            op = "gemm" if c is not None else "matmul"
-            if fused:
-                call = [
-                    ir.node(
-                        _function(model, op)[1],
-                        [x, A, B, *([c] if c is not None else [])],
-                        domain=DOMAIN,
-                    )
-                ]
-            else:
-                first = ir.node("Gemm", [x, A])
-                call = [
-                    first,
-                    ir.node("Gemm", [first.outputs[0], B, *([c] if c is not None else [])]),
-                ]
-        else:
-            A, B = const(f.A, "A"), const(f.B, "B")
-            if fused:
-                call = [ir.node(_function(model, "matmul")[1], [x, A, B], domain=DOMAIN)]
-            else:
-                first = ir.node("MatMul", [x, A])
-                call = [first, ir.node("MatMul", [first.outputs[0], B])]
-            if shift is not None:
-                add = t.bias_add
-                i = 1 if add.inputs[0] is node.outputs[0] else 0
-                b = const_array(add.inputs[i])
-                add.replace_input_with(
-                    i, const((np.asarray(b, np.float64) + shift.reshape(b.shape)), "bias")
-                )
-        self._replace(graph, node, before + call)
-        return "fused" if fused else "plain"
-
-    @staticmethod
-    def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
-        base = node.name or node.op_type
-        for i, n in enumerate(nodes):
-            n.name = unique_name(graph, f"{base}.lowrank{i}")
-            n.metadata_props[_MARK] = "factor"
-            if n is not nodes[-1]:
-                n.outputs[0].name = unique_name(graph, f"{base}.lowrank{i}.out")
-        out, last = node.outputs[0], nodes[-1].outputs[0]
-        graph.insert_before(node, nodes)
-        out.replace_all_uses_with(last, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        name = out.name
-        out.name = None
-        last.name = name  # the result keeps the layer's output name
-        last.type, last.shape = out.type, out.shape

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxshrink import marks
 from onnxshrink.analysis import channels as ch
 from onnxshrink.analysis.cut import cut_model
 from onnxshrink.analysis.importance import group_scores
@@ -239,9 +240,6 @@ class PruneChannelsPass(ShrinkPass):
         self.details["groups"] = rows
 
 
-KEPT = "onnxshrink.kept_channels"  # node metadata: the original output channels a layer still has
-
-
 def _mark_kept(removed: dict[ir.Value, np.ndarray]) -> None:
     """Records on each pruned weight layer which of its original output channels it kept (as
     indices into the original model's, composed over repeated pruning), so ``distill`` can
@@ -264,10 +262,7 @@ def _mark_kept(removed: dict[ir.Value, np.ndarray]) -> None:
             or (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0))
             else w.shape[0]
         )
-        kept = np.setdiff1d(np.arange(now + len(rem)), rem)
-        if prior := node.metadata_props.get(KEPT):
-            kept = np.array([int(i) for i in prior.split(",")])[kept]
-        node.metadata_props[KEPT] = ",".join(map(str, kept.tolist()))
+        marks.keep_channels(node, np.setdiff1d(np.arange(now + len(rem)), rem))
 
 
 def _macs_per_channel(g: ch.Group, macs: dict[int, int]) -> float:
