@@ -358,7 +358,7 @@ g (float[N, 8, 4, 4] x, float[8, 8, 1, 1] W) => (float[N, 8, 4, 4] z) {
 def test_exclude_keeps_float():
     model = _net(4)
     model.graph.node[0].name = "first"
-    out, _ = _run(QuantizePass(exclude=("first",), exclude_types=("Gemm",)), model, _data(model))
+    out, _ = _run(QuantizePass(skip_=("first",), exclude_types=("Gemm",)), model, _data(model))
     producers = {o: n for n in out.graph.node for o in n.output}
     first = next(n for n in out.graph.node if n.name == "first")
     assert producers.get(first.input[1]) is None  # float initializer weight
@@ -372,7 +372,7 @@ def test_excluded_layers_stay_float_in_an_onnxruntime_session():
     model = _net(4)
     model.graph.node[2].name = "second"  # k = Conv(r): r is quantized (it also feeds the Add)
     data = _data(model)
-    p = QuantizePass(exclude=("second",), exclude_types=("Gemm",))
+    p = QuantizePass(skip_=("second",), exclude_types=("Gemm",))
     out, _ = _run(p, model, data)
     init = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
     producers = {o: n for n in out.graph.node for o in n.output}
