@@ -13,11 +13,12 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxshrink import io, marks
+from onnxshrink import atomic, io, marks
 from onnxshrink.data import Dataset, ImageOptions, input_specs, load_data
 from onnxshrink.errors import OptionError
+from onnxshrink.instruments import Progress, ReportCollector, Timing, Validate
 from onnxshrink.passes import DEFAULT_PIPELINE, PassContext, ShrinkPass, make_pass
-from onnxshrink.pipeline import Pipeline, Progress, ReportCollector, Timing, Validate
+from onnxshrink.pipeline import Pipeline
 from onnxshrink.report import Report
 
 __all__ = ["compress"]
@@ -90,7 +91,9 @@ def compress(
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
     reports = [Path(r) for r in (report_json, report_html) if r is not None]
-    io.check_outputs(Path(output) if output is not None else None, reports, loaded.protected_paths)
+    atomic.check_outputs(
+        Path(output) if output is not None else None, reports, loaded.protected_paths
+    )
     dataset = load_data(data, input_specs(loaded.model), images=images)
     if holdout > 0 and not dataset.is_random and dataset.n_samples >= 8:
         calibration, validation = dataset.split(holdout)
@@ -135,11 +138,11 @@ def compress(
         and all(p.status != "applied" for p in report.passes)
     )
     if output is not None and unchanged:  # what the user gave, byte for byte (not re-serialized)
-        io.copy_file(loaded.path, Path(output), protect=loaded.protected_paths)
+        atomic.copy_file(loaded.path, Path(output), protect=loaded.protected_paths)
         report.output = str(output)
         report.notes.append("no pass changed the model: the output is a copy of the input")
     elif output is not None:
-        io.save(result, output, protect=loaded.protected_paths)
+        atomic.save(result, output, protect=loaded.protected_paths)
         report.output = str(output)
         report.after["bytes"] = io.file_bytes(output)
     if report_json is not None:

@@ -1,4 +1,4 @@
-"""Loading and saving models: the only place (with validation) where protobuf meets the IR.
+"""Loading and writing models: the only place (with validation) where protobuf meets the IR.
 
 * :func:`load` takes a path, an ``onnx.ModelProto`` or an ``ir.Model`` and returns a private
   ``ir.Model`` (the caller's object is never touched). A file is checked on the way in: empty,
@@ -6,20 +6,15 @@
   External data is not read: tensors stay memory-mapped until a pass needs them.
 * Weights held in ``Constant`` nodes (Paddle and some TF exports store every weight that way)
   become initializers, so passes that look for constant weights find them.
-* :func:`save` writes atomically: everything goes to a temporary folder next to the target and is
-  moved into place with ``os.replace`` only when complete (external data first, then the model),
-  so a failure never leaves a half-written model. It refuses to overwrite the input model.
+* :func:`write` writes a model to a path, choosing external data by size; atomic writes of
+  what a user gets are :mod:`onnxshrink.atomic`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
-import secrets
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,22 +22,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxshrink.errors import ModelError, OutputError, first_line
+from onnxshrink.errors import ModelError, first_line
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "LoadedModel",
     "load",
-    "save",
     "lift_constants",
     "external_files",
     "tensor_bytes",
     "file_bytes",
     "write",
-    "atomic_text",
-    "copy_file",
-    "check_output_path",
-    "check_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -292,168 +282,3 @@ def write(
         for value, tensor in swapped:
             value.const_value = tensor
     return path.stat().st_size
-
-
-def check_outputs(
-    model_out: Path | None, reports: Iterable[Path], protected: Iterable[Path]
-) -> None:
-    """Every file a command will write -- the model (and its ``.data``), the reports -- checked
-    against the input model, its external data and each other, before anything is written."""
-    taken = {p.resolve() for p in protected}
-    if model_out is not None:
-        check_output_path(model_out, protected)
-        taken |= {model_out.resolve(), (model_out.parent / f"{model_out.name}.data").resolve()}
-    for report in reports:
-        check_output_path(report, (), what="report")
-        if report.resolve() in taken:
-            raise OutputError(
-                f"{report}: the report would overwrite the input model, its external "
-                "data, the output model or another report; choose another path"
-            )
-        taken.add(report.resolve())
-
-
-def check_output_path(path: Path, protected: Iterable[Path], *, what: str = "output model") -> None:
-    folder = path.parent
-    if not folder.exists():
-        raise OutputError(f"{path}: output folder '{folder}' does not exist")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: '{folder}' is not a folder")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name for the {what}")
-    data = folder / f"{path.name}.data"
-    if what == "output model" and data.is_dir():
-        raise OutputError(f"{path}: '{data}' is a folder; the model's external data would go there")
-    try:  # a real probe: os.access says yes to root even where nothing can be created
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{path}: output folder '{folder}' is not writable ({e.strerror})") from e
-    resolved = {path.resolve(), (folder / f"{path.name}.data").resolve()}
-    for p in protected:
-        if p.resolve() in resolved:
-            raise OutputError(
-                f"{path}: would overwrite the input model or its external data; "
-                "choose another output path"
-            )
-
-
-def save(
-    model: ir.Model,
-    path: str | os.PathLike,
-    *,
-    protect: Iterable[Path] = (),
-    external_data: bool | None = None,
-) -> int:
-    """Atomically writes ``model`` to ``path``; never overwrites a ``protect``-ed file.
-
-    External data goes to ``<name>.<run>.data``, a name no earlier run used, moved into place
-    before the model that names it; the model then replaces the old one in one rename, and the
-    data files of earlier runs go after it. A reader sees the old pair or the new one, never the
-    old model with new weights (two renames of fixed names allowed that, if killed between).
-    Returns the bytes on disk (model file plus external data).
-    """
-    path = Path(path)
-    check_output_path(path, protect)
-    _clean_leftovers(path)
-    try:  # the process id in the name: a later run knows a leftover of a killed one
-        tmp = Path(
-            tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        )
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write to '{path.parent}': {e.strerror}") from e
-    try:
-        data = tmp / f"{path.name}.{secrets.token_hex(4)}.data"
-        try:
-            size = write(model, tmp / path.name, external_data=external_data, data_name=data.name)
-        except OSError as e:
-            raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
-        try:
-            if data.exists():
-                os.replace(data, path.parent / data.name)
-            os.replace(tmp / path.name, path)
-        except OSError as e:
-            raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _remove_old_data(path, keep=data.name, protect=protect)
-    return size
-
-
-def _remove_old_data(path: Path, keep: str, protect: Iterable[Path]) -> None:
-    """The data files of earlier runs beside ``path`` (``<name>.data``, ``<name>.<run>.data``),
-    now that the model names ``keep``; never a protected file."""
-    protected = {p.resolve() for p in protect}
-    for old in path.parent.glob(f"{glob.escape(path.name)}.*data"):
-        rest = old.name[len(path.name) + 1 :]
-        ours = rest == "data" or (rest.endswith(".data") and len(rest) == 13 and rest[:8].isalnum())
-        if ours and old.name != keep and old.resolve() not in protected and old.is_file():
-            old.unlink(missing_ok=True)
-
-
-def _clean_leftovers(path: Path) -> None:
-    """Removes ``.OUT.<pid>.*.tmp`` folders and files beside ``path`` that a run killed while
-    writing left behind (its process is gone)."""
-    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = old.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def copy_file(src: Path, path: Path, *, protect: Iterable[Path] = ()) -> None:
-    """Atomically copies the model file ``src`` to ``path`` (checked as :func:`save` does)."""
-    check_output_path(path, protect)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.copy.tmp"
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the model: {e.strerror or e}") from e
-
-
-def atomic_text(path: Path, text: str) -> None:
-    """Writes a text file (a report) atomically, with the permissions the umask gives."""
-    check_output_path(path, (), what="report")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from e
-    try:
-        try:
-            f = os.fdopen(fd, "w", encoding="utf-8")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

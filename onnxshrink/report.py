@@ -124,7 +124,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
 
     def write_json(self, path: str | Path) -> None:
-        from onnxshrink.io import atomic_text
+        from onnxshrink.atomic import atomic_text
 
         atomic_text(Path(path), self.to_json() + "\n")
 

@@ -288,7 +288,7 @@ def write_report(
     shapes=None,
     png_dir: Path | None = None,
 ) -> dict[str, bytes]:
-    from onnxshrink.io import atomic_text
+    from onnxshrink.atomic import atomic_text
 
     figs = figures(report, before, after, shapes)
     rows = [] if figs else _layer_rows(before, after, shapes)

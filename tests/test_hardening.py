@@ -252,7 +252,7 @@ def test_compare_runs_must_be_positive(tmp_path):
 def test_a_report_that_cannot_be_written_is_one_line(user_model, tmp_path, monkeypatch, capsys):
     import errno
 
-    from onnxshrink import io as shrink_io
+    from onnxshrink import atomic as shrink_io
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -504,10 +504,10 @@ def _endless_loop(path: Path) -> Path:
 def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, capsys):
     import time
 
-    from onnxshrink import pipeline
+    from onnxshrink import instruments
 
     path = _endless_loop(tmp_path / "loop.onnx")
-    monkeypatch.setattr(pipeline, "ORIGINAL_BOUND", 2.0)  # 600 s by default
+    monkeypatch.setattr(instruments, "ORIGINAL_BOUND", 2.0)  # 600 s by default
     t0 = time.perf_counter()
     code = cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -613,7 +613,7 @@ def test_a_crash_inside_onnxsim_rolls_the_pass_back(user_model, tmp_path, monkey
 def test_a_model_and_its_data_are_replaced_as_a_pair(external_model, tmp_path, monkeypatch, capsys):
     """A run killed between moving the new data in and the new model: the old model still reads
     its own data (it used to read the new weights); the next run removes the orphan."""
-    from onnxshrink import io as shrink_io
+    from onnxshrink import atomic as shrink_io
     from tests.helpers import ort_run
 
     out = tmp_path / "out.onnx"

@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxshrink import io
+from onnxshrink import atomic, io
 from onnxshrink.errors import ModelError, OutputError
 from tests.helpers import make_model, ort_run, rand
 
@@ -87,7 +87,7 @@ def test_external_data_round_trip(tmp_path):
     assert (tmp_path / "model.data").resolve() in loaded.protected_paths
     out = tmp_path / "out" / "copy.onnx"
     out.parent.mkdir()
-    io.save(loaded.model, out, protect=loaded.protected_paths)
+    atomic.save(loaded.model, out, protect=loaded.protected_paths)
     assert len(list(out.parent.glob("copy.onnx.*.data"))) == 1  # kept external, next to the model
     ids = np.array([[0, 7]], np.int64)
     np.testing.assert_array_equal(
@@ -95,7 +95,7 @@ def test_external_data_round_trip(tmp_path):
     )
     # refuses to overwrite the input's external data
     with pytest.raises(OutputError, match="overwrite"):
-        io.save(loaded.model, tmp_path / "model.onnx", protect=loaded.protected_paths)
+        atomic.save(loaded.model, tmp_path / "model.onnx", protect=loaded.protected_paths)
 
 
 def test_missing_external_data(tmp_path):
@@ -115,6 +115,6 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch, digits_mod
 
     monkeypatch.setattr(ir, "save", fail)
     with pytest.raises(OutputError, match="No space left"):
-        io.save(model, target)
+        atomic.save(model, target)
     assert target.read_bytes() == b"previous content"  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp files left

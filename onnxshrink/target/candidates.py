@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink import io, metrics, runtime
+from onnxshrink import atomic, io, metrics, runtime
 from onnxshrink.target.kinds import Target
 
 __all__ = ["Candidate", "Sensitivity", "build_pass", "candidates", "node_times"]
@@ -253,5 +253,5 @@ class Sensitivity:
         path = self._path(c)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            io.atomic_text(path, json.dumps(dataclasses.asdict(c)))
+            atomic.atomic_text(path, json.dumps(dataclasses.asdict(c)))
         return c

@@ -1,0 +1,347 @@
+"""The pipeline's instruments: timing, progress, validation with rollback, the report.
+
+:class:`Validate` runs every changed model with onnxruntime against the model before the pass
+and the original: a pass is rolled back when the model is invalid (checker, strict shape
+inference, onnxruntime), slower than its bound, changes output names or shapes, leaves a lossless
+pass's outputs different, takes a lossy pass's cosine below its floor, or lets the optimized
+session's integer kernels disagree with the reference. :class:`ReportCollector` fills the
+:class:`~onnxshrink.report.Report`; :class:`Timing` and :class:`Progress` measure and show.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxshrink import io, metrics, runtime
+from onnxshrink.data import Dataset
+from onnxshrink.errors import ModelError, first_line, one_line
+from onnxshrink.passes.base import NullTask, ShrinkPass
+from onnxshrink.pipeline import (
+    DEFAULT_FLOOR,
+    Instrument,
+    PassRun,
+    custom_ops,
+)
+from onnxshrink.report import Fidelity, Report
+from onnxshrink.validate import (
+    Invalid,
+    Signature,
+    check_file,
+    compare,
+    exact_ok,
+    kernel_verdict,
+    kernels_agree,
+    strict_inference_ok,
+    uses_integer_kernels,
+)
+
+__all__ = ["Progress", "ReportCollector", "Timing", "Validate"]
+
+# seconds one validation batch of the input model may take (a Loop of 10^12 steps never ends);
+# a pass's model gets SLOWER_BOUND times the input's slowest batch, and at least MIN_BOUND s
+ORIGINAL_BOUND, SLOWER_BOUND, MIN_BOUND = 600.0, 20.0, 30.0
+
+logger = logging.getLogger(__name__)
+
+
+class Timing(Instrument):
+    """Seconds spent in each pass (validation excluded)."""
+
+    def before_pass(self, run: PassRun) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_pass(self, run: PassRun) -> None:
+        run.record.seconds = time.perf_counter() - self._t0
+
+
+class Progress(Instrument):
+    """A progress bar over the passes, and sub-tasks for long work, on a terminal only."""
+
+    def __init__(self, console=None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = console
+        self._progress = None
+
+    def enter(self, model: ir.Model) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
+
+        self._progress = RichProgress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._main = None
+
+    def task(self, description: str, total: int | None):
+        """Starts a sub-task; returns ``advance(n)`` (and ``done()`` via ``advance.done``)."""
+        if self._progress is None:
+            return NullTask()
+        tid = self._progress.add_task(description, total=total)
+        return _Task(self._progress, tid)
+
+    def before_pass(self, run: PassRun) -> None:
+        if self._progress is None:
+            return
+        if self._main is None:
+            self._main = self._progress.add_task("passes", total=run.total)
+        self._progress.update(
+            self._main, description=f"pass {run.index + 1}/{run.total}: {run.pass_.name}"
+        )
+
+    def after_pass(self, run: PassRun) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._main)
+
+    def exit(self, model: ir.Model) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class _Task:
+    def __init__(self, progress, tid) -> None:
+        self._p, self._tid = progress, tid
+
+    def __call__(self, n: int = 1) -> None:
+        self._p.advance(self._tid, n)
+
+    def done(self) -> None:
+        self._p.remove_task(self._tid)
+
+
+class Validate(Instrument):
+    """Checks every changed model against the one before it and the original; rolls back failures.
+
+    ``limit`` caps the validation samples (the first ones of the data).
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        workdir: Path,
+        *,
+        limit: int = 64,
+        progress: Progress | None = None,
+        original_path: Path | None = None,
+    ) -> None:
+        self.data = data
+        self.original_path = original_path
+        self.workdir = workdir
+        self.limit = limit
+        self.progress = progress
+        self.original_outputs: runtime.Outputs = []
+        self.before_outputs: runtime.Outputs = []
+        self.fidelity: Fidelity | None = None
+        self._strict = True
+        self._signature: Signature | None = None
+        self.static: str | None = None  # why outputs cannot be compared (custom ops), if so
+        self.kernel_gap = 0.0  # 1 − cosine of the current model's integer kernels vs as written
+        self.bound = ORIGINAL_BOUND  # seconds a validation batch may take
+
+    def _run(self, path: Path, what: str, *, optimize: bool = False) -> runtime.Outputs:
+        task = (
+            self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples))
+            if self.progress
+            else NullTask()
+        )
+        try:
+            sess = runtime.session(path, optimize=optimize)
+            return runtime.run(sess, self.data, limit=self.limit, on_batch=task, timeout=self.bound)
+        except runtime.RunTimeout as e:
+            raise Invalid(f"{e}: over {SLOWER_BOUND:.0f}x the input model's slowest batch") from e
+        finally:
+            task.done()
+
+    def enter(self, model: ir.Model) -> None:
+        # The user's file is the original as it is; an in-memory model is written out once.
+        path = self.original_path or self.workdir / "original.onnx"
+        if self.original_path is None:
+            io.write(model, path)
+        self._strict = strict_inference_ok(path)
+        try:
+            self._signature = check_file(path, strict_inference=self._strict)
+        except Invalid as e:
+            raise ModelError(f"the input model is not valid: {e}") from e
+        try:
+            t0 = time.perf_counter()
+            self.bound = ORIGINAL_BOUND
+            self.original_outputs = self._run(path, "original")
+            batches = max(1, len(self.original_outputs))
+            self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
+        except Invalid as e:  # the input model's own run did not end
+            raise ModelError(
+                f"the input model did not finish a validation batch within {ORIGINAL_BOUND:.0f} s "
+                "(a Loop or Scan that long?); nothing to validate against"
+            ) from e
+        except Exception as e:
+            if not (custom := custom_ops(model)):
+                raise ModelError(f"onnxruntime cannot run the input model: {first_line(e)}") from e
+            # A model with custom ops still gets the passes that can be checked without running
+            # it: exact ones, verified by checker, shape inference and the output signature.
+            self.static = (
+                f"onnxruntime cannot run the model (custom op {', '.join(custom)}): outputs "
+                f"are not compared; exact passes are checked structurally, lossy ones refused"
+            )
+        self.before_outputs = self.original_outputs
+        try:
+            self.fidelity = (
+                None if self.static else compare(self.original_outputs, self.original_outputs)
+            )
+        except Invalid as e:  # NaN/Inf outputs: data outside the model's domain (Log of random:N)
+            raise ModelError(
+                f"the input model cannot be validated on {self.data.source}: {e}; give --data "
+                "with inputs in its domain"
+            ) from e
+        if not self.static and uses_integer_kernels(model):  # an int8 input: its kernels' own gap
+            kernels = self._run(path, "original (integer kernels)", optimize=True)
+            self.kernel_gap = 1.0 - compare(self.original_outputs, kernels).cosine
+        for extra in self.workdir.glob("original.onnx*"):
+            extra.unlink()
+
+    def after_pass(self, run: PassRun) -> None:
+        rec = run.record
+        if run.error is not None or not run.modified:
+            rec.fidelity = self.fidelity if run.error is None else None
+            return
+        t0 = time.perf_counter()
+        path = self.workdir / f"pass{run.index:02d}.onnx"
+        try:
+            size = io.write(run.model, path)
+            self._check(run, path)
+            if self.static:
+                if run.pass_.lossy:
+                    raise Invalid(
+                        "fidelity cannot be measured: onnxruntime cannot run this model (custom "
+                        "ops)"
+                    )
+                rec.stats = {"bytes": size}
+                return
+            outputs = self._run(path, run.pass_.name)
+            step = compare(self.before_outputs, outputs)
+            total = compare(self.original_outputs, outputs)
+            self._judge(run.pass_, step, total)
+            if uses_integer_kernels(run.model):
+                rec.kernels = self._kernels(run, path, outputs, total)
+        except Invalid as e:
+            rec.status, rec.reason = "rolled-back", str(e)
+        except Exception as e:  # onnxruntime refusing the model, a write failure, ...
+            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {one_line(e)}"
+        else:
+            rec.fidelity, rec.fidelity_step = total, step
+            rec.stats = {"bytes": size}
+            self.before_outputs, self.fidelity = outputs, total
+        finally:
+            for f in self.workdir.glob(f"pass{run.index:02d}.onnx*"):
+                f.unlink()
+            rec.validate_seconds = time.perf_counter() - t0
+
+    def _kernels(self, run: PassRun, path: Path, written: runtime.Outputs, total: Fidelity) -> dict:
+        """The candidate in an optimized session (onnxruntime's integer kernels on this CPU)
+        against its run as written (:func:`onnxshrink.validate.kernel_verdict`)."""
+        from onnxshrink.analysis.saturation import unsafe_layers
+        from onnxshrink.cpu import this_cpu
+
+        cpu = this_cpu()
+        agree = compare(
+            written, self._run(path, f"{run.pass_.name} (integer kernels)", optimize=True)
+        )
+        info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
+        unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(run.model)
+        failure, warning = kernel_verdict(
+            agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni", self.kernel_gap
+        )
+        if failure:
+            raise Invalid(failure)
+        if warning:
+            info["warning"] = f"{run.pass_.name}: {warning}"
+        self.kernel_gap = 1.0 - agree.cosine
+        return info
+
+    def _check(self, run: PassRun, path: Path) -> None:
+        sig = check_file(path, strict_inference=self._strict)
+        if diff := sig.differs(self._signature):
+            raise Invalid(diff)
+
+    def _judge(self, p: ShrinkPass, step: Fidelity, total: Fidelity) -> None:
+        if not p.lossy:
+            if not exact_ok(step, self.before_outputs):
+                raise Invalid(
+                    f"exact pass changed the outputs: max |Δ| = {step.max_abs:.3g} "
+                    f"(cosine {step.cosine:.6f})"
+                )
+            return
+        if p.compare_to == "improve":  # a pass meant to raise fidelity must not lower it
+            if self.fidelity is not None and total.cosine < self.fidelity.cosine - 1e-4:
+                raise Invalid(
+                    f"fidelity fell: cosine with the original {self.fidelity.cosine:.5f} -> "
+                    f"{total.cosine:.5f}"
+                )
+            return
+        floor = getattr(p, "floor", None)
+        floor = DEFAULT_FLOOR if floor is None else floor
+        against, what = (
+            (step, "the model before the pass")
+            if p.compare_to == "before"
+            else (total, "the original")
+        )
+        if against.cosine < floor:
+            raise Invalid(
+                f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}"
+            )
+
+
+class ReportCollector(Instrument):
+    """Builds the :class:`Report`: totals before and after, one record per pass."""
+
+    def __init__(self, report: Report, input_shapes=None, validate: Validate | None = None) -> None:
+        self.report = report
+        self.input_shapes = input_shapes
+        self.validate = validate
+
+    def enter(self, model: ir.Model) -> None:
+        self.report.before = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
+        if self.validate is not None and self.validate.static:
+            self.report.warnings.append(self.validate.static)
+
+    def after_pass(self, run: PassRun) -> None:
+        rec = run.record
+        if rec.kernels and rec.kernels.get("warning"):
+            self.report.warnings.append(rec.kernels["warning"])
+        if rec.status != "rolled-back" and run.modified:
+            s = metrics.model_stats(run.model, input_shapes=self.input_shapes, with_bytes=False)
+            rec.stats = {"params": s.params, "macs": s.macs, **(rec.stats or {})}
+        self.report.passes.append(rec)
+
+    def exit(self, model: ir.Model) -> None:
+        from onnxshrink.analysis.saturation import vnni_only
+
+        self.report.after = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
+        if (warning := vnni_only(model)) and warning not in self.report.warnings:
+            self.report.warnings.append(warning)
+        if self.validate is not None:
+            self.report.fidelity = self.validate.fidelity
