@@ -13,8 +13,7 @@ of group channels onto a run of the tensor's channels::
                                    concat   [A 0..16 -> 0..16, B 0..16 -> 16..32]
 
 so removing channel 3 of group B removes channel 19 of the Concat output and input channel 19
-of Conv C. ``Flatten``/``Reshape`` to [N, C·H·W] before a Gemm maps group channel c to the
-H·W features ``[c·HW, (c+1)·HW)`` (``repeat = HW``). ``Split`` cuts segments at its boundaries.
+of Conv C. A Flatten to [N, C·H·W] maps channel c to features ``[c·HW, (c+1)·HW)``.
 
 Two tracked tensors meeting in an element-wise op (a residual ``Add``, the ``Mul`` of a
 squeeze-and-excitation gate) *couple* their groups: channel i of one is channel i of the other,
@@ -23,13 +22,9 @@ anything else freezes them. A per-channel constant operand (``[C, 1, 1]``) is sl
 a scalar or size-1 axis passes.
 
 A group is *frozen* (never pruned), with the reason kept for the report, when its channels
-reach a graph output, meet an op missing from the table (the conservative default is the
-correct default), a grouped (non-depthwise) Conv, a non-constant or shared weight, an operand
-whose channels are not tracked, or a layout the table cannot map.
-
-Each group also records its *members* -- (weight or tensor, axis, segment) triples -- from which
-importance criteria read per-channel slices: producer weights (output axis), consumer weights
-(input axis), BatchNorm scales, and the activations that consumers read.
+reach a graph output, meet an op missing from the table, a grouped (non-depthwise) Conv, a
+non-constant or shared weight, an operand whose channels are not tracked, or a layout the table
+cannot map.
 """
 
 from __future__ import annotations

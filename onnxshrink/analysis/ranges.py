@@ -1,7 +1,7 @@
 """Activation ranges from calibration data, and the int8 / uint8 parameters they give.
 
-Memory is bounded: one pass keeps each tensor's min and max; methods that need a distribution
-make a second pass filling a 2048-bin histogram per tensor. Methods (``calibration``):
+One pass keeps each tensor's min and max; methods that need a distribution make a second
+pass filling a 2048-bin histogram per tensor. Methods (``calibration``):
 
 * ``minmax`` -- the observed range;
 * ``percentile=<p>`` -- the p-th and (100 − p)-th percentiles (lower end 0 for non-negative
@@ -16,8 +16,7 @@ make a second pass filling a 2048-bin histogram per tensor. Methods (``calibrati
 
 Cascade (:func:`cascade_calibrate`): the ranges are measured again on the float model with
 every quantized tensor saturated where its grid ends (:func:`clipped_copy`), round after round
-until they settle, so each range is that of the tensor the quantized model actually computes
-(why: docs/design.md, quantization).
+until they settle, so each range is that of the tensor the quantized model actually computes.
 
 Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
 scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).

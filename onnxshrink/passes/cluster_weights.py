@@ -1,25 +1,20 @@
 """Clusters each large weight into a k-means codebook: uint8 indices + ≤ 256 float centroids.
 
 For a weight W of a Conv / ConvTranspose / Gemm / MatMul with at least ``min-size`` elements:
-each output channel is first divided by its max |w| (``per-channel``, default: after BatchNorm
-folding, channels differ in scale by orders of magnitude and one codebook would starve the
-small ones), then 1-D k-means (k = 2^bits; Lloyd iterations on the sorted values, started from
-Panter & Dite's density^(1/3) rule) gives centroids c and indices i with W ≈ c[i] · s.
+each output channel is first divided by its max |w| (``per-channel``, default), then 1-D
+k-means (k = 2^bits; Lloyd iterations on the sorted values, started from Panter & Dite's
+density^(1/3) rule) gives centroids c and indices i with W ≈ c[i] · s.
 
 The graph stores i as uint8, c as float32 (and s as float32 per channel) and decodes
-``Gather(c, Cast(i, int32)) · s`` in front of the layer. onnxruntime constant-folds that at
-session start, so inference runs the float layer at full speed while the file holds one byte
-per weight (ONNX's Gather takes only int32/int64 indices, hence the Cast).
+``Gather(c, Cast(i, int32)) · s`` in front of the layer, which onnxruntime constant-folds at
+session start: the float layer at full speed, one byte per weight in the file.
 
 With real data (``rounding=auto`` → ``hessian``) each weight is assigned its centroid
 Hessian-aware (GPTQ, :mod:`onnxshrink.analysis.rounding`): inputs one by one, each assignment
 error pushed onto the inputs not yet assigned so the layer *output* on the calibration data
 moves least, and the bias re-solved with them. Without it (``nearest``), each layer's bias is
-corrected for the output mean shift, (Ŵ − W)·E[x] (``bias-correction``,
-:mod:`onnxshrink.analysis.bias`).
+corrected for the output mean shift, (Ŵ − W)·E[x] (:mod:`onnxshrink.analysis.bias`).
 
-This is a storage format: the model runs exactly as a float model whose weights are the
-centroids. ``bits`` < 8 gives fewer centroids (coarser) but the same one byte per index.
 Refused: weights shared with another node, non-float weights, weights under ``min-size``.
 """
 

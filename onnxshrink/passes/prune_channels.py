@@ -9,10 +9,8 @@ Four separate pieces (as in Torch-Pruning's DepGraph):
    scores per group channel, summed over the group's members;
 3. *how much* -- this module: ``ratio`` of each prunable group's channels; or, with
    ``global=true`` or ``target-macs=<f>``, across all groups, the channels with the least damage
-   per MAC saved (damage = the channel's share of its group's score) until ``ratio`` of all
-   prunable channels go, or until the model keeps ``f`` of its MACs. The number kept is then
-   rounded to a multiple of ``round`` (for groups of 16 or more; onnxruntime's convolutions
-   lose their blocked layout otherwise) and never below ``min-channels``; never all of a group;
+   per MAC saved (:mod:`onnxshrink.search`) until ``ratio`` of all prunable channels go, or the
+   model keeps ``f`` of its MACs; kept counts rounded to ``round``, never all of a group;
 4. *how to cut one op* -- :mod:`onnxshrink.analysis.cut`, a per-op table.
 
 Then, with real calibration data (``refit``, on by default when data is given), every layer

@@ -15,22 +15,13 @@ Spatial SVD (``mode=spatial``): the matrix W[(c_in, kh), (c_out, kw)] is cut to 
 emitted as Conv K×1 (C_in -> R, vertical stride/pads/dilation) -> Conv 1×K (R -> C_out,
 horizontal ones, the bias); MACs per output pixel s_w·R·C_in·K + R·C_out·K.
 
-Ranks (one of): ``rank=<ratio>`` of the channels (spatial: of the full rank), ``energy=<f>`` of
-the squared singular values of the mode-0 / mode-1 unfoldings (spatial: of W's matrix),
-``vbmf`` (empirical VBMF on the same, never below ``min-rank`` share of the channels), or
-``speedup=<x>`` (default 2): the largest ranks with at most 1/x of the layer's MACs. Ranks are
-rounded to a multiple of ``round`` (down for ``speedup``, so the budget holds).
-
-With real data (``refit``), the last convolution of each decomposed block is re-solved by
-ridge least squares so the block reproduces the original convolution's outputs
-(:mod:`onnxshrink.analysis.refit`).
+Ranks: ``speedup=<x>`` (default 2, the largest ranks with at most 1/x of the layer's MACs,
+rounded down to ``round``), ``rank``, ``energy`` or ``vbmf`` (docs/usage.md). With real data the
+last conv of each block is re-fitted to the original's outputs (:mod:`onnxshrink.analysis.refit`).
 
 Left alone, with the reason: grouped / depthwise convs, 1×1 kernels (``lowrank`` handles
 those), non-2-D kernels, ``auto_pad`` SAME_*, non-constant or shared weights, layers under
 ``min-channels``, and layers where the decomposition would not cut MACs.
-
-The emitted form is three convolutions: ``bench/tucker.py`` measures it against writing the
-1×1 stages as MatMul (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations

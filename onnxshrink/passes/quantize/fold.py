@@ -10,13 +10,10 @@ Rules, on any QDQ model (ours or another tool's):
    (per output channel when the weight is), the form onnxruntime fuses into QLinearConv / QGemm;
 3. *no redundant pairs*: ``QuantizeLinear(DequantizeLinear(q))`` with equal scale, zero point and
    type is the identity on q: readers of the Q read q directly ("delete adjacent DQ and Q");
-4. *one scale through scale-preserving ops*: DQ -> MaxPool/Reshape/Flatten/Transpose/Squeeze/
-   Unsqueeze -> Q whose Q parameters differ from the DQ's is left alone (it requantizes);
-   the inserting pass gives them the same parameters, so nothing is left to fix here;
-5. *float layers stay float*: a Conv / ConvTranspose / Gemm with a float weight that reads a
-   per-tensor DQ gets a per-channel copy of that DQ
-   (:func:`onnxshrink.analysis.qdq.shield_float_layer`:
-   otherwise onnxruntime quantizes its weight per tensor at session start).
+4. *float layers stay float*: a Conv / ConvTranspose / Gemm with a float weight that reads a
+   per-tensor DQ gets a per-channel copy of that DQ (onnxruntime would otherwise quantize its
+   weight per tensor at session start; :func:`onnxshrink.analysis.qdq.shield_float_layer`).
+A DQ -> scale-preserving op -> Q with other parameters requantizes and is left alone.
 
 Rule 2 rounds the bias to the accumulator's grid, which can move an output across a rounding
 boundary of its own quantization: the pass is validated against the model before it (cosine
