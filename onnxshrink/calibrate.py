@@ -20,6 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxshrink import io, runtime
 from onnxshrink.data import Dataset
+from onnxshrink.irtools import infer_types
 
 __all__ = ["ChannelMoments", "Probe", "all_values", "batch_samples", "run_model"]
 
@@ -44,6 +45,8 @@ class Probe:
         missing = [n for n in self.names if n not in values]
         if missing:
             raise KeyError(f"no tensor named {missing[0]!r} in the model")
+        if any(values[n].type is None for n in self.names):
+            infer_types(clone)  # a graph output needs its type; guessing float broke int64 ones
         clone.graph.outputs.clear()
         for n in self.names:
             v = values[n]

@@ -120,7 +120,7 @@ class Dataset:
         for start in range(0, n, step):
             stop = min(start + step, n)
             if self.per_sample_batch:
-                yield {k: v[start] for k, v in self.arrays.items()}
+                yield {k: np.asarray(v[start]) for k, v in self.arrays.items()}  # rank 0 too
             else:
                 yield {k: v[start:stop] for k, v in self.arrays.items()}
 

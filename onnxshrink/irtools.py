@@ -20,6 +20,8 @@ import onnx_ir as ir
 
 __all__ = [
     "const_array",
+    "infer_types",
+    "inferred_dtypes",
     "insert_after_value",
     "names",
     "set_const_input",
@@ -31,6 +33,31 @@ __all__ = [
 # id(graph) -> (the graph, weakly: trial copies come and go; the names taken in it)
 _Names = dict[int, tuple[weakref.ref, set[str]]]
 _SCOPE: contextvars.ContextVar[_Names | None] = contextvars.ContextVar("names", default=None)
+
+
+def infer_types(model: ir.Model) -> None:
+    """Fills in the element types and shapes onnx can infer where the file gave none; never
+    raises (a model onnx cannot infer keeps what it has)."""
+    import logging
+
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+    except Exception as e:  # inference is a help here, not a requirement
+        logging.getLogger(__name__).debug("type inference failed: %s", e)
+
+
+def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Value name -> element type, as given or inferred (on a copy: ``model`` is untouched)."""
+    clone = model.clone()
+    infer_types(clone)
+    return {
+        v.name: v.dtype
+        for node in clone.graph
+        for v in [*node.inputs, *node.outputs]
+        if v is not None and v.name and v.dtype is not None
+    }
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

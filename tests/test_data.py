@@ -111,3 +111,16 @@ def test_image_folder(tmp_path):
         empty = tmp_path / "empty"
         empty.mkdir()
         load_data(str(empty), specs)
+
+
+def test_a_scalar_input_per_sample_reaches_onnxruntime_as_an_array(tmp_path):
+    """A voice-activity model's ``sr`` (rank-0 int64) beside a whole input per sample: each
+    batch gives onnxruntime a 0-d array, never a numpy scalar (which it cannot take)."""
+    specs = _specs("float[1, 512] x, int64 sr")
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((3, 1, 512), np.float32), sr=np.full(3, 16000, np.int64))
+    ds = load_data(str(p), specs)
+    feeds = list(ds.batches())
+    assert len(feeds) == 3
+    assert all(type(f["sr"]) is np.ndarray and f["sr"].shape == () for f in feeds)
+    assert feeds[0]["sr"] == 16000 and feeds[0]["x"].shape == (1, 512)

@@ -181,9 +181,13 @@ def stem_layers(plan: QuantPlan, *, rule: bool = True) -> list[ir.Node]:
 
 
 def plan_quantization(
-    model: ir.Model, exclude: set[str], exclude_types: set[str]
+    model: ir.Model,
+    exclude: set[str],
+    exclude_types: set[str],
+    dtypes: dict[str, ir.DataType] | None = None,
 ) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
-    """Decides what to quantize (no change to the model). Returns the plan and refusals."""
+    """Decides what to quantize (no change to the model). Returns the plan and refusals.
+    ``dtypes`` (value -> element type, e.g. inferred) completes the types the model leaves out."""
     refused = []
     nodes, tensors, share, concat, fused = [], {}, {}, [], []
     inputs: dict[str, tuple[str, str]] = {}
@@ -200,6 +204,9 @@ def plan_quantization(
             if reason := _weight_refusal(node):
                 refused.append((node, reason))
                 continue
+        if reason := _not_float(node, dtypes or {}):
+            refused.append((node, reason))
+            continue
         data_in = [alias.get(v.name, v.name) for v in _data_inputs(node)]
         if op in _SHARE:
             if not data_in or data_in[0] not in quantized:
@@ -241,6 +248,16 @@ def plan_quantization(
             tensors.pop(node.outputs[0].name, None)
             fused = [(n, a) for n, a in fused if n is not node]
     return QuantPlan(nodes, tensors, share, concat, fused, float_out, inputs), refused
+
+
+def _not_float(node: ir.Node, dtypes: dict[str, ir.DataType]) -> str | None:
+    """Only float32 tensors are quantized: shape arithmetic on int64, bool masks and float16
+    stay as they are (a Q on an integer tensor is not even a valid model)."""
+    for v in [*_data_inputs(node), *node.outputs[:1]]:
+        dtype = v.dtype or dtypes.get(v.name)
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            return f"{node.op_type} on a {dtype.name.lower()} tensor: only float32 is quantized"
+    return None
 
 
 def _weight_refusal(node: ir.Node) -> str | None:

@@ -342,6 +342,8 @@ def clipped_copy(model, bounds: dict[str, tuple[float, float]]):
     values = {v.name: v for v in all_values(graph)}
     for name, (lo, hi) in bounds.items():
         value = values[name]
+        if value.dtype not in (None, ir.DataType.FLOAT):
+            continue  # a Clip with float bounds on an integer tensor is not a valid model
         ends = []
         for end, x in (("lo", lo), ("hi", hi)):
             v = ir.val(

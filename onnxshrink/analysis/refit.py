@@ -39,8 +39,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+MAX_FAN_IN = 8192  # inputs per output: the normal equations take fan-in² float64 (512 MB here)
+
+
+def _fan_in(node: ir.Node) -> int | None:
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        return int(np.prod(w.shape[1:]))
+    if node.op_type == "Gemm":
+        return int(w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0])
+    return int(w.shape[-2])
+
+
 def refit_supported(node: ir.Node) -> str | None:
     """None when ``node`` can be re-fitted, else the reason."""
+    if (fan_in := _fan_in(node)) is not None and fan_in > MAX_FAN_IN:
+        gb = fan_in**2 * 8 / 2**30
+        return f"{fan_in} inputs per output: its normal equations would take {gb:.0f} GiB"
     if node.op_type == "Conv":
         w = const_array(node.inputs[1])
         if w is None or w.ndim != 4:
@@ -318,7 +335,8 @@ def _rows(
     rng: np.random.Generator,
     rows: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(X, Y) rows of one batch: sampled im2col patches for a Conv, samples for Gemm/MatMul."""
+    """(X, Y) rows of one batch: sampled im2col patches for a Conv, samples for Gemm/MatMul
+    (sampled positions for a batched MatMul)."""
     keep = np.setdiff1d(np.arange(y.shape[1]), removed_out if removed_out is not None else [])
     if node.op_type == "Conv":
         w = const_array(node.inputs[1])
@@ -327,4 +345,9 @@ def _rows(
         X, Y = conv_patches(x, node, (w.shape[2], w.shape[3]), idx), rows_of(y)[idx][:, keep]
         g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
         return (X.reshape(len(idx), g, -1), Y.reshape(len(idx), g, -1)) if g > 1 else (X, Y)
+    if x.ndim > 2:  # a batched MatMul [..., K] @ [K, M]: every leading position is a row
+        keep = np.setdiff1d(np.arange(y.shape[-1]), removed_out if removed_out is not None else [])
+        X, Y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        idx = np.sort(rng.choice(len(X), min(rows, len(X)), replace=False))
+        return X[idx], Y[idx][:, keep]
     return x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)[:, keep]

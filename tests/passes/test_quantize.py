@@ -877,3 +877,38 @@ def test_avx2_and_this_cpu_give_the_same_int8_outputs(cpu, digits_model, digits_
         assert 1 - _cosine(written, avx2) < 1e-5
     else:  # saturated pair sums: 1 − cosine 4e-5 (measured), max |Δ| 0.7 on logits of ~20
         assert np.abs(avx2 - written).max() > 0.1 and 1 - _cosine(written, avx2) > 1e-5
+
+
+DECODE_TAIL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] W1, float[8] b1, int64 two, int64[1] axis)
+    => (float[N, 8, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, W1, b1)
+    r = Relu (h)
+    shape = Shape (x)
+    side = Gather <axis = 0> (shape, axis)
+    stride = Mul (side, two)
+    f = Cast <to = 1> (stride)
+    y = Mul (r, f)
+}"""
+
+
+def test_integer_shape_arithmetic_is_left_alone_with_a_reason():
+    """A detector's decode tail multiplies int64 shape values (YOLOv8's Gather -> Mul): the
+    calibration probes and the QDQ insertion touch float32 tensors only, and say so."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "W1": rand(rng, 8, 3, 3, 3, scale=0.5),
+        "b1": rand(rng, 8, scale=0.1),
+        "two": np.array(2, np.int64),
+        "axis": np.array([2], np.int64),
+    }
+    model = make_model(DECODE_TAIL, inits)
+    p = QuantizePass()
+    out, modified = _run(p, model, _data(model))
+    assert modified and op_count(out, "QuantizeLinear") > 0
+    reasons = {s.node: s.reason for s in p.skipped}
+    int_mul = next(n.name for n in out.graph.node if n.op_type == "Mul" and "stride" in n.output)
+    assert "int64 tensor" in reasons[int_mul], reasons
+    x = _data(model).arrays["x"][:4]
+    assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.99

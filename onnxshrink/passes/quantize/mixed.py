@@ -32,12 +32,14 @@ class MixedPrecision(Step):
         for name in kept:
             p.skip(name, "kept float by mixed precision (most sensitive layers)")
         state.exclude |= set(kept)
-        state.plan, _ = plan_quantization(state.model, state.exclude, set(p.exclude_types))
+        state.plan, _ = plan_quantization(
+            state.model, state.exclude, set(p.exclude_types), state.dtypes
+        )
 
     @staticmethod
     def _variant(p, state: QuantState, exclude: set[str]) -> ir.Model:
         clone = state.model.clone()
-        plan, _ = plan_quantization(clone, exclude, set(p.exclude_types))
+        plan, _ = plan_quantization(clone, exclude, set(p.exclude_types), state.dtypes)
         rewrite(p, state, clone, plan, DISCARD, means=state.means, deltas=None, moved=None)
         FoldQDQPass().call(clone)
         return clone

@@ -13,6 +13,7 @@ from __future__ import annotations
 from onnxshrink import cpu as host
 from onnxshrink.analysis.qplan import plan_quantization, stem_layers
 from onnxshrink.errors import OptionError
+from onnxshrink.irtools import inferred_dtypes
 from onnxshrink.passes.quantize.state import QuantState, Step
 
 __all__ = ["PlanLayers"]
@@ -22,7 +23,10 @@ class PlanLayers(Step):
     name = "plan"
 
     def run(self, p, state: QuantState) -> None:
-        plan, refused = plan_quantization(state.model, state.exclude, set(p.exclude_types))
+        state.dtypes = inferred_dtypes(state.model)  # shape arithmetic is int64: left alone
+        plan, refused = plan_quantization(
+            state.model, state.exclude, set(p.exclude_types), state.dtypes
+        )
         for node, reason in refused:
             p.skip(node, reason)
         stem = (
@@ -37,7 +41,9 @@ class PlanLayers(Step):
                 )
             p.details["float_stem"] = stem
             state.exclude |= set(stem)
-            plan, _ = plan_quantization(state.model, state.exclude, set(p.exclude_types))
+            plan, _ = plan_quantization(
+                state.model, state.exclude, set(p.exclude_types), state.dtypes
+            )
         state.plan = plan
         if not plan.nodes:
             state.done = True

@@ -32,6 +32,7 @@ class QuantState:
     workdir: Path
     exclude: set[str]
     plan: QuantPlan | None = None
+    dtypes: dict[str, ir.DataType] | None = None  # value -> element type, inferred once
     bias_mode: str = "off"  # off | weights | full | empirical (``auto`` resolved)
     rounding: str = "nearest"  # nearest | hessian
     safe: bool = True  # weights keep the pair rule (analysis.saturation)
