@@ -65,7 +65,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             raise DataError(f"input '{value.name}' has no type or shape in the model")
         dims, names = [], []
         for d in value.shape:
-            if isinstance(d, int):
+            if isinstance(d, int) and d > 0:  # Paddle exports write a dynamic axis as -1
                 dims.append(d)
                 names.append(None)
             else:

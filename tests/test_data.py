@@ -11,13 +11,16 @@ from onnxshrink.errors import DataError
 from tests.helpers import make_model
 
 
-def _specs(decl: str):
-    text = f"""
+def _specs_text(decl: str) -> str:
+    return f"""
     <ir_version: 8, opset_import: ["" : 17]>
     g ({decl}) => (float[1] y) {{
         y = Constant <value = float[1] {{1}}> ()
     }}"""
-    return input_specs(ir.from_proto(make_model(text, check=False)))
+
+
+def _specs(decl: str):
+    return input_specs(ir.from_proto(make_model(_specs_text(decl), check=False)))
 
 
 def test_npz_and_batching(tmp_path):
@@ -124,3 +127,14 @@ def test_a_scalar_input_per_sample_reaches_onnxruntime_as_an_array(tmp_path):
     assert len(feeds) == 3
     assert all(type(f["sr"]) is np.ndarray and f["sr"].shape == () for f in feeds)
     assert feeds[0]["sr"] == 16000 and feeds[0]["x"].shape == (1, 512)
+
+
+def test_a_dimension_written_as_minus_one_is_dynamic(tmp_path):
+    """Paddle exports write dynamic axes as -1 (ppocr's classifier: [-1, 3, ?, ?])."""
+    model = ir.from_proto(make_model(_specs_text("float[N, 3, 4, 4] x"), check=False))
+    model.graph.inputs[0].shape = ir.Shape([-1, 3, -1, -1])
+    (spec,) = input_specs(model)
+    assert spec.dims == (None, 3, None, None)
+    p = tmp_path / "d.npy"
+    np.save(p, np.zeros((5, 3, 4, 4), np.float32))
+    assert [b["x"].shape for b in load_data(str(p), [spec]).batches()] == [(5, 3, 4, 4)]
