@@ -24,6 +24,7 @@ __all__ = [
     "inferred_dtypes",
     "insert_after_value",
     "names",
+    "new_initializer",
     "set_const_input",
     "take",
     "unique_name",
@@ -153,13 +154,18 @@ def insert_after_value(
         graph.insert_after(producer, nodes)
 
 
+def new_initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    """A new initializer holding ``arr``, named ``name`` or the first free ``name_<k>``."""
+    value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(arr)))
+    graph.register_initializer(value)
+    return value
+
+
 def set_const_input(
     graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray, what: str
 ) -> ir.Value:
     """Gives ``node`` a new initializer ``arr`` at input ``index`` (appending if needed)."""
-    base = node.name or node.op_type
-    value = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(arr))
-    graph.register_initializer(value)
+    value = new_initializer(graph, f"{node.name or node.op_type}.{what}", arr)
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)

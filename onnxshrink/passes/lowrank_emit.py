@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import marks
-from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array, new_initializer, unique_name, weight_users_outside
 
 __all__ = ["DOMAIN", "Target", "rewrite"]
 
@@ -86,12 +86,7 @@ def rewrite(model: ir.Model, t: Target, f, shift: np.ndarray | None, fused: bool
     dtype = const_array(node.inputs[1]).dtype
 
     def const(arr, what):
-        v = ir.val(
-            unique_name(graph, f"{base}.lowrank.{what}"),
-            const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)),
-        )
-        graph.register_initializer(v)
-        return v
+        return new_initializer(graph, f"{base}.lowrank.{what}", np.asarray(arr).astype(dtype))
 
     x, before = node.inputs[0], []
     if t.kind == "conv":

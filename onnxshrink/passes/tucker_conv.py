@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.ranks import energy_rank, evbmf_rank, round_rank
-from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array, new_initializer, unique_name, weight_users_outside
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
@@ -268,12 +268,7 @@ class TuckerConvPass(ShrinkPass):
         c_out, c_in, kh, kw = w.shape
 
         def const(arr, what):
-            v = ir.val(
-                unique_name(graph, f"{base}.{what}"),
-                const_value=ir.tensor(np.ascontiguousarray(arr).astype(dtype)),
-            )
-            graph.register_initializer(v)
-            return v
+            return new_initializer(graph, f"{base}.{what}", np.asarray(arr).astype(dtype))
 
         if self.mode == "tucker":
             r_out, r_in = ranks
