@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.errors import OptionError
-from onnxshrink.irtools import const_array, take, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array, new_initializer, take, unique_name, weight_users_outside
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
@@ -107,6 +107,9 @@ class SparsifyPass(ShrinkPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         NameFixPass()(model)  # every node named: the decoders and the report are named after them
         graph = model.graph
+        if (opset := graph.opset_imports.get("", 1)) < 11:
+            self.skip("model", f"opset {opset}: the decoder needs BitShift and CumSum (opset 11)")
+            return ir.passes.PassResult(model, modified=False)
         layers = []
         for node in list(graph):
             if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
@@ -256,16 +259,13 @@ def onnx_dtype(dtype: np.dtype) -> int:
 def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str) -> None:
     """Inserts the mask + values decoder in front of ``node`` and feeds it the decoded weight."""
     base = f"{node.name}.sparse"
+    opset = graph.opset_imports.get("", 1)
     flat = sparse.reshape(-1)
     mask = flat != 0
     packed = np.packbits(mask, bitorder="little")
 
     def const(arr, what):
-        v = ir.val(
-            unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(np.ascontiguousarray(arr))
-        )
-        graph.register_initializer(v)
-        return v
+        return new_initializer(graph, f"{base}.{what}", arr)
 
     count = iter(range(100))
 
@@ -279,7 +279,9 @@ def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str) -> 
     shifted = op(
         "BitShift",
         [
-            op("Unsqueeze", [const(packed, "mask"), const(np.array([1], np.int64), "axis")]),
+            op("Unsqueeze", [const(packed, "mask"), const(np.array([1], np.int64), "axis")])
+            if opset >= 13
+            else op("Unsqueeze", [const(packed, "mask")], axes=[1]),  # axes: an attribute < 13
             const(np.arange(8, dtype=np.uint8), "shifts"),
         ],
         direction="RIGHT",

@@ -189,3 +189,29 @@ def test_two_convs_of_different_kernels_reading_one_tensor(tmp_path):
     rec = rep.passes[0]
     assert rec.status == "applied", rec.reason
     assert sorted(r["sparsity"] for r in rec.details["layers"]) == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_the_decoder_is_valid_in_the_models_opset(opset):
+    """Paddle exports are opset 11-12, where Unsqueeze takes its axes as an attribute."""
+    rng = np.random.default_rng(2)
+    model = _mlp(rng)
+    model.opset_import[0].version = opset
+    out, modified = apply(SparsifyPass(sparsity=0.5, storage="mask", min_size=16), model)
+    assert modified
+    onnx.checker.check_model(out, full_check=True)
+    x = rand(rng, 4, 64)
+    dense, _ = apply(SparsifyPass(sparsity=0.5, storage="dense", min_size=16), model)
+    np.testing.assert_array_equal(ort_run(out, {"x": x})[0], ort_run(dense, {"x": x})[0])
+
+
+def test_a_model_older_than_opset_11_is_left_alone_with_the_reason():
+    text = """
+    <ir_version: 5, opset_import: ["" : 10]>
+    g (float[N, 64] x, float[64, 128] W1) => (float[N, 128] y) {
+        y = MatMul(x, W1)
+    }"""
+    model = make_model(text, {"W1": rand(np.random.default_rng(3), 64, 128)})
+    p = SparsifyPass(sparsity=0.5, storage="mask", min_size=16)
+    _, modified = apply(p, model)
+    assert not modified and "opset 10" in p.skipped[0].reason
