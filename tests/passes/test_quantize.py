@@ -392,14 +392,14 @@ def test_excluded_layers_stay_float_in_an_onnxruntime_session():
 
 def test_refusals_old_opset_and_already_quantized():
     text = """
-    <ir_version: 7, opset_import: ["" : 11]>
+    <ir_version: 4, opset_import: ["" : 6]>
     g (float[1, 3, 6, 6] x, float[4, 3, 3, 3] W) => (float[1, 4, 4, 4] y) {
         y = Conv (x, W)
     }"""
     model = make_model(text, {"W": rand(np.random.default_rng(5), 4, 3, 3, 3)})
-    p = QuantizePass()
+    p = QuantizePass()  # opsets 7-12 are converted to 13; older ones the converter cannot take
     _, modified = _run(p, model, _data(model, 8))
-    assert not modified and "opset 11" in p.skipped[0].reason
+    assert not modified and "opset 6" in p.skipped[0].reason
     q, _ = _run(QuantizePass(), _net(), _data(_net()))
     p = QuantizePass()
     _, modified = _run(p, q, _data(q))
@@ -912,3 +912,23 @@ def test_integer_shape_arithmetic_is_left_alone_with_a_reason():
     assert "int64 tensor" in reasons[int_mul], reasons
     x = _data(model).arrays["x"][:4]
     assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.99
+
+
+def test_an_opset_12_model_is_converted_and_quantized():
+    """Paddle exports are opset 11-12; per-channel QDQ needs 13: the model is converted first."""
+    model = _net(4)
+    model.opset_import[0].version = 12
+    p = QuantizePass()
+    out, modified = _run(p, model, _data(model))
+    assert modified and out.opset_import[0].version == 13
+    assert op_count(out, "DequantizeLinear") > 0 and "model: opset 12 -> 13" in p.changed[0]
+    x = _data(model).arrays["x"][:16]
+    assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.99
+
+
+def test_an_opset_12_model_with_nothing_to_quantize_keeps_its_opset():
+    model = _net(4)
+    model.opset_import[0].version = 12
+    p = QuantizePass(exclude_types=("Conv", "Gemm", "MaxPool", "Add", "GlobalAveragePool"))
+    out, modified = _run(p, model, _data(model))
+    assert not modified and out.opset_import[0].version == 12 and not p.changed

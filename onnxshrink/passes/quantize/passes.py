@@ -6,8 +6,10 @@ module states its rule and math) sharing a :class:`~onnxshrink.passes.quantize.s
 ``quantize`` folds BatchNormalization first (a BN left in would stay float between a DQ and a Q)
 and folds the QDQ graph after (``fold-qdq``: weights stored as int8, int32 biases).
 
-Refused (reason in the report): opset < 13 (per-channel QDQ needs it); a model already quantized
-or in float16/bfloat16; a weight shared with another node; nodes in ``exclude`` / ``exclude-types``.
+Per-channel QDQ needs opset 13: an opset 7-12 model is converted first (onnx's version
+converter; put back if nothing is quantized). Refused (reason in the report): an opset the
+converter cannot take; a model already quantized or in float16/bfloat16; non-float32 tensors; a
+weight shared with another node; nodes in ``skip`` / ``exclude-types``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import dataclasses
 import logging
 from typing import ClassVar, Literal
 
+import onnx
 import onnx_ir as ir
+from onnx import version_converter
 from onnx_ir.passes.common import NameFixPass
 
-from onnxshrink.errors import OptionError
+from onnxshrink.errors import OptionError, first_line
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.quantize.bias import EmpiricalBias, InputErrors, SaturatedReference
@@ -114,7 +118,25 @@ class InsertQDQPass(ShrinkPass):
     def _float_batchnorm(self, bn: ir.Node) -> str:
         return "BatchNormalization stays float between DQ and Q: run fold-batchnorm first"
 
+    def opset_13(self, model: ir.Model) -> ir.Graph | None:
+        """Converts an opset 7-12 model to opset 13 in place; returns the graph it had (to put
+        back if nothing gets quantized), or None when nothing was converted."""
+        opset = model.graph.opset_imports.get("", 0)
+        if not 7 <= opset < 13:
+            return None
+        try:
+            converted = version_converter.convert_version(ir.to_proto(model), 13)
+            onnx.checker.check_model(converted)
+        except Exception as e:  # the converter lacks an adapter, or writes an invalid model
+            self.skip("model", f"opset {opset} could not be converted to 13: {first_line(e)}")
+            return None
+        old, model.graph = model.graph, ir.from_proto(converted).graph
+        model.ir_version = max(model.ir_version, converted.ir_version, 7)  # opset 13 needs IR 7
+        self.change(f"model: opset {opset} -> 13 (per-channel QDQ needs it)")
+        return old
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        old = self.opset_13(model)
         if reason := _model_refusal(model):
             self.skip("model", reason)
             return ir.passes.PassResult(model, modified=False)
@@ -129,6 +151,9 @@ class InsertQDQPass(ShrinkPass):
                 if step.wanted(self, state):
                     logger.debug("%s: %s", self.name, step.name)
                     step.run(self, state)
+        if old is not None and not state.modified:
+            model.graph = old  # nothing quantized: the opset stays as it was
+            self.changed = [c for c in self.changed if not c.startswith("model: opset")]
         return ir.passes.PassResult(model, modified=state.modified)
 
 
@@ -155,11 +180,15 @@ class QuantizePass(InsertQDQPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         folded_bn = False
+        old = self.opset_13(model)
         if _model_refusal(model) is None:
             NameFixPass()(model)  # the skips of both steps name the same nodes
             folded_bn, self._unfoldable = self.fold_batchnorm(model)
         result = super().call(model)
         if not result.modified:
+            if old is not None and not folded_bn:
+                model.graph = old
+                self.changed = [c for c in self.changed if not c.startswith("model: opset")]
             return ir.passes.PassResult(model, modified=folded_bn)
         fold = FoldQDQPass()
         fold.bind(self.context)
