@@ -82,8 +82,13 @@ def speedup_ranks(
 
 
 def tucker2(w: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]) by tensorly's HOOI."""
+    """(U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]) by tensorly's HOOI.
+    A mode's rank cannot exceed the other's times kh·kw (the core's unfolding has no more
+    columns): larger ranks are cut to that."""
     from tensorly.decomposition import partial_tucker
+
+    k = int(np.prod(w.shape[2:]))
+    r_out, r_in = min(r_out, r_in * k), min(r_in, r_out * k)
 
     (core, factors), _ = partial_tucker(
         np.asarray(w, np.float64),

@@ -164,3 +164,13 @@ def test_digits_speedup_two_keeps_accuracy(digits_model, digits_calib, digits_te
     acc = (ort_run(out, {"input": x})[0].argmax(1) == y).mean()
     assert acc >= 0.98, acc  # measured 0.9975 (0.5525 without re-fit)
     assert rep.after["macs"] < 0.5 * rep.before["macs"]
+
+
+def test_ranks_beyond_what_the_core_can_hold_are_cut_without_a_warning(recwarn):
+    """R_out <= R_in·kh·kw (and the other way): a 3×1 kernel on 8 channels has at most 24."""
+    from onnxshrink.passes.tucker_conv import tucker2
+
+    w = np.random.default_rng(0).standard_normal((96, 8, 3, 1))
+    u_out, core, u_in = tucker2(w, 80, 8)
+    assert u_out.shape == (96, 24) and core.shape == (24, 8, 3, 1) and u_in.shape == (8, 8)
+    assert not [w for w in recwarn if "n_eigenvecs" in str(w.message)]
