@@ -161,10 +161,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="image folder: crop size (default: from the model)",
     )
-    p.add_argument(
-        "--mean", default="0,0,0", help="image folder: per-channel mean on the 0..1 scale"
-    )
-    p.add_argument("--std", default="1,1,1", help="image folder: per-channel std on the 0..1 scale")
+    p.add_argument("--mean", help="image folder: per-channel mean on the 0..1 scale (default 0)")
+    p.add_argument("--std", help="image folder: per-channel std on the 0..1 scale (default 1)")
     p.add_argument(
         "--layout", choices=("NCHW", "NHWC"), help="image folder: layout (default: from the model)"
     )

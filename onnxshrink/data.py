@@ -82,8 +82,8 @@ class ImageOptions:
     """How a folder of images becomes model input."""
 
     image_size: int | None = None
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    mean: tuple[float, ...] | str | None = None  # None: 0 for every channel
+    std: tuple[float, ...] | str | None = None  # None: 1 for every channel
     layout: str | None = None  # "NCHW" | "NHWC"; None: from the input shape
 
 

@@ -29,8 +29,6 @@ def read_folder(folder: Path, specs, opts) -> tuple[dict[str, np.ndarray], list[
     """({input name: samples}, notes for the report) from the images in ``folder``."""
     from PIL import Image  # imported here: only image folders need it
 
-    from onnxshrink.data import _parse_floats
-
     if len(specs) != 1:
         raise DataError(f"--data {folder}: an image folder feeds single-input models only")
     s = specs[0]
@@ -44,13 +42,17 @@ def read_folder(folder: Path, specs, opts) -> tuple[dict[str, np.ndarray], list[
     size = opts.image_size or s.dims[hw[0]]
     if size is None:
         raise DataError(f"--data {folder}: input '{s.name}' has dynamic height; give --image-size")
-    mean = np.asarray(_parse_floats(opts.mean, "mean"), np.float32)
-    std = np.asarray(_parse_floats(opts.std, "std"), np.float32)
-    if len(mean) not in (1, channels) or len(std) not in (1, channels) or (std == 0).any():
-        raise DataError(f"--mean/--std: need 1 or {channels} values, std non-zero")
+    mean, std = (
+        _per_channel(given, what, default, channels, s.name)
+        for given, what, default in ((opts.mean, "mean", 0.0), (opts.std, "std", 1.0))
+    )
+    if (std == 0).any():
+        raise DataError(f"--std: {','.join(f'{v:g}' for v in std)} has a zero; std divides")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
     if not files:
-        raise DataError(f"--data {folder}: no images (.jpg, .png, ...) in the folder")
+        raise DataError(
+            f"--data {folder}: no images in the folder (looked for {', '.join(sorted(SUFFIXES))})"
+        )
     notes = []
     if len(files) > MAX_IMAGES:
         notes.append(
@@ -73,6 +75,22 @@ def read_folder(folder: Path, specs, opts) -> tuple[dict[str, np.ndarray], list[
     if layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     return {s.name: np.ascontiguousarray(x.astype(s.dtype, copy=False))}, notes
+
+
+def _per_channel(given, what: str, default: float, channels: int, name: str) -> np.ndarray:
+    """``--mean``/``--std`` as one value per channel: none given -> ``default`` for each; one
+    value -> the same for each; else exactly one per channel of the input."""
+    from onnxshrink.data import _parse_floats
+
+    if given is None:
+        return np.full(channels, default, np.float32)
+    values = np.asarray(_parse_floats(given, what), np.float32)
+    if len(values) not in (1, channels):
+        raise DataError(
+            f"--{what}: {len(values)} values for input '{name}', which has {channels} "
+            f"channel{'s' if channels > 1 else ''}; give 1 or {channels}"
+        )
+    return values
 
 
 def _center_crop(im, size: int) -> np.ndarray:

@@ -116,6 +116,23 @@ def test_image_folder(tmp_path):
         load_data(str(empty), specs)
 
 
+def test_an_image_folder_for_a_one_channel_model_needs_no_options(tmp_path):
+    """Defaults fit the model's channels (they were three values, refused for one channel);
+    a wrong count or an empty folder each get their own message."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    specs = _specs("float[N, 1, 16, 16] x")
+    x = load_data(str(tmp_path), specs).arrays["x"]
+    assert x.shape == (2, 1, 16, 16) and x[1].max() == pytest.approx(60 / 255)
+    with pytest.raises(DataError, match="3 values for input 'x', which has 1 channel; give 1"):
+        load_data(str(tmp_path), specs, images=ImageOptions(mean="0.4,0.4,0.4"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images in the folder"):
+        load_data(str(tmp_path / "empty"), specs)
+
+
 def test_a_scalar_input_per_sample_reaches_onnxruntime_as_an_array(tmp_path):
     """A voice-activity model's ``sr`` (rank-0 int64) beside a whole input per sample: each
     batch gives onnxruntime a 0-d array, never a numpy scalar (which it cannot take)."""
