@@ -19,6 +19,9 @@ pre-pruning outputs of that layer (:mod:`onnxshrink.analysis.refit`).
 
 ``criterion=auto`` uses the strongest criterion the data allows: ``hessian`` with real data,
 ``l1`` with random data or none.
+
+BatchNormalization is folded into its Conv/Gemm first (exact; ``fold-batchnorm``), except
+with ``criterion=bn``: exporters share BN parameters through Identity nodes, which froze groups.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ class PruneChannelsPass(ShrinkPass):
 
     # -- the pass ---------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = False
+        if self.criterion != "bn":  # the bn criterion reads the scales folding would remove
+            folded, _ = self.fold_batchnorm(model)  # exporters share BN parameters: unfreezes
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         cg = ch.analyze(model)
         groups = self._prunable(cg)
@@ -105,7 +111,7 @@ class PruneChannelsPass(ShrinkPass):
             moments = self._moments(model, groups, data, workdir) if needs_stats else None
             plan = self._plan(model, groups, criterion, moments)
             if not plan:
-                return ir.passes.PassResult(model, modified=False)
+                return ir.passes.PassResult(model, modified=folded)
             refit = self.refit if self.refit is not None else real
             teacher = model.clone() if refit else None
             removed = cg.removed_channels({gid: idx for gid, (idx, _, _) in plan.items()})

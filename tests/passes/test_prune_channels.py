@@ -642,3 +642,41 @@ def test_global_ratio_cuts_that_share_of_channels_unevenly(resnet16):
     assert abs(removed - 0.3 * total) <= 8 * len(uniform)  # 30% of them, up to rounding to 8
     differs = [g for g in uniform if global_.get(g, uniform[g][:1] * 2) != uniform[g]]
     assert len(differs) >= len(uniform) // 2, differs  # spent by damage per MAC, not evenly
+
+
+def test_batchnorm_with_shared_parameters_is_folded_first_and_pruned():
+    """torch's exporter shares identical BN parameters through Identity nodes; those groups
+    were frozen ('parameters are not constant or are shared') unless fold-batchnorm ran first."""
+    rng = np.random.default_rng(4)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[8, 8, 3, 3] W2, float[8] s, float[8] b,
+       float[8] m, float[8] v, float[4, 8, 1, 1] W3) => (float[1, 4, 6, 6] y) {
+        h1 = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        n1 = BatchNormalization (h1, s, b, m, v)
+        r1 = Relu (n1)
+        h2 = Conv <pads = [1, 1, 1, 1]> (r1, W2)
+        s2 = Identity (s)
+        b2 = Identity (b)
+        m2 = Identity (m)
+        v2 = Identity (v)
+        n2 = BatchNormalization (h2, s2, b2, m2, v2)
+        r2 = Relu (n2)
+        y = Conv (r2, W3)
+    }"""
+    )
+    inits = {
+        "W1": rand(rng, 8, 3, 3, 3),
+        "W2": rand(rng, 8, 8, 3, 3),
+        "s": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "b": rand(rng, 8),
+        "m": rand(rng, 8),
+        "v": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "W3": rand(rng, 4, 8, 1, 1),
+    }
+    model = make_model(text, inits)
+    out, p = _prune(model, {"x": rand(rng, 1, 3, 6, 6)}, exact=False, ratio=0.5)
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    assert p.details["batchnorm_folded"] == 2
+    assert sorted(g["channels"] for g in p.details["groups"]) == ["8 -> 4", "8 -> 4"]
