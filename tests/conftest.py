@@ -69,3 +69,16 @@ def minilm() -> dict[str, Path]:
     from models import minilm
 
     return minilm.build()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a zoo run (pytest -m zoo): what each pass did on the third-party models."""
+    import sys
+
+    zoo_test = sys.modules.get("tests.test_zoo")
+    if zoo_test is None or not getattr(zoo_test, "RESULTS", None):
+        return
+    from models.zoo import table
+
+    terminalreporter.section("zoo: what each pass did (models/zoo.py)")
+    terminalreporter.write_line(table(zoo_test.RESULTS))
