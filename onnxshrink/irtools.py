@@ -62,15 +62,42 @@ def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (following Identity chains), or None."""
+    """The constant behind ``value``, or None: through Identity chains, and through a Reshape /
+    Unsqueeze / Squeeze of a constant (Paddle exports reshape every bias that way)."""
     while value is not None:
         if value.const_value is not None:
             return value.const_value.numpy()
         producer = value.producer()
-        if producer is None or producer.op_type != "Identity":
+        if producer is None or producer.domain not in ("", "ai.onnx"):
             return None
+        if producer.op_type != "Identity":
+            return _reshaped_const(producer)
         value = producer.inputs[0]
     return None
+
+
+def _reshaped_const(node: ir.Node) -> np.ndarray | None:
+    if node.op_type not in ("Reshape", "Unsqueeze", "Squeeze") or not node.inputs:
+        return None
+    data = const_array(node.inputs[0])
+    if data is None or data.size > 1 << 16:  # biases and scales, not weights to copy
+        return None
+    second = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type == "Reshape":
+        if second is None or node.attributes.get_int("allowzero", 0):
+            return None
+        shape = [data.shape[i] if d == 0 else int(d) for i, d in enumerate(second.tolist())]
+        return data.reshape(shape)
+    attr = node.attributes.get("axes")
+    axes = second if second is not None else (attr.as_ints() if attr is not None else None)
+    if node.op_type == "Unsqueeze":
+        if axes is None:
+            return None
+        rank = data.ndim + len(axes)
+        return np.expand_dims(data, tuple(int(a) % rank for a in axes))
+    if axes is None:
+        return np.squeeze(data)
+    return np.squeeze(data, tuple(int(a) % data.ndim for a in axes))
 
 
 def weight_users_outside(value: ir.Value, node: ir.Node) -> list[ir.Node]:

@@ -680,3 +680,30 @@ def test_batchnorm_with_shared_parameters_is_folded_first_and_pruned():
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     assert p.details["batchnorm_folded"] == 2
     assert sorted(g["channels"] for g in p.details["groups"]) == ["8 -> 4", "8 -> 4"]
+
+
+def test_a_bias_added_through_a_reshape_is_sliced_with_its_channels():
+    """Paddle adds each conv bias as Reshape(b, [1, C, 1, 1]): the Add froze the group
+    ('mixes pruned channels with an untracked tensor'); the reshaped constant is sliced now."""
+    rng = np.random.default_rng(5)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[8, 3, 3, 3] W1, float[8] b, int64[4] shape,
+       float[4, 8, 1, 1] W2) => (float[1, 4, 6, 6] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        rb = Reshape (b, shape)
+        a = Add (h, rb)
+        r = Relu (a)
+        y = Conv (r, W2)
+    }"""
+    )
+    w1, b = _dead(rand(rng, 8, 3, 3, 3), [1, 5], bias=rand(rng, 8))
+    model = make_model(
+        text, {"W1": w1, "b": b, "shape": np.array([1, 8, 1, 1]), "W2": rand(rng, 4, 8, 1, 1)}
+    )
+    out, p = _prune(model, {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.25)
+    add = next(n for n in out.graph.node if n.op_type == "Add")
+    inits = {i.name: list(i.dims) for i in out.graph.initializer}
+    assert inits[add.input[1]] == [1, 6, 1, 1]
+    assert [g["channels"] for g in p.details["groups"]] == ["8 -> 6"]
