@@ -329,7 +329,8 @@ def _why(rec: dict) -> str:
         text = collections.Counter(rec["skipped"]).most_common(1)[0][0]
     text = re.sub(r"^group .*? frozen: ", "frozen: ", text)  # the group's name: not a reason
     text = re.sub(r"^\S*[/.]\S*: ", "", text)  # a leading node name
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?", "…", text)  # names/figures: group alike
+    # names and figures (not the 2 of "2-D"): reasons that differ only there count as one
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w-])\d+(\.\d+)?(?![\w-])", "…", text)
     return text[:60]
 
 
