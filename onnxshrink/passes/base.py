@@ -169,7 +169,14 @@ class ShrinkPass(ir.passes.InPlacePass):
         from onnxshrink.irtools import names
 
         with names():
-            return super().__call__(model)
+            result = super().__call__(model)
+        if self.lossy and not result.modified and (inside := _weighted_in_subgraphs(model)):
+            self.skip(
+                "model",
+                f"{inside} Conv/Gemm/MatMul inside If/Loop/Scan bodies: this pass rewrites the "
+                "main graph only",
+            )
+        return result
 
     def bind(self, context: PassContext) -> None:
         self.context = context
@@ -328,3 +335,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str | list[str]]]:
         else:
             raise OptionError(f"bad pass spec '{spec}': expected KEY=VALUE, got '{item}'")
     return name, options
+
+
+def _weighted_in_subgraphs(model: ir.Model) -> int:
+    """Conv / ConvTranspose / Gemm / MatMul nodes in the model's subgraphs (not the main graph)."""
+    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+    every = sum(n.op_type in ops for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    return every - sum(n.op_type in ops for n in model.graph)
