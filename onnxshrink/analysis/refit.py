@@ -337,7 +337,8 @@ def _rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y) rows of one batch: sampled im2col patches for a Conv, samples for Gemm/MatMul
     (sampled positions for a batched MatMul)."""
-    keep = np.setdiff1d(np.arange(y.shape[1]), removed_out if removed_out is not None else [])
+    axis = 1 if node.op_type == "Conv" else -1  # the output channels: NCHW's, or the last axis
+    keep = np.setdiff1d(np.arange(y.shape[axis]), removed_out if removed_out is not None else [])
     if node.op_type == "Conv":
         w = const_array(node.inputs[1])
         total = y.shape[0] * y.shape[2] * y.shape[3]
@@ -346,7 +347,6 @@ def _rows(
         g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
         return (X.reshape(len(idx), g, -1), Y.reshape(len(idx), g, -1)) if g > 1 else (X, Y)
     if x.ndim > 2:  # a batched MatMul [..., K] @ [K, M]: every leading position is a row
-        keep = np.setdiff1d(np.arange(y.shape[-1]), removed_out if removed_out is not None else [])
         X, Y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         idx = np.sort(rng.choice(len(X), min(rows, len(X)), replace=False))
         return X[idx], Y[idx][:, keep]

@@ -135,6 +135,12 @@ class InsertQDQPass(ShrinkPass):
         self.change(f"model: opset {opset} -> 13 (per-channel QDQ needs it)")
         return old
 
+    def undo_opset_13(self, model: ir.Model, old: ir.Graph | None) -> None:
+        """Nothing quantized: ``model`` gets back the graph :meth:`opset_13` replaced."""
+        if old is not None:
+            model.graph = old
+            self.changed = [c for c in self.changed if not c.startswith("model: opset")]
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         old = self.opset_13(model)
         if reason := _model_refusal(model):
@@ -151,9 +157,8 @@ class InsertQDQPass(ShrinkPass):
                 if step.wanted(self, state):
                     logger.debug("%s: %s", self.name, step.name)
                     step.run(self, state)
-        if old is not None and not state.modified:
-            model.graph = old  # nothing quantized: the opset stays as it was
-            self.changed = [c for c in self.changed if not c.startswith("model: opset")]
+        if not state.modified:
+            self.undo_opset_13(model, old)
         return ir.passes.PassResult(model, modified=state.modified)
 
 
@@ -186,9 +191,8 @@ class QuantizePass(InsertQDQPass):
             folded_bn, self._unfoldable = self.fold_batchnorm(model)
         result = super().call(model)
         if not result.modified:
-            if old is not None and not folded_bn:
-                model.graph = old
-                self.changed = [c for c in self.changed if not c.startswith("model: opset")]
+            if not folded_bn:
+                self.undo_opset_13(model, old)
             return ir.passes.PassResult(model, modified=folded_bn)
         fold = FoldQDQPass()
         fold.bind(self.context)
