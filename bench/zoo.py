@@ -35,7 +35,7 @@ def run_one(model: str, spec: str) -> dict:
         return {"status": "error", "reason": f"{type(e).__name__}: {e}", "seconds": 0.0}
     rec = report.passes[-1]
     return {
-        "status": rec.status,
+        "status": "partly" if rec.partial else rec.status,
         "raised": rec.traceback is not None,
         "reason": (rec.reason or "").splitlines()[0][:160] if rec.reason else "",
         "skipped": [s.reason for s in rec.skipped],

@@ -335,12 +335,12 @@ def _why(rec: dict) -> str:
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    """Markdown: per pass, on how many models it applied / was unchanged / rolled back / raised,
-    and the most frequent reasons where it did not apply. ``results``: model -> pass -> record
-    with ``status``, ``reason``, ``skipped`` (reasons) and ``raised`` (bool)."""
+    """Markdown: per pass, on how many models it applied (wholly or partly) / was unchanged /
+    rolled back / raised, and the most frequent reasons where it did not apply. ``results``:
+    model -> pass -> record with ``status``, ``reason``, ``skipped`` (reasons), ``raised``."""
     import collections
 
-    kinds = ("applied", "unchanged", "rolled-back", "raised")
+    kinds = ("applied", "partly", "unchanged", "rolled-back", "raised")
     if any(r["status"] == "error" for per in results.values() for r in per.values()):
         kinds += ("error",)
     out = [f"| pass | {' | '.join(kinds)} | most frequent reasons (models) |"]
@@ -348,7 +348,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     for p in dict.fromkeys(p for per in results.values() for p in per):
         rows = [per[p] for per in results.values() if p in per]
         n = collections.Counter("raised" if r.get("raised") else r["status"] for r in rows)
-        why = collections.Counter(_why(r) for r in rows if r["status"] != "applied")
+        why = collections.Counter(_why(r) for r in rows if r["status"] not in ("applied", "partly"))
         top = "; ".join(f"{w} ({k})" for w, k in why.most_common(2) if w)
         out.append(f"| {p} | {' | '.join(str(n.get(k, 0)) for k in kinds)} | {top} |")
     return "\n".join(out)

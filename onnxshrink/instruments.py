@@ -4,7 +4,9 @@
 and the original: a pass is rolled back when the model is invalid (checker, strict shape
 inference, onnxruntime), slower than its bound, changes output names or shapes, leaves a lossless
 pass's outputs different, takes a lossy pass's cosine below its floor, or lets the optimized
-session's integer kernels disagree with the reference. :class:`ReportCollector` fills the
+session's integer kernels disagree with the reference -- except that a lossy pass below its
+floor is first re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`) and kept if
+one such try holds. :class:`ReportCollector` fills the
 :class:`~onnxshrink.report.Report`; :class:`Timing` and :class:`Progress` measure and show.
 """
 
@@ -28,6 +30,7 @@ from onnxshrink.pipeline import (
 )
 from onnxshrink.report import Fidelity, Report
 from onnxshrink.validate import (
+    BelowFloor,
     Invalid,
     Signature,
     check_file,
@@ -229,63 +232,100 @@ class Validate(Instrument):
             rec.fidelity = self.fidelity if run.error is None else None
             return
         t0 = time.perf_counter()
-        path = self.workdir / f"pass{run.index:02d}.onnx"
         try:
-            size = io.write(run.model, path)
-            self._check(run, path)
+            checked = self._validate(run.pass_, run.model, f"{run.index:02d}")
+        except BelowFloor as e:
+            checked = self._degrade(run, e)
+            if checked is None:
+                rec.status, rec.reason = "rolled-back", str(e)
+                if (n := len(set(run.pass_.layers))) >= 2:
+                    rec.reason += f"; nor when sparing the most damaging of its {n} layers"
+        except Invalid as e:
+            rec.status, rec.reason, checked = "rolled-back", str(e), None
+        except Exception as e:  # onnxruntime refusing the model, a write failure, ...
+            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {one_line(e)}"
+            checked = None
+        if checked is not None:
+            outputs, step, total, rec.stats, rec.kernels = checked
+            if outputs is not None:
+                rec.fidelity, rec.fidelity_step = total, step
+                self.before_outputs, self.fidelity = outputs, total
+        rec.validate_seconds = time.perf_counter() - t0
+
+    def _validate(self, p: ShrinkPass, model: ir.Model, tag: str) -> tuple:
+        """(outputs, fidelity against the model before, against the original, stats, kernels)
+        of ``model``, ``p``'s result; raises :class:`Invalid` (:class:`BelowFloor`) if it fails."""
+        path = self.workdir / f"pass{tag}.onnx"
+        try:
+            size = io.write(model, path)
+            sig = check_file(path, strict_inference=self._strict)
+            if diff := sig.differs(self._signature):
+                raise Invalid(diff)
             if self.static:
-                if run.pass_.lossy:
+                if p.lossy:
                     raise Invalid(
                         "fidelity cannot be measured: onnxruntime cannot run this model (custom "
                         "ops)"
                     )
-                rec.stats = {"bytes": size}
-                return
-            outputs = self._run(path, run.pass_.name)
+                return None, None, None, {"bytes": size}, None
+            outputs = self._run(path, p.name)
             step = compare(self.before_outputs, outputs)
             total = compare(self.original_outputs, outputs)
-            self._judge(run.pass_, step, total)
-            if uses_integer_kernels(run.model):
-                rec.kernels = self._kernels(run, path, outputs, total)
-        except Invalid as e:
-            rec.status, rec.reason = "rolled-back", str(e)
-        except Exception as e:  # onnxruntime refusing the model, a write failure, ...
-            rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {one_line(e)}"
-        else:
-            rec.fidelity, rec.fidelity_step = total, step
-            rec.stats = {"bytes": size}
-            self.before_outputs, self.fidelity = outputs, total
+            self._judge(p, step, total)
+            kernels = (
+                self._kernels(p, model, path, outputs, total)
+                if uses_integer_kernels(model)
+                else None
+            )
+            return outputs, step, total, {"bytes": size}, kernels
         finally:
-            for f in self.workdir.glob(f"pass{run.index:02d}.onnx*"):
+            for f in self.workdir.glob(f"pass{tag}.onnx*"):
                 f.unlink()
-            rec.validate_seconds = time.perf_counter() - t0
 
-    def _kernels(self, run: PassRun, path: Path, written: runtime.Outputs, total: Fidelity) -> dict:
+    def _degrade(self, run: PassRun, failure: BelowFloor) -> tuple | None:
+        """The pass re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`); the
+        record then tells what was kept back. None when no try held."""
+        from onnxshrink import degrade
+
+        t0 = time.perf_counter()
+        found = degrade.partial(
+            run.pass_,
+            run.snapshot,
+            run.model,
+            failure.drop,
+            lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
+            self.data,
+            self.workdir,
+            self.progress,
+        )
+        if found is None:
+            return None
+        run.model = found.model
+        found.record(run.record, str(failure))
+        run.record.partial["seconds"] = round(time.perf_counter() - t0, 2)
+        return found.checked
+
+    def _kernels(
+        self, p: ShrinkPass, model: ir.Model, path: Path, written: runtime.Outputs, total: Fidelity
+    ) -> dict:
         """The candidate in an optimized session (onnxruntime's integer kernels on this CPU)
         against its run as written (:func:`onnxshrink.validate.kernel_verdict`)."""
         from onnxshrink.analysis.saturation import unsafe_layers
         from onnxshrink.cpu import this_cpu
 
         cpu = this_cpu()
-        agree = compare(
-            written, self._run(path, f"{run.pass_.name} (integer kernels)", optimize=True)
-        )
+        agree = compare(written, self._run(path, f"{p.name} (integer kernels)", optimize=True))
         info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
-        unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(run.model)
+        unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(model)
         failure, warning = kernel_verdict(
-            agree, total, cpu, unsafe, getattr(run.pass_, "cpu", None) == "vnni", self.kernel_gap
+            agree, total, cpu, unsafe, getattr(p, "cpu", None) == "vnni", self.kernel_gap
         )
         if failure:
             raise Invalid(failure)
         if warning:
-            info["warning"] = f"{run.pass_.name}: {warning}"
+            info["warning"] = f"{p.name}: {warning}"
         self.kernel_gap = 1.0 - agree.cosine
         return info
-
-    def _check(self, run: PassRun, path: Path) -> None:
-        sig = check_file(path, strict_inference=self._strict)
-        if diff := sig.differs(self._signature):
-            raise Invalid(diff)
 
     def _judge(self, p: ShrinkPass, step: Fidelity, total: Fidelity) -> None:
         if not p.lossy:
@@ -310,8 +350,9 @@ class Validate(Instrument):
             else (total, "the original")
         )
         if against.cosine < floor:
-            raise Invalid(
-                f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}"
+            raise BelowFloor(
+                f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}",
+                (1.0 - against.cosine, 1.0 - floor),
             )
 
 

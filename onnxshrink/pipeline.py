@@ -5,7 +5,8 @@ functions and re-sorts the graph. Instruments (TVM's ``PassInstrument`` idea) ar
 every pass: ``before_pass`` in reverse order, ``after_pass`` in order, so a timer measures the
 pass alone (:mod:`onnxshrink.instruments`). An instrument may mark a pass ``rolled-back``; the
 pipeline then restores the model as it was before the pass (a clone taken beforehand: tensors
-are shared, never mutated) and goes on -- or raises :class:`ValidationError` when ``strict``.
+are shared, never mutated) and goes on -- or raises :class:`ValidationError` when ``strict``;
+it may also hand back another model for the pass (``run.model``: the pass applied partly).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class Pipeline:
                 record.status = "applied" if run.modified else "unchanged"
             for inst in self.instruments:
                 inst.after_pass(run)
-            if record.status == "rolled-back":
+            if record.status != "rolled-back":
+                model = run.model  # an instrument may hand back another (a partial application)
+            else:
                 model = run.snapshot
                 if self.strict:
                     for inst in self.instruments:

@@ -52,7 +52,7 @@ class Skip:
 class PassRecord:
     name: str
     options: dict[str, Any]
-    status: str = "pending"  # applied | unchanged | rolled-back
+    status: str = "pending"  # applied (``partial``: in part) | unchanged | rolled-back
     seconds: float = 0.0
     validate_seconds: float = 0.0
     changed: list[str] = dataclasses.field(default_factory=list)
@@ -65,6 +65,8 @@ class PassRecord:
     # integer kernels (an optimized session on this CPU) against the model as written
     kernels: dict[str, Any] | None = None
     traceback: str | None = None  # where a pass that raised did (shown with --verbose)
+    # applied partly (onnxshrink.degrade): layers applied / compressed by the full pass, kept back
+    partial: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -86,6 +88,8 @@ class PassRecord:
             d["kernels"] = self.kernels
         if self.traceback:
             d["traceback"] = self.traceback
+        if self.partial:
+            d["partial"] = self.partial
         return d
 
 
@@ -160,10 +164,13 @@ class Report:
             table.add_column(col, justify=just)
         for p in self.passes:
             style = {"applied": "green", "unchanged": "dim", "rolled-back": "red"}.get(p.status, "")
+            status = p.status
+            if p.partial:
+                style, status = "yellow", f"partly ({p.partial['applied']}/{p.partial['layers']})"
             f = p.fidelity
             table.add_row(
                 literal(p.name + (f" ({format_options(p.options)})" if p.options else "")),
-                f"[{style}]{p.status}[/]",
+                f"[{style}]{status}[/]",
                 str(len(p.changed)),
                 str(len(p.skipped)),
                 f"{p.seconds + p.validate_seconds:.2f}",
@@ -177,7 +184,9 @@ class Report:
                 console.print(f"[red]rolled back[/] {literal(p.name)}: {literal(p.reason)}")
                 for line in (p.traceback or "").splitlines() if verbose else ():
                     console.print(f"[dim]{literal(line)}[/]")
-            elif p.kernels:
+            elif p.partial:
+                _render_partial(console, p, verbose)
+            if p.kernels and p.status != "rolled-back":
                 console.print(
                     f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
                     f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]"
@@ -219,6 +228,18 @@ class Report:
                     f"  [dim]{c['method']} {literal(c['layer'] or '(model)')} @ {c['level']:g}: "
                     f"drop {c['drop']:.4f}[/]"
                 )
+
+
+def _render_partial(console, p: PassRecord, verbose: bool, shown: int = 4) -> None:
+    """``prune applied to 21 of 30 layers; kept back 9 whose damage broke the floor ...``."""
+    a = p.partial
+    kept = a["kept"] if verbose else a["kept"][:shown]
+    more = "" if len(kept) == len(a["kept"]) else f", … ({len(a['kept'])}; --verbose lists them)"
+    console.print(
+        f"[yellow]applied partly[/] {literal(p.name)}: to {a['applied']} of {a['layers']} layers; "
+        f"kept back {len(a['kept'])} whose damage broke the floor (the whole pass: cosine "
+        f"{a['full_cosine']:.5f}; {a['tries']} tries): {literal(', '.join(kept))}{more}"
+    )
 
 
 def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:

@@ -35,6 +35,7 @@ from onnxshrink.errors import first_line
 from onnxshrink.report import Fidelity
 
 __all__ = [
+    "BelowFloor",
     "EXACT_TOL",
     "INTEGER_OPS",
     "KERNEL_SHARE",
@@ -69,6 +70,14 @@ INTEGER_OPS = {
 
 class Invalid(Exception):
     """The candidate model is broken; the message says how (one line)."""
+
+
+class BelowFloor(Invalid):
+    """A lossy pass's fidelity fell below its floor: ``drop`` = (1 − cosine, 1 − floor)."""
+
+    def __init__(self, message: str, drop: tuple[float, float]) -> None:
+        super().__init__(message)
+        self.drop = drop
 
 
 @dataclasses.dataclass(frozen=True)

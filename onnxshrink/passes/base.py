@@ -34,7 +34,7 @@ class Log(Protocol):
     on the real model, :data:`DISCARD` on a trial copy, so nothing a trial does reaches the
     report."""
 
-    def change(self, what: str) -> None: ...
+    def change(self, what: str, layer: str | None = None) -> None: ...
 
     def skip(self, node: ir.Node | str, reason: str) -> None: ...
 
@@ -42,7 +42,7 @@ class Log(Protocol):
 class _Discard:
     """A log that keeps nothing: for trial copies."""
 
-    def change(self, what: str) -> None: ...
+    def change(self, what: str, layer: str | None = None) -> None: ...
 
     def skip(self, node: ir.Node | str, reason: str) -> None: ...
 
@@ -80,6 +80,7 @@ class ShrinkPass(ir.passes.InPlacePass):
         self.changed: list[str] = []
         self.skipped: list[Skip] = []
         self.details: dict[str, Any] = {}
+        self.layers: list[str] = []  # what ``skip`` names, of the layers this run compressed
 
     # -- for subclasses ---------------------------------------------------------------------
     def skip(self, node: ir.Node | str, reason: str) -> None:
@@ -94,9 +95,13 @@ class ShrinkPass(ir.passes.InPlacePass):
         progress = self.context.progress
         return NullTask() if progress is None else progress.task(description, total)
 
-    def change(self, what: str) -> None:
-        """Records one change (e.g. ``"Conv_3 <- BatchNormalization_4"``)."""
+    def change(self, what: str, layer: str | None = None) -> None:
+        """Records one change (e.g. ``"Conv_3 <- BatchNormalization_4"``); ``layer``: the name
+        the ``skip`` option would give to leave this change out (a lossy pass below its floor
+        is re-run sparing the most damaging of these: :mod:`onnxshrink.degrade`)."""
         self.changed.append(what)
+        if layer:
+            self.layers.append(layer)
 
     @property
     def has_real_data(self) -> bool:
@@ -180,7 +185,7 @@ class ShrinkPass(ir.passes.InPlacePass):
 
     def bind(self, context: PassContext) -> None:
         self.context = context
-        self.changed, self.skipped, self.details = [], [], {}
+        self.changed, self.skipped, self.details, self.layers = [], [], {}, []
 
     def options(self) -> dict[str, Any]:
         """The option values that differ from the defaults (for the report)."""

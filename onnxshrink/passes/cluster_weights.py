@@ -344,7 +344,9 @@ class ClusterWeightsPass(ShrinkPass):
         node.replace_input_with(1, out)
         err = float(np.sqrt(np.mean((decoded - w) ** 2)) / (np.std(w) + 1e-30))
         log.change(
-            f"{base}: {w.size} weights -> {len(centroids)} centroids (relative RMS error {err:.4f})"
+            f"{base}: {w.size} weights -> {len(centroids)} centroids "
+            f"(relative RMS error {err:.4f})",
+            node.name,
         )
         return decoded
 

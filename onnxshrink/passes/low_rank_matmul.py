@@ -179,7 +179,8 @@ class LowRankMatMulPass(ShrinkPass):
         self.change(
             f"{t.node.name}: {n_in}×{n_out} -> rank {r} "
             f"({'activation-aware' if G is not None else 'SVD'}, "
-            f"{form}, {100 * kept:.1f}% energy kept)"
+            f"{form}, {100 * kept:.1f}% energy kept)",
+            t.node.name,
         )
         return {
             "node": t.node.name,

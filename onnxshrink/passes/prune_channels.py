@@ -240,7 +240,9 @@ class PruneChannelsPass(ShrinkPass):
                     "producers": [p.name for p in g.producers],
                 }
             )
-            self.change(f"{g.name}: {size} -> {size - len(idx)} channels ({used})")
+            self.change(
+                f"{g.name}: {size} -> {size - len(idx)} channels ({used})", g.producers[0].name
+            )
         self.details["groups"] = rows
 
 

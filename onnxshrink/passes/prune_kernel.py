@@ -157,7 +157,8 @@ class PruneKernelPass(ShrinkPass):
             )
             self.change(
                 f"{node.name}: kernel {kh}×{kw} -> {len(rows)}×{len(cols)} (rows {list(rows)}, "
-                f"cols {list(cols)}; {100 * kept:.1f}% of the weight energy)"
+                f"cols {list(cols)}; {100 * kept:.1f}% of the weight energy)",
+                node.name,
             )
             changed.append(node)
         if not changed:

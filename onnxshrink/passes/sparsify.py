@@ -159,7 +159,8 @@ class SparsifyPass(ShrinkPass):
             )
             self.change(
                 f"{node.name}: {100 * (1 - nnz / sparse.size):.1f}% zeros, {form}, "
-                f"{w.nbytes} -> {size} bytes"
+                f"{w.nbytes} -> {size} bytes",
+                node.name,
             )
         self.details.update(
             {

@@ -169,7 +169,8 @@ class TuckerConvPass(ShrinkPass):
             layers.append(record)
             self.change(
                 f"{record['node']}: {record['form']} ranks {record['ranks']}, MACs/pixel "
-                f"{record['macs_before']} -> {record['macs_after']}"
+                f"{record['macs_before']} -> {record['macs_after']}",
+                node.name,
             )
         if not done:
             return ir.passes.PassResult(model, modified=False)

@@ -28,3 +28,27 @@ def spare_until(
         if current >= floor:
             break
     return spared, current
+
+
+def fewest(most: int, holds: Callable[[int], bool], first: int, tries: int) -> int | None:
+    """The smallest k in 1..most found with ``holds(k)`` within ``tries`` calls, from ``first``.
+
+    ``holds`` is taken as monotone (sparing more layers never lowers fidelity) and false at 0
+    (the full pass failed): a failing k doubles (a passing one bisects) the interval (lo, hi].
+    None when no call held.
+    """
+    lo, hi, k = 0, None, min(max(first, 1), most)
+    for _ in range(tries):
+        if holds(k):
+            hi = k
+        else:
+            lo = k
+        if hi is None:
+            if lo >= most:
+                break
+            k = min(most, 2 * k)
+        else:
+            if hi - lo <= 1:
+                break
+            k = (lo + hi) // 2
+    return hi

@@ -102,7 +102,8 @@ def _quantize_weights(p, state, graph, node, mu, delta, log: Log, moved) -> None
     if mu is not None and not resolved and node.op_type in ("Conv", "Gemm"):
         correct_bias(graph, node, w, deq, mu, delta)
     how = ", Hessian-aware rounding" if resolved else ""
-    log.change(f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}{how}")
+    what = f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}{how}"
+    log.change(what, node.name)
 
 
 def _insert(graph, value: ir.Value, scale, zp, shared: dict) -> None:

@@ -1,0 +1,117 @@
+"""Degrade, don't collapse (:mod:`onnxshrink.degrade`): a lossy pass below its floor is re-run
+sparing its most damaging layers, and the report names the layers kept back."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxshrink
+from onnxshrink.irtools import const_array, set_const_input
+from onnxshrink.passes.base import ShrinkPass
+from onnxshrink.search import fewest
+
+
+@pytest.mark.parametrize("first", [1, 3, 7, 29])
+def test_fewest_finds_the_smallest_count_that_holds(first):
+    for threshold in range(1, 30):
+        calls = []
+
+        def holds(k, t=threshold):
+            calls.append(k)
+            return k >= t
+
+        assert fewest(29, holds, first, tries=12) == threshold
+        assert len(calls) <= 12 and len(set(calls)) == len(calls)  # never the same k twice
+    assert fewest(29, lambda k: False, 1, tries=12) is None
+    assert fewest(29, lambda k: k >= 20, 1, tries=2) is None  # 1, 2: out of tries
+
+
+@dataclasses.dataclass
+class LayerNoisePass(ShrinkPass):
+    """Test only: relative noise on every Conv/Gemm weight, ``loud`` on the layer ``target``."""
+
+    name: ClassVar[str] = "test-layer-noise"
+    lossy: ClassVar[bool] = True
+    target: str = ""
+    loud: float = 3.0
+    quiet: float = 0.002
+    skip_: tuple[str, ...] = ()
+    floor: float | None = 0.99
+
+    def call(self, model):
+        rng = np.random.default_rng(0)
+        for node in list(model.graph):
+            w = const_array(node.inputs[1]) if node.op_type in ("Conv", "Gemm") else None
+            if w is None or node.name in self.skip_:
+                continue
+            level = self.loud if node.name == self.target else self.quiet
+            noisy = w + level * np.abs(w).mean() * rng.standard_normal(w.shape).astype(w.dtype)
+            set_const_input(model.graph, node, 1, noisy, "noisy")
+            self.change(f"{node.name}: noise {level}", node.name)
+        return ir.passes.PassResult(model, modified=bool(self.layers))
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+
+
+def test_the_one_damaging_layer_is_measured_and_kept_back(digits_model, digits_calib):
+    original = onnx.load(str(digits_model))
+    layers = list(_weights(original))
+    target = layers[len(layers) // 2]
+    out, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target)], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None
+    assert rec.partial["kept"] == [target]
+    assert rec.partial["full_cosine"] < 0.99 <= rec.fidelity.cosine
+    # the damage measured points at it: the first try (sparing the fewest layers whose share of
+    # the damage covers the drop, with a margin) holds, and at most one more tries fewer
+    assert rec.partial["tries"] <= 2
+    assert rec.partial["applied"] == len(layers) - 1 == len(rec.changed)
+    assert [s.node for s in rec.skipped if s.reason.startswith("kept back: ")] == [target]
+    after, before = _weights(out), _weights(original)
+    assert np.array_equal(after[target], before[target])
+    assert all(not np.array_equal(after[n], before[n]) for n in layers if n != target)
+
+
+def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, capsys):
+    """Tucker at 3x fewer MACs breaks a 0.99 floor on the digits CNN as a whole; applied to part
+    of its layers it holds the floor and still saves MACs."""
+    _, report = onnxshrink.compress(
+        onnx.load(str(digits_model)), ["tucker:speedup=3,floor=0.99"], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert 0 < rec.partial["applied"] < rec.partial["layers"]
+    assert rec.partial["full_cosine"] < 0.99 <= rec.fidelity.cosine
+    assert rec.partial["tries"] <= 5
+    assert report.after["macs"] < 0.9 * report.before["macs"]
+    kept = rec.partial["kept"]
+    assert {s.node for s in rec.skipped if s.reason.startswith("kept back: ")} == set(kept)
+    assert all(not c.startswith(k + ":") for c in rec.changed for k in kept)
+    from rich.console import Console
+
+    report.render(Console(width=200))
+    shown = capsys.readouterr().out
+    assert f"tucker: to {rec.partial['applied']} of {rec.partial['layers']} layers" in shown
+    assert all(k in shown for k in kept)
+
+
+def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib):
+    """Every layer loud: no subset short of all holds, so the pass is rolled back, saying that
+    sparing was tried."""
+    _, report = onnxshrink.compress(
+        onnx.load(str(digits_model)), [LayerNoisePass(quiet=3.0)], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "rolled-back" and rec.partial is None
+    assert "nor when sparing the most damaging of its" in rec.reason
