@@ -114,13 +114,11 @@ def _not_utf8(graph: onnx.GraphProto) -> bytes | None:
 
 
 def lift_constants(model: ir.Model) -> int:
-    """Turn tensor-valued ``Constant`` nodes of the main graph into initializers.
-
-    Subgraphs (If/Loop bodies) are left as they are. Returns the number of nodes lifted.
-    """
-    graph = model.graph
+    """Turn tensor-valued ``Constant`` nodes into initializers of their graph (If/Loop bodies
+    included: their weights then count as params). Returns the number of nodes lifted."""
     count = 0
-    for node in list(graph):
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        graph = node.graph
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
         if len(node.attributes) != 1 or "value" not in node.attributes:

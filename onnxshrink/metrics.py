@@ -10,6 +10,8 @@ MACs are multiply-accumulates for one run of the model with dynamic batch dimens
   -- every input element is scattered to one group's outputs through the kernel.
 * Gemm / MatMul / MatMulInteger / QLinearMatMul: ``prod(Y.shape) * K`` with K the reduced axis;
   batched and broadcast MatMul included.
+* LSTM / GRU / RNN: ``T * N * directions * G·H * (I + H)``, G = 4 / 3 / 1 gates.
+* If: its costlier branch; Loop / Scan: one run of the body (per iteration).
 
 Other ops (element-wise, pooling, normalisation) are not counted as MACs, as is customary.
 Params are the elements of all initializers except INT64 ones (shapes, axes, indices); a node's
@@ -107,6 +109,32 @@ def _gemm(node: ir.Node) -> int | None:
     return math.prod(y) * k
 
 
+def _recurrent(node: ir.Node) -> int | None:
+    x, w, r = (_shape_of(node.inputs[i]) for i in range(3))
+    if x is None or w is None or r is None or len(x) != 3:
+        return None
+    steps, batch = (x[1], x[0]) if node.attributes.get_int("layout", 0) else (x[0], x[1])
+    return steps * batch * w[0] * w[1] * (w[2] + r[2])  # w: [dirs, G*H, I], r: [dirs, G*H, H]
+
+
+def _control(node: ir.Node) -> int | None:
+    """If: the costlier branch; Loop / Scan: the body once (None if any count is unknown)."""
+    per_graph = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.as_graph()]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.as_graphs())
+        else:
+            continue
+        for g in graphs:
+            counts = [node_macs(n) for n in g]
+            per_graph.append(None if None in counts else sum(counts))
+    if None in per_graph:
+        return None
+    return max(per_graph, default=0)
+
+
 _MACS = {
     "Conv": _conv,
     "ConvInteger": _conv,
@@ -116,6 +144,12 @@ _MACS = {
     "MatMul": _matmul,
     "MatMulInteger": _matmul,
     "QLinearMatMul": _matmul,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
+    "If": _control,
+    "Loop": _control,
+    "Scan": _control,
 }
 
 

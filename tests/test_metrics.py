@@ -173,3 +173,64 @@ def test_digits_model_totals(digits_model):
     ]
     assert [lay.macs for lay in convs] == expected
     assert st.macs == sum(expected) + 64 * 10
+
+
+def test_if_counts_its_costlier_branch_and_loads_its_weights(tmp_path):
+    """Branch weights held in Constant nodes become params (lifted on load); the If's MACs are
+    its costlier branch: else = 8 out channels x 6x6 x 27 = 7,776 (then: 4 channels, 3,888)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper as h
+
+    from onnxshrink import io
+
+    rng = np.random.default_rng(0)
+
+    def branch(name, c_out):
+        w = h.make_tensor(
+            f"{name}_w", onnx.TensorProto.FLOAT, [c_out, 3, 3, 3], rand(rng, c_out, 3, 3, 3).ravel()
+        )
+        return h.make_graph(
+            [
+                h.make_node("Constant", [], [f"{name}_wv"], value=w),
+                h.make_node("Conv", ["x", f"{name}_wv"], [f"{name}_y"]),
+                h.make_node("ReduceMean", [f"{name}_y"], [f"{name}_out"], keepdims=1),
+            ],
+            name,
+            [],
+            [h.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [1, c_out, 1, 1])],
+        )
+
+    graph = h.make_graph(
+        [h.make_node("If", ["c"], ["y"], then_branch=branch("t", 4), else_branch=branch("e", 8))],
+        "g",
+        [
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+            h.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+        ],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "c", 1, 1])],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    loaded = io.load(proto)
+    assert loaded.lifted_constants == 2
+    stats = metrics.model_stats(loaded.model, with_bytes=False)
+    assert stats.params == (4 + 8) * 27
+    assert stats.macs == 8 * 6 * 6 * 27 and not stats.macs_unknown
+    io.write(loaded.model, tmp_path / "m.onnx")  # lifted into the branches, still runs the same
+    feed = {"x": rand(rng, 1, 3, 8, 8), "c": np.array(True)}
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, feed)[0]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feed)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lstm_hand_count():
+    # T=5 steps, batch 2, input 3, hidden 2, bidirectional: 5 * 2 * 2 dirs * 4*2 gates * (3 + 2)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[5, 2, 3] x, float[2, 8, 3] W, float[2, 8, 2] R) => (float[5, 2, 2, 2] y) {
+        y = LSTM <hidden_size = 2, direction = "bidirectional"> (x, W, R)
+    }
+    """
+    rng = np.random.default_rng(0)
+    stats = _stats(text, {"W": rand(rng, 2, 8, 3), "R": rand(rng, 2, 8, 2)})
+    assert stats.macs == 5 * 2 * 2 * 8 * (3 + 2)
