@@ -20,6 +20,7 @@ from onnxshrink.instruments import Progress, ReportCollector, Timing, Validate
 from onnxshrink.passes import DEFAULT_PIPELINE, PassContext, ShrinkPass, make_pass
 from onnxshrink.pipeline import Pipeline
 from onnxshrink.report import Report
+from onnxshrink.task import load_metric
 
 __all__ = ["compress"]
 
@@ -47,6 +48,7 @@ def compress(
     max_drop: float = 0.01,
     report_html: str | os.PathLike | None = None,
     report_json: str | os.PathLike | None = None,
+    metric: Any = None,
 ) -> tuple[Any, Report]:
     """Compresses ``model`` with ``passes`` (default: the exact passes), validating each one.
 
@@ -68,6 +70,10 @@ def compress(
             of top-1 agreement (cosine for non-classifiers) on the held-out data.
         report_html: write a self-contained HTML report there (plots with matplotlib if installed).
         report_json: write the report as JSON there (after the model).
+        metric: a task metric, ``f(reference_outputs, outputs) -> float`` in [0, 1] (1: as good;
+            dicts of output name -> array over the validation samples), or ``"module:function"``
+            naming one: judged instead of the cosine against each pass's floor and in
+            ``target``'s drop (:mod:`onnxshrink.task`).
 
     Returns:
         ``(result, report)``: the result is of the kind given -- the output ``Path`` for a path,
@@ -79,6 +85,7 @@ def compress(
         raise OptionError("validate_samples must be at least 1")
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"holdout must be in [0, 1), got {holdout}")
+    task_metric = load_metric(metric) if metric is not None else None
     parsed_target = None
     if target is not None:
         from onnxshrink.target import Target
@@ -118,7 +125,7 @@ def compress(
     # the passes rewrite loaded.model in place: the report's "before" and --target's reference
     # are a clone taken first (tensors shared, never mutated)
     original = loaded.model.clone()
-    run = _Run(calibration, validation, strict, validate_samples, progress, console)
+    run = _Run(calibration, validation, strict, validate_samples, progress, console, task_metric)
     result = run(loaded, pass_list, report)
     if parsed_target is not None:
         if dataset.is_random:
@@ -168,13 +175,19 @@ class _Run:
     limit: int  # validation samples
     progress: bool
     console: Any
+    metric: Any = None  # the user's task metric (onnxshrink.task)
 
     def __call__(self, loaded: io.LoadedModel, pass_list: list, report: Report) -> ir.Model:
         with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
             workdir = Path(tmp)
             bar = Progress(console=self.console, enabled=self.progress)
             validate = Validate(
-                self.validation, workdir, limit=self.limit, progress=bar, original_path=loaded.path
+                self.validation,
+                workdir,
+                limit=self.limit,
+                progress=bar,
+                original_path=loaded.path,
+                metric=self.metric,
             )
             shapes = self.calibration.input_shapes()
             context = PassContext(

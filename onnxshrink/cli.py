@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --target: largest loss of top-1 agreement (cosine for non-classifiers) on the "
         "held-out data (default 0.01)",
     )
+    c.add_argument(
+        "--metric",
+        metavar="MODULE:FUNCTION",
+        help="your task metric, f(reference_outputs, outputs) -> [0, 1] (1: as good), judged "
+        "instead of the cosine against each pass's floor and in --max-drop (MODULE may be a "
+        "FILE.py)",
+    )
     c.add_argument("--strict", action="store_true", help="fail (exit 1) when a pass is rolled back")
     c.add_argument(
         "--validate-samples",

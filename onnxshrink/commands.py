@@ -49,6 +49,7 @@ def cmd_compress(args) -> int:
         max_drop=args.max_drop,
         report_html=args.report_html,
         report_json=args.report,
+        metric=args.metric,
     )
     if not args.quiet:
         report.render(out, verbose=args.verbose)

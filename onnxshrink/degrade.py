@@ -1,13 +1,14 @@
 """Degrade, don't collapse: a lossy pass below its floor is re-run sparing its worst layers.
 
 The layers are those the pass compressed, named as its ``skip`` option names them (a prune group
-by its first producer). A layer's damage is the error it adds where it can be seen: with
-e(t) = Σ‖t̂ − t‖² / Σ‖t‖² for a tensor t of the model before the pass and t̂ the same tensor
-(same name and shape) after it, on a few validation samples, d(u) = max(0, max e(down) −
-max e(up)), down and up the nearest such tensors after and before the layer. With the full
-pass's drop D = 1 − cosine and the floor's F = 1 − floor, the first try spares the fewest worst
-layers whose share of Σd reaches (D − F/2)/D; then the number spared is bisected
-(:func:`onnxshrink.search.fewest`) within ``TRIES`` re-runs, each validated like the pass.
+by its first producer). A layer's damage is measured at the model's outputs: for a set S of
+tensors both models have (same name and shape), D(S) = the drop (1 − fidelity) of the model
+before the pass run with S taken from the model after it, on a few validation samples; then
+d(u) = max(0, D(down) − D(up)), down and up the nearest such tensors after and before u -- what
+u adds, weighed by how much the rest of the model amplifies it. With the full pass's drop D and
+the floor's F = 1 − floor, the first try spares the fewest worst layers whose share of Σd
+reaches (D − F/2)/D; then the number spared is bisected (:func:`onnxshrink.search.fewest`)
+within ``TRIES`` re-runs, each validated like the pass.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxshrink.calibrate import Probe
+from onnxshrink import io, runtime
+from onnxshrink.calibrate import Probe, run_model
 from onnxshrink.errors import one_line
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.pipeline import cleanup
@@ -47,20 +50,23 @@ class Partial:
     layers: int  # layers the full pass compressed
     tries: int
     damage: dict[str, float]
-    full: float  # 1 − cosine of the full pass
+    full: float  # 1 − fidelity of the full pass
 
     def record(self, rec: PassRecord, failure: str) -> None:
-        """Fills the pass's record: what this run changed, and the layers kept back and why."""
+        """Fills the pass's record: what this run changed, and the layers kept back and why
+        (``failure``: how the whole pass broke the floor)."""
         q, kept = self.pass_, set(self.kept)
         rec.changed, rec.details = list(q.changed), dict(q.details)
-        why = f"kept back: the full pass broke the floor ({failure})"
+        failure = failure.removeprefix("fidelity below the floor: ")
+        why = f"kept back: the whole pass broke the floor ({failure})"
         rec.skipped = [s for s in q.skipped if s.node not in kept]
         rec.skipped += [Skip(u, why) for u in self.kept]
         rec.partial = {
             "applied": self.layers - len(self.kept),
             "layers": self.layers,
             "kept": self.kept,
-            "full_cosine": round(1.0 - self.full, 6),
+            "whole": failure,
+            "whole_fidelity": round(1.0 - self.full, 6),
             "tries": self.tries,
             "damage": {u: round(self.damage[u], 6) for u in self.kept},
         }
@@ -72,18 +78,20 @@ def partial(
     after: ir.Model,
     drop: tuple[float, float],
     validate: Callable[[ShrinkPass, ir.Model, int], Any],
+    drop_of: Callable[[list, list], float],
     data,
     workdir: Path,
     progress=None,
 ) -> Partial | None:
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did. ``drop`` is the
-    full pass's (1 − cosine, 1 − floor)."""
+    full pass's (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one."""
     layers = list(dict.fromkeys(p.layers))
-    if len(layers) < 2:
+    if len(layers) < 2 or not hasattr(p, "skip_"):  # nothing to spare, or no way to
         return None
     try:
-        d = damage(before, after, layers, data, min(SAMPLES, data.n_samples), workdir)
+        n = min(SAMPLES, data.n_samples)
+        d = damage(before, after, layers, data, n, workdir, drop_of)
     except Exception as e:  # a model the probes cannot run: spare in the pass's own order
         logger.debug("layer damage not measured: %s", one_line(e))
         d = {u: 1.0 for u in layers}
@@ -93,7 +101,7 @@ def partial(
     need = (full - allowed / 2) / full if full > 0 else 1.0
     first = int(np.searchsorted(share, min(need, 1.0) - 1e-9)) + 1
     found: dict[int, Partial] = {}
-    calls = []
+    calls: list[int] = []
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
 
     def holds(k: int) -> bool:
@@ -105,7 +113,7 @@ def partial(
             if not q(model).modified:
                 return False
             cleanup(model)
-            checked = validate(q, model, k)
+            checked = validate(q, model, len(calls))
         except Exception as e:  # below the floor, invalid, or the pass raised
             logger.debug("%s sparing %d layer(s): %s", p.name, k, one_line(e))
             return False
@@ -115,8 +123,15 @@ def partial(
         found[k] = Partial(q, model, checked, order[:k], len(layers), 0, d, full)
         return True
 
+    most, k = len(layers) - 1, None
     try:
-        k = fewest(len(layers) - 1, holds, min(max(first, 1), len(layers) - 1), TRIES)
+        while k is None and len(calls) < TRIES:
+            k = fewest(most, holds, min(max(first, 1), most), TRIES - len(calls))
+            if k is not None or calls[-1] != most:
+                break  # found, or out of tries
+            # sparing all but the last layer failed: that one alone breaks the floor, so every
+            # holding set spares it (sparing more never hurts): it goes first, and again
+            order, first = [order[-1], *order[:-1]], 1
     finally:
         if task:
             task.done()
@@ -127,7 +142,13 @@ def partial(
 
 
 def damage(
-    before: ir.Model, after: ir.Model, layers: list[str], data, n: int, workdir: Path
+    before: ir.Model,
+    after: ir.Model,
+    layers: list[str],
+    data,
+    n: int,
+    workdir: Path,
+    drop: Callable[[list, list], float],
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
     shapes_before, shapes_after = _shapes(before), _shapes(after)
@@ -135,22 +156,18 @@ def damage(
         name
         for name, shape in shapes_before.items()
         if name in shapes_after and shape == shapes_after[name]
-    }
+    } - {v.name for v in before.graph.inputs}
     nodes = {node.name: node for node in before.graph if node.name}
-    graph_in = {v.name for v in before.graph.inputs}
     around = {}
     for u in layers:
         if (node := nodes.get(u)) is not None:
             around[u] = (_nearest(node, seen, down=True), _nearest(node, seen, down=False))
-    names = sorted({t for down, up in around.values() for t in (*down, *up) if t not in graph_in})
-    err = _errors(before, after, names, data, n, workdir)
-    out = {}
-    for u in layers:
-        down, up = around.get(u, ((), ()))
-        worst_down = max((err.get(t, 0.0) for t in down), default=0.0)
-        worst_up = max((err.get(t, 0.0) for t in up), default=0.0)
-        out[u] = max(0.0, worst_down - worst_up)
-    return out
+    sets = {s for pair in around.values() for s in pair if s}
+    drops = _spliced_drops(before, after, sets, data, n, workdir, drop)
+    return {
+        u: max(0.0, drops.get(down, 0.0) - drops.get(up, 0.0))
+        for u, (down, up) in ((u, around.get(u, (frozenset(), frozenset()))) for u in layers)
+    }
 
 
 def _shapes(model: ir.Model) -> dict[str, tuple | None]:
@@ -169,7 +186,7 @@ def _shapes(model: ir.Model) -> dict[str, tuple | None]:
     return out
 
 
-def _nearest(node: ir.Node, seen: set[str], *, down: bool) -> set[str]:
+def _nearest(node: ir.Node, seen: set[str], *, down: bool) -> frozenset[str]:
     """Names in ``seen`` first reached from ``node`` along consumers (``down``) or producers."""
     found: set[str] = set()
     stack, visited = [node], {id(node)}
@@ -185,21 +202,49 @@ def _nearest(node: ir.Node, seen: set[str], *, down: bool) -> set[str]:
                 if m is not None and id(m) not in visited:
                     visited.add(id(m))
                     stack.append(m)
-    return found
+    return frozenset(found)
 
 
-def _errors(before, after, names: list[str], data, n: int, workdir: Path) -> dict[str, float]:
-    """e(t) per tensor name on the first ``n`` samples (tensors whose shapes differ: left out)."""
+def _spliced_drops(before, after, sets, data, n: int, workdir: Path, drop) -> dict:
+    """Per set S of tensor names: ``drop`` of the model before the pass, run with the tensors S
+    taken from the model after it, against its own outputs (first ``n`` samples)."""
+    names = sorted(set().union(*sets)) if sets else []
     if not names:
         return {}
-    num, den, bad = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), set()
-    with Probe(before, names, workdir) as ref, Probe(after, names, workdir) as new:
-        for rb, nb in zip(ref.run(data, n), new.run(data, n)):
-            for t in names:
-                r, o = np.asarray(rb[t], np.float64), np.asarray(nb[t], np.float64)
-                if r.shape != o.shape:
-                    bad.add(t)
-                    continue
-                num[t] += float(np.sum((o - r) ** 2))
-                den[t] += float(np.sum(r**2))
-    return {t: num[t] / max(den[t], 1e-30) for t in names if t not in bad}
+    with Probe(after, names, workdir) as probe:
+        values = list(probe.run(data, n))
+    reference = run_model(before, data, n, workdir)
+    out = {}
+    for spliced in sets:
+        types = {t: ir.DataType.from_numpy(values[0][t].dtype) for t in spliced}
+        model, taken = _splice(before, types)
+        outputs = [{t: b[t] for t in taken} for b in values]
+        if model.graph.outputs:
+            path = workdir / "spliced.onnx"
+            io.write(model, path)
+            sess = runtime.session(path, optimize=True)
+            wanted = [o.name for o in sess.get_outputs()]
+            for got, feed, b in zip(outputs, data.batches(n), values):
+                feed = {**feed, **{t: b[t] for t in spliced}}
+                got.update(zip(wanted, sess.run(wanted, feed)))
+            del sess
+        out[spliced] = drop(reference, outputs)
+    return out
+
+
+def _splice(model: ir.Model, types: dict[str, ir.DataType]) -> tuple[ir.Model, list[str]]:
+    """A copy of ``model`` in which the tensors named in ``types`` are graph inputs (what
+    computed only them removed), and the graph outputs among them (then given as fed)."""
+    clone = model.clone()
+    graph, taken = clone.graph, []
+    values = {v.name: v for node in graph for v in node.outputs if v.name in types}
+    for name, v in values.items():
+        if v in graph.outputs:
+            graph.outputs.remove(v)
+            taken.append(name)
+        fed = ir.Value(name=name, type=ir.TensorType(types[name]))
+        v.name = f"{name}.spliced"
+        v.replace_all_uses_with(fed)
+        graph.inputs.append(fed)
+    RemoveUnusedNodesPass()(clone)
+    return clone, taken

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxshrink import io, metrics, runtime
+from onnxshrink import io, metrics, runtime, task
 from onnxshrink.data import Dataset
-from onnxshrink.errors import ModelError, first_line, one_line
+from onnxshrink.errors import ModelError, OptionError, first_line, one_line
 from onnxshrink.passes.base import NullTask, ShrinkPass
 from onnxshrink.pipeline import (
     DEFAULT_FLOOR,
@@ -151,8 +151,10 @@ class Validate(Instrument):
         limit: int = 64,
         progress: Progress | None = None,
         original_path: Path | None = None,
+        metric=None,
     ) -> None:
         self.data = data
+        self.metric = metric  # the user's task metric (onnxshrink.task), judged instead of cosine
         self.original_path = original_path
         self.workdir = workdir
         self.limit = limit
@@ -220,6 +222,14 @@ class Validate(Instrument):
                 f"the input model cannot be validated on {self.data.source}: {e}; give --data "
                 "with inputs in its domain"
             ) from e
+        if self.fidelity is not None and self.metric is not None:
+            try:
+                self.fidelity.metric = task.score(self.metric, *[self.original_outputs] * 2)
+            except Exception as e:  # the user's code: one line, before any pass runs
+                raise OptionError(
+                    f"--metric failed on the input model's own outputs: {type(e).__name__}: "
+                    f"{first_line(e)}"
+                ) from e
         if not self.static and uses_integer_kernels(model):  # an int8 input: its kernels' own gap
             kernels = self._run(path, "original (integer kernels)", optimize=True)
             self.kernel_gap = 1.0 - compare(self.original_outputs, kernels).cosine
@@ -269,8 +279,8 @@ class Validate(Instrument):
                     )
                 return None, None, None, {"bytes": size}, None
             outputs = self._run(path, p.name)
-            step = compare(self.before_outputs, outputs)
-            total = compare(self.original_outputs, outputs)
+            step = self._compare(self.before_outputs, outputs)
+            total = self._compare(self.original_outputs, outputs)
             self._judge(p, step, total)
             kernels = (
                 self._kernels(p, model, path, outputs, total)
@@ -294,6 +304,7 @@ class Validate(Instrument):
             run.model,
             failure.drop,
             lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
+            lambda reference, outputs: 1.0 - _gate(self._compare(reference, outputs)),
             self.data,
             self.workdir,
             self.progress,
@@ -304,6 +315,13 @@ class Validate(Instrument):
         found.record(run.record, str(failure))
         run.record.partial["seconds"] = round(time.perf_counter() - t0, 2)
         return found.checked
+
+    def _compare(self, reference: runtime.Outputs, outputs: runtime.Outputs) -> Fidelity:
+        """:func:`~onnxshrink.validate.compare`, with the user's task metric when given."""
+        f = compare(reference, outputs)
+        if self.metric is not None:
+            f.metric = task.score(self.metric, reference, outputs)
+        return f
 
     def _kernels(
         self, p: ShrinkPass, model: ir.Model, path: Path, written: runtime.Outputs, total: Fidelity
@@ -335,25 +353,31 @@ class Validate(Instrument):
                     f"(cosine {step.cosine:.6f})"
                 )
             return
+        what = "cosine" if self.metric is None else "task metric"
         if p.compare_to == "improve":  # a pass meant to raise fidelity must not lower it
-            if self.fidelity is not None and total.cosine < self.fidelity.cosine - 1e-4:
+            if self.fidelity is not None and _gate(total) < _gate(self.fidelity) - 1e-4:
                 raise Invalid(
-                    f"fidelity fell: cosine with the original {self.fidelity.cosine:.5f} -> "
-                    f"{total.cosine:.5f}"
+                    f"fidelity fell: {what} with the original {_gate(self.fidelity):.5f} -> "
+                    f"{_gate(total):.5f}"
                 )
             return
         floor = getattr(p, "floor", None)
         floor = DEFAULT_FLOOR if floor is None else floor
-        against, what = (
+        against, than = (
             (step, "the model before the pass")
             if p.compare_to == "before"
             else (total, "the original")
         )
-        if against.cosine < floor:
+        if (value := _gate(against)) < floor:
             raise BelowFloor(
-                f"fidelity below the floor: cosine with {what} {against.cosine:.5f} < {floor}",
-                (1.0 - against.cosine, 1.0 - floor),
+                f"fidelity below the floor: {what} with {than} {value:.5f} < {floor}",
+                (1.0 - value, 1.0 - floor),
             )
+
+
+def _gate(f: Fidelity) -> float:
+    """What a floor is judged on: the user's task metric when given, else the cosine."""
+    return f.cosine if f.metric is None else f.metric
 
 
 class ReportCollector(Instrument):

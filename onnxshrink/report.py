@@ -28,7 +28,7 @@ class Fidelity:
     sample outputs; ``cosine_min`` the worst sample. ``max_abs``: largest absolute difference;
     ``rel_max_abs`` the same divided by the largest reference magnitude. ``top1_agreement``:
     share of samples whose arg-max over the last axis agrees, for classifier-like outputs
-    (rank 2, float, at least 2 classes), else None.
+    (rank 2, float, at least 2 classes), else None. ``metric``: the user's task metric.
     """
 
     cosine: float
@@ -37,6 +37,7 @@ class Fidelity:
     rel_max_abs: float
     top1_agreement: float | None
     samples: int
+    metric: float | None = None  # the user's task metric (onnxshrink.task), when given
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +108,10 @@ class Report:
     target: dict[str, Any] | None = None  # what --target searched, chose and reached
 
     @property
+    def _has_metric(self) -> bool:
+        return any(p.fidelity and p.fidelity.metric is not None for p in self.passes)
+
+    @property
     def rolled_back(self) -> list[PassRecord]:
         return [p for p in self.passes if p.status == "rolled-back"]
 
@@ -160,6 +165,7 @@ class Report:
             ("cosine", "right"),
             ("max |Δ|", "right"),
             ("top-1", "right"),
+            *([("metric", "right")] if self._has_metric else []),
         ):
             table.add_column(col, justify=just)
         for p in self.passes:
@@ -177,6 +183,11 @@ class Report:
                 f"{f.cosine:.6f}" if f else "",
                 f"{f.max_abs:.2e}" if f else "",
                 f"{f.top1_agreement:.1%}" if f and f.top1_agreement is not None else "",
+                *(
+                    [f"{f.metric:.4f}" if f and f.metric is not None else ""]
+                    if self._has_metric
+                    else []
+                ),
             )
         console.print(table)
         for p in self.passes:
@@ -237,8 +248,8 @@ def _render_partial(console, p: PassRecord, verbose: bool, shown: int = 4) -> No
     more = "" if len(kept) == len(a["kept"]) else f", … ({len(a['kept'])}; --verbose lists them)"
     console.print(
         f"[yellow]applied partly[/] {literal(p.name)}: to {a['applied']} of {a['layers']} layers; "
-        f"kept back {len(a['kept'])} whose damage broke the floor (the whole pass: cosine "
-        f"{a['full_cosine']:.5f}; {a['tries']} tries): {literal(', '.join(kept))}{more}"
+        f"kept back {len(a['kept'])} whose damage broke the floor (the whole pass: "
+        f"{literal(a['whole'])}; {a['tries']} tries): {literal(', '.join(kept))}{more}"
     )
 
 

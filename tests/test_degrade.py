@@ -72,7 +72,7 @@ def test_the_one_damaging_layer_is_measured_and_kept_back(digits_model, digits_c
     rec = report.passes[0]
     assert rec.status == "applied" and rec.partial is not None
     assert rec.partial["kept"] == [target]
-    assert rec.partial["full_cosine"] < 0.99 <= rec.fidelity.cosine
+    assert rec.partial["whole_fidelity"] < 0.99 <= rec.fidelity.cosine
     # the damage measured points at it: the first try (sparing the fewest layers whose share of
     # the damage covers the drop, with a margin) holds, and at most one more tries fewer
     assert rec.partial["tries"] <= 2
@@ -92,7 +92,7 @@ def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, caps
     rec = report.passes[0]
     assert rec.status == "applied" and rec.partial is not None, rec.reason
     assert 0 < rec.partial["applied"] < rec.partial["layers"]
-    assert rec.partial["full_cosine"] < 0.99 <= rec.fidelity.cosine
+    assert rec.partial["whole_fidelity"] < 0.99 <= rec.fidelity.cosine
     assert rec.partial["tries"] <= 5
     assert report.after["macs"] < 0.9 * report.before["macs"]
     kept = rec.partial["kept"]

@@ -3,8 +3,9 @@
 No pass may raise on any of them (the pass manager would turn it into a rollback: here that is a
 failure), and every pass that applies writes a model that onnx's checker accepts, that an
 optimized onnxruntime session runs with the original's output names and shapes, and whose
-fidelity with the original holds the pass's floor. The table of what each pass did is printed
-at the end of the run (``pytest -m zoo``) and is the README's zoo table.
+fidelity with the original holds the pass's floor -- judged, for a model with a task metric
+(the detector: nudenet's own decoding), on that metric. The table of what each pass did is
+printed at the end of the run (``pytest -m zoo``) and is the README's zoo table.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def _below_floor(p, rec) -> str | None:
         return None
     floor = DEFAULT_FLOOR if getattr(p, "floor", None) is None else p.floor
     against = rec.fidelity_step if p.compare_to == "before" else rec.fidelity
-    if against is None or against.cosine < floor:
-        return f"{p.name}: cosine {against and against.cosine} < floor {floor}"
+    value = (
+        None if against is None else against.cosine if against.metric is None else against.metric
+    )
+    if value is None or value < floor:
+        return f"{p.name}: fidelity {value} < floor {floor}"
     return None
 
 
@@ -51,13 +55,16 @@ def test_every_pass_on(name, tmp_path):
     from onnxshrink.passes import REGISTRY, make_pass
 
     model_path, data_path = zoo.path(name), zoo.data(name)
+    metric = zoo.ENTRIES_BY_NAME[name].metric
     feed = _first_sample(model_path, data_path)
     original = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     want = dict(zip([o.name for o in original.get_outputs()], original.run(None, feed)))
     failures = []
     for spec in REGISTRY:
         out = tmp_path / f"{spec}.onnx"
-        _, report = compress(str(model_path), [spec], data=str(data_path), output=str(out))
+        _, report = compress(
+            str(model_path), [spec], data=str(data_path), output=str(out), metric=metric
+        )
         rec = report.passes[-1]
         RESULTS.setdefault(name, {})[spec] = {
             "status": "partly" if rec.partial else rec.status,
@@ -82,6 +89,46 @@ def test_every_pass_on(name, tmp_path):
         if shapes != {k: v.shape for k, v in want.items()}:
             failures.append(f"{spec}: outputs {shapes} differ from the original's")
     assert not failures, failures
+
+
+def test_the_detector_gate_sees_lost_detections(tmp_path):
+    """lowrank with its defaults keeps the detector's raw-output cosine above its floor while
+    nudenet's own decoding loses faces; with nudenet's detection F1 as the task metric the pass
+    must keep its floor on that (rolled back, or applied partly)."""
+    import onnxruntime as ort
+
+    from models.zoo_tasks import nudenet_f1
+    from onnxshrink import compress
+    from onnxshrink.data import input_specs, load_data
+    from onnxshrink.io import load
+
+    name = "nudenet-yolov8"
+    if name not in zoo.available():
+        pytest.skip("nudenet is not installed")
+    model, data = zoo.path(name), zoo.data(name)
+    feeds = list(load_data(str(data), input_specs(load(str(model)).model)).batches())
+
+    def f1(path) -> float:  # on all twelve photos, calibration ones too
+        runs = [
+            ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, path)
+        ]
+        ref, new = ({"o": np.concatenate([s.run(None, f)[0] for f in feeds])} for s in runs)
+        return nudenet_f1(ref, new)
+
+    plain, gated = tmp_path / "plain.onnx", tmp_path / "gated.onnx"
+    _, rep = compress(str(model), ["lowrank"], data=str(data), output=str(plain))
+    _, rep_gated = compress(
+        str(model), ["lowrank"], data=str(data), output=str(gated), metric=nudenet_f1
+    )
+    rec, rec_gated = rep.passes[0], rep_gated.passes[0]
+    assert rec.status == "applied" and rec.fidelity.cosine >= 0.9  # the cosine gate passes it
+    lost = f1(plain)
+    assert lost < 0.9, f"lowrank no longer loses detections (F1 {lost}): pick a pass that does"
+    if rec_gated.status == "applied":
+        assert rec_gated.fidelity.metric >= 0.9
+        assert f1(gated) > lost
+    else:
+        assert "task metric" in rec_gated.reason
 
 
 def test_a_pass_below_its_floor_applies_partly():

@@ -209,11 +209,14 @@ def _key(chosen: dict[str, Candidate]) -> tuple:
 
 
 def _drop(rep) -> float:
-    """1 − top-1 agreement for classifier-like outputs (what a user's budget is about), else
-    1 − cosine. Few held-out samples measure agreement in coarse steps: one of 50 is 2%."""
+    """1 − the user's task metric when given, else 1 − top-1 agreement for classifier-like
+    outputs (what a user's budget is about), else 1 − cosine. Few held-out samples measure
+    agreement in coarse steps: one of 50 is 2%."""
     f = rep.fidelity
     if f is None:
         return 1.0
+    if f.metric is not None:
+        return 1.0 - f.metric
     return 1.0 - (f.top1_agreement if f.top1_agreement is not None else f.cosine)
 
 
