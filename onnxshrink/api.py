@@ -16,9 +16,10 @@ import onnx_ir as ir
 from onnxshrink import atomic, io, marks
 from onnxshrink.data import Dataset, ImageOptions, input_specs, load_data
 from onnxshrink.errors import OptionError
-from onnxshrink.instruments import Progress, ReportCollector, Timing, Validate
+from onnxshrink.instruments import ReportCollector, Timing, Validate
 from onnxshrink.passes import DEFAULT_PIPELINE, PassContext, ShrinkPass, make_pass
 from onnxshrink.pipeline import Pipeline
+from onnxshrink.progress import Progress
 from onnxshrink.report import Report
 from onnxshrink.task import load_metric
 

@@ -7,7 +7,8 @@ pass's outputs different, takes a lossy pass's cosine below its floor, or lets t
 session's integer kernels disagree with the reference -- except that a lossy pass below its
 floor is first re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`) and kept if
 one such try holds. :class:`ReportCollector` fills the
-:class:`~onnxshrink.report.Report`; :class:`Timing` and :class:`Progress` measure and show.
+:class:`~onnxshrink.report.Report`; :class:`Timing` measures, :class:`Progress`
+(:mod:`onnxshrink.progress`) shows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from onnxshrink.pipeline import (
     PassRun,
     custom_ops,
 )
+from onnxshrink.progress import Progress
 from onnxshrink.report import Fidelity, Report
 from onnxshrink.validate import (
     BelowFloor,
@@ -42,7 +44,7 @@ from onnxshrink.validate import (
     uses_integer_kernels,
 )
 
-__all__ = ["Progress", "ReportCollector", "Timing", "Validate"]
+__all__ = ["ReportCollector", "Timing", "Validate"]
 
 # seconds one validation batch of the input model may take (a Loop of 10^12 steps never ends);
 # a pass's model gets SLOWER_BOUND times the input's slowest batch, and at least MIN_BOUND s
@@ -59,82 +61,6 @@ class Timing(Instrument):
 
     def after_pass(self, run: PassRun) -> None:
         run.record.seconds = time.perf_counter() - self._t0
-
-
-class Progress(Instrument):
-    """A progress bar over the passes, and sub-tasks for long work, on a terminal only."""
-
-    def __init__(self, console=None, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.console = console
-        self._progress = None
-
-    def enter(self, model: ir.Model) -> None:
-        if not self.enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import (
-            Progress as RichProgress,
-        )
-
-        self._progress = RichProgress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self._progress.start()
-        self._main = None
-
-    def task(self, description: str, total: int | None):
-        """Starts a sub-task; returns ``advance(n)`` (and ``done()`` via ``advance.done``)."""
-        if self._progress is None:
-            return NullTask()
-        tid = self._progress.add_task(description, total=total)
-        return _Task(self._progress, tid)
-
-    def before_pass(self, run: PassRun) -> None:
-        if self._progress is None:
-            return
-        if self._main is None:
-            self._main = self._progress.add_task("passes", total=run.total)
-        self._progress.update(
-            self._main, description=f"pass {run.index + 1}/{run.total}: {run.pass_.name}"
-        )
-
-    def after_pass(self, run: PassRun) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._main)
-
-    def exit(self, model: ir.Model) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-class _Task:
-    def __init__(self, progress, tid) -> None:
-        self._p, self._tid = progress, tid
-
-    def __call__(self, n: int = 1) -> None:
-        self._p.advance(self._tid, n)
-
-    def done(self) -> None:
-        self._p.remove_task(self._tid)
 
 
 class Validate(Instrument):
@@ -245,7 +171,11 @@ class Validate(Instrument):
         try:
             checked = self._validate(run.pass_, run.model, f"{run.index:02d}")
         except BelowFloor as e:
-            checked = self._degrade(run, e)
+            try:
+                checked = self._degrade(run, e)
+            except Exception as err:  # a bug here must not cost the user the rollback
+                logger.warning("partial application of %s failed: %s", run.pass_.name, err)
+                checked = None
             if checked is None:
                 rec.status, rec.reason = "rolled-back", str(e)
                 if (n := len(set(run.pass_.layers))) >= 2:

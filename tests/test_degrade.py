@@ -115,3 +115,24 @@ def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib
     rec = report.passes[0]
     assert rec.status == "rolled-back" and rec.partial is None
     assert "nor when sparing the most damaging of its" in rec.reason
+
+
+def test_a_failure_inside_partial_application_still_rolls_back(
+    digits_model, digits_calib, monkeypatch
+):
+    """A bug in partial application costs the user the partial result, never the run."""
+    from onnxshrink import degrade
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(degrade, "partial", broken)
+    model = onnx.load(str(digits_model))
+    layers = list(_weights(model))
+    out, report = onnxshrink.compress(
+        model, [LayerNoisePass(target=layers[0])], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "rolled-back" and "below the floor" in rec.reason
+    assert _weights(out).keys() == _weights(model).keys()
+    assert all(np.array_equal(_weights(out)[n], w) for n, w in _weights(model).items())
