@@ -241,9 +241,16 @@ class Validate(Instrument):
         )
         if found is None:
             return None
+        whole = metrics.model_stats(
+            run.model, input_shapes=self.data.input_shapes(), with_bytes=False
+        )  # what the whole pass reached, for the summary
         run.model = found.model
         found.record(run.record, str(failure))
-        run.record.partial["seconds"] = round(time.perf_counter() - t0, 2)
+        run.record.partial.update(
+            whole_macs=whole.macs,
+            whole_params=whole.params,
+            seconds=round(time.perf_counter() - t0, 2),
+        )
         return found.checked
 
     def _compare(self, reference: runtime.Outputs, outputs: runtime.Outputs) -> Fidelity:

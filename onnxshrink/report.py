@@ -196,7 +196,7 @@ class Report:
                 for line in (p.traceback or "").splitlines() if verbose else ():
                     console.print(f"[dim]{literal(line)}[/]")
             elif p.partial:
-                _render_partial(console, p, verbose)
+                _render_partial(console, p, verbose, self.before)
             if p.kernels and p.status != "rolled-back":
                 console.print(
                     f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
@@ -241,8 +241,9 @@ class Report:
                 )
 
 
-def _render_partial(console, p: PassRecord, verbose: bool, shown: int = 4) -> None:
-    """``prune applied to 21 of 30 layers; kept back 9 whose damage broke the floor ...``."""
+def _render_partial(console, p: PassRecord, verbose: bool, before: dict, shown: int = 4) -> None:
+    """``prune applied to 21 of 30 layers; kept back 9 whose damage broke the floor ...``, and
+    the MACs reached against what the whole pass would have reached."""
     a = p.partial
     kept = a["kept"] if verbose else a["kept"][:shown]
     more = "" if len(kept) == len(a["kept"]) else f", … ({len(a['kept'])}; --verbose lists them)"
@@ -251,6 +252,12 @@ def _render_partial(console, p: PassRecord, verbose: bool, shown: int = 4) -> No
         f"kept back {len(a['kept'])} whose damage broke the floor (the whole pass: "
         f"{literal(a['whole'])}; {a['tries']} tries): {literal(', '.join(kept))}{more}"
     )
+    now, whole = (p.stats or {}).get("macs"), a.get("whole_macs")
+    if now and whole and before.get("macs"):
+        console.print(
+            f"  [dim]{literal(p.name)}: MACs {_ratio(now, before['macs'])} of the input's (the "
+            f"whole pass: {_ratio(whole, before['macs'])})[/]"
+        )
 
 
 def _render_reasons(console, p: PassRecord, shown: int = 3) -> None:
