@@ -26,12 +26,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxshrink import io, runtime
 from onnxshrink.calibrate import Probe, run_model
 from onnxshrink.errors import one_line
+from onnxshrink.irtools import infer_types
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.pipeline import cleanup
 from onnxshrink.report import PassRecord, Skip
 from onnxshrink.search import fewest
 
-__all__ = ["TRIES", "Partial", "damage", "partial"]
+__all__ = ["TRIES", "Partial", "damage", "partial", "spareable"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ class Partial:
         }
 
 
+def spareable(p: ShrinkPass) -> list[str]:
+    """The layers ``p`` compressed that a re-run could spare: none with fewer than two, or with
+    no ``skip`` option to spare them by."""
+    layers = list(dict.fromkeys(p.layers))
+    return layers if len(layers) >= 2 and hasattr(p, "skip_") else []
+
+
 def partial(
     p: ShrinkPass,
     before: ir.Model,
@@ -86,8 +94,8 @@ def partial(
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did. ``drop`` is the
     full pass's (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one."""
-    layers = list(dict.fromkeys(p.layers))
-    if len(layers) < 2 or not hasattr(p, "skip_"):  # nothing to spare, or no way to
+    layers = spareable(p)
+    if not layers:
         return None
     try:
         n = min(SAMPLES, data.n_samples)
@@ -152,11 +160,11 @@ def damage(
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
     shapes_before, shapes_after = _shapes(before), _shapes(after)
-    seen = {
+    seen = {  # node outputs only: a graph input is never spliced (its drop is 0)
         name
         for name, shape in shapes_before.items()
         if name in shapes_after and shape == shapes_after[name]
-    } - {v.name for v in before.graph.inputs}
+    }
     nodes = {node.name: node for node in before.graph if node.name}
     around = {}
     for u in layers:
@@ -171,18 +179,14 @@ def damage(
 
 
 def _shapes(model: ir.Model) -> dict[str, tuple | None]:
-    """Float tensor name -> inferred shape (dims as ints or symbols) of the main graph."""
-    from onnx_ir.passes.common import ShapeInferencePass
-
+    """Float node output name -> inferred shape (dims as ints or symbols) of the main graph."""
     clone = model.clone()
-    ShapeInferencePass(check_type=False, strict_mode=False)(clone)
+    infer_types(clone)
     out = {}
     for node in clone.graph:
         for v in node.outputs:
             if v.name and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
                 out[v.name] = None if v.shape is None else tuple(str(d) for d in v.shape)
-    for v in clone.graph.inputs:
-        out[v.name] = None if v.shape is None else tuple(str(d) for d in v.shape)
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxshrink import io, metrics, runtime, task
+from onnxshrink import degrade, io, metrics, runtime, task
 from onnxshrink.data import Dataset
 from onnxshrink.errors import ModelError, OptionError, first_line, one_line
 from onnxshrink.passes.base import NullTask, ShrinkPass
@@ -168,6 +168,7 @@ class Validate(Instrument):
             rec.fidelity = self.fidelity if run.error is None else None
             return
         t0 = time.perf_counter()
+        checked = None
         try:
             checked = self._validate(run.pass_, run.model, f"{run.index:02d}")
         except BelowFloor as e:
@@ -175,16 +176,16 @@ class Validate(Instrument):
                 checked = self._degrade(run, e)
             except Exception as err:  # a bug here must not cost the user the rollback
                 logger.warning("partial application of %s failed: %s", run.pass_.name, err)
-                checked = None
             if checked is None:
                 rec.status, rec.reason = "rolled-back", str(e)
-                if (n := len(set(run.pass_.layers))) >= 2:
-                    rec.reason += f"; nor when sparing the most damaging of its {n} layers"
+                if layers := degrade.spareable(run.pass_):
+                    rec.reason += (
+                        f"; nor when sparing the most damaging of its {len(layers)} layers"
+                    )
         except Invalid as e:
-            rec.status, rec.reason, checked = "rolled-back", str(e), None
+            rec.status, rec.reason = "rolled-back", str(e)
         except Exception as e:  # onnxruntime refusing the model, a write failure, ...
             rec.status, rec.reason = "rolled-back", f"{type(e).__name__}: {one_line(e)}"
-            checked = None
         if checked is not None:
             outputs, step, total, rec.stats, rec.kernels = checked
             if outputs is not None:
@@ -225,8 +226,6 @@ class Validate(Instrument):
     def _degrade(self, run: PassRun, failure: BelowFloor) -> tuple | None:
         """The pass re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`); the
         record then tells what was kept back. None when no try held."""
-        from onnxshrink import degrade
-
         t0 = time.perf_counter()
         found = degrade.partial(
             run.pass_,
