@@ -4,7 +4,8 @@ Element-wise and pooling ops pass channels on unchanged; two tracked tensors mee
 element-wise op couple (merge) their groups when their segments are whole and aligned, and a
 per-channel constant operand is sliced along; Concat offsets each input's segments, Split cuts
 them at its boundaries; Flatten/Reshape to [N, C·H·W] repeats each channel H·W times; spatial
-reductions, spatial Pad and Resize keep them. Anything else freezes what it touches.
+Pad and Resize keep them (ops that move or window the channel axis: channel_axes). Anything else
+freezes what it touches.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from onnxshrink.irtools import const_array, weight_users_outside
 __all__ = [
     "UNARY",
     "concat",
+    "const_ints",
     "elementwise",
     "flatten",
+    "flattened",
     "pad",
     "passthrough",
-    "reduce_spatial",
     "resize",
     "split",
+    "window",
 ]
 
 
@@ -152,27 +155,37 @@ def split(cg: ChannelGraph, node: ir.Node) -> None:
     if any(s is None for s in sizes) or sum(sizes) != x.size:
         cg.freeze(x, f"Split '{name_of(node)}' output sizes are unknown")
         return
-    start = 0
-    for out, size in zip(node.outputs, sizes):
-        segs = []
-        for s in x.segments:
-            lo, hi = max(start, s.offset), min(start + size, s.offset + s.length * s.repeat)
-            if lo >= hi:
-                continue
-            if (lo - s.offset) % s.repeat or (hi - s.offset) % s.repeat:
-                cg.freeze(x, f"Split '{name_of(node)}' cuts through a flattened channel")
-                return
-            segs.append(
-                Segment(
-                    s.group,
-                    s.start + (lo - s.offset) // s.repeat,
-                    (hi - lo) // s.repeat,
-                    lo - start,
-                    s.repeat,
-                )
-            )
-        cg.info[out] = ChannelInfo(axis, x.rank, size, segs)
+    windows, start = [], 0
+    for size in sizes:
+        windows.append(window(x, start, size))
         start += size
+    if any(w is None for w in windows):
+        cg.freeze(x, f"Split '{name_of(node)}' cuts through a flattened channel")
+        return
+    for out, size, segs in zip(node.outputs, sizes, windows):
+        cg.info[out] = ChannelInfo(axis, x.rank, size, segs)
+
+
+def window(x: ChannelInfo, start: int, size: int) -> list[Segment] | None:
+    """The segments of tensor channels [start, start + size) of ``x``, renumbered from 0; None
+    when the window cuts through a flattened channel (``repeat`` > 1)."""
+    segs = []
+    for s in x.segments:
+        lo, hi = max(start, s.offset), min(start + size, s.offset + s.length * s.repeat)
+        if lo >= hi:
+            continue
+        if (lo - s.offset) % s.repeat or (hi - s.offset) % s.repeat:
+            return None
+        segs.append(
+            Segment(
+                s.group,
+                s.start + (lo - s.offset) // s.repeat,
+                (hi - lo) // s.repeat,
+                lo - start,
+                s.repeat,
+            )
+        )
+    return segs
 
 
 def flatten(cg: ChannelGraph, node: ir.Node) -> None:
@@ -189,39 +202,30 @@ def flatten(cg: ChannelGraph, node: ir.Node) -> None:
     if not ok or inner is None or x.axis != 1:
         cg.freeze(x, f"{node.op_type} '{name_of(node)}' does not flatten [N, C, ...] to [N, C·...]")
         return
+    cg.info[node.outputs[0]] = flattened(x, inner)
+
+
+def flattened(x: ChannelInfo, inner: int) -> ChannelInfo:
+    """The layout of ``x`` (channel axis 1) flattened to [N, inner]."""
     hw = inner // x.size
     segs = [dataclasses.replace(s, offset=s.offset * hw, repeat=s.repeat * hw) for s in x.segments]
-    cg.info[node.outputs[0]] = ChannelInfo(1, 2, x.size * hw, segs)
+    return ChannelInfo(1, 2, x.size * hw, segs)
 
 
-def _ints(node: ir.Node, attr: str, index: int) -> list[int] | None:
+def const_ints(node: ir.Node, attr: str, index: int) -> list[int] | None:
     """An int list given as attribute (older opsets) or as constant input ``index`` (newer)."""
-    values = node.attributes.get_ints(attr, None)
+    values = node.attributes.get_ints(attr, None) if attr else None
     if values is None and len(node.inputs) > index and node.inputs[index] is not None:
         arr = const_array(node.inputs[index])
         values = None if arr is None else [int(a) for a in arr.reshape(-1)]
     return None if values is None else list(values)
 
 
-def reduce_spatial(cg: ChannelGraph, node: ir.Node) -> None:
-    x = input_info(cg, node)
-    if x is None:
-        return
-    axes = _ints(node, "axes", 1)
-    keep = node.attributes.get_int("keepdims", 1)
-    if axes is None or not keep or any((a + x.rank) % x.rank == x.axis for a in axes):
-        cg.freeze(
-            x, f"{node.op_type} '{name_of(node)}' reduces over the channel axis or drops axes"
-        )
-        return
-    cg.info[node.outputs[0]] = x
-
-
 def pad(cg: ChannelGraph, node: ir.Node) -> None:
     x = input_info(cg, node)
     if x is None:
         return
-    pads = _ints(node, "pads", 1)
+    pads = const_ints(node, "pads", 1)
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         pads = None  # explicit axes: not handled
     if pads is None or pads[x.axis] != 0 or pads[x.axis + x.rank] != 0:

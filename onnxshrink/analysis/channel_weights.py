@@ -151,7 +151,8 @@ def matmul(cg: ChannelGraph, node: ir.Node) -> None:
     b = static_shape(node.inputs[1]) if const_array(node.inputs[1]) is not None else None
     x = input_info(cg, node)
     a_shape = dims(node.inputs[0])
-    if b is None or len(b) != 2 or a_shape is None or len(a_shape) != 2:
+    a_rank = len(a_shape) if a_shape is not None else x.rank if x is not None else None
+    if b is None or len(b) != 2 or a_rank != 2:
         unknown(cg, node)
         return
     problem = _weight_ok(cg, node, 1)

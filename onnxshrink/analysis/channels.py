@@ -246,7 +246,13 @@ def analyze(model: ir.Model) -> ChannelGraph:
             unknown(cg, node)
             continue
         rule = OPS.get(node.op_type)
-        (rule.propagate if rule is not None else unknown)(cg, node)
+        try:
+            (rule.propagate if rule is not None else unknown)(cg, node)
+        except Exception as e:  # one odd node freezes what it touches, never the analysis
+            logger.debug("channels through %s", name_of(node), exc_info=True)
+            for out in node.outputs:
+                cg.info.pop(out, None)
+            freeze_inputs(cg, node, f"{node.op_type} '{name_of(node)}' could not be followed: {e}")
     for value, info in list(cg.info.items()):
         if value.is_graph_output():
             cg.freeze(info, f"channels reach the graph output '{value.name}'")

@@ -122,16 +122,6 @@ def split(c: _Ctx, node: ir.Node) -> None:
         set_const_input(c.graph, node, 1, np.asarray(sizes, np.int64), "pruned.split")
 
 
-def reshape(c: _Ctx, node: ir.Node) -> None:
-    r = c.rem(node.outputs[0])
-    if not len(r):
-        return
-    shape = const_array(node.inputs[1]).copy()
-    if shape[1] > 0:
-        shape[1] -= len(r)
-        set_const_input(c.graph, node, 1, shape, "pruned.shape")
-
-
 def resize(c: _Ctx, node: ir.Node) -> None:
     r = c.rem(node.outputs[0])
     if len(r) and len(node.inputs) > 3 and node.inputs[3] is not None:

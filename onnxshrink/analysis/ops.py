@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from onnxshrink.analysis import channel_axes as axes
 from onnxshrink.analysis import channel_layout as layout
 from onnxshrink.analysis import channel_weights as weights
 from onnxshrink.analysis import cut
@@ -27,6 +28,8 @@ class OpRule:
 
 _ELEMENTWISE = OpRule(layout.elementwise, cut.broadcast_consts)  # couple; slice constants
 _PASS = OpRule(layout.passthrough)  # y[c] depends only on x[c]
+_REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1")
+_REDUCE += ("ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
 OPS: dict[str, OpRule] = {
     # out channels start a group; in channels consume one (depthwise passes it on)
@@ -41,12 +44,18 @@ OPS: dict[str, OpRule] = {
     **dict.fromkeys(layout.UNARY, _PASS),
     **dict.fromkeys(("MaxPool", "AveragePool", "LpPool"), _PASS),
     **dict.fromkeys(("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"), _PASS),
-    **dict.fromkeys(("ReduceMean", "ReduceMax", "ReduceSum"), OpRule(layout.reduce_spatial)),
+    **dict.fromkeys(_REDUCE, OpRule(axes.reduce)),  # over other axes
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), OpRule(axes.softmax)),  # other axes
     **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"), _ELEMENTWISE),
     "Concat": OpRule(layout.concat),  # channel c of input k is channel offset_k + c
     "Split": OpRule(layout.split, cut.split),
     "Flatten": OpRule(layout.flatten),  # channel c -> features [c·HW, (c+1)·HW)
-    "Reshape": OpRule(layout.flatten, cut.reshape),
+    "Reshape": OpRule(axes.reshape, axes.cut_reshape),  # channel axis kept whole, or flattened
+    "Slice": OpRule(axes.slice_, axes.cut_slice),  # a window of the channels: bounds rewritten
+    "Transpose": OpRule(axes.transpose),
+    "Squeeze": OpRule(axes.squeeze),
+    "Unsqueeze": OpRule(axes.squeeze),
+    "Shape": OpRule(axes.shape),  # passes when only other dims are read
     "Pad": OpRule(layout.pad),
     "Resize": OpRule(layout.resize, cut.resize),
     "Upsample": OpRule(layout.resize, cut.resize),

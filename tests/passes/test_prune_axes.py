@@ -1,0 +1,200 @@
+"""prune through ops that move, window or read the channel axis (analysis/channel_axes.py).
+
+As in test_prune_channels.py: channels 2 and 10 of a 16-channel conv are dead (zero filters),
+their consumers' columns quiet, so ``criterion=l1`` removes exactly them and the pruned model
+must agree with the original to 1e-5; each test also checks the rewritten shapes or bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_model, rand
+from tests.passes.test_prune_channels import OPSET, _dead, _frozen, _prune, _quiet
+
+DEAD = [2, 10]
+
+
+def _inits(rng, w2_shape: tuple[int, ...], quiet: list[int], axis: int = 1, **more) -> dict:
+    w2 = _quiet(rand(rng, *w2_shape), quiet, axis) if quiet else rand(rng, *w2_shape)
+    return {"W1": _dead(rand(rng, 16, 3, 3, 3), DEAD), "W2": w2, **more}
+
+
+def _ints(out, name_part: str) -> list[int]:
+    from onnx import numpy_helper
+
+    (init,) = [i for i in out.graph.initializer if name_part in i.name]
+    return numpy_helper.to_array(init).reshape(-1).tolist()
+
+
+def _dims(out) -> list[list[int]]:
+    return sorted(list(i.dims) for i in out.graph.initializer if len(i.dims) >= 2)
+
+
+def test_slice_along_channels_takes_a_window_and_rewrites_its_bounds():
+    rng = np.random.default_rng(40)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 12, 1, 1] W2, int64[1] s,
+       int64[1] e, int64[1] a) => (float[1, 4, 6, 6] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        t = Slice (r, s, e, a)
+        y = Conv (t, W2)
+    }"""
+    )
+    ends = np.array([np.iinfo(np.int64).max], np.int64)  # "to the end", as exporters write it
+    inits = _inits(rng, (4, 12, 1, 1), [6], s=np.array([4]), e=ends, a=np.array([1]))
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 11, 1, 1], [14, 3, 3, 3]]
+    assert _ints(out, "starts") == [3] and _ints(out, "ends") == [14]  # channel 2 was before it
+
+
+def test_slice_along_another_axis_passes_channels():
+    rng = np.random.default_rng(41)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 16, 1, 1] W2, int64[1] s,
+       int64[1] e, int64[1] a) => (float[1, 4, 3, 6] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        t = Slice (r, s, e, a)
+        y = Conv (t, W2)
+    }"""
+    )
+    inits = _inits(rng, (4, 16, 1, 1), DEAD, s=np.array([1]), e=np.array([4]), a=np.array([-2]))
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 14, 1, 1], [14, 3, 3, 3]]
+
+
+@pytest.mark.parametrize(
+    "moves",
+    [
+        "u = Transpose <perm = [0, 2, 3, 1]> (r)\n        t = Transpose <perm = [0, 3, 1, 2]> (u)",
+        "u = Unsqueeze (r, zero)\n        t = Squeeze (u, zero)",
+        "u = Softmax <axis = 3> (r)\n        t = Identity (u)",
+    ],
+)
+def test_transpose_squeeze_and_softmax_over_other_axes_follow_the_channel_axis(moves):
+    rng = np.random.default_rng(42)
+    text = (
+        OPSET
+        + f"""
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 16, 1, 1] W2, int64[1] zero)
+      => (float[1, 4, 6, 6] y) {{
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        {moves}
+        y = Conv (t, W2)
+    }}"""
+    )
+    inits = _inits(rng, (4, 16, 1, 1), [], zero=np.array([0]))
+    inits["W2"] = _dead(inits["W2"], DEAD, axis=1)  # a softmax of zeros is not zero: no reads
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 14, 1, 1], [14, 3, 3, 3]]
+
+
+def test_reduce_without_keepdims_moves_the_channel_axis_and_over_channels_freezes():
+    rng = np.random.default_rng(43)
+    text = (
+        OPSET
+        + """
+    g (float[2, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[16, 5] W2) => (float[2, 5] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        t = ReduceMax <axes = [2, 3], keepdims = 0> (r)
+        y = MatMul (t, W2)
+    }"""
+    )
+    inits = _inits(rng, (16, 5), DEAD, axis=0)
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 2, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[14, 3, 3, 3], [14, 5]]
+    over_channels = (
+        OPSET
+        + """
+    g (float[2, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 1, 1, 1] W2) => (float[2, 4, 6, 6] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        t = ReduceMax <axes = [1]> (r)
+        y = Conv (t, W2)
+    }"""
+    )
+    _frozen(over_channels, _inits(rng, (4, 1, 1, 1), []), "reduces over the channel axis")
+
+
+@pytest.mark.parametrize("shape", [[1, 16, 36], [1, -1, 36], [0, 0, 36]])
+def test_reshape_that_keeps_the_channel_axis_rewrites_its_count(shape):
+    rng = np.random.default_rng(44)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 16, 1] W2, int64[3] shape)
+      => (float[1, 4, 36] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        t = Reshape (r, shape)
+        y = Conv (t, W2)
+    }"""
+    )
+    inits = _inits(rng, (4, 16, 1), DEAD, shape=np.array(shape, np.int64))
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 14, 1], [14, 3, 3, 3]]
+    if shape[1] == 16:
+        assert _ints(out, "pruned.shape") == [1, 14, 36]
+
+
+@pytest.mark.parametrize("width", [-1, 144])
+def test_flatten_built_from_shape_at_run_time(width):
+    """Paddle's and torch's ``x.view(x.size(0), -1)``: Shape → Gather → Concat → Reshape; a
+    channel count written in the Concat (144 = 16·3·3) is rewritten there."""
+    rng = np.random.default_rng(45)
+    text = (
+        OPSET
+        + """
+    g (float[N, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[144, 5] W2, int64[1] rest)
+      => (float[N, 5] y) {
+        h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, W1)
+        r = Relu (h)
+        s = Shape (r)
+        n = Slice (s, zero, one)
+        shape = Concat <axis = 0> (n, rest)
+        t = Reshape (r, shape)
+        y = MatMul (t, W2)
+    }"""
+    ).replace("int64[1] rest)", "int64[1] rest, int64[1] zero, int64[1] one)")
+    w2 = _quiet(rand(rng, 144, 5), [c * 9 + k for c in DEAD for k in range(9)], 0)
+    inits = {
+        "W1": _dead(rand(rng, 16, 3, 3, 3), DEAD),
+        "W2": w2,
+        "rest": np.array([width], np.int64),
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+    }
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 3, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[14, 3, 3, 3], [126, 5]]
+    if width > 0:
+        assert _ints(out, "pruned.shape") == [126]
+
+
+def test_shape_that_reads_the_channel_count_freezes():
+    rng = np.random.default_rng(46)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 16, 1, 1] W2, int64[1] at)
+      => (float[1, 4, 6, 6] y, int64[1] k) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+        r = Relu (h)
+        y = Conv (r, W2)
+        s = Shape (r)
+        k = Gather (s, at)
+    }"""
+    )
+    inits = _inits(rng, (4, 16, 1, 1), DEAD, at=np.array([1], np.int64))
+    _frozen(text, inits, "reads the channel count")
+    inits["at"] = np.array([-1], np.int64)  # the width: pruning goes on
+    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 14, 1, 1], [14, 3, 3, 3]]
