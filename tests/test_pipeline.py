@@ -463,3 +463,20 @@ def test_a_lossy_pass_says_when_the_layers_are_inside_subgraphs():
     ]
     exact = make_pass("fold-batchnorm")
     assert not exact(model).modified and not exact.skipped  # exact passes: nothing to say
+
+
+def test_a_blank_sample_is_judged_at_the_typical_scale_not_by_its_cosine():
+    """A text detector's map of a photo without text is ~1e-6 everywhere: its cosine with a
+    candidate that differs by 1e-7 is noise (0.7 measured on ppocr-det). Judged at the median
+    sample norm, that difference is nothing -- and a false detection there still counts."""
+    from onnxshrink.validate import compare
+
+    rng = np.random.default_rng(0)
+    pages = rng.uniform(0, 1, (3, 64)).astype(np.float32)
+    blank = rng.uniform(0, 1e-6, (1, 64)).astype(np.float32)
+    ref = [{"map": np.concatenate([pages, blank])}]
+    noisy = ref[0]["map"] + rng.uniform(-1e-7, 1e-7, (4, 64)).astype(np.float32)
+    assert compare(ref, [{"map": noisy}]).cosine_min > 0.999999
+    false_hit = noisy.copy()
+    false_hit[3, :16] = 1.0  # a quarter of the blank page lit up
+    assert compare(ref, [{"map": false_hit}]).cosine_min < 0.9
