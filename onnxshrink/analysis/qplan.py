@@ -5,7 +5,9 @@ grid.
 inputs and output; *scale-preserving* ops take their input's parameters (``share``); a Concat's
 inputs and output share one range; a Relu / Clip(min >= 0) that is the only reader of a Conv,
 Gemm, MatMul or Add output is *fused* (its range used for the op's output, the node removed at
-rewrite); a Gemm / MatMul that feeds no quantized op keeps a float output. Weights are int8,
+rewrite); a Gemm / MatMul that feeds no quantized op keeps a float output; a Concat whose inputs'
+ranges differ more than MIXED_RANGES times (a detector's boxes in pixels next to its class
+scores) stays float, its inputs each on their own scale. Weights are int8,
 symmetric, per output channel (:func:`weight_axis`; MatMul per tensor), scale max|w| / 127 or
 the MSE-best clipping (:func:`quantize_weight`).
 """
@@ -43,6 +45,7 @@ COMPUTE_OPS = {
 }
 _SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+MIXED_RANGES = 16  # a Concat whose narrowest input is this many times narrower stays float
 _FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 
 
@@ -92,6 +95,7 @@ class QuantPlan:
     fused: list[tuple[ir.Node, ir.Node]]  # (compute node, activation removed)
     float_out: set[str]  # outputs of Gemm/MatMul left float
     inputs: dict[str, tuple[str, str]]  # Conv/Gemm node name -> (float input, quantized input)
+    float_concat: dict[str, str] = dataclasses.field(default_factory=dict)  # output -> why
 
     def params(self, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Each quantized tensor's range: its source's, unified over a Concat, shared through
@@ -99,12 +103,24 @@ class QuantPlan:
         for t in [t for t, src in self.tensors.items() if src not in ranges]:
             self.tensors.pop(t)
         params = {t: ranges[src] for t, src in self.tensors.items()}
+        self.float_concat = {}
         for group in self.concat:
             inside = [t for t in group if t in params]
-            if inside:
-                lo, hi = min(params[t][0] for t in inside), max(params[t][1] for t in inside)
-                for t in inside:
-                    params[t] = (lo, hi)
+            if not inside:
+                continue
+            lo, hi = min(params[t][0] for t in inside), max(params[t][1] for t in inside)
+            narrowest = min(params[t][1] - params[t][0] for t in inside)
+            if narrowest * MIXED_RANGES < hi - lo:  # one scale would leave it < 16 levels
+                out = group[-1]
+                self.tensors.pop(out, None)
+                params.pop(out, None)
+                self.float_concat[out] = (
+                    f"joins ranges {narrowest:.3g} and {hi - lo:.3g} wide: one int8 scale "
+                    f"would leave the narrowest fewer than {256 // MIXED_RANGES} levels; left float"
+                )
+                continue
+            for t in inside:
+                params[t] = (lo, hi)
         for t, src in self.share.items():
             if t in params:
                 params[t] = params.get(src, params[t])

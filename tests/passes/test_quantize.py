@@ -932,3 +932,35 @@ def test_an_opset_12_model_with_nothing_to_quantize_keeps_its_opset():
     p = QuantizePass(exclude_types=("Conv", "Gemm", "MaxPool", "Add", "GlobalAveragePool"))
     out, modified = _run(p, model, _data(model))
     assert not modified and out.opset_import[0].version == 12 and not p.changed
+
+
+def test_a_concat_of_boxes_and_scores_stays_float():
+    """A detector's tail: box coordinates in pixels (0-320) joined to class scores (0-1). One
+    int8 scale would give the scores 256/320 of a level; the Concat stays float, each input on
+    its own scale, and the scores keep their resolution."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 8, 8] x, float[4, 3, 1, 1] Wb, float[4, 3, 1, 1] Wc, float scale)
+      => (float[N, 8, 8, 8] y) {
+        b = Conv (x, Wb)
+        boxes = Mul (b, scale)
+        c = Conv (x, Wc)
+        scores = Sigmoid (c)
+        y = Concat <axis = 1> (boxes, scores)
+    }"""
+    rng = np.random.default_rng(7)
+    model = make_model(
+        text,
+        {"Wb": rand(rng, 4, 3, 1, 1), "Wc": rand(rng, 4, 3, 1, 1), "scale": np.float32(100.0)},
+    )
+    data = _data(model)
+    p = QuantizePass(stem="int8")
+    out, modified = _run(p, model, data)
+    assert modified
+    assert any("left float" in s.reason for s in p.skipped), p.skipped
+    concat = next(n for n in out.graph.node if n.op_type == "Concat")
+    readers = [n.op_type for n in out.graph.node if concat.output[0] in n.input]
+    assert "QuantizeLinear" not in readers
+    x = data.arrays["x"][:8]
+    ref, got = ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]
+    score_err = np.abs(got[:, 4:] - ref[:, 4:]).max()
+    assert score_err < 0.02, score_err  # a shared 0-320 scale: errors up to 0.6

@@ -64,6 +64,9 @@ def rewrite(
             mu = means.get(float_in) if means is not None else None
             delta = deltas.get(float_in) if deltas is not None else None
             _quantize_weights(p, state, graph, node, mu, delta, log, moved)
+    for out, why in plan.float_concat.items():
+        if (node := values[out].producer()) is not None:
+            log.skip(node, why)
     shared: dict[tuple[float, int], tuple[ir.Value, ir.Value]] = {}
     for t in plan.tensors:
         _insert(graph, values[t], *qp[t], shared)
