@@ -268,8 +268,21 @@ class Validate(Instrument):
         from onnxshrink.cpu import this_cpu
 
         cpu = this_cpu()
-        agree = compare(written, self._run(path, f"{p.name} (integer kernels)", optimize=True))
+        run = self._run(path, f"{p.name} (integer kernels)", optimize=True)
+        agree = compare(written, run)
         info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
+        if self.metric is not None and p.lossy and p.compare_to != "improve":
+            # the task decides on what users run: a detection can flip on one rounding step
+            before = p.compare_to == "before"
+            ref = self.before_outputs if before else self.original_outputs
+            info["metric"] = value = task.score(self.metric, ref, run)
+            if value < (floor := _floor(p)):
+                raise BelowFloor(
+                    f"fidelity below the floor: task metric with "
+                    f"{'the model before the pass' if before else 'the original'} in "
+                    f"onnxruntime's integer kernels {value:.5f} < {floor}",
+                    (1.0 - value, 1.0 - floor),
+                )
         unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(model)
         failure, warning = kernel_verdict(
             agree, total, cpu, unsafe, getattr(p, "cpu", None) == "vnni", self.kernel_gap
@@ -297,8 +310,7 @@ class Validate(Instrument):
                     f"{_gate(total):.5f}"
                 )
             return
-        floor = getattr(p, "floor", None)
-        floor = DEFAULT_FLOOR if floor is None else floor
+        floor = _floor(p)
         against, than = (
             (step, "the model before the pass")
             if p.compare_to == "before"
@@ -309,6 +321,11 @@ class Validate(Instrument):
                 f"fidelity below the floor: {what} with {than} {value:.5f} < {floor}",
                 (1.0 - value, 1.0 - floor),
             )
+
+
+def _floor(p: ShrinkPass) -> float:
+    floor = getattr(p, "floor", None)
+    return DEFAULT_FLOOR if floor is None else floor
 
 
 def _gate(f: Fidelity) -> float:

@@ -101,3 +101,32 @@ def test_cli_metric(tmp_path, digits_model, digits_calib):
     bad = run_cli(*args, "--metric", "task_metric:broken", cwd=tmp_path)
     _assert_one_line_error(bad, 2, "--metric failed on the input model's own outputs", "KeyError")
     assert not out.exists()
+
+
+def test_the_metric_is_judged_in_the_integer_kernels_too(digits_model, digits_calib, monkeypatch):
+    """What users run decides: if onnxruntime's optimized session (the integer kernels) lost the
+    task while the model as written kept it, the pass is rolled back, saying where."""
+    from onnxshrink.instruments import Validate
+
+    def top1(reference, candidate):
+        (name,) = reference
+        return float(np.mean(reference[name].argmax(-1) == candidate[name].argmax(-1)))
+
+    model, data = onnx.load(str(digits_model)), str(digits_calib)
+    _, fine = onnxshrink.compress(model, ["quantize"], data=data, metric=top1)
+    assert fine.passes[0].status == "applied", fine.passes[0].reason
+    assert fine.passes[0].kernels["metric"] >= 0.95
+
+    run = Validate._run
+
+    def shuffled_in_kernels(self, path, what, *, optimize=False):
+        outputs = run(self, path, what, optimize=optimize)
+        if optimize and "integer kernels" in what:  # the kernels, not the float reference
+            outputs = [{k: np.roll(v, 1, axis=-1) for k, v in b.items()} for b in outputs]
+        return outputs
+
+    monkeypatch.setattr(Validate, "_run", shuffled_in_kernels)
+    _, lost = onnxshrink.compress(model, ["quantize"], data=data, metric=top1)
+    rec = lost.passes[0]
+    assert rec.status == "rolled-back"
+    assert "task metric with the original in onnxruntime's integer kernels" in rec.reason
