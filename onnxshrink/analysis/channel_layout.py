@@ -50,13 +50,56 @@ def passthrough(cg: ChannelGraph, node: ir.Node) -> None:
             cg.info[out] = x
 
 
-def _aligned(a: ChannelInfo, b: ChannelInfo) -> bool:
-    if a.size != b.size or a.rank - a.axis != b.rank - b.axis or len(a.segments) != len(b.segments):
+def _by_offset(info: ChannelInfo) -> list[Segment]:
+    return sorted(info.segments, key=lambda s: s.offset)
+
+
+def _whole_groups(cg: ChannelGraph, infos: list[ChannelInfo]) -> bool:
+    """Do the tensors line up run by run, each run a whole group of the same size?"""
+    ref = infos[0]
+    for b in infos[1:]:
+        if b.size != ref.size or b.rank - b.axis != ref.rank - ref.axis:
+            return False
+        pairs = list(zip(_by_offset(ref), _by_offset(b)))
+        if len(ref.segments) != len(b.segments) or any(
+            (s.length, s.offset, s.repeat) != (t.length, t.offset, t.repeat)
+            or s.start != 0
+            or t.start != 0
+            or cg.group(s.group).size != s.length
+            or cg.group(t.group).size != t.length
+            for s, t in pairs
+        ):
+            return False
+    return True
+
+
+def _in_pieces(cg: ChannelGraph, infos: list[ChannelInfo]) -> bool:
+    """Splits groups until the tensors' channels line up as whole groups, run by run (a CSP
+    block adds half of a Split to a conv's output: that half becomes a group of its own).
+    False, changing nothing, when the layouts differ or a channel is flattened."""
+    ref = infos[0]
+    if any(
+        i.size != ref.size or i.rank - i.axis != ref.rank - ref.axis or not i.segments
+        for i in infos
+    ) or any(s.repeat != 1 for i in infos for s in i.segments):
         return False
-    return all(
-        (s.start, s.length, s.offset, s.repeat) == (t.start, t.length, t.offset, t.repeat)
-        for s, t in zip(a.segments, b.segments)
-    )
+    runs = [sorted((s.offset, s.offset + s.length) for s in i.segments) for i in infos]
+    covered = [sum(b - a for a, b in r) for r in runs]
+    if any(c != ref.size for c in covered):
+        return False  # an untracked run would be coupled with a tracked one
+    cuts = {p for r in runs for run in r for p in run}
+    while True:
+        needed = [
+            (s.group, k)
+            for i in infos
+            for s in i.segments
+            for k in {s.start, s.start + s.length}
+            | {s.start + c - s.offset for c in cuts if s.offset < c < s.offset + s.length}
+            if 0 < k < cg.group(s.group).size
+        ]
+        if not needed:
+            return True
+        cg.split(*needed[0])
 
 
 def elementwise(cg: ChannelGraph, node: ir.Node) -> None:
@@ -85,28 +128,16 @@ def elementwise(cg: ChannelGraph, node: ir.Node) -> None:
                 cg, node, f"{node.op_type} '{name_of(node)}' constant operand cannot be sliced"
             )
             return
-    for _, info in tracked[1:]:
-        if not _aligned(ref, info):
-            freeze_inputs(
-                cg,
-                node,
-                f"{node.op_type} '{name_of(node)}' joins tensors whose channels do not line up",
-            )
-            return
-    for _, info in tracked[1:]:
-        for s, t in zip(ref.segments, info.segments):
-            gs, gt = cg.group(s.group), cg.group(t.group)
-            if (
-                s.start != 0
-                or t.start != 0
-                or s.length != gs.size
-                or t.length != gt.size
-                or gs.size != gt.size
-            ):
-                freeze_inputs(cg, node, f"{node.op_type} '{name_of(node)}' couples parts of groups")
-                return
-    for _, info in tracked[1:]:
-        for s, t in zip(ref.segments, info.segments):
+    infos = [info for _, info in tracked]
+    if not _whole_groups(cg, infos) and not (_in_pieces(cg, infos) and _whole_groups(cg, infos)):
+        freeze_inputs(
+            cg,
+            node,
+            f"{node.op_type} '{name_of(node)}' joins tensors whose channels do not line up",
+        )
+        return
+    for info in infos[1:]:
+        for s, t in zip(_by_offset(ref), _by_offset(info)):
             cg.merge(s.group, t.group)
     cg.info[node.outputs[0]] = ChannelInfo(
         ref.axis + out_rank - ref.rank, out_rank, ref.size, list(ref.segments)

@@ -168,6 +168,37 @@ class ChannelGraph:
         del self.groups[rb]
         return ra
 
+    def split(self, gid: int, k: int) -> int:
+        """Cuts group ``gid`` at group channel ``k``: channels [k, size) become a new group
+        (channels are removed one by one anyway; only the shared ratio and coupling change).
+        Every segment and member of the group is cut there. Returns the new group's id."""
+        root, g = self.find(gid), self.group(gid)
+        new = len(self.parent)
+        self.parent[new] = new
+        self.groups[new] = Group(
+            new, g.size - k, list(g.producers), list(g.consumers), frozen=g.frozen
+        )
+        g.size = k
+
+        def cut(seg: Segment) -> list[Segment]:
+            if self.find(seg.group) != root or seg.start + seg.length <= k:
+                return [seg]
+            if seg.start >= k:
+                return [dataclasses.replace(seg, group=new, start=seg.start - k)]
+            head = dataclasses.replace(seg, length=k - seg.start)
+            tail_at = seg.offset + (k - seg.start) * seg.repeat
+            tail = Segment(new, 0, seg.start + seg.length - k, tail_at, seg.repeat)
+            return [head, tail]
+
+        for info in {id(i): i for i in self.info.values()}.values():
+            info.segments = [part for seg in info.segments for part in cut(seg)]
+        members, g.members = g.members, []
+        for m in members:
+            for part in cut(m.segment):
+                owner = self.groups[new] if part.group == new else g
+                owner.members.append(dataclasses.replace(m, segment=part))
+        return new
+
     def freeze(self, info: ChannelInfo | None, reason: str) -> None:
         if info is None:
             return

@@ -198,3 +198,36 @@ def test_shape_that_reads_the_channel_count_freezes():
     inits["at"] = np.array([-1], np.int64)  # the width: pruning goes on
     out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
     assert _dims(out) == [[4, 14, 1, 1], [14, 3, 3, 3]]
+
+
+def test_a_csp_block_splits_the_group_it_adds_half_of():
+    """YOLOv8's C2f: a conv's output is Split in two and a bottleneck's output is added to the
+    second half. The halves become groups of their own, the second coupled to the bottleneck."""
+    rng = np.random.default_rng(47)
+    text = (
+        OPSET
+        + """
+    g (float[1, 3, 6, 6] x, float[16, 3, 1, 1] W1, int64[2] halves, float[8, 8, 3, 3] W2,
+       float[8, 8, 3, 3] W3, float[4, 24, 1, 1] W4) => (float[1, 4, 6, 6] y) {
+        h = Conv (x, W1)
+        r = Relu (h)
+        a, b = Split <axis = 1> (r, halves)
+        m1 = Conv <pads = [1, 1, 1, 1]> (b, W2)
+        m2 = Relu (m1)
+        m = Conv <pads = [1, 1, 1, 1]> (m2, W3)
+        s = Add (b, m)
+        c = Concat <axis = 1> (a, b, s)
+        y = Conv (c, W4)
+    }"""
+    )
+    inits = {
+        "W1": _dead(rand(rng, 16, 3, 1, 1), DEAD),  # channel 2 of each half
+        "halves": np.array([8, 8], np.int64),
+        "W2": _quiet(_dead(rand(rng, 8, 8, 3, 3), [5]), [2], 1),
+        "W3": _quiet(_dead(rand(rng, 8, 8, 3, 3), [2]), [5], 1),
+        "W4": _quiet(rand(rng, 4, 24, 1, 1), [2, 10, 18], 1),
+    }
+    out, p = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
+    assert _dims(out) == [[4, 21, 1, 1], [7, 7, 3, 3], [7, 7, 3, 3], [14, 3, 1, 1]]
+    assert _ints(out, "pruned.split") == [7, 7]
+    assert len(p.details["groups"]) == 3  # first half; second half + bottleneck; its inside
