@@ -52,7 +52,7 @@ def ours(model: str, out: Path) -> dict:
     rec = report.passes[-1]
     note = rec.status
     if rec.status != "applied" and rec.reason:
-        note += ": " + rec.reason.splitlines()[0][:90]
+        note += ": " + rec.reason.splitlines()[0][:140]
     return {"note": note, "applied": rec.status == "applied"}
 
 
