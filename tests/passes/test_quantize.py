@@ -904,7 +904,7 @@ def test_integer_shape_arithmetic_is_left_alone_with_a_reason():
         "axis": np.array([2], np.int64),
     }
     model = make_model(DECODE_TAIL, inits)
-    p = QuantizePass()
+    p = QuantizePass(stem="int8")  # its one conv is a stem: quantized, or nothing would be
     out, modified = _run(p, model, _data(model))
     assert modified and op_count(out, "QuantizeLinear") > 0
     reasons = {s.node: s.reason for s in p.skipped}
@@ -924,6 +924,16 @@ def test_an_opset_12_model_is_converted_and_quantized():
     assert op_count(out, "DequantizeLinear") > 0 and "model: opset 12 -> 13" in p.changed[0]
     x = _data(model).arrays["x"][:16]
     assert _cosine(ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]) > 0.99
+
+
+def test_activations_alone_are_not_quantized():
+    """A model whose weighted layers are already integer (or all kept float) gains nothing from
+    int8 activations: the pass leaves it unchanged and says why."""
+    model = _net(4)
+    p = QuantizePass(exclude_types=("Conv", "Gemm"))
+    out, modified = _run(p, model, _data(model))
+    assert not modified and op_count(out, "QuantizeLinear") == 0
+    assert any("no Conv, Gemm or MatMul with float weights" in s.reason for s in p.skipped)
 
 
 def test_an_opset_12_model_with_nothing_to_quantize_keeps_its_opset():

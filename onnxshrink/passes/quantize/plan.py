@@ -11,7 +11,7 @@ rounding; ``cpu=auto`` follows this machine's int8 kernels.
 from __future__ import annotations
 
 from onnxshrink import cpu as host
-from onnxshrink.analysis.qplan import plan_quantization, stem_layers
+from onnxshrink.analysis.qplan import WEIGHTED_OPS, plan_quantization, stem_layers
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import inferred_dtypes
 from onnxshrink.passes.quantize.state import QuantState, Step
@@ -46,6 +46,14 @@ class PlanLayers(Step):
             )
         state.plan = plan
         if not plan.nodes:
+            state.done = True
+            return
+        if not any(n.op_type in WEIGHTED_OPS for n in plan.nodes):
+            p.skip(
+                "model",
+                "no Conv, Gemm or MatMul with float weights to quantize (activations "
+                "alone would only add rounding and Q/DQ ops)",
+            )
             state.done = True
             return
         if state.data is None:
