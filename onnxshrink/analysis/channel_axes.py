@@ -188,6 +188,18 @@ def _kept_axis(node: ir.Node, axis: int) -> int | None:
     return None
 
 
+def _piece(concat: ir.Node, i: int) -> tuple[int, ir.Value, int] | None:
+    """(input index, input, entry in it) of entry ``i`` of a Concat of 1-D shape pieces."""
+    for k, v in enumerate(concat.inputs):
+        n = (dims(v) or [None])[0]
+        if n is None:
+            return None
+        if i < n:
+            return k, v, i
+        i -= n
+    return None
+
+
 def _entry(value: ir.Value, i: int, owner: ir.Node, index: int) -> tuple | None:
     """Entry ``i`` of the 1-D shape tensor ``value`` (input ``index`` of ``owner``) when it is
     a constant, through Cast and Concat: (the int, where it can be rewritten or None). Where:
@@ -201,14 +213,8 @@ def _entry(value: ir.Value, i: int, owner: ir.Node, index: int) -> tuple | None:
     if p.op_type == "Cast":
         found = _entry(p.inputs[0], i, p, 0)
     elif p.op_type == "Concat":
-        for k, v in enumerate(p.inputs):
-            n = (dims(v) or [None])[0]
-            if n is None or i < n:
-                found = None if n is None else _entry(v, i, p, k)
-                break
-            i -= n
-        else:
-            return None
+        piece = _piece(p, i)
+        found = None if piece is None else _entry(piece[1], piece[2], p, piece[0])
     else:
         return None
     if found is not None and len(value.uses()) != 1:
@@ -236,15 +242,12 @@ def _reads_dim(value: ir.Value, i: int, tensor: ir.Value, dim: int) -> bool:
     if p is not None and p.op_type == "Cast":
         return _reads_dim(p.inputs[0], i, tensor, dim)
     if p is not None and p.op_type == "Concat":
-        for v in p.inputs:
-            n = (dims(v) or [None])[0]
-            if n is None or i < n:
-                return n is not None and _reads_dim(v, i, tensor, dim)
-            i -= n
-        return False
-    shape_ = _shape_of(value) if p is None or p.op_type == "Shape" else None
+        piece = _piece(p, i)
+        return piece is not None and _reads_dim(piece[1], piece[2], tensor, dim)
     if p is not None and p.op_type in ("Slice", "Gather"):
         shape_ = _shape_of(p.inputs[0])
+    else:
+        shape_ = p if p is not None and p.op_type == "Shape" else None
     if shape_ is None or shape_.inputs[0] is not tensor:
         return False
     rank = len(tensor.shape) if tensor.shape is not None else None
