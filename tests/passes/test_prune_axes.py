@@ -32,42 +32,35 @@ def _dims(out) -> list[list[int]]:
     return sorted(list(i.dims) for i in out.graph.initializer if len(i.dims) >= 2)
 
 
-def test_slice_along_channels_takes_a_window_and_rewrites_its_bounds():
+_INT64_MAX = np.iinfo(np.int64).max  # "to the end", as exporters write it
+
+
+@pytest.mark.parametrize(
+    "axis, start, end, read, quiet, bounds",
+    [
+        (1, 4, _INT64_MAX, 12, [6], ([3], [14])),  # channels 4.. of 16: channel 2 was before
+        (-2, 1, 4, 16, DEAD, None),  # rows 1-3: the channels pass as they are
+    ],
+)
+def test_slice_takes_a_window_of_the_channels_or_passes_them(axis, start, end, read, quiet, bounds):
     rng = np.random.default_rng(40)
     text = (
         OPSET
-        + """
-    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 12, 1, 1] W2, int64[1] s,
-       int64[1] e, int64[1] a) => (float[1, 4, 6, 6] y) {
+        + f"""
+    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, {read}, 1, 1] W2, int64[1] s,
+       int64[1] e, int64[1] a) => (float[1, 4, {6 if axis == 1 else 3}, 6] y) {{
         h = Conv <pads = [1, 1, 1, 1]> (x, W1)
         r = Relu (h)
         t = Slice (r, s, e, a)
         y = Conv (t, W2)
-    }"""
+    }}"""
     )
-    ends = np.array([np.iinfo(np.int64).max], np.int64)  # "to the end", as exporters write it
-    inits = _inits(rng, (4, 12, 1, 1), [6], s=np.array([4]), e=ends, a=np.array([1]))
+    cut = {"s": np.array([start]), "e": np.array([end]), "a": np.array([axis])}
+    inits = _inits(rng, (4, read, 1, 1), quiet, **cut)
     out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
-    assert _dims(out) == [[4, 11, 1, 1], [14, 3, 3, 3]]
-    assert _ints(out, "starts") == [3] and _ints(out, "ends") == [14]  # channel 2 was before it
-
-
-def test_slice_along_another_axis_passes_channels():
-    rng = np.random.default_rng(41)
-    text = (
-        OPSET
-        + """
-    g (float[1, 3, 6, 6] x, float[16, 3, 3, 3] W1, float[4, 16, 1, 1] W2, int64[1] s,
-       int64[1] e, int64[1] a) => (float[1, 4, 3, 6] y) {
-        h = Conv <pads = [1, 1, 1, 1]> (x, W1)
-        r = Relu (h)
-        t = Slice (r, s, e, a)
-        y = Conv (t, W2)
-    }"""
-    )
-    inits = _inits(rng, (4, 16, 1, 1), DEAD, s=np.array([1]), e=np.array([4]), a=np.array([-2]))
-    out, _ = _prune(make_model(text, inits), {"x": rand(rng, 1, 3, 6, 6)}, ratio=0.125)
-    assert _dims(out) == [[4, 14, 1, 1], [14, 3, 3, 3]]
+    assert _dims(out) == [[4, read - 1 if bounds else read - 2, 1, 1], [14, 3, 3, 3]]
+    if bounds:
+        assert (_ints(out, "starts"), _ints(out, "ends")) == bounds
 
 
 @pytest.mark.parametrize(
