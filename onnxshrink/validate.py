@@ -136,20 +136,22 @@ def strict_inference_ok(path: Path) -> bool:
 
 
 def _cosines(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per-sample cosines of one output over all batches (see :func:`compare`)."""
-    r64 = np.concatenate([r for r, _ in pairs])
-    o64 = np.concatenate([o for _, o in pairs])
-    nr, no = np.linalg.norm(r64, axis=1), np.linalg.norm(o64, axis=1)
-    dot = np.einsum("ij,ij->i", r64, o64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((nr == 0) & (no == 0), 1.0, dot / (nr * no))
-    cos = np.nan_to_num(cos, nan=0.0)
-    typical = float(np.median(nr))
-    small = nr < NEGLIGIBLE * typical
-    if small.any():
-        err = np.sum((r64[small] - o64[small]) ** 2, axis=1)
-        cos[small] = np.clip(1.0 - err / (2.0 * typical**2), -1.0, 1.0)
-    return cos
+    """Per-sample cosines of one output over all batches (see :func:`compare`); batches may
+    differ in width (a variable-length output)."""
+    norms = [np.linalg.norm(r, axis=1) for r, _ in pairs]
+    typical = float(np.median(np.concatenate(norms)))
+    out = []
+    for (r, o), nr in zip(pairs, norms):
+        no = np.linalg.norm(o, axis=1)
+        dot = np.einsum("ij,ij->i", r, o)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.nan_to_num(np.where((nr == 0) & (no == 0), 1.0, dot / (nr * no)), nan=0.0)
+        small = nr < NEGLIGIBLE * typical
+        if small.any():
+            err = np.sum((r[small] - o[small]) ** 2, axis=1)
+            cos[small] = np.clip(1.0 - err / (2.0 * typical**2), -1.0, 1.0)
+        out.append(cos)
+    return np.concatenate(out)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

@@ -480,3 +480,12 @@ def test_a_blank_sample_is_judged_at_the_typical_scale_not_by_its_cosine():
     false_hit = noisy.copy()
     false_hit[3, :16] = 1.0  # a quarter of the blank page lit up
     assert compare(ref, [{"map": false_hit}]).cosine_min < 0.9
+
+
+def test_an_output_whose_length_varies_by_batch_is_compared():
+    """A detector's selected boxes: one batch gives 3 scores, the next 5."""
+    from onnxshrink.validate import compare
+
+    ref = [{"scores": np.arange(3, dtype=np.float32)}, {"scores": np.ones(5, np.float32)}]
+    f = compare(ref, ref)
+    assert f.cosine == pytest.approx(1.0)
