@@ -273,16 +273,9 @@ class Validate(Instrument):
         info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
         if self.metric is not None and p.lossy and p.compare_to != "improve":
             # the task decides on what users run: a detection can flip on one rounding step
-            before = p.compare_to == "before"
-            ref = self.before_outputs if before else self.original_outputs
+            ref = self.before_outputs if p.compare_to == "before" else self.original_outputs
             info["metric"] = value = task.score(self.metric, ref, run)
-            if value < (floor := _floor(p)):
-                raise BelowFloor(
-                    f"fidelity below the floor: task metric with "
-                    f"{'the model before the pass' if before else 'the original'} in "
-                    f"onnxruntime's integer kernels {value:.5f} < {floor}",
-                    (1.0 - value, 1.0 - floor),
-                )
+            _hold_floor(p, value, "task metric", " in onnxruntime's integer kernels")
         unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(model)
         failure, warning = kernel_verdict(
             agree, total, cpu, unsafe, getattr(p, "cpu", None) == "vnni", self.kernel_gap
@@ -310,22 +303,20 @@ class Validate(Instrument):
                     f"{_gate(total):.5f}"
                 )
             return
-        floor = _floor(p)
-        against, than = (
-            (step, "the model before the pass")
-            if p.compare_to == "before"
-            else (total, "the original")
-        )
-        if (value := _gate(against)) < floor:
-            raise BelowFloor(
-                f"fidelity below the floor: {what} with {than} {value:.5f} < {floor}",
-                (1.0 - value, 1.0 - floor),
-            )
+        _hold_floor(p, _gate(step if p.compare_to == "before" else total), what)
 
 
-def _floor(p: ShrinkPass) -> float:
+def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "") -> None:
+    """Raises :class:`BelowFloor` when ``value`` (against the original, or against the model
+    before the pass for ``compare_to == "before"``) is below ``p``'s floor."""
     floor = getattr(p, "floor", None)
-    return DEFAULT_FLOOR if floor is None else floor
+    floor = DEFAULT_FLOOR if floor is None else floor
+    than = "the model before the pass" if p.compare_to == "before" else "the original"
+    if value < floor:
+        raise BelowFloor(
+            f"fidelity below the floor: {what} with {than}{where} {value:.5f} < {floor}",
+            (1.0 - value, 1.0 - floor),
+        )
 
 
 def _gate(f: Fidelity) -> float:
