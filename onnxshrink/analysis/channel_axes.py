@@ -78,7 +78,14 @@ def reduce(cg: ChannelGraph, node: ir.Node) -> None:
         passthrough(cg, node)
         return
     if not axes or x.axis in {a % x.rank for a in axes}:
-        why = "reduces over the channel axis" if axes else "has no constant axes"
+        given = len(node.inputs) > 1 and node.inputs[1] is not None
+        why = (
+            "reduces over the channel axis"
+            if axes
+            else "has axes known only at run time"
+            if axes is None and given
+            else "reduces over every axis"
+        )
         cg.freeze(x, f"{node.op_type} '{name_of(node)}' {why}")
         return
     axes = sorted({a % x.rank for a in axes})
