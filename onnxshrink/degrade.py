@@ -179,14 +179,19 @@ def damage(
 
 
 def _shapes(model: ir.Model) -> dict[str, tuple | None]:
-    """Float node output name -> inferred shape (dims as ints or symbols) of the main graph."""
+    """Float node output name -> inferred shape of the main graph, a symbolic dim as None
+    (inference names unknown dims afresh per model: ``unk__0`` here is ``unk__3`` there)."""
     clone = model.clone()
     infer_types(clone)
     out = {}
     for node in clone.graph:
         for v in node.outputs:
             if v.name and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
-                out[v.name] = None if v.shape is None else tuple(str(d) for d in v.shape)
+                out[v.name] = (
+                    None
+                    if v.shape is None
+                    else tuple(d if isinstance(d, int) else None for d in v.shape)
+                )
     return out
 
 
