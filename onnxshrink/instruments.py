@@ -233,7 +233,7 @@ class Validate(Instrument):
             run.model,
             failure.drop,
             lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
-            lambda reference, outputs: 1.0 - _gate(self._compare(reference, outputs)),
+            lambda reference, outputs: _damage(self._compare(reference, outputs)),
             self.data,
             self.workdir,
             self.progress,
@@ -317,6 +317,13 @@ def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "") -> None
             f"fidelity below the floor: {what} with {than}{where} {value:.5f} < {floor}",
             (1.0 - value, 1.0 - floor),
         )
+
+
+def _damage(f: Fidelity) -> float:
+    """A layer's damage as partial application ranks it: the drop of what the floor judges,
+    plus the cosine's drop when that is a task metric (a metric on a few samples moves in steps:
+    most layers would tie at 0)."""
+    return 1.0 - _gate(f) + (0.0 if f.metric is None else 1.0 - f.cosine)
 
 
 def _gate(f: Fidelity) -> float:

@@ -137,3 +137,52 @@ def test_a_failure_inside_partial_application_still_rolls_back(
     assert rec.status == "rolled-back" and "below the floor" in rec.reason
     assert _weights(out).keys() == _weights(model).keys()
     assert all(np.array_equal(_weights(out)[n], w) for n, w in _weights(model).items())
+
+
+def _huge_add_model() -> onnx.ModelProto:
+    """y = Conv2(Add(1000·x, Conv1(x)) − 1000·x): exact in float, but the Add's output spans
+    ±4000, so one uint8 step there (~31) drowns Conv1's signal (±3) -- as silero-vad's ``/Add``
+    of the audio context does."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1] * 4),
+        helper.make_node("Mul", ["x", "k"], ["big"], name="scale"),
+        helper.make_node("Add", ["big", "a"], ["c"], name="huge_add"),
+        helper.make_node("Sub", ["c", "big"], ["d"], name="back"),
+        helper.make_node("Conv", ["d", "w2"], ["y"], name="conv2", pads=[1] * 4),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(w1, "w1"),
+        onnx.numpy_helper.from_array(w2, "w2"),
+        onnx.numpy_helper.from_array(np.array(1000.0, np.float32), "k"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "huge_add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_spares_the_one_op_that_breaks_the_floor(tmp_path):
+    """Every quantized op is a layer partial application can spare, weighted or not: kept
+    float, the Add no longer rounds Conv1's signal away, and the rest stays int8."""
+    data = tmp_path / "x.npz"
+    x = np.random.default_rng(1).normal(0, 1, (48, 4, 8, 8)).astype(np.float32)
+    np.savez(data, x=x)
+    out, report = onnxshrink.compress(_huge_add_model(), ["quantize"], data=str(data))
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert rec.partial["kept"] == ["huge_add"]  # measured: the first try holds
+    assert rec.partial["tries"] == 1
+    assert rec.partial["whole_fidelity"] < 0.95 <= rec.fidelity.cosine
+    assert rec.partial["applied"] == rec.partial["layers"] - 1
+    int8 = {n.name for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"conv1.weight_dq", "conv2.weight_dq"} <= int8
+    assert "c.q" not in int8 | {n.name for n in out.graph.node}  # the Add's output stays float

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.qdq import shield_float_layer
-from onnxshrink.analysis.qplan import WEIGHTED_OPS, QuantPlan, weight_axis
+from onnxshrink.analysis.qplan import COMPUTE_OPS, WEIGHTED_OPS, QuantPlan, weight_axis
 from onnxshrink.analysis.ranges import qparams
 from onnxshrink.calibrate import all_values
 from onnxshrink.irtools import const_array, insert_after_value, unique_name
@@ -64,6 +64,8 @@ def rewrite(
             mu = means.get(float_in) if means is not None else None
             delta = deltas.get(float_in) if deltas is not None else None
             _quantize_weights(p, state, graph, node, mu, delta, log, moved)
+        elif node.op_type in COMPUTE_OPS:  # named, so that a partial application can spare it
+            log.change(f"{node.name}: {node.op_type} on int8 inputs", node.name)
     for out, why in plan.float_concat.items():
         if (node := values[out].producer()) is not None:
             log.skip(node, why)
@@ -105,9 +107,8 @@ def _quantize_weights(p, state, graph, node, mu, delta, log: Log, moved) -> None
     if mu is not None and not resolved and node.op_type in ("Conv", "Gemm"):
         correct_bias(graph, node, w, deq, mu, delta)
     how = ", Hessian-aware rounding" if resolved else ""
-    # no layer named to change(): sparing layers never rescued quantize on the zoo (0 of 3
-    # rollbacks) at up to 5 re-runs each; its own min-fidelity keeps the worst layers float
-    log.change(f"{base}: weights int8 {'per-channel' if axis is not None else 'per-tensor'}{how}")
+    kind = "per-channel" if axis is not None else "per-tensor"
+    log.change(f"{base}: weights int8 {kind}{how}", node.name)
 
 
 def _insert(graph, value: ir.Value, scale, zp, shared: dict) -> None:
