@@ -67,6 +67,7 @@ class ShrinkPass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False  # True: data-driven (the report warns on random data)
+    subgraphs: ClassVar[bool] = False  # True: rewrites inside If/Loop/Scan bodies too
     # what a lossy pass's fidelity floor is measured against: "original" or "before" (the pass);
     # "improve": no floor, but the cosine with the original must not fall (distill)
     compare_to: ClassVar[str] = "original"
@@ -175,7 +176,12 @@ class ShrinkPass(ir.passes.InPlacePass):
 
         with names():
             result = super().__call__(model)
-        if self.lossy and not result.modified and (inside := _weighted_in_subgraphs(model)):
+        if (
+            self.lossy
+            and not self.subgraphs
+            and not result.modified
+            and (inside := _weighted_in_subgraphs(model))
+        ):
             self.skip(
                 "model",
                 f"{inside} Conv/Gemm/MatMul inside If/Loop/Scan bodies: this pass rewrites the "

@@ -15,6 +15,8 @@ error pushed onto the inputs not yet assigned so the layer *output* on the calib
 moves least, and the bias re-solved with them. Without it (``nearest``), each layer's bias is
 corrected for the output mean shift, (Ŵ − W)·E[x] (:mod:`onnxshrink.analysis.bias`).
 
+Weights inside If/Loop/Scan bodies are clustered too, rounded to nearest without bias
+correction (their inputs cannot be probed); a branch the data never takes is not validated by it.
 Refused: weights shared with another node, non-float weights, weights under ``min-size``.
 """
 
@@ -114,6 +116,7 @@ class ClusterWeightsPass(ShrinkPass):
 
     name: ClassVar[str] = "cluster"
     lossy: ClassVar[bool] = True
+    subgraphs: ClassVar[bool] = True
 
     bits: int = 8
     min_size: int = 1024
@@ -153,12 +156,12 @@ class ClusterWeightsPass(ShrinkPass):
     def _cluster(
         self, model: ir.Model, means, exclude: set[str], log: Log, only: str | None = None
     ):
-        graph = model.graph
         modified = False
         total_before = total_after = 0
-        for node in list(graph):
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.op_type not in _TARGETS or len(node.inputs) < 2 or node.inputs[1] is None:
                 continue
+            graph = node.graph
             if node.name in exclude or (only is not None and node.name != only):
                 if node.name in exclude:
                     log.skip(
@@ -186,6 +189,8 @@ class ClusterWeightsPass(ShrinkPass):
                 centroids, indices, scale = self._codebook(node, w)
                 new_bias = None
             decoded = self._rewrite(graph, node, w, centroids, indices, scale, log)
+            if graph is not model.graph and log is self:
+                self.details["in_subgraphs"] = self.details.get("in_subgraphs", 0) + 1
             mu = means.get(node.inputs[0].name) if node.op_type in ("Conv", "Gemm") else None
             if new_bias is not None:
                 set_const_input(graph, node, 2, new_bias.astype(w.dtype), "bias_clustered")

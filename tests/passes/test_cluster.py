@@ -105,3 +105,42 @@ def test_min_fidelity_keeps_the_most_damaging_layers(digits_model, digits_calib)
     float_w = {n.name for n in weighted if n.input[1] in sizes} - small
     assert float_w == set(kept)
     assert len(c.changed) == len(weighted) - len(small) - len(kept)
+
+
+def test_weights_inside_if_branches_are_clustered(tmp_path):
+    """silero-vad keeps all its compute inside If branches (weights in Constant nodes): both
+    branches' weights become codebooks, and either branch still computes what it did."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = rng.normal(0, 0.1, (64, 64)).astype(np.float32)
+        const = helper.make_node(
+            "Constant", [], [f"{name}_w"], value=numpy_helper.from_array(w), name=f"{name}_c"
+        )
+        mm = helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_out"], name=f"{name}_mm")
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, 64])
+        return helper.make_graph([const, mm], name, [], [out])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 1, (8, 16, 64)).astype(np.float32)  # 8 samples of 16 rows
+    np.savez(tmp_path / "d.npz", x=x, c=np.ones(8, bool))
+    out, report = onnxshrink.compress(model, ["cluster"], data=str(tmp_path / "d.npz"))
+    rec = report.passes[0]
+    assert rec.status == "applied", rec.reason
+    assert rec.details["in_subgraphs"] == 2
+    assert sorted(c.split(":")[0] for c in rec.changed) == ["a_mm", "b_mm"]
+    for cond in (True, False):  # the branch the data never took too
+        feed = {"x": x[0], "c": np.array(cond)}
+        ref, got = ort_run(model, feed)[0], ort_run(out, feed)[0]
+        assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
