@@ -71,3 +71,30 @@ def apply(pass_: ShrinkPass, model: onnx.ModelProto) -> tuple[onnx.ModelProto, b
 
 def op_count(model: onnx.ModelProto, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
+
+
+def if_model(width: int = 64) -> tuple[onnx.ModelProto, np.ndarray]:
+    """y = If(c, x @ A, x @ B) with A, B in Constant nodes inside the branches (as silero-vad
+    keeps its weights), and 8 samples of x, each [16, width]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.normal(0, 0.1, (width, width)).astype(np.float32))
+        const = helper.make_node("Constant", [], [f"{name}_w"], value=w, name=f"{name}_c")
+        mm = helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_out"], name=f"{name}_mm")
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, width])
+        return helper.make_graph([const, mm], name, [], [out])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, rng.normal(0, 1, (8, 16, width)).astype(np.float32)

@@ -7,8 +7,9 @@ weights is zeroed -- or of all eligible weights together with ``scope=global`` (
 threshold) -- or, with ``pattern=2:4``, the N smallest of every M consecutive weights along the
 input dimension of each output.
 
-Storage (``storage=auto``, the smallest): a layer's weight becomes a bit mask (1 bit per weight,
-packed in uint8) plus its non-zero values, decoded in the graph::
+Weights inside If/Loop/Scan bodies are sparsified too, by magnitude (their inputs cannot be
+probed). Storage (``storage=auto``, the smallest): a layer's weight becomes a bit mask (1 bit
+per weight, packed in uint8) plus its non-zero values, decoded in the graph::
 
     bits = Mod(BitShift(packed[:, None], [0..7], RIGHT), 2) -> Reshape -> Slice(n)
     W = Reshape(Where(Cast(bits, bool), Gather(values, CumSum(bits) − 1), 0), shape)
@@ -78,6 +79,7 @@ class SparsifyPass(ShrinkPass):
 
     name: ClassVar[str] = "sparsify"
     lossy: ClassVar[bool] = True
+    subgraphs: ClassVar[bool] = True
 
     sparsity: float = 0.5
     method: Literal["auto", "magnitude", "activation"] = "auto"
@@ -111,7 +113,7 @@ class SparsifyPass(ShrinkPass):
             self.skip("model", f"opset {opset}: the decoder needs BitShift and CumSum (opset 11)")
             return ir.passes.PassResult(model, modified=False)
         layers = []
-        for node in list(graph):
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
                 continue
             w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -128,9 +130,8 @@ class SparsifyPass(ShrinkPass):
             if self.method != "auto"
             else ("activation" if self.has_real_data else "magnitude")
         )
-        norms = (
-            self._input_norms(model, [n for n, _ in layers], data) if method == "activation" else {}
-        )
+        main = [n for n, _ in layers if n.graph is graph]  # a body's inputs cannot be probed
+        norms = self._input_norms(model, main, data) if method == "activation" and main else {}
         scores = {
             id(n): np.abs(_rows(n, w).astype(np.float64)) * norms.get(id(n), 1.0) for n, w in layers
         }
@@ -146,7 +147,7 @@ class SparsifyPass(ShrinkPass):
             rows = np.where(keep, _rows(node, w), 0)
             sparse = _unrows(node, rows, w.shape).astype(w.dtype)
             nnz = int(np.count_nonzero(sparse))
-            form = self._store(graph, node, sparse)
+            form = self._store(node.graph, node, sparse, opset)
             size = w.nbytes if form == "dense" else encoded_bytes(sparse.size, nnz, self.values)
             before, after = before + w.nbytes, after + size
             records.append(
@@ -234,7 +235,7 @@ class SparsifyPass(ShrinkPass):
                 out[id(node)] = norm[None, :]
         return out
 
-    def _store(self, graph: ir.Graph, node: ir.Node, sparse: np.ndarray) -> str:
+    def _store(self, graph: ir.Graph, node: ir.Node, sparse: np.ndarray, opset: int) -> str:
         n = sparse.size
         nnz = int(np.count_nonzero(sparse))
         if self.storage == "dense" or (
@@ -247,7 +248,7 @@ class SparsifyPass(ShrinkPass):
             graph.register_initializer(v)
             node.replace_input_with(1, v)
             return "dense"
-        _decode(graph, node, sparse, self.values)
+        _decode(graph, node, sparse, self.values, opset)
         return "mask+int8" if self.values == "int8" else "mask"
 
 
@@ -257,10 +258,10 @@ def onnx_dtype(dtype: np.dtype) -> int:
     return int(np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
-def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str) -> None:
-    """Inserts the mask + values decoder in front of ``node`` and feeds it the decoded weight."""
+def _decode(graph: ir.Graph, node: ir.Node, sparse: np.ndarray, values: str, opset: int) -> None:
+    """Inserts the mask + values decoder in front of ``node`` (in ``graph``, the main graph or a
+    body; ``opset``: the model's) and feeds it the decoded weight."""
     base = f"{node.name}.sparse"
-    opset = graph.opset_imports.get("", 1)
     flat = sparse.reshape(-1)
     mask = flat != 0
     packed = np.packbits(mask, bitorder="little")

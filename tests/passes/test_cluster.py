@@ -8,7 +8,7 @@ import pytest
 
 import onnxshrink
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass, kmeans_1d
-from tests.helpers import apply, make_model, op_count, ort_run, rand
+from tests.helpers import apply, if_model, make_model, op_count, ort_run, rand
 
 
 def test_kmeans_exact_when_few_values():
@@ -110,31 +110,8 @@ def test_min_fidelity_keeps_the_most_damaging_layers(digits_model, digits_calib)
 def test_weights_inside_if_branches_are_clustered(tmp_path):
     """silero-vad keeps all its compute inside If branches (weights in Constant nodes): both
     branches' weights become codebooks, and either branch still computes what it did."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-
-    def branch(name: str) -> onnx.GraphProto:
-        w = rng.normal(0, 0.1, (64, 64)).astype(np.float32)
-        const = helper.make_node(
-            "Constant", [], [f"{name}_w"], value=numpy_helper.from_array(w), name=f"{name}_c"
-        )
-        mm = helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_out"], name=f"{name}_mm")
-        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, 64])
-        return helper.make_graph([const, mm], name, [], [out])
-
-    graph = helper.make_graph(
-        [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))],
-        "g",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = rng.normal(0, 1, (8, 16, 64)).astype(np.float32)  # 8 samples of 16 rows
-    np.savez(tmp_path / "d.npz", x=x, c=np.ones(8, bool))
+    model, x = if_model()
+    np.savez(tmp_path / "d.npz", x=x, c=np.ones(len(x), bool))
     out, report = onnxshrink.compress(model, ["cluster"], data=str(tmp_path / "d.npz"))
     rec = report.passes[0]
     assert rec.status == "applied", rec.reason

@@ -9,7 +9,7 @@ import pytest
 
 import onnxshrink
 from onnxshrink.passes.sparsify import SparsifyPass, encoded_bytes, nm_mask
-from tests.helpers import apply, make_model, ort_run, rand
+from tests.helpers import apply, if_model, make_model, ort_run, rand
 
 
 def test_nm_mask_keeps_two_of_every_four():
@@ -215,3 +215,21 @@ def test_a_model_older_than_opset_11_is_left_alone_with_the_reason():
     p = SparsifyPass(sparsity=0.5, storage="mask", min_size=16)
     _, modified = apply(p, model)
     assert not modified and "opset 10" in p.skipped[0].reason
+
+
+def test_weights_inside_if_branches_are_sparsified(tmp_path):
+    """Both branches of an If are sparsified by magnitude (the data's activations inside a body
+    cannot be probed), and either branch decodes its weight exactly to the masked one."""
+    model, x = if_model()
+    np.savez(tmp_path / "d.npz", x=x, c=np.ones(len(x), bool))
+    out, report = onnxshrink.compress(model, ["sparsify:floor=0"], data=str(tmp_path / "d.npz"))
+    rec = report.passes[0]
+    assert rec.status == "applied", rec.reason
+    assert sorted(r["node"] for r in rec.details["layers"]) == ["a_mm", "b_mm"]
+    assert all(r["sparsity"] == 0.5 and r["form"] == "mask" for r in rec.details["layers"])
+    branches = {a.name: a.g for a in model.graph.node[0].attribute}
+    for cond, branch in ((True, "then_branch"), (False, "else_branch")):  # the untaken one too
+        w = onnx.numpy_helper.to_array(branches[branch].node[0].attribute[0].t)
+        kept = np.where(np.abs(w) >= np.median(np.abs(w), axis=0, keepdims=True), w, 0)
+        got = ort_run(out, {"x": x[0], "c": np.array(cond)})[0]
+        np.testing.assert_allclose(got, x[0] @ kept, rtol=1e-4, atol=1e-4)
