@@ -21,6 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxshrink import io, runtime
 from onnxshrink.data import Dataset
 from onnxshrink.irtools import infer_types
+from onnxshrink.timing import phase
 
 __all__ = ["ChannelMoments", "Probe", "all_values", "batch_samples", "run_model"]
 
@@ -40,7 +41,8 @@ class Probe:
         self, model: ir.Model, names: Sequence[str], workdir: Path, *, optimize: bool = True
     ) -> None:
         self.names = list(dict.fromkeys(names))
-        clone = model.clone()
+        with phase("probes: copy the model"):
+            clone = model.clone()
         values = {v.name: v for v in all_values(clone.graph)}
         missing = [n for n in self.names if n not in values]
         if missing:
@@ -63,7 +65,8 @@ class Probe:
     ) -> Iterator[dict[str, np.ndarray]]:
         fetch = list(names) if names is not None else self.names
         for feed in data.batches(limit):
-            values = self.session.run(fetch, feed)
+            with phase("onnxruntime: run"):
+                values = self.session.run(fetch, feed)
             yield dict(zip(fetch, values))
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ from onnxshrink.pipeline import (
 )
 from onnxshrink.progress import Progress
 from onnxshrink.report import Fidelity, Report
+from onnxshrink.timing import phase
 from onnxshrink.validate import (
     BelowFloor,
     Invalid,
@@ -227,17 +228,18 @@ class Validate(Instrument):
         """The pass re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`); the
         record then tells what was kept back. None when no try held."""
         t0 = time.perf_counter()
-        found = degrade.partial(
-            run.pass_,
-            run.snapshot,
-            run.model,
-            failure.drop,
-            lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
-            lambda reference, outputs: _damage(self._compare(reference, outputs)),
-            self.data,
-            self.workdir,
-            self.progress,
-        )
+        with phase("partial application"):
+            found = degrade.partial(
+                run.pass_,
+                run.snapshot,
+                run.model,
+                failure.drop,
+                lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
+                lambda reference, outputs: _damage(self._compare(reference, outputs)),
+                self.data,
+                self.workdir,
+                self.progress,
+            )
         if found is None:
             return None
         whole = metrics.model_stats(

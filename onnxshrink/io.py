@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxshrink.errors import ModelError, first_line
+from onnxshrink.timing import timed
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -148,6 +149,7 @@ def lift_constants(model: ir.Model) -> int:
     return count
 
 
+@timed("load the model")
 def load(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> LoadedModel:
     """Loads ``source`` into a private ``ir.Model``; the caller's object is never modified."""
     if isinstance(source, ir.Model):
@@ -258,6 +260,7 @@ def _in_memory_copies(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol
     return swapped
 
 
+@timed("write a model")
 def write(
     model: ir.Model, path: Path, *, external_data: bool | None = None, data_name: str | None = None
 ) -> int:

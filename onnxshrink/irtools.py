@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.timing import timed
+
 __all__ = [
     "const_array",
     "infer_types",
@@ -36,6 +38,7 @@ _Names = dict[int, tuple[weakref.ref, set[str]]]
 _SCOPE: contextvars.ContextVar[_Names | None] = contextvars.ContextVar("names", default=None)
 
 
+@timed("shape inference")
 def infer_types(model: ir.Model) -> None:
     """Fills in the element types and shapes onnx can infer where the file gave none; never
     raises (a model onnx cannot infer keeps what it has)."""

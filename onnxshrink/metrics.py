@@ -29,6 +29,8 @@ from collections.abc import Mapping
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
+from onnxshrink.timing import timed
+
 __all__ = [
     "LayerStats",
     "ModelStats",
@@ -293,6 +295,7 @@ def macs_by_node(
     return out
 
 
+@timed("MACs and params")
 def model_stats(
     model: ir.Model,
     *,

@@ -26,6 +26,7 @@ from onnx_ir.passes.common import (
 from onnxshrink.errors import ValidationError, one_line
 from onnxshrink.passes.base import PassContext, ShrinkPass
 from onnxshrink.report import PassRecord
+from onnxshrink.timing import phase
 
 __all__ = ["DEFAULT_FLOOR", "Instrument", "PassRun", "Pipeline", "cleanup", "custom_ops"]
 
@@ -104,14 +105,17 @@ class Pipeline:
         for i, p in enumerate(self.passes):
             p.bind(self.context)
             record = PassRecord(name=p.name, options=p.options())
-            run = PassRun(i, len(self.passes), p, record, snapshot=model.clone(), model=model)
+            with phase("copy the model before each pass"):
+                snapshot = model.clone()
+            run = PassRun(i, len(self.passes), p, record, snapshot=snapshot, model=model)
             for inst in reversed(self.instruments):
                 inst.before_pass(run)
             try:
-                result = p(model)
-                run.modified = result.modified
-                if run.modified:
-                    cleanup(model)
+                with phase(f"pass {p.name}"):
+                    result = p(model)
+                    run.modified = result.modified
+                    if run.modified:
+                        cleanup(model)
             except Exception as e:  # a bug in a pass must not cost the user the model
                 run.error, run.traceback = e, traceback.format_exc()
                 logger.debug("pass %s raised:\n%s", p.name, run.traceback)
@@ -129,7 +133,8 @@ class Pipeline:
             else:
                 record.status = "applied" if run.modified else "unchanged"
             for inst in self.instruments:
-                inst.after_pass(run)
+                with phase(f"after each pass: {type(inst).__name__}"):
+                    inst.after_pass(run)
             if record.status != "rolled-back":
                 model = run.model  # an instrument may hand back another (a partial application)
             else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxshrink.data import Dataset
+from onnxshrink.timing import phase, timed
 
 __all__ = ["Outputs", "RunTimeout", "latency", "run", "session"]
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 Outputs = list[dict[str, np.ndarray]]
 
 
+@timed("onnxruntime: open a session")
 def session(
     path: str | os.PathLike,
     *,
@@ -74,7 +76,10 @@ def run(
     names = [o.name for o in sess.get_outputs()]
     outputs: Outputs = []
     for feed in data.batches(limit):
-        values = sess.run(names, feed) if timeout is None else _bounded(sess, names, feed, timeout)
+        with phase("onnxruntime: run"):
+            values = (
+                sess.run(names, feed) if timeout is None else _bounded(sess, names, feed, timeout)
+            )
         outputs.append({n: np.asarray(v) for n, v in zip(names, values)})
         if on_batch is not None:
             on_batch(next(iter(feed.values())).shape[0] if not data.per_sample_batch else 1)

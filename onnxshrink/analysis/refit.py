@@ -25,6 +25,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxshrink.irtools import const_array, set_const_input
+from onnxshrink.timing import timed
 
 __all__ = [
     "NormalEquations",
@@ -238,6 +239,7 @@ def write_weights(graph: ir.Graph, node: ir.Node, sol: np.ndarray, bias: bool) -
         set_const_input(graph, node, 1, np.ascontiguousarray(W[0]).astype(dtype), "refit.weight")
 
 
+@timed("least-squares re-fit")
 def refit_layers(
     student: ir.Model,
     teacher: ir.Model,

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.refit import input_rows
 from onnxshrink.irtools import const_array
+from onnxshrink.timing import timed
 
 __all__ = [
     "MAX_INPUTS",
@@ -196,6 +197,7 @@ def chunks_needed(nodes: list[ir.Node], budget: int = _BUDGET) -> int:
     return count
 
 
+@timed("Hessian-aware rounding")
 def hessian_round(
     H: np.ndarray,
     W: np.ndarray,

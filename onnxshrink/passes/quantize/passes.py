@@ -34,6 +34,7 @@ from onnxshrink.passes.quantize.mixed import MixedPrecision
 from onnxshrink.passes.quantize.plan import PlanLayers
 from onnxshrink.passes.quantize.state import QuantState, Step
 from onnxshrink.passes.quantize.weights import RoundWeights
+from onnxshrink.timing import phase
 
 __all__ = ["STEPS", "InsertQDQPass", "QuantizePass"]
 
@@ -156,7 +157,8 @@ class InsertQDQPass(ShrinkPass):
                     break
                 if step.wanted(self, state):
                     logger.debug("%s: %s", self.name, step.name)
-                    step.run(self, state)
+                    with phase(f"quantize: {step.name}"):
+                        step.run(self, state)
         if not state.modified:
             self.undo_opset_13(model, old)
         return ir.passes.PassResult(model, modified=state.modified)
