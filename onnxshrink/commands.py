@@ -170,31 +170,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_passes(args) -> int:
-    from onnxshrink.passes import DEFAULT_PIPELINE, REGISTRY
-    from onnxshrink.passes.base import option_fields
+    from onnxshrink.catalog import load
 
-    rows = []
-    for name, cls in REGISTRY.items():
-        opts = []
-        for f in option_fields(cls):
-            default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
-            opts.append(
-                {
-                    "name": f.name.rstrip("_").replace("_", "-"),
-                    "type": str(f.type),
-                    "default": default,
-                }
-            )
-        rows.append(
-            {
-                "name": name,
-                "kind": "lossy" if cls.lossy else "exact",
-                "data": cls.needs_data,
-                "default": name in DEFAULT_PIPELINE,
-                "description": cls.describe(),
-                "options": opts,
-            }
-        )
+    rows = load()  # no pass imported: listing starts like --help
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

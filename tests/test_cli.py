@@ -409,3 +409,22 @@ def test_pass_descriptions_are_whole_sentences():
         assert r["description"].endswith(".") and "\n" not in r["description"], (
             r
         )  # quantize's stopped at "into"
+
+
+def test_passes_lists_the_registry_without_importing_a_pass():
+    """``onnxshrink passes`` reads onnxshrink/catalog.json (importing the passes took 2-7 s: onnx_ir
+    pulls in sympy); the file must be what the registry says (``python -m onnxshrink.catalog``
+    rewrites it)."""
+    from onnxshrink import catalog
+
+    assert catalog.load() == catalog.rows(), "stale: run python -m onnxshrink.catalog"
+    code = (
+        "import sys\nfrom onnxshrink import cli\nrc = cli.main(['passes', '--json'])\n"
+        "print(rc, sorted(m for m in ('onnx', 'onnx_ir', 'onnxruntime', 'numpy') "
+        "if m in sys.modules), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stderr.strip() == "0 []", proc.stderr
+    listed = json.loads(proc.stdout)
+    assert [r["name"] for r in listed] == [r["name"] for r in catalog.rows()]
+    assert any(o["name"] == "floor" for r in listed for o in r["options"])
