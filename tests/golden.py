@@ -71,13 +71,15 @@ def models() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]]:
     return {"digits": (onnx.load(fixtures / "digits_cnn.onnx"), digits), "resnet": (net, feeds)}
 
 
-def outputs() -> dict[str, str]:
-    """case -> "sha256 status" of the model ``compress`` returns for it."""
+def outputs(cases: set[str] | None = None) -> dict[str, str]:
+    """case -> "sha256 status" of the model ``compress`` returns for it (``cases``: only those)."""
     from onnxshrink import compress
 
     found = {}
     for mname, (model, data) in models().items():
         for case, spec in CASES:
+            if cases is not None and case not in cases:
+                continue
             out, report = compress(model, [spec], data=dict(data))
             proto = out if isinstance(out, onnx.ModelProto) else onnx.load(out)
             digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
@@ -87,10 +89,11 @@ def outputs() -> dict[str, str]:
 
 def main() -> None:
     if "--record" not in sys.argv:
-        raise SystemExit("usage: python tests/golden.py --record")
+        raise SystemExit("usage: python tests/golden.py --record [CASE ...]")
     table = json.loads(HASHES.read_text()) if HASHES.exists() else {}
     key = machine_key()
-    table[key] = outputs()
+    cases = {a for a in sys.argv[1:] if a != "--record"} or None  # re-record only these
+    table[key] = {**table.get(key, {}), **outputs(cases)}
     HASHES.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"recorded {len(table[key])} outputs for {key}")
 

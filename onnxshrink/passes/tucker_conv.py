@@ -81,8 +81,14 @@ def speedup_ranks(
     return down(lo * c_in, c_in), down(lo * c_out, c_out)
 
 
+# HOOI's stop (it was 1e-6 and 100 iterations): the same fidelity in 1/2.7 of the time on
+# random weights, which converge slowest (docs/benchmarks.md, compile time)
+HOOI_TOL, HOOI_ITERATIONS = 1e-5, 25
+
+
 def tucker2(w: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]) by tensorly's HOOI.
+    """(U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]) by tensorly's HOOI
+    from the HOSVD, stopped when an iteration moves the relative error by < ``HOOI_TOL``.
     A mode's rank cannot exceed the other's times kh·kw (the core's unfolding has no more
     columns): larger ranks are cut to that."""
     from tensorly.decomposition import partial_tucker
@@ -95,8 +101,8 @@ def tucker2(w: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarra
         rank=[r_out, r_in],
         modes=[0, 1],
         init="svd",
-        n_iter_max=100,
-        tol=1e-6,
+        n_iter_max=HOOI_ITERATIONS,
+        tol=HOOI_TOL,
     )
     return np.asarray(factors[0]), np.asarray(core), np.asarray(factors[1])
 
