@@ -75,7 +75,7 @@ else:
         _, report = onnxshrink.compress(model, spec, data=data, output=out, progress=False)
     phases = {k: v for k, v in timing.totals().items()}
     last = report.passes[-1] if report.passes else None
-    phases["_status"] = last.status if last is not None else "?"
+    phases["_status"] = "?" if last is None else "partly" if last.partial else last.status
 print(json.dumps({"seconds": time.perf_counter() - t0, "phases": phases,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
