@@ -432,30 +432,12 @@ def test_shared_options_are_range_checked_in_every_pass_that_declares_them():
 def test_a_lossy_pass_says_when_the_layers_are_inside_subgraphs():
     """silero-vad keeps all its compute inside If branches: every pass was 'unchanged' with no
     reason. A lossy pass that changes nothing now says the layers are inside subgraphs."""
-    import numpy as np
     import onnx_ir as ir
-    from onnx import TensorProto, helper, numpy_helper
 
     from onnxshrink.passes import make_pass
+    from tests.helpers import if_model
 
-    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-    branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("MatMul", ["x", "w"], [f"{name}_out"])],
-        name,
-        [],
-        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
-    )
-    graph = helper.make_graph(
-        [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))],
-        "g",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [w],
-    )
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = ir.from_proto(if_model()[0])
     p = make_pass("lowrank")
     assert not p(model).modified
     assert [s.reason for s in p.skipped] == [
