@@ -109,10 +109,15 @@ def all_values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 
 class ChannelMoments:
-    """Running per-channel mean x, mean |x| and mean x² of a tensor along ``axis``."""
+    """Running per-channel mean x, mean |x| (unless ``absolute=False``) and mean x² of a tensor
+    along ``axis``.
 
-    def __init__(self, axis: int) -> None:
-        self.axis = axis
+    Each batch is reduced per channel in float32 by BLAS (x viewed as [pre, C, post] times a
+    vector of ones; squares by a batched dot), and the per-batch sums are added in float64.
+    """
+
+    def __init__(self, axis: int, absolute: bool = True) -> None:
+        self.axis, self.absolute = axis, absolute
         self.sum: np.ndarray | None = None
         self.abs_sum: np.ndarray | None = None
         self.sq_sum: np.ndarray | None = None
@@ -120,18 +125,23 @@ class ChannelMoments:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x)
-        axes = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
-        # reduced in place with float64 accumulators (no transposed float64 copy of x)
-        m = np.sum(x, axis=axes, dtype=np.float64)
-        a = np.sum(np.abs(x), axis=axes, dtype=np.float64)
-        s = np.sum(np.square(x), axis=axes, dtype=np.float64)
+        axis = self.axis % x.ndim
+        c = x.shape[axis]
+        x3 = x.reshape(int(np.prod(x.shape[:axis])), c, -1)
+        if x3.dtype != np.float32:
+            x3 = x3.astype(np.float64)
+        ones = np.ones(x3.shape[2], x3.dtype)
+        m = (x3 @ ones).sum(0, dtype=np.float64)
+        s = np.einsum("pcq,pcq->pc", x3, x3).sum(0, dtype=np.float64)
+        a = (np.abs(x3) @ ones).sum(0, dtype=np.float64) if self.absolute else None
         if self.sum is None:
             self.sum, self.abs_sum, self.sq_sum = m, a, s
         else:
             self.sum += m
-            self.abs_sum += a
             self.sq_sum += s
-        self.count += x.size // max(x.shape[self.axis], 1)
+            if a is not None:
+                self.abs_sum += a
+        self.count += x.size // max(c, 1)
 
     @property
     def mean(self) -> np.ndarray:

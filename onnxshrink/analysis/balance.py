@@ -25,14 +25,13 @@ channels), weights constant and not shared. Everything else is left alone.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 
-__all__ = ["BalancePair", "apply_balance", "balance_pairs", "channel_max"]
+__all__ = ["BalancePair", "apply_balance", "balance_pairs", "tensor_maxima"]
 
 
 @dataclasses.dataclass
@@ -106,25 +105,19 @@ def balance_pairs(graph: ir.Graph) -> list[BalancePair]:
     return pairs
 
 
-def channel_max(
-    model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
-) -> dict[str, np.ndarray]:
-    """Largest |value| per channel (axis 1) of the tensors ``names`` on the calibration data."""
-    from onnxshrink.calibrate import Probe, batch_samples
-
-    out: dict[str, np.ndarray] = {}
-    with Probe(model, names, workdir) as probe:
-        for batch in probe.run(data, samples):
-            for n, arr in batch.items():
-                m = (
-                    np.abs(np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1))
-                    .max(1)
-                    .astype(np.float64)
-                )
-                out[n] = m if n not in out else np.maximum(out[n], m)
-            if progress is not None:
-                progress(batch_samples(batch))
-    return out
+def tensor_maxima(pair: BalancePair, outputs: list[np.ndarray]) -> np.ndarray:
+    """m_c: the largest |value| per channel of ``pair.tensor`` on the calibration data, from
+    the batches of the producer's output (a Relu / Clip(0, u) is monotone: its channel maximum
+    is the activation of the output's)."""
+    hi = lo = None
+    for y in outputs:
+        y3 = y.reshape(y.shape[0], y.shape[1], -1)
+        h, m = y3.max((0, 2)).astype(np.float64), y3.min((0, 2)).astype(np.float64)
+        hi, lo = (h, m) if hi is None else (np.maximum(hi, h), np.minimum(lo, m))
+    if pair.activation is None:
+        return np.maximum(hi, -lo)
+    floor, ceiling = _clip_bounds(pair.activation)
+    return np.clip(hi, 0.0, np.inf if ceiling is None else ceiling)
 
 
 def apply_balance(graph: ir.Graph, pair: BalancePair, m: np.ndarray, alpha: float) -> np.ndarray:

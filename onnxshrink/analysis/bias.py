@@ -42,10 +42,10 @@ logger = logging.getLogger(__name__)
 def input_moments(
     model: ir.Model, names: list[str], data, workdir: Path, samples: int, progress=None
 ):
-    """Per-channel (axis 1) moments of the tensors ``names`` on the calibration data."""
+    """Per-channel (axis 1) mean and mean x² of the tensors ``names`` on the calibration data."""
     from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
 
-    moments = {n: ChannelMoments(1) for n in names}
+    moments = {n: ChannelMoments(1, absolute=False) for n in names}
     with Probe(model, names, workdir) as probe:
         for batch in probe.run(data, samples):
             for n, arr in batch.items():
@@ -141,26 +141,30 @@ def quantization_shift(
 
 
 def empirical_correction(
-    model: ir.Model,
-    reference: ir.Model,
-    nodes: list[ir.Node],
-    data,
-    workdir: Path,
-    samples: int,
-    progress=None,
+    model: ir.Model, want: dict, nodes: list[ir.Node], data, samples: int, progress=None
 ) -> dict[str, float]:
     """Corrects the bias of each of ``nodes`` (Conv / Gemm of ``model``, in graph order) so its
-    output's per-channel mean on the calibration data equals that of the same tensor in
-    ``reference``, one node after the other (each measurement sees the earlier corrections; the
-    probe is cut down to the graph up to that node). Returns node name -> largest |shift| / the
+    output's per-channel mean on the calibration data equals ``want[output]`` (the
+    :class:`~onnxshrink.calibrate.ChannelMoments` of the same tensor in a reference model),
+    one node after the other: one sweep over ``model``
+    (:class:`onnxshrink.sweep.Sweep`) stops at each output, moves the bias and the output's
+    values by the same shift -- exactly what the new bias computes -- so every later
+    measurement sees the earlier corrections. Returns node name -> largest |shift| / the
     reference output's standard deviation, for the nodes corrected."""
+    from onnxshrink.calibrate import ChannelMoments
+    from onnxshrink.sweep import Sweep
+
     names = [n.outputs[0].name for n in nodes]
-    want = input_moments(reference, names, data, workdir, samples, progress)
+    node_of = dict(zip(names, nodes))
     moved: dict[str, float] = {}
-    for node, name in zip(nodes, names):
-        got = input_moments(model, [name], data, workdir, samples, progress)[name]
+    for name, arrays in Sweep(model, names, data, samples, progress=progress):
+        got = ChannelMoments(1, absolute=False)
+        for a in arrays:
+            got.update(a)
         shift = got.mean - want[name].mean
-        if subtract_from_bias(model.graph, node, shift, "bias_empirical"):
+        if subtract_from_bias(model.graph, node_of[name], shift, "bias_empirical"):
+            for a in arrays:  # onnxruntime's outputs: writable
+                a -= shift.reshape((-1,) + (1,) * (a.ndim - 2)).astype(a.dtype)
             std = np.sqrt(np.maximum(want[name].mean_sq - want[name].mean ** 2, 1e-24))
-            moved[node.name] = float(np.max(np.abs(shift) / std))
+            moved[node_of[name].name] = float(np.max(np.abs(shift) / std))
     return moved

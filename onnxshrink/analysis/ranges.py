@@ -14,9 +14,8 @@ pass filling a 2048-bin histogram per tensor. Methods (``calibration``):
   minimises the expected squared error of quantizing the histogram: rounding error Δ²/12 inside,
   squared distance to the edge outside.
 
-Cascade (:func:`cascade_calibrate`): the ranges are measured again on the float model with
-every quantized tensor saturated where its grid ends (:func:`clipped_copy`), round after round
-until they settle, so each range is that of the tensor the quantized model actually computes.
+Cascade (:mod:`onnxshrink.analysis.cascade`) measures them where the upstream grids saturate;
+:func:`clipped_copy` is that saturated float model, as a model (the empirical bias's reference).
 
 Quantization parameters: uint8 asymmetric, scale = (hi − lo) / 255, zero point = round(−lo /
 scale), with the range widened to include 0 so that 0 is exact (zero padding, ReLU).
@@ -28,16 +27,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "METHODS",
+    "percentile_range",
     "SETTLED",
-    "Cascade",
     "RangeStats",
-    "cascade_calibrate",
     "choose_range",
     "clipped_copy",
     "grid_bounds",
@@ -176,6 +173,35 @@ def _mse_range(st: RangeStats, levels: int) -> tuple[float, float]:
     return best
 
 
+def _kth(arrays: list[np.ndarray], k: int, largest: bool) -> float:
+    """The k-th largest (or smallest) value over ``arrays``, exactly: the values beyond a
+    threshold that a strided sample puts safely short of it, then one partition of those."""
+    sign = 1.0 if largest else -1.0
+    sample = np.concatenate([sign * a.ravel()[::37] for a in arrays])
+    ks = min(len(sample), 2 * (k // 37) + 32)
+    t = sign * np.partition(sample, len(sample) - ks)[len(sample) - ks]
+    beyond = [a[a >= t] if largest else a[a <= t] for a in arrays]
+    if sum(len(b) for b in beyond) < k:  # the sample misled: take everything
+        beyond = [a.ravel() for a in arrays]
+    cand = sign * np.concatenate(beyond)
+    return float(sign * np.partition(cand, len(cand) - k)[len(cand) - k])
+
+
+def percentile_range(arrays: list[np.ndarray], p: float) -> tuple[float, float]:
+    """``percentile`` calibration straight from the values (no histogram): the p-th
+    percentile, and the (100 − p)-th or 0 for a non-negative tensor -- exact order statistics
+    where the histogram gives its bin's centre; the tails are a 10⁻⁴ share of the values, so
+    this costs a comparison per value instead of a bin index."""
+    n = sum(a.size for a in arrays)
+    if n == 0:
+        return 0.0, 1.0
+    lo_all = min(float(a.min()) for a in arrays if a.size)
+    k = max(1, n - math.ceil(p / 100.0 * n) + 1)
+    hi = _kth(arrays, k, largest=True)
+    lo = 0.0 if lo_all >= 0 else _kth(arrays, max(1, math.ceil((1 - p / 100.0) * n)), False)
+    return lo, max(hi, lo)
+
+
 def choose_range(st: RangeStats, method: str, percentile: float = 99.99) -> tuple[float, float]:
     """The (lo, hi) range ``method`` picks from the statistics."""
     if st.lo > st.hi:  # never observed
@@ -209,117 +235,6 @@ def qparams(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.
     zp = min(max(zp, qmin), qmax)
     np_dtype = np.uint8 if dtype == "uint8" else np.int8
     return np.float32(scale), np.array(zp, np_dtype)
-
-
-def _collect(
-    model,
-    sources: list[str],
-    mean_names: list[str],
-    data,
-    workdir: Path,
-    samples: int,
-    method: str,
-    progress=None,
-    seed: dict[str, RangeStats] | None = None,
-):
-    """(RangeStats of each tensor in ``sources``, per-channel mean of each in ``mean_names``).
-
-    Without ``seed``: one pass for min/max and means, a second filling the histograms (unless
-    ``method`` is minmax). With ``seed`` (the statistics of a previous round): one pass, the
-    histograms laid over the seed's [min, max], values beyond it counted in the end bins."""
-    from onnxshrink.calibrate import ChannelMoments, Probe, batch_samples
-
-    stats = {s: RangeStats() for s in sources}
-    histograms = method != "minmax"
-    if seed is not None and histograms:
-        for name, st in stats.items():
-            st.lo, st.hi = seed[name].lo, seed[name].hi
-            st.start_histogram()
-            st.lo, st.hi = math.inf, -math.inf
-    moments = {m: ChannelMoments(1) for m in mean_names}
-    with Probe(model, sorted(set(sources) | set(mean_names)), workdir) as probe:
-        for batch in probe.run(data, samples):
-            for name in sources:
-                stats[name].update_range(batch[name])
-                if seed is not None and histograms:
-                    stats[name].update_histogram(batch[name])
-            for m in mean_names:
-                moments[m].update(batch[m])
-            if progress is not None:
-                progress(batch_samples(batch))
-        if seed is None and histograms:
-            for st in stats.values():
-                st.start_histogram()
-            for batch in probe.run(data, samples):
-                for name in sources:
-                    stats[name].update_histogram(batch[name])
-                if progress is not None:
-                    progress(batch_samples(batch))
-    return stats, {m: moments[m].mean for m in mean_names}
-
-
-@dataclasses.dataclass
-class Cascade:
-    """What :func:`cascade_calibrate` found: ranges, input means, and how the rounds went."""
-
-    ranges: dict[str, tuple[float, float]]
-    means: dict[str, np.ndarray]  # per-channel means of ``mean_names`` on the float model
-    changes: list[float]  # per re-measuring round: the largest move of a range end / its width
-    shrunk: dict[str, float]  # tensor -> final width / first-round width, for those that moved
-
-
-def cascade_calibrate(
-    model,
-    saturation,
-    sources: list[str],
-    mean_names: list[str],
-    data,
-    workdir: Path,
-    samples: int,
-    method: str,
-    percentile: float,
-    rounds: int,
-    tol: float = SETTLED,
-    progress=None,
-) -> Cascade:
-    """Ranges measured on the model *as the quantized one runs it*, up to saturation.
-
-    Round 0 measures every range on the float model (what onnxruntime's calibrators do). Each
-    further round measures them again on a copy in which every quantized tensor saturates where
-    its uint8 grid ends (``saturation(ranges)`` gives tensor -> (lo, hi);
-    :func:`clipped_copy`) -- the model's own clipping without its rounding. A tensor's range
-    then reflects what the quantized model feeds it: large values that an upstream tensor's
-    range already clips (outliers that grow along a residual stream) no longer widen the ranges
-    downstream.
-    Ranges at depth d settle after d rounds; the rounds stop when no range end moves by more
-    than ``tol`` of its width, or after ``rounds``. One pass over the data per round (the
-    histograms reuse the previous round's span); ``progress`` advances by samples seen.
-    """
-    stats, means = _collect(model, sources, mean_names, data, workdir, samples, method, progress)
-    ranges = {s: choose_range(st, method, percentile) for s, st in stats.items()}
-    first = dict(ranges)
-    changes: list[float] = []
-    for _ in range(rounds):
-        clipped = clipped_copy(model, saturation(ranges))
-        stats, _ = _collect(
-            clipped, sources, [], data, workdir, samples, method, progress, seed=stats
-        )
-        new = {s: choose_range(st, method, percentile) for s, st in stats.items()}
-        changes.append(max((_moved(ranges[s], new[s]) for s in new), default=0.0))
-        ranges = new
-        if changes[-1] <= tol:
-            break
-    shrunk = {
-        s: (ranges[s][1] - ranges[s][0]) / (first[s][1] - first[s][0])
-        for s in ranges
-        if first[s][1] > first[s][0] and _moved(first[s], ranges[s]) > tol
-    }
-    return Cascade(ranges, means, changes, shrunk)
-
-
-def _moved(old: tuple[float, float], new: tuple[float, float]) -> float:
-    width = max(old[1] - old[0], 1e-12)
-    return max(abs(new[0] - old[0]), abs(new[1] - old[1])) / width
 
 
 def grid_bounds(lo: float, hi: float, dtype: str = "uint8") -> tuple[float, float]:

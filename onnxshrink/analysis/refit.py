@@ -22,7 +22,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxshrink.irtools import const_array, set_const_input
 from onnxshrink.timing import timed
@@ -85,15 +84,24 @@ def _conv_geometry(node: ir.Node, kernel: tuple[int, int]):
 def conv_patches(
     x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np.ndarray
 ) -> np.ndarray:
-    """im2col rows: patch of output position ``rows`` (flat over N, Ho, Wo) as [R, C·kh·kw]."""
+    """im2col rows: patch of output position ``rows`` (flat over N, Ho, Wo) as [R, C·kh·kw].
+
+    Gathered straight from ``x`` for the sampled positions only (taps in the zero padding read
+    0), so a few sampled rows do not cost a padded copy of the whole batch."""
     (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(node, kernel)
     kh, kw = kernel
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # N, C, Ho, Wo, kh, kw
-    n, _, ho, wo = win.shape[:4]
+    n, c, h, w = x.shape
+    ho = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
+    wo = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
     ni, hi, wi = np.unravel_index(rows, (n, ho, wo))
-    return win[ni, :, hi, wi].reshape(len(rows), -1)
+    ih = (hi * sh - pt)[:, None] + np.arange(kh) * dh  # [R, kh]
+    iw = (wi * sw - pl)[:, None] + np.arange(kw) * dw  # [R, kw]
+    inside = ((ih >= 0) & (ih < h))[:, :, None] & ((iw >= 0) & (iw < w))[:, None, :]
+    ih, iw = np.clip(ih, 0, h - 1), np.clip(iw, 0, w - 1)
+    patch = x[ni[:, None, None], :, ih[:, :, None], iw[:, None, :]]  # [R, kh, kw, C]
+    if not inside.all():
+        patch = patch * inside[:, :, :, None]
+    return patch.transpose(0, 3, 1, 2).reshape(len(rows), -1)
 
 
 def _positions(x: np.ndarray, node: ir.Node, kernel: tuple[int, int]) -> int:

@@ -32,6 +32,8 @@ from onnxshrink.timing import timed
 
 __all__ = [
     "MAX_INPUTS",
+    "Grams",
+    "gram_chunks",
     "chunks_needed",
     "from_system",
     "gram_refusal",
@@ -47,6 +49,7 @@ __all__ = [
 
 MAX_INPUTS = 4096  # inputs per output (C_in/group · k²) above which H is not collected (128 MB)
 _BUDGET = 1 << 29  # bytes of Gram matrices held at once (more layers: more passes over the data)
+_BLOCK = 128  # rows rounded one by one before their errors reach the rest in one product
 
 
 def _inputs_per_group(node: ir.Node) -> tuple[int, int]:
@@ -91,6 +94,63 @@ def gram_refusal(node: ir.Node) -> str | None:
     return None
 
 
+class Grams:
+    """Running H = Σ [x, 1]ᵀ[x, 1] ([G, D, D]; no constant input for a MatMul) of each node's
+    input rows: im2col patches, at most ``rows`` -- and at most 64·D -- per batch, sampled with
+    one seeded generator per node (so the rows do not depend on which other nodes are collected
+    with it). A depthwise 3×3 Conv's 10 × 10 systems are known well from 640 rows a batch, and
+    its patches are the costliest to gather. Each batch's product is taken in float32 and
+    summed in float64."""
+
+    def __init__(
+        self, nodes: list[ir.Node], rows: int = 2048, seeds: list[int] | None = None
+    ) -> None:
+        self.nodes, self.rows = list(nodes), rows
+        seeds = list(range(len(self.nodes))) if seeds is None else seeds
+        self.readers: dict[str, list[ir.Node]] = {}
+        for n in self.nodes:
+            self.readers.setdefault(n.inputs[0].name, []).append(n)
+        self._rng = {id(n): np.random.default_rng(i) for i, n in zip(seeds, self.nodes)}
+        self._rows = {id(n): min(rows, 64 * (_inputs_per_group(n)[1] + 1)) for n in self.nodes}
+        self.H: dict[int, np.ndarray] = {}
+        self.count: dict[int, int] = {}
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        """One batch of tensor ``name``, for every node that reads it."""
+        for n in self.readers.get(name, ()):
+            X = input_rows(n, x, self._rng[id(n)], self._rows[id(n)]).astype(np.float32, copy=False)
+            Xg = (X[:, None, :] if X.ndim == 2 else X).transpose(1, 2, 0)  # [G, d, R]
+            G, d, R = Xg.shape
+            xx = np.matmul(Xg, Xg.transpose(0, 2, 1))
+            if n.op_type == "MatMul":
+                h = xx.astype(np.float64)
+            else:  # the constant input 1: Σx in the last row and column, the row count last
+                h = np.empty((G, d + 1, d + 1))
+                h[:, :d, :d] = xx
+                h[:, :d, d] = h[:, d, :d] = Xg.sum(2, dtype=np.float64)
+                h[:, d, d] = R
+            self.H[id(n)] = h if id(n) not in self.H else self.H[id(n)] + h
+            self.count[id(n)] = self.count.get(id(n), 0) + R
+
+    def pop(self, node: ir.Node) -> tuple[np.ndarray, int]:
+        return self.H.pop(id(node)), self.count.pop(id(node))
+
+
+def gram_chunks(nodes: list[ir.Node], budget: int = _BUDGET) -> list[list[ir.Node]]:
+    """``nodes`` in graph order, in chunks whose Gram matrices fit in ``budget`` bytes."""
+    chunks: list[list[ir.Node]] = [[]]
+    used = 0
+    for n in nodes:
+        g, d = _inputs_per_group(n)
+        size = g * (d + 1) ** 2 * 8
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(n)
+        used += size
+    return [c for c in chunks if c]
+
+
 def iter_grams(
     model: ir.Model,
     nodes: list[ir.Node],
@@ -102,46 +162,25 @@ def iter_grams(
     budget: int = _BUDGET,
     progress=None,
 ) -> Iterator[tuple[ir.Node, np.ndarray, int]]:
-    """(node, H, rows seen) for every node, H = Σ [x, 1]ᵀ[x, 1] ([G, D, D]; no constant input for
-    a MatMul) from the rows the layer multiplies (im2col patches, at most ``rows`` per batch,
-    seeded) on the first ``samples`` calibration samples.
+    """(node, H, rows seen) for every node (:class:`Grams`) on the first ``samples``
+    calibration samples.
 
     Memory stays bounded: the nodes go in chunks whose Grams fit in ``budget`` bytes, one pass
     over the data per chunk, and a chunk's Grams are handed out (and can be dropped) before the
     next is collected. ``progress`` advances by samples seen, ``samples`` × chunks in all."""
     from onnxshrink.calibrate import Probe, batch_samples
 
-    chunks: list[list[ir.Node]] = [[]]
-    used = 0
-    for n in nodes:
-        g, d = _inputs_per_group(n)
-        size = g * (d + 1) ** 2 * 8
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(n)
-        used += size
-    # one generator per layer: the rows sampled do not depend on how the layers were chunked
-    rngs = {id(n): np.random.default_rng(i) for i, n in enumerate(nodes)}
-    for chunk in (c for c in chunks if c):
-        grams: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-        with Probe(model, sorted({n.inputs[0].name for n in chunk}), workdir) as probe:
+    seeds = {id(n): i for i, n in enumerate(nodes)}
+    for chunk in gram_chunks(nodes, budget):
+        grams = Grams(chunk, rows, [seeds[id(n)] for n in chunk])
+        with Probe(model, sorted(grams.readers), workdir) as probe:
             for batch in probe.run(data, samples):
-                for n in chunk:
-                    X = input_rows(n, batch[n.inputs[0].name], rngs[id(n)], rows).astype(np.float64)
-                    if X.ndim == 2:
-                        X = X[:, None, :]
-                    if n.op_type != "MatMul":
-                        X = np.concatenate([X, np.ones(X.shape[:2] + (1,))], axis=2)
-                    Xg = X.transpose(1, 2, 0)
-                    h = Xg @ Xg.transpose(0, 2, 1)
-                    grams[id(n)] = h if id(n) not in grams else grams[id(n)] + h
-                    counts[id(n)] = counts.get(id(n), 0) + X.shape[0]
+                for name, x in batch.items():
+                    grams.add(name, x)
                 if progress is not None:
                     progress(batch_samples(batch))
         for n in chunk:
-            yield n, grams.pop(id(n)), counts.pop(id(n))
+            yield (n, *grams.pop(n))
 
 
 def steerable(nodes: list[ir.Node], refused: dict[str, str]) -> list[ir.Node]:
@@ -187,14 +226,7 @@ def too_few_rows(H: np.ndarray, rows: int) -> str | None:
 
 def chunks_needed(nodes: list[ir.Node], budget: int = _BUDGET) -> int:
     """How many passes over the data :func:`iter_grams` makes for ``nodes``."""
-    count, used = 0, budget + 1
-    for n in nodes:
-        g, d = _inputs_per_group(n)
-        size = g * (d + 1) ** 2 * 8
-        if used + size > budget:
-            count, used = count + 1, 0
-        used += size
-    return count
+    return len(gram_chunks(nodes, budget))
 
 
 @timed("Hessian-aware rounding")
@@ -241,13 +273,17 @@ def hessian_round(
         U = np.linalg.cholesky(np.linalg.inv(Hp)).transpose(0, 2, 1)
     Q = Wp.copy()
     gi = np.arange(G)
-    for k in range(d):
-        src = order[:, k]  # the original input index per group (project may depend on it)
-        w = Wp[:, k, :]
-        q = project(w, src)
-        Q[:, k, :] = q
-        err = (w - q) / U[:, k, k][:, None]
-        Wp[:, k + 1 :, :] -= U[:, k, k + 1 :][:, :, None] * err[:, None, :]
+    E = np.zeros_like(Wp)
+    for b0 in range(0, d, _BLOCK):  # GPTQ's lazy batches: within a block one row at a time,
+        b1 = min(b0 + _BLOCK, d)  # then the block's errors onto all later rows in one product
+        for k in range(b0, b1):
+            src = order[:, k]  # the original input index per group (project may depend on it)
+            w = Wp[:, k, :]
+            q = project(w, src)
+            Q[:, k, :] = q
+            E[:, k, :] = err = (w - q) / U[:, k, k][:, None]
+            Wp[:, k + 1 : b1, :] -= U[:, k, k + 1 : b1][:, :, None] * err[:, None, :]
+        Wp[:, b1:, :] -= np.matmul(U[:, b0:b1, b1:].transpose(0, 2, 1), E[:, b0:b1, :])
     if bias:
         Q[:, d, :] = Wp[:, d, :]
     out = np.empty_like(Q)

@@ -17,6 +17,7 @@ import numpy as np
 from onnxshrink.analysis.bias import (
     apply_to_mean,
     empirical_correction,
+    input_moments,
     quantization_shift,
     subtract_from_bias,
 )
@@ -62,12 +63,13 @@ class InputErrors(Step):
 
 
 class SaturatedReference(Step):
-    """``bias-correction=empirical``: the float model clipped at the grids, before the rewrite."""
+    """``bias-correction=empirical``: the float model clipped at the grids, before the rewrite
+    (unless the calibration sweep already measured its Conv/Gemm outputs)."""
 
     name = "saturated-reference"
 
     def wanted(self, p, state: QuantState) -> bool:
-        return state.bias_mode == "empirical"
+        return state.bias_mode == "empirical" and state.reference_moments is None
 
     def run(self, p, state: QuantState) -> None:
         state.reference = clipped_copy(
@@ -81,11 +83,12 @@ class EmpiricalBias(Step):
     name = "empirical-bias"
 
     def wanted(self, p, state: QuantState) -> bool:
-        return state.reference is not None
+        return state.reference is not None or state.reference_moments is not None
 
     def run(self, p, state: QuantState) -> None:
         model, reference = state.model, state.reference
-        known = {v.name for v in all_values(reference.graph)}
+        tapped = state.reference_moments
+        known = set(tapped) if tapped is not None else {v.name for v in all_values(reference.graph)}
         nodes = [
             n
             for n in model.graph
@@ -96,10 +99,10 @@ class EmpiricalBias(Step):
         if not nodes:
             return
         n = min(p.samples, state.data.n_samples)
-        task = p.task(f"{p.name}: empirical bias correction", n * (len(nodes) + 1))
-        moved = empirical_correction(
-            model, reference, nodes, state.data, state.workdir, n, progress=task
-        )
+        task = p.task(f"{p.name}: empirical bias correction", n * (2 if tapped is None else 1))
+        names = [node.outputs[0].name for node in nodes]
+        want = tapped or input_moments(reference, names, state.data, state.workdir, n, task)
+        moved = empirical_correction(model, want, nodes, state.data, n, progress=task)
         task.done()
         if moved:
             shifts = sorted(moved.values())

@@ -32,6 +32,8 @@ class MixedPrecision(Step):
         for name in kept:
             p.skip(name, "kept float by mixed precision (most sensitive layers)")
         state.exclude |= set(kept)
+        if kept:  # the saturated reference the calibration sweep measured clipped them
+            state.reference_moments = None
         state.plan, _ = plan_quantization(
             state.model, state.exclude, set(p.exclude_types), state.dtypes
         )

@@ -36,6 +36,7 @@ class QuantState:
     bias_mode: str = "off"  # off | weights | full | empirical (``auto`` resolved)
     rounding: str = "nearest"  # nearest | hessian
     safe: bool = True  # weights keep the pair rule (analysis.saturation)
+    balance: list = dataclasses.field(default_factory=list)  # analysis.balance.BalancePair
     ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     means: dict[str, np.ndarray] | None = None  # per-channel E[x] of Conv/Gemm inputs
     deltas: dict[str, np.ndarray] | None = None  # per-channel E[Q(x) - x] (bias-correction=full)
@@ -43,6 +44,9 @@ class QuantState:
     # per layer, how many weights the pair rule moved (reported in details["int8_cpu"])
     moved: dict[str, int] = dataclasses.field(default_factory=dict)
     reference: ir.Model | None = None  # the float model saturated at the grids (empirical bias)
+    # taken in the calibration sweep, for the steps after it (None: they measure themselves)
+    reference_moments: dict[str, Any] | None = None  # Conv/Gemm output -> ChannelMoments
+    grams: Any = None  # onnxshrink.analysis.rounding.Grams of the layers Hessian rounding steers
     done: bool = False  # nothing (more) to do: the steps after are not run
     modified: bool = False  # Q/DQ inserted
 

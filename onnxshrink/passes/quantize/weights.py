@@ -17,17 +17,37 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.bias import apply_to_mean, subtract_from_bias
 from onnxshrink.analysis.qplan import WEIGHTED_OPS, quantize_weight, weight_axis, weight_scale
-from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
+from onnxshrink.analysis.rounding import (
+    chunks_needed,
+    round_int8,
+    steerable,
+    too_few_rows,
+    usable_grams,
+)
 from onnxshrink.analysis.saturation import make_safe, weight_pairs
 from onnxshrink.irtools import const_array, set_const_input
 from onnxshrink.passes.quantize.state import QuantState, Step
 
-__all__ = ["RoundWeights", "int8_weights"]
+__all__ = ["RoundWeights", "hessian_nodes", "int8_weights"]
 
 
 def _pairs(state: QuantState, node: ir.Node, w: np.ndarray):
     """The weight pairs an integer kernel adds in int16 (None: no rule, ``cpu=vnni``)."""
     return weight_pairs(node, w.shape) if state.safe else None
+
+
+def hessian_nodes(state: QuantState, refused: dict[str, str]) -> list[ir.Node]:
+    """The weighted layers Hessian-aware rounding can steer (the others named in ``refused``)."""
+    return steerable(
+        [
+            node
+            for node in state.plan.nodes
+            if node.op_type in WEIGHTED_OPS
+            and len(node.inputs) > 1
+            and const_array(node.inputs[1]) is not None
+        ],
+        refused,
+    )
 
 
 class RoundWeights(Step):
@@ -40,18 +60,19 @@ class RoundWeights(Step):
 
     def run(self, p, state: QuantState) -> None:
         refused: dict[str, str] = {}
-        nodes = steerable(
-            [
-                node
-                for node in state.plan.nodes
-                if node.op_type in WEIGHTED_OPS
-                and len(node.inputs) > 1
-                and const_array(node.inputs[1]) is not None
-            ],
-            refused,
-        )
+        nodes = hessian_nodes(state, refused)
         presets = {}
         errors = []
+        tapped = state.grams  # collected in the calibration sweep (cascade.py), when they fit
+        if tapped is not None:
+            for node in [n for n in nodes if id(n) in tapped.H]:
+                H, rows = tapped.pop(node)
+                if reason := too_few_rows(H, rows):
+                    refused[node.name] = reason
+                else:
+                    presets[node.name] = self._round_layer(p, state, node, H)
+                    errors.append(presets[node.name][3])
+            nodes = [n for n in nodes if n.name not in presets and n.name not in refused]
         if nodes:
             n = min(p.samples, state.data.n_samples)
             task = p.task(f"{p.name}: Hessian-aware rounding", n * chunks_needed(nodes))
@@ -61,6 +82,7 @@ class RoundWeights(Step):
                 presets[node.name] = self._round_layer(p, state, node, H)
                 errors.append(presets[node.name][3])
             task.done()
+        state.grams = None
         if refused:
             p.details["nearest_rounding"] = refused
         if errors:
