@@ -337,6 +337,7 @@ class ReportCollector(Instrument):
     """Builds the :class:`Report`: totals before and after, one record per pass."""
 
     def __init__(self, report: Report, input_shapes=None, validate: Validate | None = None) -> None:
+        self._counted = None
         self.report = report
         self.input_shapes = input_shapes
         self.validate = validate
@@ -353,12 +354,17 @@ class ReportCollector(Instrument):
         if rec.status != "rolled-back" and run.modified:
             s = metrics.model_stats(run.model, input_shapes=self.input_shapes, with_bytes=False)
             rec.stats = {"params": s.params, "macs": s.macs, **(rec.stats or {})}
+            self._counted = (run.model, s)  # the last pass's model is the one ``exit`` gets
         self.report.passes.append(rec)
 
     def exit(self, model: ir.Model) -> None:
         from onnxshrink.analysis.saturation import vnni_only
 
-        self.report.after = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
+        counted = self._counted
+        if counted is not None and counted[0] is model:  # counted after its pass: not again
+            self.report.after = {**counted[1].to_dict(), "bytes": metrics.serialized_bytes(model)}
+        else:
+            self.report.after = metrics.model_stats(model, input_shapes=self.input_shapes).to_dict()
         if (warning := vnni_only(model)) and warning not in self.report.warnings:
             self.report.warnings.append(warning)
         if self.validate is not None:
