@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def compress(
     console: Any = None,
     target: str | None = None,
     max_drop: float = 0.01,
+    time_budget: float | None = 300.0,
     report_html: str | os.PathLike | None = None,
     report_json: str | os.PathLike | None = None,
     metric: Any = None,
@@ -69,6 +71,9 @@ def compress(
             ``passes`` (default: the exact ones), search per-layer pruning, decomposition and
             int8 choices that meet it (:mod:`onnxshrink.target`), losing at most ``max_drop``
             of top-1 agreement (cosine for non-classifiers) on the held-out data.
+        time_budget: seconds the whole call may take with ``target`` (None: no limit): the
+            search measures fewer candidates and tries fewer choices to end in time, and the
+            best result found by then is the result (the report says when time ran out).
         report_html: write a self-contained HTML report there (plots with matplotlib if installed).
         report_json: write the report as JSON there (after the model).
         metric: a task metric, ``f(reference_outputs, outputs) -> float`` in [0, 1] (1: as good;
@@ -94,6 +99,9 @@ def compress(
         parsed_target = Target.parse(target)
         if not 0.0 <= max_drop < 1.0:
             raise OptionError(f"--max-drop must be in [0, 1), got {max_drop}")
+        if time_budget is not None and not time_budget > 0:
+            raise OptionError(f"--time-budget must be > 0 seconds, got {time_budget}")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     if isinstance(passes, (str, ShrinkPass)):  # compress(model, "quantize"): one pass, not letters
         passes = [passes]
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
@@ -134,7 +142,7 @@ def compress(
                 "--target needs real calibration data (--data): sensitivity on random "
                 "inputs says nothing about yours"
             )
-        result = _search(result, original, parsed_target, max_drop, run, report)
+        result = _search(result, original, parsed_target, max_drop, run, report, deadline)
     marks.strip(result)  # notes between this run's passes, not part of the user's model
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
@@ -235,8 +243,11 @@ class _TargetRunner:
         return ms["a"], ms["b"]
 
 
-def _search(model: ir.Model, original: ir.Model, target, max_drop, run: _Run, report) -> ir.Model:
-    """``target`` search on ``model`` (the result of the user's passes); merges into ``report``."""
+def _search(
+    model: ir.Model, original: ir.Model, target, max_drop, run: _Run, report, deadline
+) -> ir.Model:
+    """``target`` search on ``model`` (the result of the user's passes), to end by ``deadline``
+    (``time.monotonic()``, None: no limit); merges into ``report``."""
     from onnxshrink.target import search
 
     with tempfile.TemporaryDirectory(prefix="onnxshrink-target-") as tmp:
@@ -250,6 +261,7 @@ def _search(model: ir.Model, original: ir.Model, target, max_drop, run: _Run, re
                 Path(tmp),
                 runner,
                 original_totals=report.before,
+                deadline=deadline,
             )
         finally:
             runner.progress.close()

@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         "held-out data (default 0.01)",
     )
     c.add_argument(
+        "--time-budget",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --target: the whole run ends within about this many seconds, with the best "
+        "result found by then (default 300)",
+    )
+    c.add_argument(
         "--metric",
         metavar="MODULE:FUNCTION",
         help="your task metric, f(reference_outputs, outputs) -> [0, 1] (1: as good), judged "

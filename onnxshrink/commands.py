@@ -47,6 +47,7 @@ def cmd_compress(args) -> int:
         console=err,
         target=args.target,
         max_drop=args.max_drop,
+        time_budget=args.time_budget,
         report_html=args.report_html,
         report_json=args.report,
         metric=args.metric,

@@ -226,8 +226,10 @@ class Report:
             f"target {literal(t['target'])}: {verdict} — reached {shown}; drop {t['drop']:.2%} "
             f"(budget {t['max_drop']:.2%}); {len(t.get('choices', []))} layer choice(s), "
             f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} "
-            "attempt(s)"
+            f"attempt(s) in {t.get('seconds', 0):.0f} s"
         )
+        if t.get("stopped"):
+            console.print(f"[yellow]stopped early ({literal(t['stopped'])}); the best so far[/]")
         if not t.get("met"):
             console.print(
                 "[yellow]the target cannot be met within the fidelity budget; the result is the "

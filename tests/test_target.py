@@ -152,6 +152,33 @@ def test_latency_targets_end_to_end_with_stubbed_timing(
     assert acc >= 0.97, acc  # the original: 100% on these 400 test images
 
 
+def test_a_spent_time_budget_returns_the_model_and_says_so(
+    tmp_path, monkeypatch, digits_model, digits_calib, digits_test
+):
+    """Out of time before anything is measured: the model as it was, nothing tried, and the
+    report says why (the budget is the whole call's: the default passes already spend it)."""
+    from rich.console import Console
+
+    import onnxshrink
+
+    monkeypatch.setenv("ONNXSHRINK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "t.onnx"
+    _, report = onnxshrink.compress(
+        digits_model, data=digits_calib, output=out, target="macs=0.4", time_budget=1e-3
+    )
+    t = report.target
+    total = t["candidates_total"]
+    assert t["stopped"] == f"time budget: 0 of {total} candidates measured, 0 attempt(s) made"
+    assert t["candidates_total"] >= 20
+    assert t["met"] is False and t["attempts"] == [] and t["candidates"] == []
+    assert report.after["macs"] == report.before["macs"]  # nothing applied
+    x, _ = digits_test
+    assert ort_run(str(out), {"input": x[:2]})[0].shape[0] == 2
+    console = Console(record=True, width=120)
+    report.render(console)
+    assert "stopped early (time budget: 0 of" in console.export_text()
+
+
 def _run_with_cache(args, cache):
     return subprocess.run(
         [sys.executable, "-m", "onnxshrink", *args],

@@ -180,7 +180,7 @@ class Sensitivity:
         self.key = digest.hexdigest()[:24]
 
     def measure(self, c: Candidate) -> Candidate:
-        cached = self._cached(c)
+        cached = self.cached(c)
         if cached is not None:
             return cached
         from onnxshrink.calibrate import run_model
@@ -240,7 +240,7 @@ class Sensitivity:
         name = hashlib.sha256(f"{self.key}|{c.label}".encode()).hexdigest()[:24]
         return self.cache / f"{name}.json"
 
-    def _cached(self, c: Candidate) -> Candidate | None:
+    def cached(self, c: Candidate) -> Candidate | None:
         path = self._path(c)
         if path is None or not path.exists():
             return None

@@ -10,6 +10,12 @@
    damaging steps first, so less compression drops the most damaging layers); when the budget
    holds but the target is not reached -- savings do not add up exactly -- more is asked for.
    At most ten attempts; the best one that held the budget is the result.
+
+In time (``deadline``): the candidates are measured largest layer first (cached ones first of
+all: they cost nothing), and measuring stops once half the time left at the start is spent; an
+attempt starts only if the time left holds the longest one so far, and the first one only if
+any is left -- when one cannot, the best attempt so far is the result and the record says
+``stopped``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,12 +115,20 @@ def search(
     *,
     samples: int = 32,
     original_totals: dict[str, float] | None = None,
+    deadline: float | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Finds and applies the compression of ``model`` (the result of the user's passes);
-    ``original_totals`` (``macs``, ``bytes``) are the original model's. Returns the result and
-    the search's record (with the final pipeline's report under ``"report"``)."""
+    ``original_totals`` (``macs``, ``bytes``) are the original model's; ``deadline``: the
+    ``time.monotonic()`` to end by. Returns the result and the search's record (with the final
+    pipeline's report under ``"report"``)."""
     from onnxshrink.passes.base import NullTask
 
+    started = time.monotonic()
+
+    def left() -> float:
+        return math.inf if deadline is None else deadline - time.monotonic()
+
+    cut: list[str] = []  # what the time budget cut short
     base_path = workdir / "target_base.onnx"
     io.write(model, base_path)
     times, _ = node_times(base_path, calibration)
@@ -121,11 +136,15 @@ def search(
     n = min(samples, calibration.n_samples)
     shapes = calibration.input_shapes()
     sens = Sensitivity(model, calibration, workdir, n, shapes, times, cache / "sensitivity")
-    todo = candidates(model, target)
+    todo = _largest_first(candidates(model, target), sens)
     progress = runner.progress
     task = NullTask() if progress is None else progress.task("target: sensitivity", len(todo))
     measured = []
+    stop_measuring = time.monotonic() + left() / 2
     for c in todo:
+        if time.monotonic() > stop_measuring and sens.cached(c) is None:
+            cut.append(f"{len(measured)} of {len(todo)} candidates measured")
+            break
         measured.append(sens.measure(c))
         task(1)
     task.done()
@@ -142,12 +161,17 @@ def search(
         "max_drop": max_drop,
         "base_ms_profiled": round(budget.base_ms_profiled, 3),
         "candidates": [dataclasses.asdict(c) for c in measured],
+        "candidates_total": len(todo),
         "attempts": [],
     }
     caps: dict[tuple[str, str], float] = {}
     want, best, tried = need, None, set()
     ok_want, fail_want = 0.0, math.inf  # the largest request that held, the smallest that broke
+    longest = 0.0
     for _attempt in range(ATTEMPTS):
+        if left() < (longest if info["attempts"] else 0.0):
+            cut.append(f"{len(info['attempts'])} attempt(s) made")
+            break
         chosen, predicted = allocate(measured, target, want, caps)
         for _ in range(20):  # tried already: ask for just more than it saves, so a step is added
             if _key(chosen) not in tried or predicted * 1.001 >= fail_want:
@@ -158,7 +182,9 @@ def search(
             break  # nothing new to try
         tried.add(_key(chosen))
         passes = plan(chosen)
+        t0 = time.monotonic()
         result, rep = runner.apply(passes)
+        longest = max(longest, time.monotonic() - t0)
         drop = _drop(rep)
         reached = _reached(target, rep, result, runner, budget)
         info["attempts"].append(
@@ -194,6 +220,8 @@ def search(
     result, rep, reached, drop, chosen = best
     info.update(
         {
+            "seconds": round(time.monotonic() - started, 1),
+            "stopped": f"time budget: {', '.join(cut)}" if cut else None,
             "met": target.met(reached),
             "reached": reached,
             "drop": round(drop, 5),
@@ -202,6 +230,16 @@ def search(
         }
     )
     return result, info
+
+
+def _largest_first(todo: list[Candidate], sens: Sensitivity) -> list[Candidate]:
+    """Cached candidates first (free), then by the MACs of their layer, largest first (int8 of
+    the whole model first of all): cut short, the search still has the layers that matter."""
+
+    def size(c: Candidate) -> float:
+        return math.inf if not c.layer else sens.macs.get(c.layer, 0)
+
+    return sorted(todo, key=lambda c: (sens.cached(c) is None, -size(c)))
 
 
 def _key(chosen: dict[str, Candidate]) -> tuple:
