@@ -1,7 +1,7 @@
 """Compile time and peak memory of each pass, next to onnxruntime's quantizers and onnxsim.
 
     python bench/compile_time.py [--models digits,mobilenet,resnet18,minilm] [--passes a,b]
-                                 [--target] [--json out.json]
+                                 [--target] [--samples N] [--json out.json]
 
 Every (model, tool) runs in its own process, so the peak resident memory is that run's alone
 (``ru_maxrss``); wall seconds are measured inside it, after the imports. Ours: ``compress`` with
@@ -11,6 +11,8 @@ speedup=1.5``), the model's calibration data, a 1/4 held out as ``compress`` doe
 are printed for each run, the four longest in the table. Anchors, on the same model and data:
 onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, MinMax) and
 ``quantize_dynamic``, and ``onnxsim.simplify``. Ratios are to ``quantize_static`` in the same run.
+``--samples N``: every tool calibrates on the first N samples of each model's file (the file is
+cut to N + N/3 samples, so ``compress``'s 1/4 hold-out leaves N).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ elif tool == "onnxsim":
     onnx.save(simplified, out)
 else:
     import onnxshrink
+    import onnxshrink.api  # imported up front, as the anchors' modules are
     from onnxshrink import timing
     t0 = time.perf_counter()
     if tool.startswith("target:"):
@@ -110,6 +113,18 @@ def models(names: list[str], tmp: Path):
             yield name, zoo.path(name), zoo.data(name)
 
 
+def cut(data: Path, samples: int | None, tmp: Path) -> Path:
+    """``data`` cut to ``samples`` calibration samples plus the hold-out (a third of them)."""
+    if samples is None:
+        return data
+    import numpy as np
+
+    z = dict(np.load(data))
+    out = tmp / f"{data.stem}_{samples}.npz"
+    np.savez(out, **{k: v[: samples + round(samples / 3)] for k, v in z.items()})
+    return out
+
+
 def run(tool: str, model: Path, data: Path, tmp: Path) -> dict:
     out = tmp / "out.onnx"
     proc = subprocess.run(
@@ -132,6 +147,7 @@ def main() -> None:
     ap.add_argument("--models", default="digits,mobilenet,resnet18,minilm")
     ap.add_argument("--passes", default=",".join(PASSES))
     ap.add_argument("--target", action="store_true", help="also --target speedup=1.5")
+    ap.add_argument("--samples", type=int, help="calibrate on the first N samples")
     ap.add_argument("--json")
     args = ap.parse_args()
     tools = [*ANCHORS, *args.passes.split(",")] + (["target:speedup=1.5"] if args.target else [])
@@ -141,6 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, model, data in models(args.models.split(","), tmp):
+            data = cut(Path(data), args.samples, tmp)
             results[name] = {}
             for tool in tools:
                 r = results[name][tool] = run(tool, model, data, tmp)

@@ -3,7 +3,10 @@
 For timing and structure tests where real weights are not needed: stem Conv7×7/2 + BN + ReLU +
 MaxPool, four stages of two basic blocks (3×3 convs, BN, residual Add, 1×1 stride-2 projection
 shortcuts where the shape changes), GlobalAveragePool, Flatten, Gemm. ``width`` scales every
-channel count (64 for ResNet-18; 16 for a quick one), ``blocks`` the blocks per stage.
+channel count (64 for ResNet-18; 16 for a quick one), ``blocks`` the blocks per stage (one
+number, or one per stage). ``bottleneck``: ResNet-50's blocks instead (1×1 down to the stage's
+width, 3×3 with the stride, 1×1 up to 4× it): ``build(blocks=(3, 4, 6, 3), bottleneck=True)``
+is ResNet-50 (25.6 M parameters, 4.1 G MACs at 224 px).
 
 Weights are He-initialised; BatchNorm statistics are random but sane (var in [0.5, 1.5]) so
 activations keep their scale through the depth.
@@ -25,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def build(
     width: int = 64,
-    blocks: int = 2,
+    blocks: int | tuple[int, ...] = 2,
     image: int = 224,
     classes: int = 1000,
     seed: int = 0,
     batchnorm: bool = True,
     opset: int = 17,
+    bottleneck: bool = False,
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -84,12 +88,19 @@ def build(
         )
     )
     x, cin = p, width
+    per_stage = (blocks,) * 4 if isinstance(blocks, int) else tuple(blocks)
     for stage, mult in enumerate((1, 2, 4, 8)):
-        cout = width * mult
-        for b in range(blocks):
+        mid = width * mult
+        cout = mid * 4 if bottleneck else mid
+        for b in range(per_stage[stage]):
             stride = 2 if stage > 0 and b == 0 else 1
-            h = conv(x, cin, cout, 3, stride, True)
-            h = conv(h, cout, cout, 3, 1, False)
+            if bottleneck:
+                h = conv(x, cin, mid, 1, 1, True)
+                h = conv(h, mid, mid, 3, stride, True)
+                h = conv(h, mid, cout, 1, 1, False)
+            else:
+                h = conv(x, cin, cout, 3, stride, True)
+                h = conv(h, cout, cout, 3, 1, False)
             short = x if stride == 1 and cin == cout else conv(x, cin, cout, 1, stride, False)
             a, r = name("add"), name("relu")
             nodes.append(helper.make_node("Add", [h, short], [a], name=a))
