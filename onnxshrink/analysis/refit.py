@@ -264,14 +264,16 @@ def refit_layers(
     """Re-fits ``nodes`` of ``student`` in graph order against the same layers of ``teacher``.
 
     Layers reading the same tensor are solved together; later layers see the already re-fitted
-    earlier ones (the student is re-run, up to the layer, for every step). The last quarter of
-    the calibration batches is held out (whole samples, so the check sees inputs the fit did
+    earlier ones: the student is swept (:class:`onnxshrink.sweep.Sweep`) stopping at each
+    step's input, the teacher in step with it stopping at the layers' outputs, and a step's new
+    weights are in place before the sweep builds the segment that runs them. The last quarter
+    of the calibration batches is held out (whole samples, so the check sees inputs the fit did
     not): the ridge strength -- shrinking towards the cut weights -- is chosen among
     ``ridge`` × {1, 10, ..., 10⁵} by the held-out error, and new weights are kept only if they
     beat the cut weights there (a classifier fed 64 samples is left as cut). Returns one record
     per layer.
     """
-    from onnxshrink.calibrate import Probe
+    from onnxshrink.sweep import Sweep
 
     order = {id(n): i for i, n in enumerate(student.graph)}
     steps: dict[str, list[ir.Node]] = {}
@@ -282,8 +284,19 @@ def refit_layers(
     held_batches = (
         set(range(n_batches - max(1, n_batches // 4), n_batches)) if n_batches > 1 else set()
     )
-    for step_i, (x_name, step) in enumerate(steps.items()):
-        ynames = [n.outputs[0].name for n in step]
+    seeds = {x: i for i, x in enumerate(steps)}
+    outputs = [n.outputs[0].name for step in steps.values() for n in step]
+    teacher_sweep = iter(Sweep(teacher, outputs, data, samples))
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def teacher_values(name: str) -> list[np.ndarray]:
+        while name not in seen:
+            got, arrays = next(teacher_sweep)
+            seen[got] = arrays
+        return seen.pop(name)
+
+    for x_name, xs in Sweep(student, list(steps), data, samples):
+        step = steps[x_name]
         eqs = [
             (
                 NormalEquations(bias=n.op_type != "MatMul"),
@@ -291,18 +304,17 @@ def refit_layers(
             )
             for n in step
         ]
-        rng = np.random.default_rng(step_i)
-        with Probe(student, [x_name], workdir) as sprobe, Probe(teacher, ynames, workdir) as tprobe:
-            for b, (xb, yb) in enumerate(zip(sprobe.run(data, samples), tprobe.run(data, samples))):
-                x = xb[x_name]
-                for n, (fit, hold) in zip(step, eqs):
-                    X, Y = _rows(n, x, yb[n.outputs[0].name], removed.get(n.outputs[0]), rng, rows)
-                    if held_batches:
-                        (hold if b in held_batches else fit).add(X, Y)
-                    else:  # one batch only: hold out a quarter of its rows
-                        held = rng.random(X.shape[0]) < 0.25
-                        fit.add(X[~held], Y[~held])
-                        hold.add(X[held], Y[held])
+        rng = np.random.default_rng(seeds[x_name])
+        ys = [teacher_values(n.outputs[0].name) for n in step]
+        for b, x in enumerate(xs):
+            for n, (fit, hold), y in zip(step, eqs, ys):
+                X, Y = _rows(n, x, y[b], removed.get(n.outputs[0]), rng, rows)
+                if held_batches:
+                    (hold if b in held_batches else fit).add(X, Y)
+                else:  # one batch only: hold out a quarter of its rows
+                    held = rng.random(X.shape[0]) < 0.25
+                    fit.add(X[~held], Y[~held])
+                    hold.add(X[held], Y[held])
         for n, (fit, hold) in zip(step, eqs):
             results.append(_choose(student.graph, n, fit, hold, ridge))
         if progress is not None:
@@ -353,7 +365,8 @@ def _rows(
         w = const_array(node.inputs[1])
         total = y.shape[0] * y.shape[2] * y.shape[3]
         idx = np.sort(rng.choice(total, min(rows, total), replace=False))
-        X, Y = conv_patches(x, node, (w.shape[2], w.shape[3]), idx), rows_of(y)[idx][:, keep]
+        ni, hi, wi = np.unravel_index(idx, (y.shape[0], y.shape[2], y.shape[3]))
+        X, Y = conv_patches(x, node, (w.shape[2], w.shape[3]), idx), y[ni, :, hi, wi][:, keep]
         g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
         return (X.reshape(len(idx), g, -1), Y.reshape(len(idx), g, -1)) if g > 1 else (X, Y)
     if x.ndim > 2:  # a batched MatMul [..., K] @ [K, M]: every leading position is a row

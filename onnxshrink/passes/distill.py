@@ -10,8 +10,8 @@ squares so that, from the inputs the *student* produces, it reproduces the *teac
 
 (:mod:`onnxshrink.analysis.refit`: normal equations accumulated batch by batch, λ chosen on
 held-out calibration batches, a new solution kept only where it beats the present weights
-there). Layers go from input to output, the student re-run before each, so later layers see the
-already corrected earlier ones and absorb what is left of their error.
+there). Layers go from input to output in one sweep of the student (onnxshrink.sweep), so later
+layers see the already corrected earlier ones and absorb what is left of their error.
 
 Layers left alone, with the reason: Gemm with transA (not
 re-fitted), quantized or otherwise non-constant weights (run distill before quantize), layers
