@@ -155,7 +155,7 @@ class Calibrate(Step):
         if state.balance:
             taps["balance"] = BalanceTap(state.model.graph, state.balance, p.balance_alpha)
         convs = [n for n in state.model.graph if n.op_type in ("Conv", "Gemm")]
-        if state.bias_mode in ("weights", "full"):
+        if state.bias_mode != "off":  # empirical too: it starts from the weights' correction
             inputs = {n.inputs[0].name for n in state.plan.nodes if n.op_type in ("Conv", "Gemm")}
             taps["means"] = MomentTap(inputs, saturated=True)
         if state.bias_mode == "empirical" and convs:
