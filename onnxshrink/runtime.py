@@ -30,7 +30,7 @@ Outputs = list[dict[str, np.ndarray]]
 
 @timed("onnxruntime: open a session")
 def session(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     *,
     optimize: bool = False,
     threads: int | None = None,
@@ -58,7 +58,8 @@ def session(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(Path(path)), opts, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(Path(path))  # bytes: a serialized model
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 class RunTimeout(Exception):

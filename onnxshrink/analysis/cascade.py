@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Cascade:
-    """What :func:`cascade_calibrate` found: ranges, input means, and how the sweeps went."""
+    """What :func:`cascade_calibrate` found: ranges, and how the sweeps went."""
 
     ranges: dict[str, tuple[float, float]]
     changes: list[float]  # per further sweep: the largest move of a range end / its width
@@ -125,6 +125,7 @@ def cascade_calibrate(
 
     sources_set = set(sources)
     stops = sources_set.union(*(t.names for t in taps))
+    taps = tuple(sorted(taps, key=lambda t: not t.edits))  # an edit goes before what observes
     previous: dict[str, tuple[float, float]] = {}
     changes: list[float] = []
     clipped: dict[str, float] = {}
@@ -134,8 +135,7 @@ def cascade_calibrate(
         for tap in taps:
             tap.start()
         for name, arrays in Sweep(model, sorted(stops), data, samples, progress=progress):
-            _show([t for t in taps if t.edits], name, arrays, saturated=False)
-            _show([t for t in taps if not t.edits], name, arrays, saturated=False)
+            _show(taps, name, arrays, saturated=False)
             if name in sources_set:
                 ranges[name] = (
                     percentile_range(arrays, percentile)

@@ -31,7 +31,6 @@ __all__ = [
     "conv_patches",
     "input_rows",
     "refit_supported",
-    "rows_of",
     "solve",
     "write_weights",
 ]
@@ -124,13 +123,6 @@ def input_rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator, rows: int
         g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
         return X.reshape(len(idx), g, -1) if g > 1 else X
     return x.reshape(-1, x.shape[-1])
-
-
-def rows_of(y: np.ndarray) -> np.ndarray:
-    """Layer outputs as [rows, channels]: NCHW -> (N·H·W, C); [N, F] stays."""
-    if y.ndim == 4:
-        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
 
 
 @dataclasses.dataclass
