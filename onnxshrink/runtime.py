@@ -35,12 +35,16 @@ def session(
     optimize: bool = False,
     threads: int | None = None,
     spin: bool = True,
+    shared_arena: bool = False,
 ):
     """An ``InferenceSession`` on CPU; graph optimizations off unless ``optimize``.
 
     ``spin=False`` stops idle worker threads from spinning: needed when several sessions are
     timed interleaved, or the idle sessions' spinning threads steal the cores of the one
-    running (seen here: 2-thread runs 4× slower than 1-thread ones).
+    running (seen here: 2-thread runs 4× slower than 1-thread ones). ``shared_arena``: the
+    session allocates from one arena kept for the whole process (onnxruntime's environment
+    allocator), for many short sessions one after the other: each would otherwise map fresh
+    memory for its own arena and page-fault it in (a MobileNetV2 sweep: 2.7 -> 1.3 s).
     """
     import onnxruntime as ort
 
@@ -50,6 +54,9 @@ def session(
     # errors reach the user as one line from the exception; onnxruntime's own log would add a
     # second (coloured) line on stderr
     opts.log_severity_level = 4
+    if shared_arena:
+        _register_shared_arena()
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -60,6 +67,23 @@ def session(
         opts.inter_op_num_threads = 1
     source = path if isinstance(path, bytes) else str(Path(path))  # bytes: a serialized model
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+_shared_arena = False
+
+
+def _register_shared_arena() -> None:
+    """Registers the CPU arena that ``shared_arena`` sessions use, once per process."""
+    global _shared_arena
+    if _shared_arena:
+        return
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo(
+        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+    )
+    ort.create_and_register_allocator(info, None)
+    _shared_arena = True
 
 
 class RunTimeout(Exception):
