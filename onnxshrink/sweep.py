@@ -9,7 +9,8 @@ pass over the model this way, instead of one run of the model's prefix per tenso
 cut after each stop's producer; a segment is built from the model *as it is when the sweep
 reaches it* (a change to a later node's weights takes effect) and fed the live tensors of every
 batch, which stay in memory: the memory is the samples times the widest set of live tensors.
-Nodes after the last stop are not run.
+Nodes after the last stop are not run. A tensor only looked at (``watch``) is taken out of the
+segment that computes it, without a cut: changing it changes nothing downstream.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Sweep:
 
     >>> for name, arrays in Sweep(model, ["conv1_out"], data, 64):
     ...     arrays[:] = [np.clip(a, 0, 6) for a in arrays]
+
+    Tensors in ``watch`` are yielded too, in the same order, but do not end a segment: the
+    nodes after them have run with their values as computed.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Sweep:
         data,
         samples: int | None,
         *,
+        watch: Sequence[str] = (),
         optimize: bool = True,
         progress=None,
     ) -> None:
@@ -91,17 +96,20 @@ class Sweep:
                 where[v.name] = i
         for v in model.graph.inputs:
             where[v.name] = -1
-        missing = [s for s in stops if s not in where]
+        missing = [s for s in [*stops, *watch] if s not in where]
         if missing:
             raise KeyError(f"no computed tensor named {missing[0]!r} in the model")
-        self.stops = sorted(dict.fromkeys(stops), key=lambda s: where[s])
+        watch = set(watch) - set(stops)
+        self.stops = sorted(dict.fromkeys([*stops, *watch]), key=lambda s: where[s])
         self._at = where
         # after which node index each value is last read (graph outputs are not kept)
         self._last: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             for v in _reads(node):
                 self._last[v.name] = i
-        ends = sorted({where[s] for s in self.stops if where[s] >= 0})
+        ends = sorted({where[s] for s in stops if where[s] >= 0})
+        if watch and max(where[s] for s in watch) > max(ends, default=-1):
+            ends.append(max(where[s] for s in watch))  # the last watched tensor is computed too
         self.segments = list(zip([-1, *ends[:-1]], ends))  # (after node a, through node b]
 
     def __len__(self) -> int:

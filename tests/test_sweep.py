@@ -96,6 +96,24 @@ def test_a_sweep_runs_if_branches_with_their_captured_values(tmp_path):
             np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_a_watched_tensor_is_yielded_in_order_without_a_cut():
+    model, m, data, feeds = _residual()
+    names = ["t", "u", "v", "y"]
+    full = dict(zip(names, ort_run(_exposing(model, names), feeds)))
+    sweep = Sweep(m, ["v"], data, None, watch=["t", "u", "y"])
+    assert len(sweep) == 2  # cut after v only; y, the last one watched, ends the sweep
+    seen = []
+    for name, arrays in sweep:
+        seen.append(name)
+        want = np.zeros_like(full["y"]) if name == "y" else full[name]
+        np.testing.assert_allclose(np.concatenate(arrays), want, rtol=1e-6, atol=1e-6)
+        if name == "v":  # a change at a stop still reaches what is watched after it
+            arrays[:] = [np.zeros_like(a) for a in arrays]
+    assert seen == ["t", "u", "v", "y"]
+    with pytest.raises(KeyError, match="nope"):
+        Sweep(m, ["v"], data, None, watch=["nope"])
+
+
 def test_an_unknown_stop_is_named():
     _, m, data, _ = _residual()
     with pytest.raises(KeyError, match="nope"):

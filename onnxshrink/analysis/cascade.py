@@ -124,7 +124,9 @@ def cascade_calibrate(
     from onnxshrink.sweep import Sweep
 
     sources_set = set(sources)
-    stops = sources_set.union(*(t.names for t in taps))
+    # what only observing taps look at needs no cut: nothing changes it before they see it
+    stops = sources_set.union(*(t.names for t in taps if t.edits))
+    watch = set().union(*(t.names for t in taps)) - stops
     taps = tuple(sorted(taps, key=lambda t: not t.edits))  # an edit goes before what observes
     previous: dict[str, tuple[float, float]] = {}
     changes: list[float] = []
@@ -134,7 +136,9 @@ def cascade_calibrate(
         clipped = {}
         for tap in taps:
             tap.start()
-        for name, arrays in Sweep(model, sorted(stops), data, samples, progress=progress):
+        for name, arrays in Sweep(
+            model, sorted(stops), data, samples, watch=sorted(watch), progress=progress
+        ):
             _show(taps, name, arrays, saturated=False)
             if name in sources_set:
                 ranges[name] = (
