@@ -255,7 +255,10 @@ def hessian_round(
     order = np.argsort(-diag, axis=1, kind="stable")
     if bias:
         order = np.concatenate([order, np.full((G, 1), d)], axis=1)
-    Hp = np.take_along_axis(np.take_along_axis(H, order[:, :, None], 1), order[:, None, :], 2)
+    if G == 1:  # one gather instead of two
+        Hp = H[0][np.ix_(order[0], order[0])][None]
+    else:
+        Hp = np.take_along_axis(np.take_along_axis(H, order[:, :, None], 1), order[:, None, :], 2)
     Wp = np.take_along_axis(W, order[:, :, None], 1)
     deadp = np.take_along_axis(dead, order[:, :d], 1)
     for g, i in zip(*np.nonzero(deadp)):
@@ -274,15 +277,18 @@ def hessian_round(
     Q = Wp.copy()
     gi = np.arange(G)
     E = np.zeros_like(Wp)
+    Ud = np.einsum("gii->gi", U)
     for b0 in range(0, d, _BLOCK):  # GPTQ's lazy batches: within a block one row at a time,
         b1 = min(b0 + _BLOCK, d)  # then the block's errors onto all later rows in one product
         for k in range(b0, b1):
-            src = order[:, k]  # the original input index per group (project may depend on it)
             w = Wp[:, k, :]
-            q = project(w, src)
+            q = project(w, order[:, k])  # order: the original input index per group
             Q[:, k, :] = q
-            E[:, k, :] = err = (w - q) / U[:, k, k][:, None]
-            Wp[:, k + 1 : b1, :] -= U[:, k, k + 1 : b1][:, :, None] * err[:, None, :]
+            E[:, k, :] = err = (w - q) / Ud[:, k, None]
+            if G == 1:  # (a row-at-a-time loop: fewer temporaries count)
+                Wp[0, k + 1 : b1] -= np.multiply.outer(U[0, k, k + 1 : b1], err[0])
+            else:
+                Wp[:, k + 1 : b1, :] -= U[:, k, k + 1 : b1][:, :, None] * err[:, None, :]
         Wp[:, b1:, :] -= np.matmul(U[:, b0:b1, b1:].transpose(0, 2, 1), E[:, b0:b1, :])
     if bias:
         Q[:, d, :] = Wp[:, d, :]
@@ -346,17 +352,28 @@ def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None, *, safe: b
     done = np.zeros((G, d), bool)
     moved = [0]
 
+    def within(q, partner_q, has=True):  # q inside the pair rule beside rounded partners
+        lo, hi = pair_bounds(partner_q)
+        safe = np.where(has, np.minimum(np.maximum(q, lo), hi), q)
+        moved[0] += int(np.count_nonzero(safe != q))
+        return safe
+
     def project(rows, src):
-        q = np.clip(np.round(rows / s), -127, 127)
-        if partner is not None:
-            p = partner[src]
-            has = (p >= 0) & done[gi, np.maximum(p, 0)]
-            if has.any():
-                lo, hi = pair_bounds(rounded[gi, np.maximum(p, 0)])
-                safe = np.where(has[:, None], np.clip(q, lo, hi), q)
-                moved[0] += int(np.count_nonzero(safe != q))
-                q = safe
-            rounded[gi, src], done[gi, src] = q, True
+        q = np.round(rows / s)
+        q = np.minimum(np.maximum(q, -127, out=q), 127, out=q)
+        if partner is None:
+            return q * s
+        if G == 1:  # scalar indices: one group's rows come one by one, many of them
+            i, p = src[0], partner[src[0]]
+            if p >= 0 and done[0, p]:
+                q = within(q, rounded[0, p][None])
+            rounded[0, i], done[0, i] = q[0], True
+            return q * s
+        p = partner[src]
+        has = (p >= 0) & done[gi, np.maximum(p, 0)]
+        if has.any():
+            q = within(q, rounded[gi, np.maximum(p, 0)], has[:, None])
+        rounded[gi, src], done[gi, src] = q, True
         return q * s
 
     nearest = W.copy()
