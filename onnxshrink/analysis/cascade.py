@@ -89,7 +89,7 @@ def _clip(arrays: list[np.ndarray], lo: float, hi: float) -> float:
     for i, a in enumerate(arrays):
         if a.dtype.kind != "f":
             return 0.0
-        beyond += int(np.count_nonzero((a < lo) | (a > hi)))
+        beyond += int(np.count_nonzero(a < lo)) + int(np.count_nonzero(a > hi))
         total += a.size
         arrays[i] = np.clip(a, lo, hi, out=a if a.flags.writeable else None)
     return beyond / max(total, 1)

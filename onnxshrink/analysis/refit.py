@@ -86,13 +86,21 @@ def conv_patches(
     """im2col rows: patch of output position ``rows`` (flat over N, Ho, Wo) as [R, C·kh·kw].
 
     Gathered straight from ``x`` for the sampled positions only (taps in the zero padding read
-    0), so a few sampled rows do not cost a padded copy of the whole batch."""
+    0), so a few sampled rows do not cost a padded copy of the whole batch; when the patches
+    outweigh the batch, from a padded channels-last copy (contiguous channel rows)."""
     (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(node, kernel)
     kh, kw = kernel
     n, c, h, w = x.shape
     ho = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
     wo = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
     ni, hi, wi = np.unravel_index(rows, (n, ho, wo))
+    if x.size <= 2 * len(rows) * c * kh * kw:  # a small map: gather whole channel rows
+        xp = np.zeros((n, h + pt + pb, w + pl + pr, c), x.dtype)  # channels last, padded
+        xp[:, pt : pt + h, pl : pl + w] = x.transpose(0, 2, 3, 1)
+        ih = (hi * sh)[:, None] + np.arange(kh) * dh
+        iw = (wi * sw)[:, None] + np.arange(kw) * dw
+        patch = xp[ni[:, None, None], ih[:, :, None], iw[:, None, :]]  # [R, kh, kw, C]
+        return patch.transpose(0, 3, 1, 2).reshape(len(rows), -1)
     ih = (hi * sh - pt)[:, None] + np.arange(kh) * dh  # [R, kh]
     iw = (wi * sw - pl)[:, None] + np.arange(kw) * dw  # [R, kw]
     inside = ((ih >= 0) & (ih < h))[:, :, None] & ((iw >= 0) & (iw < w))[:, None, :]
