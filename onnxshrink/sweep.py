@@ -108,8 +108,9 @@ class Sweep:
             for v in _reads(node):
                 self._last[v.name] = i
         ends = sorted({where[s] for s in stops if where[s] >= 0})
-        if watch and max(where[s] for s in watch) > max(ends, default=-1):
-            ends.append(max(where[s] for s in watch))  # the last watched tensor is computed too
+        last_watched = max((where[s] for s in watch), default=-1)
+        if last_watched > max(ends, default=-1):
+            ends.append(last_watched)  # the last watched tensor is computed too
         self.segments = list(zip([-1, *ends[:-1]], ends))  # (after node a, through node b]
 
     def __len__(self) -> int:
