@@ -25,7 +25,13 @@ import logging
 
 import numpy as np
 
-from onnxshrink.analysis.ranges import SETTLED, RangeStats, choose_range, percentile_range
+from onnxshrink.analysis.ranges import (
+    SETTLED,
+    RangeStats,
+    Tails,
+    choose_range,
+    percentile_tails,
+)
 
 __all__ = ["Cascade", "MomentTap", "Tap", "cascade_calibrate"]
 
@@ -83,16 +89,20 @@ def _stats(arrays: list[np.ndarray], method: str) -> RangeStats:
     return st
 
 
-def _clip(arrays: list[np.ndarray], lo: float, hi: float) -> float:
-    """Clips float ``arrays`` in place to [lo, hi]; the share of values that were beyond."""
-    beyond = total = 0
-    for i, a in enumerate(arrays):
-        if a.dtype.kind != "f":
-            return 0.0
-        beyond += int(np.count_nonzero(a < lo)) + int(np.count_nonzero(a > hi))
-        total += a.size
-        arrays[i] = np.clip(a, lo, hi, out=a if a.flags.writeable else None)
-    return beyond / max(total, 1)
+def _clip(arrays: list[np.ndarray], lo: float, hi: float, tails: Tails | None = None) -> float:
+    """Clips float ``arrays`` in place to [lo, hi]; the share of values that were beyond
+    (counted in the percentile's ``tails`` where they hold them all: no pass over the arrays,
+    and none at all when nothing is beyond)."""
+    if any(a.dtype.kind != "f" for a in arrays):
+        return 0.0
+    if tails is not None:
+        beyond = tails.beyond(arrays, lo, hi)
+    else:
+        beyond = sum(int(np.count_nonzero(a < lo)) + int(np.count_nonzero(a > hi)) for a in arrays)
+    if beyond:
+        for i, a in enumerate(arrays):
+            arrays[i] = np.clip(a, lo, hi, out=a if a.flags.writeable else None)
+    return beyond / max(sum(a.size for a in arrays), 1)
 
 
 def _moved(old: tuple[float, float], new: tuple[float, float]) -> float:
@@ -141,13 +151,14 @@ def cascade_calibrate(
         ):
             _show(taps, name, arrays, saturated=False)
             if name in sources_set:
+                tails = percentile_tails(arrays, percentile) if method == "percentile" else None
                 ranges[name] = (
-                    percentile_range(arrays, percentile)
-                    if method == "percentile"
+                    (tails.lo, tails.hi)
+                    if tails is not None
                     else choose_range(_stats(arrays, method), method, percentile)
                 )
                 bound = saturation({**previous, **ranges}).get(name) if rounds else None
-                if bound is not None and (share := _clip(arrays, *bound)) > 0:
+                if bound is not None and (share := _clip(arrays, *bound, tails)) > 0:
                     clipped[name] = share
             _show(taps, name, arrays, saturated=True)
         if previous:

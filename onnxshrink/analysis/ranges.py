@@ -33,7 +33,9 @@ import numpy as np
 __all__ = [
     "METHODS",
     "percentile_range",
+    "percentile_tails",
     "SETTLED",
+    "Tails",
     "RangeStats",
     "choose_range",
     "clipped_copy",
@@ -173,33 +175,71 @@ def _mse_range(st: RangeStats, levels: int) -> tuple[float, float]:
     return best
 
 
-def _kth(arrays: list[np.ndarray], k: int, largest: bool) -> float:
+@dataclasses.dataclass
+class Tails:
+    """What :func:`percentile_tails` saw: the range, the smallest value, and every value at or
+    beyond each threshold it partitioned (``below`` is None for a non-negative tensor)."""
+
+    lo: float
+    hi: float
+    smallest: float
+    t_hi: float
+    above: np.ndarray
+    t_lo: float = -math.inf
+    below: np.ndarray | None = None
+
+    def beyond(self, arrays: list[np.ndarray], lo: float, hi: float) -> int:
+        """How many values of ``arrays`` (the ones seen) lie outside [lo, hi]: counted in the
+        tails where they hold them all, else in the arrays."""
+        n = int(np.count_nonzero(self.above > hi)) if hi >= self.t_hi else _count(arrays, hi, 1)
+        if lo <= self.smallest:
+            return n
+        if self.below is not None and lo <= self.t_lo:
+            return n + int(np.count_nonzero(self.below < lo))
+        return n + _count(arrays, lo, -1)
+
+
+def _count(arrays: list[np.ndarray], t: float, side: int) -> int:
+    return sum(int(np.count_nonzero(a > t if side > 0 else a < t)) for a in arrays)
+
+
+def _kth(arrays: list[np.ndarray], k: int, largest: bool) -> tuple[float, float, np.ndarray]:
     """The k-th largest (or smallest) value over ``arrays``, exactly: the values beyond a
-    threshold that a strided sample puts safely short of it, then one partition of those."""
+    threshold that a strided sample puts safely short of it, then one partition of those.
+    Also the threshold and the values at or beyond it."""
     sign = 1.0 if largest else -1.0
     sample = np.concatenate([sign * a.ravel()[::37] for a in arrays])
     ks = min(len(sample), 2 * (k // 37) + 32)
     t = sign * np.partition(sample, len(sample) - ks)[len(sample) - ks]
     beyond = [a[a >= t] if largest else a[a <= t] for a in arrays]
     if sum(len(b) for b in beyond) < k:  # the sample misled: take everything
-        beyond = [a.ravel() for a in arrays]
-    cand = sign * np.concatenate(beyond)
-    return float(sign * np.partition(cand, len(cand) - k)[len(cand) - k])
+        beyond, t = [a.ravel() for a in arrays], -sign * math.inf
+    values = np.concatenate(beyond)
+    cand = sign * values
+    return float(sign * np.partition(cand, len(cand) - k)[len(cand) - k]), float(t), values
 
 
-def percentile_range(arrays: list[np.ndarray], p: float) -> tuple[float, float]:
+def percentile_tails(arrays: list[np.ndarray], p: float) -> Tails:
     """``percentile`` calibration straight from the values (no histogram): the p-th
     percentile, and the (100 − p)-th or 0 for a non-negative tensor -- exact order statistics
     where the histogram gives its bin's centre; the tails are a 10⁻⁴ share of the values, so
     this costs a comparison per value instead of a bin index."""
     n = sum(a.size for a in arrays)
     if n == 0:
-        return 0.0, 1.0
-    lo_all = min(float(a.min()) for a in arrays if a.size)
+        return Tails(0.0, 1.0, math.inf, math.inf, np.zeros(0))
+    smallest = min(float(a.min()) for a in arrays if a.size)
     k = max(1, n - math.ceil(p / 100.0 * n) + 1)
-    hi = _kth(arrays, k, largest=True)
-    lo = 0.0 if lo_all >= 0 else _kth(arrays, max(1, math.ceil((1 - p / 100.0) * n)), False)
-    return lo, max(hi, lo)
+    hi, t_hi, above = _kth(arrays, k, largest=True)
+    if smallest >= 0:
+        return Tails(0.0, max(hi, 0.0), smallest, t_hi, above)
+    lo, t_lo, below = _kth(arrays, max(1, math.ceil((1 - p / 100.0) * n)), False)
+    return Tails(lo, max(hi, lo), smallest, t_hi, above, t_lo, below)
+
+
+def percentile_range(arrays: list[np.ndarray], p: float) -> tuple[float, float]:
+    """The (lo, hi) of :func:`percentile_tails`."""
+    t = percentile_tails(arrays, p)
+    return t.lo, t.hi
 
 
 def choose_range(st: RangeStats, method: str, percentile: float = 99.99) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from onnxshrink.analysis.ranges import (
     clipped_copy,
     grid_bounds,
     percentile_range,
+    percentile_tails,
     qparams,
 )
 from onnxshrink.analysis.saturation import unsafe_layers
@@ -710,6 +711,19 @@ def test_percentile_ranges_are_exact_order_statistics(p):
     assert lo == values[max(1, int(np.ceil((1 - p / 100) * n))) - 1]
     relu = [np.maximum(a, 0) for a in arrays]
     assert percentile_range(relu, p)[0] == 0.0  # a non-negative tensor keeps 0 as its low end
+
+
+@pytest.mark.parametrize("p", [99.99, 99.0, 60.0])
+def test_the_percentile_tails_count_what_a_grid_clips(p):
+    rng = np.random.default_rng(4)
+    signed = [rng.standard_t(3, (7, 5, 31)).astype(np.float32) for _ in range(3)]
+    for arrays in (signed, [np.maximum(a, 0) for a in signed]):
+        values = np.concatenate([a.ravel() for a in arrays])
+        t = percentile_tails(arrays, p)
+        # grids wider and narrower than the range, on both sides of the partition thresholds
+        for lo, hi in [(t.lo, t.hi), (t.lo - 1, t.hi + 1), (t.lo * 0.5, t.hi * 0.5), (0.0, 0.1)]:
+            want = int(np.count_nonzero((values < lo) | (values > hi)))
+            assert t.beyond(arrays, lo, hi) == want, (lo, hi)
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
