@@ -12,6 +12,7 @@ from onnxshrink.passes.low_rank_matmul import LowRankMatMulPass
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.prune_kernel import PruneKernelPass
 from onnxshrink.passes.quantize import FoldQDQPass, InsertQDQPass, QuantizePass
+from onnxshrink.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxshrink.passes.simplify import SimplifyPass
 from onnxshrink.passes.sparsify import SparsifyPass
 from onnxshrink.passes.tucker_conv import TuckerConvPass
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         LowRankMatMulPass,
         EqualizePass,
         QuantizePass,
+        QuantizeDynamicPass,
         InsertQDQPass,
         FoldQDQPass,
         ClusterWeightsPass,

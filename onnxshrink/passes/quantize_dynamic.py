@@ -1,0 +1,269 @@
+"""Dynamic int8 for MatMul/Gemm with constant weights: activations quantized at run time.
+
+For Y = X·W (+ b), W constant [K, N]: W per output column, symmetric int8 (W ≈ q_W·diag(s_W));
+X per tensor at run time by ``DynamicQuantizeLinear`` (uint8, X ≈ s_x·(q_x − z_x), the range
+of each call's values and 0). Then Y = Cast(MatMulInteger(q_x, q_W, z_x, 0))·(s_x·s_W) (+ b):
+the form onnxruntime fuses into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` (one
+DynamicQuantizeLinear per tensor, shared by its readers). Gemm: W = α·B (Bᵀ when transB), the
+bias β·C added after.
+
+``cpu=any`` (default): every weight pair keeps the pair rule (:mod:`onnxshrink.analysis.
+saturation`) -- onnxruntime's dynamic MatMul runs the same u8s8 kernels that saturate without
+VNNI. With real data (``rounding=auto``): Hessian-aware rounding (GPTQ,
+:func:`onnxshrink.analysis.rounding.round_int8`) on the Gram of each layer's float inputs.
+MatMuls of two activations (attention scores) stay float. Refused (reason in the report):
+non-float32 tensors, a weight shared with another node, Gemm with transA or a non-constant C.
+``embeddings=true``: a Gather from a constant float matrix (token, position tables) becomes
+8-bit ``GatherBlockQuantized`` (:mod:`onnxshrink.analysis.blockquant`; rows dequantized as read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
+
+from onnxshrink import cpu as host
+from onnxshrink.analysis.blockquant import block_quantize, block_size
+from onnxshrink.analysis.qplan import quantize_weight
+from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
+from onnxshrink.analysis.saturation import make_safe, weight_pairs
+from onnxshrink.irtools import (
+    const_array,
+    infer_types,
+    inferred_dtypes,
+    unique_name,
+    weight_users_outside,
+)
+from onnxshrink.passes import options
+from onnxshrink.passes.base import ShrinkPass
+
+__all__ = ["QuantizeDynamicPass"]
+
+_F32 = ir.DataType.FLOAT
+_QUANTIZED = ("DynamicQuantizeLinear", "MatMulInteger", "GatherBlockQuantized")
+
+
+def _axis(node: ir.Node) -> int:
+    """The output-column axis of ``node``'s weight."""
+    return 0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
+
+
+def _alpha(node: ir.Node) -> float:
+    """Gemm's α (1 for a MatMul): the weight grid is scaled by it (the system holds α·B)."""
+    return node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+
+
+def _refusal(node: ir.Node, dtypes: dict[str, ir.DataType]) -> str | None:
+    """Why ``node`` (a MatMul/Gemm) is left float, or None."""
+    w = const_array(node.inputs[1])
+    if w is None:
+        return "two activations (e.g. attention scores): left float"
+    if w.dtype != np.float32 or dtypes.get(node.inputs[0].name) != _F32:
+        return "not a float32 input and weight"
+    if w.ndim != 2:
+        return f"a {w.ndim}-D weight (MatMulInteger's per-column scale needs 2-D)"
+    if weight_users_outside(node.inputs[1], node):
+        return "weight is shared with another node"
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1 is left float"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if const_array(node.inputs[2]) is None:
+                return "Gemm with a non-constant C is left float"
+    return None
+
+
+@dataclasses.dataclass
+class QuantizeDynamicPass(ShrinkPass):
+    """Dynamic int8 MatMul/Gemm: int8 weights per output column, activations quantized at run
+    time (onnxruntime's DynamicQuantizeMatMul); no activation ranges to calibrate."""
+
+    name: ClassVar[str] = "quantize-dynamic"
+    lossy: ClassVar[bool] = True
+
+    rounding: Literal["auto", "nearest", "hessian"] = "auto"
+    weights: Literal["minmax", "mse"] = "minmax"
+    cpu: Literal["any", "vnni", "auto"] = "any"
+    embeddings: bool = True
+    skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
+    samples: int = options.samples(128)
+    floor: float | None = options.floor(0.95)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if any(n.op_type in _QUANTIZED for n in model.graph):
+            self.skip("model", "the model is already quantized (has MatMulInteger)")
+            return ir.passes.PassResult(model, modified=False)
+        NameFixPass()(model)  # the report and ``skip`` refer to node names
+        dtypes = inferred_dtypes(model)
+        nodes = []
+        for node in model.graph:
+            if node.op_type not in ("MatMul", "Gemm"):
+                continue
+            if node.name in self.skip_:
+                self.skip(node, "excluded")
+            elif reason := _refusal(node, dtypes):
+                self.skip(node, reason)
+            else:
+                nodes.append(node)
+        gathers = self._embedding_gathers(model) if self.embeddings else []
+        if not nodes and not gathers:
+            return ir.passes.PassResult(model, modified=False)
+        for node in gathers:
+            self._emit_gather(model, node)
+        safe = self.cpu == "any" or (self.cpu == "auto" and host.this_cpu().int8 != "exact")
+        rounded = self._hessian(model, nodes, safe)
+        shared: dict[str, tuple[ir.Value, ...]] = {}
+        moved = 0
+        for node in nodes:
+            scale, q, bias, n_moved = rounded.get(node.name) or self._nearest(node, safe)
+            moved += n_moved
+            self._emit(model.graph, node, scale, q, bias, shared)
+            how = ", Hessian-aware rounding" if node.name in rounded else ""
+            self.change(f"{node.name}: dynamic int8 (weights per column{how})", node.name)
+        if safe:
+            self.details["int8_cpu"] = {"pair_rule": True, "weights_moved": moved}
+        self.details["dynamic_int8"] = len(nodes)
+        if gathers:
+            self.details["embeddings_int8"] = len(gathers)
+        infer_types(model)  # onnxruntime's fusions (SkipLayerNormalization) check shapes
+        return ir.passes.PassResult(model, modified=True)
+
+    def _nearest(self, node: ir.Node, safe: bool) -> tuple:
+        """(scale [N] of α·W, int8 weight in the node's layout, bias or None, weights the rule
+        moved)."""
+        w = const_array(node.inputs[1])
+        axis = _axis(node)
+        pairs = weight_pairs(node, w.shape) if safe else None
+        scale, q = quantize_weight(w, axis, self.weights, pairs)
+        shape = [1, 1]
+        shape[axis] = -1
+        q, n_moved = make_safe(q, w / scale.reshape(shape), pairs)
+        return scale * _alpha(node), q, None, n_moved
+
+    def _hessian(self, model: ir.Model, nodes: list[ir.Node], safe: bool) -> dict[str, tuple]:
+        """Node name -> what :meth:`_nearest` gives, rounded Hessian-aware on the calibration
+        data (empty without real data or with ``rounding=nearest``)."""
+        want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
+        data = self.context.data
+        if not want or data is None:
+            return {}
+        refused: dict[str, str] = {}
+        steer = steerable(nodes, refused)
+        out = {}
+        n = min(self.samples, data.n_samples)
+        task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(steer))
+        with self.scratch() as workdir:
+            for node, H in usable_grams(model, steer, data, workdir, n, refused, progress=task):
+                w = const_array(node.inputs[1])
+                axis = _axis(node)
+                pairs = weight_pairs(node, w.shape) if safe else None
+                scale = quantize_weight(w, axis, self.weights, pairs)[0] * _alpha(node)
+                q, b, _, n_moved = round_int8(node, H, scale, axis, safe=safe)
+                out[node.name] = (scale, q, b, n_moved)
+        task.done()
+        if refused:
+            self.details["nearest_rounding"] = refused
+        return out
+
+    def _emit(self, graph: ir.Graph, node: ir.Node, scale, q, bias, shared) -> None:
+        """Replaces ``node`` by MatMulInteger → Cast → Mul(s_x·s_W) (→ Add bias)."""
+        base = node.name
+        x = node.inputs[0]
+        if x.name not in shared:
+            dql = ir.node(
+                "DynamicQuantizeLinear", [x], num_outputs=3, name=unique_name(graph, f"{base}.dql")
+            )
+            for out, what in zip(dql.outputs, ("quantized", "scale", "zero_point")):
+                out.name = unique_name(graph, f"{x.name}.{what}")
+            graph.insert_before(node, [dql])
+            shared[x.name] = tuple(dql.outputs)
+        xq, xs, xz = shared[x.name]
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            q = q.T
+        c = None
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = node.inputs[2]
+            beta = node.attributes.get_float("beta", 1.0)
+            b = np.asarray(const_array(c), np.float64) * beta if bias is None else bias
+            c = self._init(graph, f"{base}.bias", np.asarray(b, np.float32))
+        elif bias is not None and node.op_type == "Gemm":
+            c = self._init(graph, f"{base}.bias", np.asarray(bias, np.float32))
+        wq = self._init(graph, f"{base}.weight_quantized", np.ascontiguousarray(q, np.int8))
+        wz = self._init(graph, f"{base}.weight_zero_point", np.zeros(q.shape[1], np.int8))
+        ws = self._init(graph, f"{base}.weight_scale", np.asarray(scale, np.float32))
+        mm = ir.node("MatMulInteger", [xq, wq, xz, wz], name=unique_name(graph, f"{base}.int"))
+        cast = ir.node(
+            "Cast",
+            [mm.outputs[0]],
+            attributes={"to": _F32},
+            name=unique_name(graph, f"{base}.cast"),
+        )
+        sc = ir.node("Mul", [xs, ws], name=unique_name(graph, f"{base}.scales"))
+        mul = ir.node("Mul", [cast.outputs[0], sc.outputs[0]], name=unique_name(graph, f"{base}.y"))
+        new = [mm, cast, sc, mul]
+        if c is not None:
+            new.append(ir.node("Add", [mul.outputs[0], c], name=unique_name(graph, f"{base}.b")))
+        for n in new:
+            for o in n.outputs:
+                if o.name is None:
+                    o.name = unique_name(graph, f"{n.name}.out")
+        old = node.outputs[0]
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], new, [old], [new[-1].outputs[0]]
+        )
+
+    def _embedding_gathers(self, model: ir.Model) -> list[ir.Node]:
+        """The Gathers of rows of a constant float32 matrix (the others with a reason)."""
+        out = []
+        for node in model.graph:
+            if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+                continue
+            w = const_array(node.inputs[0])
+            if w is None or w.dtype != np.float32 or w.ndim != 2 or w.size < 1024:
+                continue
+            if node.name in self.skip_:
+                self.skip(node, "excluded")
+            elif weight_users_outside(node.inputs[0], node):
+                self.skip(node, "embedding table is shared with another node")
+            elif block_size(w.shape[1]) is None:
+                self.skip(node, f"row width {w.shape[1]} is not a multiple of 16")
+            else:
+                out.append(node)
+        return out
+
+    def _emit_gather(self, model: ir.Model, node: ir.Node) -> None:
+        """Replaces ``node`` by GatherBlockQuantized over an 8-bit copy of its table."""
+        graph = model.graph
+        w = const_array(node.inputs[0])
+        block = block_size(w.shape[1])
+        q, scale, zp = block_quantize(w, 8, block)
+        base = node.name
+        inputs = [
+            self._init(graph, f"{base}.table_quantized", q),
+            node.inputs[1],
+            self._init(graph, f"{base}.table_scale", scale),
+            self._init(graph, f"{base}.table_zero_point", zp),
+        ]
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8}
+        new = ir.node(
+            "GatherBlockQuantized",
+            inputs,
+            attributes=attrs,
+            domain="com.microsoft",
+            name=unique_name(graph, f"{base}.int8"),
+        )
+        model.opset_imports.setdefault("com.microsoft", 1)
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+        )
+        self.change(f"{base}: embedding table 8-bit, blocks of {block}", base)
+
+    @staticmethod
+    def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+        value = ir.val(unique_name(graph, name), const_value=ir.tensor(arr))
+        graph.register_initializer(value)
+        return value
