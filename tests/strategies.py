@@ -18,7 +18,7 @@ import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["cnn_models", "Net"]
+__all__ = ["cnn_models", "transformer_models", "Net"]
 
 IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
 
@@ -250,3 +250,85 @@ def cnn_models(draw, max_blocks: int = 4) -> Net:
     model.ir_version = IR_FOR_OPSET[opset]
     onnx.checker.check_model(model, full_check=True)
     return Net(model, input_shape, " → ".join(b.parts) + (" (dynamic batch)" if dynamic else ""))
+
+
+@st.composite
+def transformer_models(draw, max_layers: int = 2) -> Net:
+    """A random valid encoder as an ONNX model: input [batch, sequence, hidden], 1-2 layers of
+    LayerNorm → Q/K/V MatMul + bias → heads (Reshape/Transpose) → Q·Kᵀ (two activations) →
+    scale → Softmax → ·V → MatMul + bias, residual; LayerNorm → MatMul → GELU (exact Erf form,
+    tanh form, or the opset-20 op) → MatMul, residual; then a mean over the sequence, or the
+    sequence itself. Opsets 17-21, batch fixed or dynamic."""
+    opset = draw(st.sampled_from([17, 18, 19, 20, 21]))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    hidden = heads * draw(st.sampled_from([4, 8]))
+    seq = draw(st.integers(2, 9))
+    ffn = hidden * draw(st.integers(2, 4))
+    dynamic = draw(st.booleans())
+    b = _Builder(draw(st.integers(0, 2**31 - 1)))
+
+    def dense(x: str, n_in: int, n_out: int) -> str:
+        w = (b.rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        y = b.node("MatMul", [x, b.const(w, "w")])
+        return b.node("Add", [y, b.const(b.rng.normal(0, 0.1, n_out).astype(np.float32), "b")])
+
+    def layernorm(x: str) -> str:
+        gamma = b.rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+        gamma[0] *= draw(st.sampled_from([1.0, 8.0]))  # an outlier channel, as BERT's have
+        beta = b.rng.normal(0, 0.1, hidden).astype(np.float32)
+        return b.node("LayerNormalization", [x, b.const(gamma, "g"), b.const(beta, "bt")], axis=-1)
+
+    def gelu(x: str) -> str:
+        kind = draw(st.sampled_from(["erf", "tanh"] + (["op"] if opset >= 20 else [])))
+        b.parts.append(f"gelu-{kind}")
+        if kind == "op":
+            return b.node("Gelu", [x])
+        half, one = b.const(np.float32(0.5), "half"), b.const(np.float32(1.0), "one")
+        if kind == "erf":
+            inner = b.node("Erf", [b.node("Mul", [x, b.const(np.float32(0.70710678), "c")])])
+        else:
+            cube = b.node("Mul", [b.node("Mul", [x, x]), x])
+            poly = b.node("Add", [x, b.node("Mul", [cube, b.const(np.float32(0.044715), "c")])])
+            inner = b.node("Tanh", [b.node("Mul", [poly, b.const(np.float32(0.79788456), "c")])])
+        return b.node("Mul", [b.node("Mul", [x, b.node("Add", [inner, one])]), half])
+
+    split = b.const(np.array([0, 0, heads, hidden // heads], np.int64), "shape")
+    merge = b.const(np.array([0, 0, hidden], np.int64), "shape")
+    x = "input"
+    for _ in range(draw(st.integers(1, max_layers))):
+        h = layernorm(x)
+        q, k, v = (
+            b.node("Transpose", [b.node("Reshape", [dense(h, hidden, hidden), split])], perm=p)
+            for p in ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])
+        )
+        scale = b.const(np.float32(1.0 / np.sqrt(hidden // heads)), "scale")
+        s = b.node("Softmax", [b.node("Mul", [b.node("MatMul", [q, k]), scale])], axis=-1)
+        heads_out = b.node("Transpose", [b.node("MatMul", [s, v])], perm=[0, 2, 1, 3])
+        a = b.node("Reshape", [heads_out, merge])
+        x = b.node("Add", [x, dense(a, hidden, hidden)])
+        x = b.node("Add", [x, dense(gelu(dense(layernorm(x), hidden, ffn)), ffn, hidden)])
+        b.parts.append("layer")
+    batch = "N" if dynamic else 2
+    if draw(st.booleans()):  # ReduceMean's axes became an input in opset 18
+        if opset >= 18:
+            axes = b.const(np.array([1], np.int64), "axes")
+            x = b.node("ReduceMean", [x, axes], keepdims=0)
+        else:
+            x = b.node("ReduceMean", [x], axes=[1], keepdims=0)
+        out_shape = [batch, hidden]
+        b.parts.append("mean")
+    else:
+        out_shape = [batch, seq, hidden]
+    final = helper.make_node("Identity", [x], ["output"], name="output_identity")
+    graph = helper.make_graph(
+        [*b.nodes, final],
+        "generated",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, seq, hidden])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = IR_FOR_OPSET[opset]
+    onnx.checker.check_model(model, full_check=True)
+    desc = f"hidden {hidden}, {heads} heads, ffn {ffn}: " + " → ".join(b.parts)
+    return Net(model, (2, seq, hidden), desc + (" (dynamic batch)" if dynamic else ""))

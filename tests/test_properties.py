@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import onnxshrink
 from onnxshrink.passes import REGISTRY, make_pass
 from tests.helpers import ort_run
-from tests.strategies import Net, cnn_models
+from tests.strategies import Net, cnn_models, transformer_models
 
 # one spec per registered pass, with options that let it act on small generated nets
 PASS_SPECS = {
@@ -33,6 +33,7 @@ PASS_SPECS = {
     "lowrank": "lowrank:rank=0.5,min-size=2,round=0",
     "equalize": "equalize",
     "quantize": "quantize",
+    "quantize-dynamic": "quantize-dynamic",
     "insert-qdq": "insert-qdq",
     "fold-qdq": "fold-qdq",
     "cluster": "cluster:bits=4,min-size=16",
@@ -128,6 +129,7 @@ _ACTS_ALONE = {
     "lowrank",
     "equalize",
     "quantize",
+    "quantize-dynamic",
     "insert-qdq",
     "cluster",
     "sparsify",
@@ -145,6 +147,26 @@ def test_pass_keeps_generated_models_valid(name):
     each()
     if name in _ACTS_ALONE:  # a lossy pass that never applies would pass every check above
         assert statuses.count("applied") >= len(statuses) / 3, statuses
+
+
+# the transformer modes: every spec on generated encoder layers (attention, GELU, LayerNorm)
+TRANSFORMER_SPECS = [
+    "quantize-dynamic",
+    "quantize-dynamic:rounding=nearest,cpu=vnni",
+    "quantize-dynamic:weights=mse",
+]
+
+
+@pytest.mark.parametrize("spec", TRANSFORMER_SPECS)
+def test_transformer_layers_stay_valid(spec):
+    statuses: list[str] = []
+
+    @given(net=transformer_models())
+    def each(net):
+        statuses.extend(_check(net, [spec]))
+
+    each()
+    assert statuses.count("applied") >= len(statuses) / 3, statuses
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
