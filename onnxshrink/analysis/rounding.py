@@ -327,15 +327,25 @@ def from_system(node: ir.Node, W: np.ndarray, bias: bool) -> tuple[np.ndarray, n
     return Wm[0], b
 
 
-def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None, *, safe: bool = False):
+def round_int8(
+    node: ir.Node,
+    H: np.ndarray,
+    scale,
+    axis: int | None,
+    *,
+    safe: bool = False,
+    damp: float = 0.01,
+    errors: bool = True,
+):
     """A layer's weights rounded Hessian-aware onto its symmetric int8 grid.
 
     ``scale`` is per output channel along ``axis`` (None: one scale for the tensor). With
     ``safe``, the second weight of each pair of the integer kernel's reduction axis is rounded
     within the pair rule (:mod:`onnxshrink.analysis.saturation`), its error pushed onward like
-    any other. Returns the int8 weights in the node's layout, the re-solved bias (None for a
-    MatMul), the relative output errors (nearest, Hessian) on the calibration rows and how many
-    weights the pair rule moved.
+    any other; ``damp`` as :func:`hessian_round`'s. Returns the int8 weights in the node's
+    layout, the re-solved bias (None for a MatMul), the relative output errors (nearest,
+    Hessian) on the calibration rows (None without ``errors``) and how many weights the pair
+    rule moved.
     """
     from onnxshrink.analysis.refit import current_solution
     from onnxshrink.analysis.saturation import input_partners, pair_bounds
@@ -378,10 +388,11 @@ def round_int8(node: ir.Node, H: np.ndarray, scale, axis: int | None, *, safe: b
 
     nearest = W.copy()
     nearest[:, :d] = np.clip(np.round(W[:, :d] / s[:, None, :]), -127, 127) * s[:, None, :]
-    W_hat = hessian_round(H, W, project, bias=bias)
+    W_hat = hessian_round(H, W, project, bias=bias, damp=damp)
     w_hat, b = from_system(node, W_hat, bias)
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = -1
     q = np.clip(np.round(w_hat / np.reshape(scale, shape)), -127, 127).astype(np.int8)
-    return q, b, (output_error(H, W, nearest), output_error(H, W, W_hat)), moved[0]
+    errs = (output_error(H, W, nearest), output_error(H, W, W_hat)) if errors else None
+    return q, b, errs, moved[0]

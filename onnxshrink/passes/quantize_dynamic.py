@@ -13,6 +13,8 @@ VNNI. With real data (``rounding=auto``): Hessian-aware rounding (GPTQ,
 :func:`onnxshrink.analysis.rounding.round_int8`) on the Gram of each layer's float inputs.
 MatMuls of two activations (attention scores) stay float. Refused (reason in the report):
 non-float32 tensors, a weight shared with another node, Gemm with transA or a non-constant C.
+With real data (``smooth=auto``), each quantized layer's input is smoothed first where that
+lowers the quantized output error (SmoothQuant: :mod:`onnxshrink.passes.quantize_smooth`).
 ``embeddings=true``: a Gather from a constant float matrix (token, position tables) becomes
 8-bit ``GatherBlockQuantized`` (:mod:`onnxshrink.analysis.blockquant`; rows dequantized as read).
 """
@@ -28,8 +30,9 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink import cpu as host
 from onnxshrink.analysis.blockquant import block_quantize, block_size
+from onnxshrink.analysis.heldout_rounding import choose_rounding, held_out_grams
 from onnxshrink.analysis.qplan import quantize_weight
-from onnxshrink.analysis.rounding import chunks_needed, round_int8, steerable, usable_grams
+from onnxshrink.analysis.rounding import chunks_needed, steerable
 from onnxshrink.analysis.saturation import make_safe, weight_pairs
 from onnxshrink.irtools import (
     const_array,
@@ -40,6 +43,7 @@ from onnxshrink.irtools import (
 )
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
+from onnxshrink.passes.quantize_smooth import smooth_inputs
 
 __all__ = ["QuantizeDynamicPass"]
 
@@ -89,6 +93,7 @@ class QuantizeDynamicPass(ShrinkPass):
     weights: Literal["minmax", "mse"] = "minmax"
     cpu: Literal["any", "vnni", "auto"] = "any"
     embeddings: bool = True
+    smooth: Literal["auto", "off"] = "auto"
     skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     samples: int = options.samples(128)
     floor: float | None = options.floor(0.95)
@@ -115,6 +120,11 @@ class QuantizeDynamicPass(ShrinkPass):
         for node in gathers:
             self._emit_gather(model, node)
         safe = self.cpu == "any" or (self.cpu == "auto" and host.this_cpu().int8 != "exact")
+        if nodes and self.smooth == "auto" and self.has_real_data:
+            smoothed = smooth_inputs(self, model, nodes, safe)
+            self.details["smoothing"] = {
+                name: r for name, r in smoothed.items() if r["alpha"] is not None
+            }
         rounded = self._hessian(model, nodes, safe)
         shared: dict[str, tuple[ir.Value, ...]] = {}
         moved = 0
@@ -145,26 +155,32 @@ class QuantizeDynamicPass(ShrinkPass):
         return scale * _alpha(node), q, None, n_moved
 
     def _hessian(self, model: ir.Model, nodes: list[ir.Node], safe: bool) -> dict[str, tuple]:
-        """Node name -> what :meth:`_nearest` gives, rounded Hessian-aware on the calibration
-        data (empty without real data or with ``rounding=nearest``)."""
+        """Node name -> what :meth:`_nearest` gives, or Hessian-aware rounding where it does
+        better on held-out calibration rows (:mod:`onnxshrink.analysis.heldout_rounding`);
+        empty without real data or with ``rounding=nearest``."""
         want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
         data = self.context.data
         if not want or data is None:
             return {}
         refused: dict[str, str] = {}
         steer = steerable(nodes, refused)
-        out = {}
+        out, chosen = {}, {}
         n = min(self.samples, data.n_samples)
         task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(steer))
         with self.scratch() as workdir:
-            for node, H in usable_grams(model, steer, data, workdir, n, refused, progress=task):
-                w = const_array(node.inputs[1])
-                axis = _axis(node)
-                pairs = weight_pairs(node, w.shape) if safe else None
-                scale = quantize_weight(w, axis, self.weights, pairs)[0] * _alpha(node)
-                q, b, _, n_moved = round_int8(node, H, scale, axis, safe=safe)
-                out[node.name] = (scale, q, b, n_moved)
+            for node, H_fit, H_val in held_out_grams(
+                model, steer, data, workdir, n, refused, progress=task
+            ):
+                nearest = self._nearest(node, safe)
+                scale = nearest[0]
+                q, b, moved, record = choose_rounding(
+                    node, H_fit, H_val, scale, _axis(node), nearest[1], safe=safe
+                )
+                chosen[record["chosen"]] = chosen.get(record["chosen"], 0) + 1
+                if record["chosen"] != "nearest":
+                    out[node.name] = (scale, q, b, moved)
         task.done()
+        self.details["rounding"] = chosen
         if refused:
             self.details["nearest_rounding"] = refused
         return out

@@ -1,0 +1,95 @@
+"""Hessian-aware rounding whose damping is chosen on held-out calibration rows.
+
+GPTQ (:func:`onnxshrink.analysis.rounding.round_int8`) minimises the output error on the rows
+it saw; where those rows leave directions of the input barely excited, it parks rounding
+error there, and a new input that excites them pays for it. The calibration samples are split:
+H_fit from the first three quarters, H_val from the rest. Each candidate -- nearest rounding,
+and GPTQ on H_fit with each damping of :data:`DAMPS` -- is scored by its relative output error
+on H_val, tr(EᵀH_val E) / tr(WᵀH_val W); the winner is applied with H_fit + H_val (nearest
+stays nearest): never worse on held-out rows than rounding to nearest. GPTQ's own damping,
+0.01, is not a candidate: held-out sentences as alike as the calibration ones did not show
+what it cost on a sentence unlike them (docs/benchmarks.md, "Transformers").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.analysis.refit import current_solution
+from onnxshrink.analysis.rounding import iter_grams, round_int8, too_few_rows
+
+__all__ = ["DAMPS", "held_out_grams", "choose_rounding"]
+
+DAMPS = (0.1, 1.0)
+
+
+def held_out_grams(
+    model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, refused, progress
+) -> Iterator[tuple[ir.Node, np.ndarray, np.ndarray]]:
+    """(node, H_fit, H_val) of every node with enough rows (the others in ``refused``)."""
+    fit = max(1, samples * 3 // 4)
+    if samples - fit < 1:
+        return
+    val = {
+        id(node): H
+        for node, H, _ in iter_grams(
+            model,
+            nodes,
+            data.subset(slice(fit, samples)),
+            workdir,
+            samples - fit,
+            progress=progress,
+        )
+    }
+    for node, H, rows in iter_grams(
+        model, nodes, data.subset(slice(0, fit)), workdir, fit, progress=progress
+    ):
+        if reason := too_few_rows(H, rows):
+            refused[node.name] = reason
+        else:
+            yield node, H, val.pop(id(node))
+
+
+def _system(node: ir.Node, q: np.ndarray, scale: np.ndarray, b) -> np.ndarray:
+    """The dequantized layer as the rounding's system [1, D, o] (bias row last for a Gemm)."""
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        W = (q * np.reshape(scale, (-1, 1))).T
+    else:
+        W = q * np.reshape(scale, (1, -1))
+    if node.op_type == "MatMul":
+        return W[None].astype(np.float64)
+    if b is None:
+        b = current_solution(node, True)[0, -1]
+    return np.concatenate([W, np.reshape(b, (1, -1))], 0)[None].astype(np.float64)
+
+
+def choose_rounding(
+    node: ir.Node, H_fit, H_val, scale, axis: int, nearest_q, *, safe: bool
+) -> tuple[np.ndarray, object, int, dict]:
+    """(int8 weight, bias or None, weights the pair rule moved, record) of the best candidate:
+    ``nearest_q`` (the nearest-rounded weight) or GPTQ at one of :data:`DAMPS`."""
+    bias = node.op_type != "MatMul"
+    W = current_solution(node, bias)
+    den = max(float(np.einsum("gio,gio->", W, H_val @ W)), 1e-30)
+
+    def error(W_hat: np.ndarray) -> float:  # tr(EᵀH_val E) / tr(WᵀH_val W)
+        E = W_hat - W
+        return float(np.einsum("gio,gio->", E, H_val @ E)) / den
+
+    errors = {"nearest": error(_system(node, nearest_q, scale, None))}
+    for damp in DAMPS:
+        q, b, _, _ = round_int8(node, H_fit, scale, axis, safe=safe, damp=damp, errors=False)
+        errors[f"damp {damp:g}"] = error(_system(node, q, scale, b))
+    best = min(errors, key=errors.get)
+    record = {"chosen": best, "held_out_error": {k: round(v, 8) for k, v in errors.items()}}
+    if best == "nearest":
+        return nearest_q, None, 0, record
+    damp = float(best.split()[1])
+    q, b, _, moved = round_int8(
+        node, H_fit + H_val, scale, axis, safe=safe, damp=damp, errors=False
+    )
+    return q, b, moved, record
