@@ -54,6 +54,21 @@ def outputs(model, x: np.ndarray, batch: int = 30, optimize: bool = False) -> np
     )
 
 
+def embeddings(model, data: dict[str, np.ndarray], batch: int = 32, optimize=False) -> np.ndarray:
+    """A sentence encoder's first output on ``data`` (input_ids, attention_mask), in batches."""
+    s = session(model, optimize=optimize)
+    n = len(data["input_ids"])
+    return np.concatenate(
+        [s.run(None, {k: v[i : i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)]
+    )
+
+
+def cosines(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """(mean, worst) cosine of the rows of ``out`` with those of ``ref``."""
+    c = np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
+    return float(c.mean()), float(c.min())
+
+
 def agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, mean cosine) of logits ``out`` with ``ref``."""
     cos = (

@@ -23,25 +23,21 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import agreement, latency_ratios, mobilenet, outputs, session, stats
+from common import (
+    agreement,
+    cosines,
+    embeddings,
+    latency_ratios,
+    mobilenet,
+    outputs,
+    session,
+    stats,
+)
 
 import onnxshrink
 from onnxshrink import runtime
 
 SETTINGS = ["energy=0.9", "energy=0.95", "energy=0.99", "rank=0.25", "rank=0.5"]
-
-
-def embeddings(model, data: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
-    s = session(model, optimize=False)
-    n = len(data["input_ids"])
-    return np.concatenate(
-        [s.run(None, {k: v[i : i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)]
-    )
-
-
-def cosines(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    c = np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
-    return float(c.mean()), float(c.min())
 
 
 def latencies(

@@ -20,23 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cpu_line, session
+from common import cosines, cpu_line, embeddings, session
 
 import onnxshrink
 from onnxshrink import runtime
-
-
-def embeddings(model, data: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
-    s = session(model, optimize=True)
-    n = len(data["input_ids"])
-    return np.concatenate(
-        [s.run(None, {k: v[i : i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)]
-    )
-
-
-def cosines(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    c = np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
-    return float(c.mean()), float(c.min())
 
 
 def neighbours(e: np.ndarray, k: int) -> np.ndarray:
@@ -127,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         candidates = {**ort_models(model, calib, tmp), **ours(model, calib, tmp)}
-        ref = embeddings(model, evaluation)
+        ref = embeddings(model, evaluation, optimize=True)
         feed = {k: v[:8] for k, v in evaluation.items()}
         ms = {}
         for threads in (1, 2):
@@ -145,7 +132,7 @@ def main() -> None:
         )
         print("| --- | --- | --- | --- | --- | --- |")
         for key, (path, seconds) in candidates.items():
-            emb = embeddings(path, evaluation)
+            emb = embeddings(path, evaluation, optimize=True)
             cm, cw = cosines(ref, emb)
             t1, t5 = retrieval(ref, emb)
             lat1, lat2 = ms[1][key] / ms[1]["fp32"], ms[2][key] / ms[2]["fp32"]
