@@ -34,6 +34,7 @@ PASS_SPECS = {
     "equalize": "equalize",
     "quantize": "quantize",
     "quantize-dynamic": "quantize-dynamic",
+    "quantize-weights": "quantize-weights",
     "insert-qdq": "insert-qdq",
     "fold-qdq": "fold-qdq",
     "cluster": "cluster:bits=4,min-size=16",
@@ -154,6 +155,8 @@ TRANSFORMER_SPECS = [
     "quantize-dynamic",
     "quantize-dynamic:rounding=nearest,cpu=vnni",
     "quantize-dynamic:weights=mse",
+    "quantize-weights",
+    "quantize-weights:bits=8,block=16,rounding=nearest",
 ]
 
 

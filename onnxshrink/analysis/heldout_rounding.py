@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import iter_grams, round_int8, too_few_rows
 
-__all__ = ["DAMPS", "held_out_grams", "choose_rounding"]
+__all__ = ["DAMPS", "choose", "choose_rounding", "held_out_grams"]
 
 DAMPS = (0.1, 1.0)
 
@@ -67,28 +67,38 @@ def _system(node: ir.Node, q: np.ndarray, scale: np.ndarray, b) -> np.ndarray:
     return np.concatenate([W, np.reshape(b, (1, -1))], 0)[None].astype(np.float64)
 
 
-def choose_rounding(
-    node: ir.Node, H_fit, H_val, scale, axis: int, nearest_q, *, safe: bool
-) -> tuple[np.ndarray, object, int, dict]:
-    """(int8 weight, bias or None, weights the pair rule moved, record) of the best candidate:
-    ``nearest_q`` (the nearest-rounded weight) or GPTQ at one of :data:`DAMPS`."""
-    bias = node.op_type != "MatMul"
-    W = current_solution(node, bias)
+def choose(W, H_fit, H_val, nearest: np.ndarray, fit) -> tuple[float | None, dict]:
+    """(damping of the best candidate, None for nearest; record) for a layer whose system is
+    ``W`` [1, D, o]: ``nearest`` its nearest rounding, ``fit(H, damp)`` its GPTQ rounding, both
+    as systems; scored by the relative output error on ``H_val``."""
     den = max(float(np.einsum("gio,gio->", W, H_val @ W)), 1e-30)
 
     def error(W_hat: np.ndarray) -> float:  # tr(EᵀH_val E) / tr(WᵀH_val W)
         E = W_hat - W
         return float(np.einsum("gio,gio->", E, H_val @ E)) / den
 
-    errors = {"nearest": error(_system(node, nearest_q, scale, None))}
+    errors = {"nearest": error(nearest)}
     for damp in DAMPS:
-        q, b, _, _ = round_int8(node, H_fit, scale, axis, safe=safe, damp=damp, errors=False)
-        errors[f"damp {damp:g}"] = error(_system(node, q, scale, b))
+        errors[f"damp {damp:g}"] = error(fit(H_fit, damp))
     best = min(errors, key=errors.get)
     record = {"chosen": best, "held_out_error": {k: round(v, 8) for k, v in errors.items()}}
-    if best == "nearest":
+    return (None if best == "nearest" else float(best.split()[1])), record
+
+
+def choose_rounding(
+    node: ir.Node, H_fit, H_val, scale, axis: int, nearest_q, *, safe: bool
+) -> tuple[np.ndarray, object, int, dict]:
+    """(int8 weight, bias or None, weights the pair rule moved, record) of the best candidate:
+    ``nearest_q`` (the nearest-rounded weight) or GPTQ at one of :data:`DAMPS`."""
+    W = current_solution(node, node.op_type != "MatMul")
+
+    def fit(H, damp):
+        q, b, _, _ = round_int8(node, H, scale, axis, safe=safe, damp=damp, errors=False)
+        return _system(node, q, scale, b)
+
+    damp, record = choose(W, H_fit, H_val, _system(node, nearest_q, scale, None), fit)
+    if damp is None:
         return nearest_q, None, 0, record
-    damp = float(best.split()[1])
     q, b, _, moved = round_int8(
         node, H_fit + H_val, scale, axis, safe=safe, damp=damp, errors=False
     )

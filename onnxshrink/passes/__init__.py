@@ -13,6 +13,7 @@ from onnxshrink.passes.prune_channels import PruneChannelsPass
 from onnxshrink.passes.prune_kernel import PruneKernelPass
 from onnxshrink.passes.quantize import FoldQDQPass, InsertQDQPass, QuantizePass
 from onnxshrink.passes.quantize_dynamic import QuantizeDynamicPass
+from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
 from onnxshrink.passes.simplify import SimplifyPass
 from onnxshrink.passes.sparsify import SparsifyPass
 from onnxshrink.passes.tucker_conv import TuckerConvPass
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         EqualizePass,
         QuantizePass,
         QuantizeDynamicPass,
+        QuantizeWeightsPass,
         InsertQDQPass,
         FoldQDQPass,
         ClusterWeightsPass,

@@ -16,7 +16,7 @@ non-float32 tensors, a weight shared with another node, Gemm with transA or a no
 With real data (``smooth=auto``), each quantized layer's input is smoothed first where that
 lowers the quantized output error (SmoothQuant: :mod:`onnxshrink.passes.quantize_smooth`).
 ``embeddings=true``: a Gather from a constant float matrix (token, position tables) becomes
-8-bit ``GatherBlockQuantized`` (:mod:`onnxshrink.analysis.blockquant`; rows dequantized as read).
+8-bit ``GatherBlockQuantized`` (:mod:`onnxshrink.passes.embeddings`; rows dequantized as read).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink import cpu as host
-from onnxshrink.analysis.blockquant import block_quantize, block_size
 from onnxshrink.analysis.heldout_rounding import choose_rounding, held_out_grams
 from onnxshrink.analysis.qplan import quantize_weight
 from onnxshrink.analysis.rounding import chunks_needed, steerable
@@ -43,6 +42,7 @@ from onnxshrink.irtools import (
 )
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
+from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
 from onnxshrink.passes.quantize_smooth import smooth_inputs
 
 __all__ = ["QuantizeDynamicPass"]
@@ -114,11 +114,11 @@ class QuantizeDynamicPass(ShrinkPass):
                 self.skip(node, reason)
             else:
                 nodes.append(node)
-        gathers = self._embedding_gathers(model) if self.embeddings else []
+        gathers = embedding_gathers(self, model) if self.embeddings else []
         if not nodes and not gathers:
             return ir.passes.PassResult(model, modified=False)
         for node in gathers:
-            self._emit_gather(model, node)
+            quantize_gather(self, model, node, bits=8)
         safe = self.cpu == "any" or (self.cpu == "auto" and host.this_cpu().int8 != "exact")
         if nodes and self.smooth == "auto" and self.has_real_data:
             smoothed = smooth_inputs(self, model, nodes, safe)
@@ -231,52 +231,6 @@ class QuantizeDynamicPass(ShrinkPass):
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], new, [old], [new[-1].outputs[0]]
         )
-
-    def _embedding_gathers(self, model: ir.Model) -> list[ir.Node]:
-        """The Gathers of rows of a constant float32 matrix (the others with a reason)."""
-        out = []
-        for node in model.graph:
-            if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
-                continue
-            w = const_array(node.inputs[0])
-            if w is None or w.dtype != np.float32 or w.ndim != 2 or w.size < 1024:
-                continue
-            if node.name in self.skip_:
-                self.skip(node, "excluded")
-            elif weight_users_outside(node.inputs[0], node):
-                self.skip(node, "embedding table is shared with another node")
-            elif block_size(w.shape[1]) is None:
-                self.skip(node, f"row width {w.shape[1]} is not a multiple of 16")
-            else:
-                out.append(node)
-        return out
-
-    def _emit_gather(self, model: ir.Model, node: ir.Node) -> None:
-        """Replaces ``node`` by GatherBlockQuantized over an 8-bit copy of its table."""
-        graph = model.graph
-        w = const_array(node.inputs[0])
-        block = block_size(w.shape[1])
-        q, scale, zp = block_quantize(w, 8, block)
-        base = node.name
-        inputs = [
-            self._init(graph, f"{base}.table_quantized", q),
-            node.inputs[1],
-            self._init(graph, f"{base}.table_scale", scale),
-            self._init(graph, f"{base}.table_zero_point", zp),
-        ]
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8}
-        new = ir.node(
-            "GatherBlockQuantized",
-            inputs,
-            attributes=attrs,
-            domain="com.microsoft",
-            name=unique_name(graph, f"{base}.int8"),
-        )
-        model.opset_imports.setdefault("com.microsoft", 1)
-        ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
-        )
-        self.change(f"{base}: embedding table 8-bit, blocks of {block}", base)
 
     @staticmethod
     def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:

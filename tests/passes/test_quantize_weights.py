@@ -1,0 +1,91 @@
+"""quantize-weights: 4/8-bit weight-only MatMul (MatMulNBits) and embedding tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxshrink.analysis import nbits
+from onnxshrink.data import Dataset, input_specs
+from onnxshrink.passes.base import PassContext
+from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
+from tests.helpers import apply, make_model, op_count, ort_run, rand
+
+
+def _quantize(model, data=None, **opts):
+    p = QuantizeWeightsPass(**opts)
+    p.bind(PassContext(data=data))
+    out, modified = apply(p, model)
+    return out, modified, p
+
+
+def _matmul(k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    w = rand(np.random.default_rng(seed), k, n)
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, {k}] x) => (float[N, {n}] y) {{ y = MatMul (x, w) }}"""
+    return make_model(text, {"w": w}), w
+
+
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 96), (4, 128, 70), (8, 16, 48)])
+def test_onnxruntime_computes_the_nearest_codes_on_the_written_grid(bits, block, k):
+    model, w = _matmul(k, 24, seed=k)
+    out, modified, p = _quantize(model, bits=bits, block=block)
+    assert modified and op_count(out, "MatMulNBits") == 1 and op_count(out, "MatMul") == 0
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    b = next(v for name, v in init.items() if name.endswith("weight_quantized"))
+    s = next(v for name, v in init.items() if name.endswith("weight_scale"))
+    z = next(v for name, v in init.items() if name.endswith("weight_zero_point"))
+    blocks = -(-k // block)
+    codes = nbits.unpack_codes(b.reshape(24, -1), bits, blocks * block)
+    zps = nbits.unpack_codes(z.reshape(24, -1), bits, blocks)
+    deq = nbits.dequantized(codes, s, zps, block, k)
+    np.testing.assert_array_equal(codes, nbits.nearest_codes(w, s, zps, bits, block))
+    assert np.abs(deq - w).mean() < 0.3 * np.repeat(s, block, 1).mean()  # clipping is rare
+    x = rand(np.random.default_rng(1), 5, k)
+    got = ort_run(out, {"x": x}, optimize=True)[0]
+    np.testing.assert_allclose(got, x @ deq, rtol=1e-4, atol=1e-4)
+    w_bytes = p.details["weight_only"]
+    packed = 24 * (blocks * block * bits // 8 + blocks * 4 + -(-blocks * bits // 8))
+    assert (w_bytes["bytes_before"], w_bytes["bytes_after"]) == (k * 24 * 4, packed)
+
+
+def _on_the_grid(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(2, 6, (n, 1)) + 0.3 * rng.standard_normal((n, 64))).astype(np.float32)
+
+
+def test_hessian_rounding_lowers_the_output_error_on_unseen_rows():
+    model, _ = _matmul(64, 32)
+    specs = input_specs(ir.from_proto(model))
+    data = Dataset({"x": _on_the_grid(1024, 1)}, specs, "test", is_random=False)
+    x = _on_the_grid(256, 2)
+    ref = ort_run(model, {"x": x})[0]
+    errs = {}
+    for rounding in ("nearest", "hessian"):
+        out, _, p = _quantize(model, data, rounding=rounding, samples=1024)
+        errs[rounding] = float(np.mean((ort_run(out, {"x": x}, optimize=True)[0] - ref) ** 2))
+    assert p.details["rounding"] != {"nearest": 1}
+    assert errs["hessian"] < 0.5 * errs["nearest"], errs
+
+
+def test_embeddings_in_4_bits_and_refusals():
+    rng = np.random.default_rng(3)
+    model = make_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 5] ids, float[M, 64] h) => (float[N, 5, 64] e, float[M, 64] y) {
+            e = Gather (table, ids)
+            y = Gemm (h, v)
+        }""",
+        {"table": rand(rng, 300, 64), "v": rand(rng, 64, 64)},
+    )
+    out, modified, p = _quantize(model)
+    assert modified and op_count(out, "GatherBlockQuantized") == 1
+    assert [s.reason for s in p.skipped] == ["Gemm is not rewritten to MatMulNBits yet"]
+    ids = rng.integers(0, 300, (3, 5))
+    h = rand(rng, 2, 64)
+    got, ref = ort_run(out, {"ids": ids, "h": h}), ort_run(model, {"ids": ids, "h": h})
+    err = np.abs(got[0] - ref[0]).max()
+    assert 0 < err < 0.2 * np.abs(ref[0]).max()  # 4 bits: 15 steps over each block's range
+    np.testing.assert_array_equal(got[1], ref[1])
