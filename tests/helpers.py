@@ -98,3 +98,11 @@ def if_model(width: int = 64) -> tuple[onnx.ModelProto, np.ndarray]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model, rng.normal(0, 1, (8, 16, width)).astype(np.float32)
+
+
+def shared_rows(n: int, k: int, seed: int, *, level=(2.0, 6.0), noise=0.3) -> np.ndarray:
+    """``n`` rows of ``k`` inputs sharing one component (a level drawn per row, plus small
+    independent noise): nearest rounding's errors add up along it, so Hessian-aware rounding
+    has much to win."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(*level, (n, 1)) + noise * rng.standard_normal((n, k))).astype(np.float32)

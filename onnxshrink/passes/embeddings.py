@@ -14,7 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.blockquant import block_quantize, block_size
-from onnxshrink.irtools import const_array, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array, weight_users_outside
+from onnxshrink.passes.weight_layers import constant, replace_with_contrib
 
 __all__ = ["embedding_gathers", "quantize_gather"]
 
@@ -40,12 +41,6 @@ def embedding_gathers(p, model: ir.Model) -> list[ir.Node]:
     return out
 
 
-def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    value = ir.val(unique_name(graph, name), const_value=ir.tensor(arr))
-    graph.register_initializer(value)
-    return value
-
-
 def quantize_gather(p, model: ir.Model, node: ir.Node, *, bits: int) -> None:
     """Replaces ``node`` by GatherBlockQuantized over a ``bits``-bit copy of its table."""
     graph = model.graph
@@ -56,21 +51,11 @@ def quantize_gather(p, model: ir.Model, node: ir.Node, *, bits: int) -> None:
         q, zp = q.astype(ml_dtypes.uint4), zp.astype(ml_dtypes.uint4)
     base = node.name
     inputs = [
-        _init(graph, f"{base}.table_quantized", q),
+        constant(graph, f"{base}.table_quantized", q),
         node.inputs[1],
-        _init(graph, f"{base}.table_scale", scale),
-        _init(graph, f"{base}.table_zero_point", zp),
+        constant(graph, f"{base}.table_scale", scale),
+        constant(graph, f"{base}.table_zero_point", zp),
     ]
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
-    new = ir.node(
-        "GatherBlockQuantized",
-        inputs,
-        attributes=attrs,
-        domain="com.microsoft",
-        name=unique_name(graph, f"{base}.int{bits}"),
-    )
-    model.opset_imports.setdefault("com.microsoft", 1)
-    ir.convenience.replace_nodes_and_values(
-        graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
-    )
+    replace_with_contrib(model, node, "GatherBlockQuantized", inputs, attrs, f"{base}.int{bits}")
     p.change(f"{base}: embedding table {bits}-bit, blocks of {block}", base)

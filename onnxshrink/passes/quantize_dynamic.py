@@ -26,24 +26,26 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink import cpu as host
-from onnxshrink.analysis.heldout_rounding import choose_rounding, held_out_grams
+from onnxshrink.analysis.heldout_rounding import choose_rounding
 from onnxshrink.analysis.qplan import quantize_weight
-from onnxshrink.analysis.rounding import chunks_needed, steerable
 from onnxshrink.analysis.saturation import make_safe, weight_pairs
 from onnxshrink.irtools import (
     const_array,
     infer_types,
-    inferred_dtypes,
     unique_name,
-    weight_users_outside,
 )
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
 from onnxshrink.passes.quantize_smooth import smooth_inputs
+from onnxshrink.passes.weight_layers import (
+    constant,
+    held_out_layers,
+    select_layers,
+    weight_refusal,
+)
 
 __all__ = ["QuantizeDynamicPass"]
 
@@ -63,15 +65,8 @@ def _alpha(node: ir.Node) -> float:
 
 def _refusal(node: ir.Node, dtypes: dict[str, ir.DataType]) -> str | None:
     """Why ``node`` (a MatMul/Gemm) is left float, or None."""
-    w = const_array(node.inputs[1])
-    if w is None:
-        return "two activations (e.g. attention scores): left float"
-    if w.dtype != np.float32 or dtypes.get(node.inputs[0].name) != _F32:
-        return "not a float32 input and weight"
-    if w.ndim != 2:
-        return f"a {w.ndim}-D weight (MatMulInteger's per-column scale needs 2-D)"
-    if weight_users_outside(node.inputs[1], node):
-        return "weight is shared with another node"
+    if reason := weight_refusal(node, dtypes, "a per-column MatMulInteger"):
+        return reason
     if node.op_type == "Gemm":
         if node.attributes.get_int("transA", 0):
             return "Gemm with transA=1 is left float"
@@ -102,18 +97,7 @@ class QuantizeDynamicPass(ShrinkPass):
         if any(n.op_type in _QUANTIZED for n in model.graph):
             self.skip("model", "the model is already quantized (has MatMulInteger)")
             return ir.passes.PassResult(model, modified=False)
-        NameFixPass()(model)  # the report and ``skip`` refer to node names
-        dtypes = inferred_dtypes(model)
-        nodes = []
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if node.name in self.skip_:
-                self.skip(node, "excluded")
-            elif reason := _refusal(node, dtypes):
-                self.skip(node, reason)
-            else:
-                nodes.append(node)
+        nodes = select_layers(self, model, _refusal)
         gathers = embedding_gathers(self, model) if self.embeddings else []
         if not nodes and not gathers:
             return ir.passes.PassResult(model, modified=False)
@@ -162,27 +146,17 @@ class QuantizeDynamicPass(ShrinkPass):
         data = self.context.data
         if not want or data is None:
             return {}
-        refused: dict[str, str] = {}
-        steer = steerable(nodes, refused)
         out, chosen = {}, {}
-        n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(steer))
-        with self.scratch() as workdir:
-            for node, H_fit, H_val in held_out_grams(
-                model, steer, data, workdir, n, refused, progress=task
-            ):
-                nearest = self._nearest(node, safe)
-                scale = nearest[0]
-                q, b, moved, record = choose_rounding(
-                    node, H_fit, H_val, scale, _axis(node), nearest[1], safe=safe
-                )
-                chosen[record["chosen"]] = chosen.get(record["chosen"], 0) + 1
-                if record["chosen"] != "nearest":
-                    out[node.name] = (scale, q, b, moved)
-        task.done()
+        for node, H_fit, H_val in held_out_layers(self, model, nodes):
+            nearest = self._nearest(node, safe)
+            scale = nearest[0]
+            q, b, moved, record = choose_rounding(
+                node, H_fit, H_val, scale, _axis(node), nearest[1], safe=safe
+            )
+            chosen[record["chosen"]] = chosen.get(record["chosen"], 0) + 1
+            if record["chosen"] != "nearest":
+                out[node.name] = (scale, q, b, moved)
         self.details["rounding"] = chosen
-        if refused:
-            self.details["nearest_rounding"] = refused
         return out
 
     def _emit(self, graph: ir.Graph, node: ir.Node, scale, q, bias, shared) -> None:
@@ -205,12 +179,12 @@ class QuantizeDynamicPass(ShrinkPass):
             c = node.inputs[2]
             beta = node.attributes.get_float("beta", 1.0)
             b = np.asarray(const_array(c), np.float64) * beta if bias is None else bias
-            c = self._init(graph, f"{base}.bias", np.asarray(b, np.float32))
+            c = constant(graph, f"{base}.bias", np.asarray(b, np.float32))
         elif bias is not None and node.op_type == "Gemm":
-            c = self._init(graph, f"{base}.bias", np.asarray(bias, np.float32))
-        wq = self._init(graph, f"{base}.weight_quantized", np.ascontiguousarray(q, np.int8))
-        wz = self._init(graph, f"{base}.weight_zero_point", np.zeros(q.shape[1], np.int8))
-        ws = self._init(graph, f"{base}.weight_scale", np.asarray(scale, np.float32))
+            c = constant(graph, f"{base}.bias", np.asarray(bias, np.float32))
+        wq = constant(graph, f"{base}.weight_quantized", np.ascontiguousarray(q, np.int8))
+        wz = constant(graph, f"{base}.weight_zero_point", np.zeros(q.shape[1], np.int8))
+        ws = constant(graph, f"{base}.weight_scale", np.asarray(scale, np.float32))
         mm = ir.node("MatMulInteger", [xq, wq, xz, wz], name=unique_name(graph, f"{base}.int"))
         cast = ir.node(
             "Cast",
@@ -231,9 +205,3 @@ class QuantizeDynamicPass(ShrinkPass):
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], new, [old], [new[-1].outputs[0]]
         )
-
-    @staticmethod
-    def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-        value = ir.val(unique_name(graph, name), const_value=ir.tensor(arr))
-        graph.register_initializer(value)
-        return value

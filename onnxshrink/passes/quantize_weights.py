@@ -19,16 +19,21 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 from onnxshrink.analysis import nbits
-from onnxshrink.analysis.heldout_rounding import choose, held_out_grams
-from onnxshrink.analysis.rounding import chunks_needed, steerable
+from onnxshrink.analysis.heldout_rounding import choose
 from onnxshrink.errors import OptionError
-from onnxshrink.irtools import const_array, inferred_dtypes, unique_name, weight_users_outside
+from onnxshrink.irtools import const_array
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
+from onnxshrink.passes.weight_layers import (
+    constant,
+    held_out_layers,
+    replace_with_contrib,
+    select_layers,
+    weight_refusal,
+)
 
 __all__ = ["QuantizeWeightsPass"]
 
@@ -36,16 +41,7 @@ __all__ = ["QuantizeWeightsPass"]
 def _refusal(node: ir.Node, dtypes) -> str | None:
     if node.op_type == "Gemm":
         return "Gemm is not rewritten to MatMulNBits yet"
-    w = const_array(node.inputs[1])
-    if w is None:
-        return "two activations (e.g. attention scores): left float"
-    if w.dtype != np.float32 or dtypes.get(node.inputs[0].name) != ir.DataType.FLOAT:
-        return "not a float32 input and weight"
-    if w.ndim != 2:
-        return f"a {w.ndim}-D weight (MatMulNBits takes 2-D)"
-    if weight_users_outside(node.inputs[1], node):
-        return "weight is shared with another node"
-    return None
+    return weight_refusal(node, dtypes, "MatMulNBits")
 
 
 @dataclasses.dataclass
@@ -77,18 +73,7 @@ class QuantizeWeightsPass(ShrinkPass):
         if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph):
             self.skip("model", "the model already has block-quantized weights")
             return ir.passes.PassResult(model, modified=False)
-        NameFixPass()(model)
-        dtypes = inferred_dtypes(model)
-        nodes = []
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if node.name in self.skip_:
-                self.skip(node, "excluded")
-            elif reason := _refusal(node, dtypes):
-                self.skip(node, reason)
-            else:
-                nodes.append(node)
+        nodes = select_layers(self, model, _refusal)
         gathers = embedding_gathers(self, model) if self.embeddings else []
         if not nodes and not gathers:
             return ir.passes.PassResult(model, modified=False)
@@ -123,32 +108,24 @@ class QuantizeWeightsPass(ShrinkPass):
         want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
         if not want or data is None:
             return {}
-        refused: dict[str, str] = {}
-        steer = steerable(nodes, refused)
         out, counts = {}, {}
-        n = min(self.samples, data.n_samples)
-        task = self.task(f"{self.name}: Hessian-aware rounding", n * chunks_needed(steer))
-        with self.scratch() as workdir:
-            for node, H_fit, H_val in held_out_grams(model, steer, data, workdir, n, refused, task):
-                w = const_array(node.inputs[1])
-                k = w.shape[0]
-                H = H_fit + H_val
-                codes, scales, zps = self._nearest(w, np.einsum("gii->gi", H)[0])
+        for node, H_fit, H_val in held_out_layers(self, model, nodes):
+            w = const_array(node.inputs[1])
+            k = w.shape[0]
+            H = H_fit + H_val
+            codes, scales, zps = self._nearest(w, np.einsum("gii->gi", H)[0])
 
-                def fit(Hx, damp, scales=scales, zps=zps, w=w, k=k):
-                    c = nbits.gptq_codes(Hx, w, scales, zps, self.bits, self.block, damp)
-                    return nbits.dequantized(c, scales, zps, self.block, k)[None]
+            def fit(Hx, damp, scales=scales, zps=zps, w=w, k=k):
+                c = nbits.gptq_codes(Hx, w, scales, zps, self.bits, self.block, damp)
+                return nbits.dequantized(c, scales, zps, self.block, k)[None]
 
-                nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
-                damp, record = choose(np.asarray(w, np.float64)[None], H_fit, H_val, nearest, fit)
-                counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
-                if damp is not None:
-                    codes = nbits.gptq_codes(H, w, scales, zps, self.bits, self.block, damp)
-                out[node.name] = (codes, scales, zps)
-        task.done()
+            nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
+            damp, record = choose(np.asarray(w, np.float64)[None], H_fit, H_val, nearest, fit)
+            counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
+            if damp is not None:
+                codes = nbits.gptq_codes(H, w, scales, zps, self.bits, self.block, damp)
+            out[node.name] = (codes, scales, zps)
         self.details["rounding"] = counts
-        if refused:
-            self.details["nearest_rounding"] = refused
         return out
 
     def _emit(self, model: ir.Model, node: ir.Node, w, codes, scales, zps) -> int:
@@ -159,19 +136,7 @@ class QuantizeWeightsPass(ShrinkPass):
         base = node.name
         inputs = [node.inputs[0]]
         for arr, what in ((b, "weight_quantized"), (s, "weight_scale"), (z, "weight_zero_point")):
-            v = ir.val(unique_name(graph, f"{base}.{what}"), const_value=ir.tensor(arr))
-            graph.register_initializer(v)
-            inputs.append(v)
+            inputs.append(constant(graph, f"{base}.{what}", arr))
         attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block}
-        new = ir.node(
-            "MatMulNBits",
-            inputs,
-            attributes=attrs,
-            domain="com.microsoft",
-            name=unique_name(graph, f"{base}.nbits"),
-        )
-        model.opset_imports.setdefault("com.microsoft", 1)
-        ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
-        )
+        replace_with_contrib(model, node, "MatMulNBits", inputs, attrs, f"{base}.nbits")
         return b.nbytes + s.nbytes + z.nbytes

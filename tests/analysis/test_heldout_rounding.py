@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.heldout_rounding import choose_rounding
 from onnxshrink.analysis.qplan import quantize_weight
+from tests.helpers import shared_rows
 
 
 def _node(w: np.ndarray) -> ir.Node:
@@ -21,14 +22,9 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 def test_gptq_is_chosen_where_held_out_rows_look_like_the_fitted_ones():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 8)).astype(np.float32)
-
-    def rows(n):  # a component shared by all inputs: nearest rounding's errors add up along it
-        return rng.uniform(2, 6, (n, 1)) + 0.3 * rng.standard_normal((n, 32))
-
+    fit, held = shared_rows(2000, 32, 10), shared_rows(500, 32, 11)  # one shared component
     scale, q = quantize_weight(w, 1)
-    _, _, _, record = choose_rounding(
-        _node(w), _gram(rows(2000)), _gram(rows(500)), scale, 1, q, safe=False
-    )
+    _, _, _, record = choose_rounding(_node(w), _gram(fit), _gram(held), scale, 1, q, safe=False)
     errors = record["held_out_error"]
     assert record["chosen"] != "nearest"
     assert errors[record["chosen"]] < 0.5 * errors["nearest"], errors

@@ -12,7 +12,7 @@ from onnxshrink.analysis.saturation import unsafe_layers
 from onnxshrink.data import Dataset, input_specs
 from onnxshrink.passes.base import PassContext
 from onnxshrink.passes.quantize_dynamic import QuantizeDynamicPass
-from tests.helpers import apply, make_model, op_count, ort_run, rand
+from tests.helpers import apply, make_model, op_count, ort_run, rand, shared_rows
 
 H, F = 32, 64  # hidden width, feed-forward width
 
@@ -148,8 +148,7 @@ def test_without_the_pair_rule_pairs_break_it_and_with_it_none_do():
 def _on_the_grid(n: int, seed: int) -> np.ndarray:
     """Rows of 64 strongly correlated inputs on uint8's grid (0 and 255 in the first row):
     DynamicQuantizeLinear represents them exactly, so only the weights' rounding shows."""
-    rng = np.random.default_rng(seed)
-    x = np.round(rng.uniform(40, 215, (n, 1)) + rng.normal(0, 8, (n, 64)))
+    x = np.round(shared_rows(n, 64, seed, level=(40, 215), noise=8))
     x[0, :2] = 0, 255
     return np.clip(x, 0, 255).astype(np.float32)
 
@@ -224,7 +223,7 @@ def test_refusals_name_the_reason():
     assert reasons == [
         "Gemm with a non-constant C is left float",
         "Gemm with transA=1 is left float",
-        "a 3-D weight (MatMulInteger's per-column scale needs 2-D)",
+        "a 3-D weight (a per-column MatMulInteger takes 2-D)",
         "weight is shared with another node",
         "weight is shared with another node",
     ]

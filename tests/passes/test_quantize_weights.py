@@ -11,7 +11,7 @@ from onnxshrink.analysis import nbits
 from onnxshrink.data import Dataset, input_specs
 from onnxshrink.passes.base import PassContext
 from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
-from tests.helpers import apply, make_model, op_count, ort_run, rand
+from tests.helpers import apply, make_model, op_count, ort_run, rand, shared_rows
 
 
 def _quantize(model, data=None, **opts):
@@ -51,16 +51,11 @@ def test_onnxruntime_computes_the_nearest_codes_on_the_written_grid(bits, block,
     assert (w_bytes["bytes_before"], w_bytes["bytes_after"]) == (k * 24 * 4, packed)
 
 
-def _on_the_grid(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.uniform(2, 6, (n, 1)) + 0.3 * rng.standard_normal((n, 64))).astype(np.float32)
-
-
 def test_hessian_rounding_lowers_the_output_error_on_unseen_rows():
     model, _ = _matmul(64, 32)
     specs = input_specs(ir.from_proto(model))
-    data = Dataset({"x": _on_the_grid(1024, 1)}, specs, "test", is_random=False)
-    x = _on_the_grid(256, 2)
+    data = Dataset({"x": shared_rows(1024, 64, 1)}, specs, "test", is_random=False)
+    x = shared_rows(256, 64, 2)
     ref = ort_run(model, {"x": x})[0]
     errs = {}
     for rounding in ("nearest", "hessian"):
