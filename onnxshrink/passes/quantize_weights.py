@@ -83,10 +83,9 @@ class QuantizeWeightsPass(ShrinkPass):
         before = after = 0
         for node in nodes:
             w = const_array(node.inputs[1])
-            codes, scales, zps = chosen.get(node.name) or self._nearest(w, None)
+            codes, scales, zps, how = chosen.get(node.name) or (*self._nearest(w, None), "")
             before += w.nbytes
             after += self._emit(model, node, w, codes, scales, zps)
-            how = ", Hessian-aware rounding" if node.name in chosen else ""
             self.change(
                 f"{node.name}: {self.bits}-bit weights, blocks of {self.block}{how}", node.name
             )
@@ -102,7 +101,7 @@ class QuantizeWeightsPass(ShrinkPass):
         return nbits.nearest_codes(w, scales, zps, self.bits, self.block), scales, zps
 
     def _hessian(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple]:
-        """Node name -> (codes, scales, zero points) with an activation-aware grid, rounded
+        """Node name -> (codes, scales, zero points, how) with an activation-aware grid, rounded
         Hessian-aware where that wins on held-out samples."""
         data = self.context.data
         want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
@@ -122,9 +121,11 @@ class QuantizeWeightsPass(ShrinkPass):
             nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
             damp, record = choose(np.asarray(w, np.float64)[None], H_fit, H_val, nearest, fit)
             counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
+            how = ", activation-aware grid"
             if damp is not None:
                 codes = nbits.gptq_codes(H, w, scales, zps, self.bits, self.block, damp)
-            out[node.name] = (codes, scales, zps)
+                how += ", Hessian-aware rounding"
+            out[node.name] = (codes, scales, zps, how)
         self.details["rounding"] = counts
         return out
 
