@@ -15,9 +15,9 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.blockquant import block_quantize, block_size
 from onnxshrink.irtools import const_array, weight_users_outside
-from onnxshrink.passes.weight_layers import constant, replace_with_contrib
+from onnxshrink.passes.weight_layers import constant, replace_with_contrib, select_layers
 
-__all__ = ["embedding_gathers", "quantize_gather"]
+__all__ = ["embedding_gathers", "layers_and_tables", "quantize_gather"]
 
 
 def embedding_gathers(p, model: ir.Model) -> list[ir.Node]:
@@ -59,3 +59,13 @@ def quantize_gather(p, model: ir.Model, node: ir.Node, *, bits: int) -> None:
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
     replace_with_contrib(model, node, "GatherBlockQuantized", inputs, attrs, f"{base}.int{bits}")
     p.change(f"{base}: embedding table {bits}-bit, blocks of {block}", base)
+
+
+def layers_and_tables(p, model: ir.Model, refusal, *, bits: int) -> tuple[list[ir.Node], int]:
+    """(the MatMul/Gemm layers ``p`` will quantize, how many embedding tables it quantized to
+    ``bits`` here -- none unless ``p.embeddings``): the first steps the weight passes share."""
+    nodes = select_layers(p, model, refusal)
+    tables = embedding_gathers(p, model) if p.embeddings else []
+    for node in tables:
+        quantize_gather(p, model, node, bits=bits)
+    return nodes, len(tables)

@@ -38,12 +38,11 @@ from onnxshrink.irtools import (
 )
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
-from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
+from onnxshrink.passes.embeddings import layers_and_tables
 from onnxshrink.passes.quantize_smooth import smooth_inputs
 from onnxshrink.passes.weight_layers import (
     constant,
     held_out_layers,
-    select_layers,
     weight_refusal,
 )
 
@@ -97,12 +96,9 @@ class QuantizeDynamicPass(ShrinkPass):
         if any(n.op_type in _QUANTIZED for n in model.graph):
             self.skip("model", "the model is already quantized (has MatMulInteger)")
             return ir.passes.PassResult(model, modified=False)
-        nodes = select_layers(self, model, _refusal)
-        gathers = embedding_gathers(self, model) if self.embeddings else []
-        if not nodes and not gathers:
+        nodes, tables = layers_and_tables(self, model, _refusal, bits=8)
+        if not nodes and not tables:
             return ir.passes.PassResult(model, modified=False)
-        for node in gathers:
-            quantize_gather(self, model, node, bits=8)
         safe = self.cpu == "any" or (self.cpu == "auto" and host.this_cpu().int8 != "exact")
         if nodes and self.smooth == "auto" and self.has_real_data:
             smoothed = smooth_inputs(self, model, nodes, safe)
@@ -121,8 +117,8 @@ class QuantizeDynamicPass(ShrinkPass):
         if safe:
             self.details["int8_cpu"] = {"pair_rule": True, "weights_moved": moved}
         self.details["dynamic_int8"] = len(nodes)
-        if gathers:
-            self.details["embeddings_int8"] = len(gathers)
+        if tables:
+            self.details["embeddings_int8"] = tables
         infer_types(model)  # onnxruntime's fusions (SkipLayerNormalization) check shapes
         return ir.passes.PassResult(model, modified=True)
 

@@ -26,12 +26,11 @@ from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
-from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
+from onnxshrink.passes.embeddings import layers_and_tables
 from onnxshrink.passes.weight_layers import (
     constant,
     held_out_layers,
     replace_with_contrib,
-    select_layers,
     weight_refusal,
 )
 
@@ -73,12 +72,9 @@ class QuantizeWeightsPass(ShrinkPass):
         if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph):
             self.skip("model", "the model already has block-quantized weights")
             return ir.passes.PassResult(model, modified=False)
-        nodes = select_layers(self, model, _refusal)
-        gathers = embedding_gathers(self, model) if self.embeddings else []
-        if not nodes and not gathers:
+        nodes, tables = layers_and_tables(self, model, _refusal, bits=self.bits)
+        if not nodes and not tables:
             return ir.passes.PassResult(model, modified=False)
-        for node in gathers:
-            quantize_gather(self, model, node, bits=self.bits)
         chosen = self._hessian(model, nodes)
         before = after = 0
         for node in nodes:
