@@ -105,14 +105,14 @@ class QuantizeDynamicPass(ShrinkPass):
             self.details["smoothing"] = {
                 name: r for name, r in smoothed.items() if r["alpha"] is not None
             }
-        rounded = self._hessian(model, nodes, safe)
+        rounded, steered = self._hessian(model, nodes, safe)
         shared: dict[str, tuple[ir.Value, ...]] = {}
         moved = 0
         for node in nodes:
             scale, q, bias, n_moved = rounded.get(node.name) or self._nearest(node, safe)
             moved += n_moved
             self._emit(model.graph, node, scale, q, bias, shared)
-            how = ", Hessian-aware rounding" if node.name in rounded else ""
+            how = ", Hessian-aware rounding" if node.name in steered else ""
             self.change(f"{node.name}: dynamic int8 (weights per column{how})", node.name)
         if safe:
             self.details["int8_cpu"] = {"pair_rule": True, "weights_moved": moved}
@@ -134,15 +134,15 @@ class QuantizeDynamicPass(ShrinkPass):
         q, n_moved = make_safe(q, w / scale.reshape(shape), pairs)
         return scale * _alpha(node), q, None, n_moved
 
-    def _hessian(self, model: ir.Model, nodes: list[ir.Node], safe: bool) -> dict[str, tuple]:
-        """Node name -> what :meth:`_nearest` gives, or Hessian-aware rounding where it does
-        better on held-out calibration rows (:mod:`onnxshrink.analysis.heldout_rounding`);
-        empty without real data or with ``rounding=nearest``."""
+    def _hessian(self, model: ir.Model, nodes: list[ir.Node], safe: bool):
+        """(node name -> what :meth:`_nearest` gives, or Hessian-aware rounding where it does
+        better on held-out calibration rows (:mod:`onnxshrink.analysis.heldout_rounding`); the
+        names rounded Hessian-aware). Empty without real data or with ``rounding=nearest``."""
         want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
         data = self.context.data
         if not want or data is None:
-            return {}
-        out, chosen = {}, {}
+            return {}, set()
+        out, chosen, steered = {}, {}, set()
         for node, H_fit, H_val in held_out_layers(self, model, nodes):
             nearest = self._nearest(node, safe)
             scale = nearest[0]
@@ -150,10 +150,13 @@ class QuantizeDynamicPass(ShrinkPass):
                 node, H_fit, H_val, scale, _axis(node), nearest[1], safe=safe
             )
             chosen[record["chosen"]] = chosen.get(record["chosen"], 0) + 1
-            if record["chosen"] != "nearest":
+            if record["chosen"] == "nearest":
+                out[node.name] = nearest
+            else:
                 out[node.name] = (scale, q, b, moved)
+                steered.add(node.name)
         self.details["rounding"] = chosen
-        return out
+        return out, steered
 
     def _emit(self, graph: ir.Graph, node: ir.Node, scale, q, bias, shared) -> None:
         """Replaces ``node`` by MatMulInteger → Cast → Mul(s_x·s_W) (→ Add bias)."""
