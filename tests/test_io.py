@@ -118,3 +118,35 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch, digits_mod
         atomic.save(model, target)
     assert target.read_bytes() == b"previous content"  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp files left
+
+
+_LOAD_PEAK = r"""
+import sys
+import onnx, onnx_ir
+from onnxshrink import io
+def peak():  # VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss across exec
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0])
+before = peak()
+io.load(sys.argv[1])
+print(peak() - before)
+"""
+
+
+def test_loading_costs_about_twice_the_file(tmp_path):
+    """The checker and the Python parse each hold the file's bytes and one parsed copy; run one
+    after the other they peak at ~2x the file (they overlapped before: 3x)."""
+    import subprocess
+    import sys
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 2048] x) => (float[1, 4096] y) { y = MatMul (x, W) }""")
+    w = np.random.default_rng(0).standard_normal((2048, 4096)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    run = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(path)], capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    cost = int(run.stdout) * 1024 / path.stat().st_size
+    assert 1.0 < cost < 2.3, cost
