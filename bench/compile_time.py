@@ -4,8 +4,9 @@
                                  [--target] [--samples N] [--json out.json]
 
 Every (model, tool) runs in its own process, so the peak resident memory is that run's alone
-(``ru_maxrss``); wall seconds are measured inside it, after the imports. Ours: ``compress`` with
-the pass at its defaults (``default``: the default pipeline; ``--target``: also ``--target
+(``VmHWM``; ``ru_maxrss`` would be inherited from this parent); wall seconds are measured
+inside it, after the imports. Ours: ``compress`` with the pass at its defaults (``default``:
+the default pipeline; ``--target``: also ``--target
 speedup=1.5``), the model's calibration data, a 1/4 held out as ``compress`` does; the phases
 (:mod:`onnxshrink.timing`: sessions, runs, shape inference, copies, each quantize step, ...)
 are printed for each run, the four longest in the table. Anchors, on the same model and data:
@@ -31,7 +32,7 @@ PASSES = ("default", "quantize", "prune", "tucker", "lowrank", "cluster", "spars
 ANCHORS = ("ort-static", "ort-dynamic", "onnxsim")
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 tool, model, data, out = sys.argv[1:5]
 phases = {}
 if tool == "ort-static":
@@ -80,7 +81,8 @@ else:
     last = report.passes[-1] if report.passes else None
     phases["_status"] = "?" if last is None else "partly" if last.partial else last.status
 print(json.dumps({"seconds": time.perf_counter() - t0, "phases": phases,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+                             / 1024}))
 """
 
 
