@@ -135,3 +135,28 @@ def _consts(model, *names):
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     return [inits[n] for n in names]
+
+
+def test_external_weights_and_a_whole_run_in_segments(tmp_path):
+    """Segments read external data where the model's file is; run_in_segments cut after every
+    weight gives the outputs of one session over the whole model."""
+    import onnx
+
+    from onnxshrink import io, runtime
+    from onnxshrink.sweep import run_in_segments
+
+    model, _, _, feeds = _residual()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
+              size_threshold=0)  # fmt: skip
+    assert (tmp_path / "w.bin").exists()
+    m = io.load(tmp_path / "m.onnx").model
+    assert isinstance(m.graph.initializers["W"].const_value, ir.ExternalTensor)
+    data = Dataset(feeds, input_specs(m), "test")
+    whole = runtime.run(runtime.session(tmp_path / "m.onnx"), data)
+    for budget in (0, 1 << 30):  # a cut after each MatMul; none
+        parts = run_in_segments(m, data, None, budget=budget)
+        assert len(parts) == len(whole) == 3
+        for a, b in zip(parts, whole):
+            assert a.keys() == b.keys()
+            np.testing.assert_allclose(a["y"], b["y"], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(a["shape"], b["shape"])
