@@ -14,44 +14,61 @@ what it cost on a sentence unlike them (docs/benchmarks.md, "Transformers").
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis.refit import current_solution
-from onnxshrink.analysis.rounding import iter_grams, round_int8, too_few_rows
+from onnxshrink.analysis.rounding import Grams, round_int8, too_few_rows
 
 __all__ = ["DAMPS", "choose", "choose_rounding", "held_out_grams"]
 
 DAMPS = (0.1, 1.0)
 
 
+class _FitThenHeldOut:
+    """The first ``samples`` of ``data`` fed as the fit part's batches, then the held-out
+    part's: the batches (and so the rows sampled from them) are those of the two parts alone."""
+
+    def __init__(self, data, fit: int, samples: int) -> None:
+        self.parts = (data.subset(slice(0, fit)), data.subset(slice(fit, samples)))
+        self.n_samples = samples
+        self.fit_batches = sum(1 for _ in self.parts[0].batches())
+
+    def batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        for part in self.parts:
+            yield from part.batches()
+
+
 def held_out_grams(
-    model: ir.Model, nodes: list[ir.Node], data, workdir: Path, samples: int, refused, progress
+    model: ir.Model, nodes: list[ir.Node], data, samples: int, refused, progress
 ) -> Iterator[tuple[ir.Node, np.ndarray, np.ndarray]]:
-    """(node, H_fit, H_val) of every node with enough rows (the others in ``refused``)."""
+    """(node, H_fit, H_val) of every node with enough rows (the others in ``refused``), in
+    graph order, from one sweep of the model (:class:`onnxshrink.sweep.Sweep`) cut at the
+    nodes' inputs: each segment's session holds only its own weights, and a node's Grams are
+    handed out (and can be dropped) before the next input is reached. The model must not be
+    changed until the iteration ends."""
+    from onnxshrink.sweep import Sweep
+
     fit = max(1, samples * 3 // 4)
     if samples - fit < 1:
         return
-    val = {
-        id(node): H
-        for node, H, _ in iter_grams(
-            model,
-            nodes,
-            data.subset(slice(fit, samples)),
-            workdir,
-            samples - fit,
-            progress=progress,
-        )
-    }
-    for node, H, rows in iter_grams(
-        model, nodes, data.subset(slice(0, fit)), workdir, fit, progress=progress
-    ):
-        if reason := too_few_rows(H, rows):
-            refused[node.name] = reason
-        else:
-            yield node, H, val.pop(id(node))
+    feeds = _FitThenHeldOut(data, fit, samples)
+    readers: dict[str, list[ir.Node]] = {}
+    for i, node in enumerate(nodes):
+        readers.setdefault(node.inputs[0].name, []).append((i, node))
+    for name, arrays in Sweep(model, list(readers), feeds, samples, progress=progress):
+        chunk = [n for _, n in readers[name]]
+        seeds = [i for i, _ in readers[name]]
+        parts = [Grams(chunk, seeds=seeds) for _ in range(2)]  # fit, held out
+        for b, x in enumerate(arrays):
+            parts[b >= feeds.fit_batches].add(name, x)
+        for node in chunk:
+            (H_fit, rows), (H_val, _) = parts[0].pop(node), parts[1].pop(node)
+            if reason := too_few_rows(H_fit, rows):
+                refused[node.name] = reason
+            else:
+                yield node, H_fit, H_val
 
 
 def _system(node: ir.Node, q: np.ndarray, scale: np.ndarray, b) -> np.ndarray:

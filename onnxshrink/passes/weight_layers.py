@@ -19,6 +19,7 @@ from onnxshrink.irtools import const_array, inferred_dtypes, unique_name, weight
 __all__ = [
     "constant",
     "held_out_layers",
+    "release",
     "replace_with_contrib",
     "select_layers",
     "weight_refusal",
@@ -37,6 +38,17 @@ def weight_refusal(node: ir.Node, dtypes: dict[str, ir.DataType], kernel: str) -
     if weight_users_outside(node.inputs[1], node):
         return "weight is shared with another node"
     return None
+
+
+def release(value: ir.Value) -> None:
+    """Unmaps ``value``'s external data (read again lazily if needed): a pass that reads one
+    weight at a time then holds one weight's pages, not the whole file's."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views it: it stays mapped
+            pass
 
 
 def select_layers(p, model: ir.Model, refusal: Callable) -> list[ir.Node]:
@@ -84,14 +96,13 @@ def held_out_layers(p, model: ir.Model, nodes: list[ir.Node]) -> Iterator[tuple]
     ``p``'s calibration samples (:func:`onnxshrink.analysis.heldout_rounding.held_out_grams`),
     with a progress bar; the layers left to nearest rounding go to ``details`` with the reason."""
     from onnxshrink.analysis.heldout_rounding import held_out_grams
-    from onnxshrink.analysis.rounding import chunks_needed, steerable
+    from onnxshrink.analysis.rounding import steerable
 
     refused: dict[str, str] = {}
     steer = steerable(nodes, refused)
     n = min(p.samples, p.context.data.n_samples)
-    task = p.task(f"{p.name}: Hessian-aware rounding", n * chunks_needed(steer))
-    with p.scratch() as workdir:
-        yield from held_out_grams(model, steer, p.context.data, workdir, n, refused, task)
+    task = p.task(f"{p.name}: Hessian-aware rounding", n)
+    yield from held_out_grams(model, steer, p.context.data, n, refused, task)
     task.done()
     if refused:
         p.details["nearest_rounding"] = refused
