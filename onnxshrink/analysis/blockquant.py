@@ -20,11 +20,18 @@ def block_size(width: int, sizes: tuple[int, ...] = (128, 64, 32, 16)) -> int | 
     return next((b for b in sizes if width % b == 0), None)
 
 
+_CHUNK = 1 << 21
+
+
 def block_quantize(
     w: np.ndarray, bits: int, block: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q uint8 [.., D], scales float32 [.., D / block], zero points uint8 [.., D / block])."""
     w = np.asarray(w, np.float32)
+    if w.ndim == 2 and w.size > _CHUNK:  # rows in chunks: float64 temporaries of 16 MB each
+        step = max(1, _CHUNK // w.shape[1])
+        parts = [block_quantize(w[i : i + step], bits, block) for i in range(0, len(w), step)]
+        return tuple(np.concatenate(p) for p in zip(*parts))
     *lead, d = w.shape
     b = w.reshape(*lead, d // block, block).astype(np.float64)
     lo = np.minimum(b.min(-1), 0.0)

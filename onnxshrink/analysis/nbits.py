@@ -85,11 +85,32 @@ def _grid(lo, hi, top):
     return scale, zp
 
 
+_CHUNK = 1 << 21  # weights per column chunk: float64 temporaries of 16 MB, not of the matrix
+
+
+def _by_columns(fn, w: np.ndarray, *per_column) -> tuple | np.ndarray:
+    """``fn(w[:, cols], *(a[cols] ...))`` over chunks of ``w``'s columns, joined on axis 0:
+    every function here treats each output column on its own, so its temporaries need not
+    span an embedding-sized matrix (float64 copies of a 32000 x 2048 head: 0.5 GB each)."""
+    step = max(1, _CHUNK // max(1, w.shape[0]))
+    parts = [
+        fn(w[:, i : i + step], *(a[i : i + step] for a in per_column))
+        for i in range(0, w.shape[1], step)
+    ]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(p) for p in zip(*parts))
+    return np.concatenate(parts)
+
+
 def block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None = None):
     """(scales, zero points) [N, blocks] of ``w`` [K, N]: per block, the range [lo, hi] ∋ 0
     shrunk by the share of :data:`CLIPS` that minimises Σ h_k (w_k − ŵ_k)² -- ``h`` the
     input's second moments (diag H, activation-aware: an input that is large costs more), or
     1 without data."""
+    return _by_columns(lambda part: _block_grid(part, bits, block, h), w)
+
+
+def _block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None):
     wt = _pad(w, block)
     n, kp = wt.shape
     b = wt.reshape(n, kp // block, block)
@@ -114,6 +135,15 @@ def block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None = None
 
 def nearest_codes(w: np.ndarray, scales, zps, bits: int, block: int) -> np.ndarray:
     """Codes [N, K'] of ``w`` [K, N] rounded to nearest on the grid."""
+    return _by_columns(
+        lambda part, s, z: _nearest_codes(part, s, z, bits, block),
+        w,
+        np.asarray(scales),
+        np.asarray(zps),
+    )
+
+
+def _nearest_codes(w: np.ndarray, scales, zps, bits: int, block: int) -> np.ndarray:
     wt = _pad(w, block)
     s = np.repeat(np.asarray(scales, np.float64), block, 1)
     z = np.repeat(np.asarray(zps, np.float64), block, 1)

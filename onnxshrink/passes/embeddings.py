@@ -15,7 +15,12 @@ import onnx_ir as ir
 
 from onnxshrink.analysis.blockquant import block_quantize, block_size
 from onnxshrink.irtools import const_array, weight_users_outside
-from onnxshrink.passes.weight_layers import constant, replace_with_contrib, select_layers
+from onnxshrink.passes.weight_layers import (
+    constant,
+    release,
+    replace_with_contrib,
+    select_layers,
+)
 
 __all__ = ["embedding_gathers", "layers_and_tables", "quantize_gather"]
 
@@ -44,7 +49,7 @@ def embedding_gathers(p, model: ir.Model) -> list[ir.Node]:
 def quantize_gather(p, model: ir.Model, node: ir.Node, *, bits: int) -> None:
     """Replaces ``node`` by GatherBlockQuantized over a ``bits``-bit copy of its table."""
     graph = model.graph
-    w = const_array(node.inputs[0])
+    source, w = node.inputs[0], const_array(node.inputs[0])
     block = block_size(w.shape[1])
     q, scale, zp = block_quantize(w, bits, block)
     if bits == 4:
@@ -58,6 +63,8 @@ def quantize_gather(p, model: ir.Model, node: ir.Node, *, bits: int) -> None:
     ]
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
     replace_with_contrib(model, node, "GatherBlockQuantized", inputs, attrs, f"{base}.int{bits}")
+    del w
+    release(source)
     p.change(f"{base}: embedding table {bits}-bit, blocks of {block}", base)
 
 

@@ -30,6 +30,7 @@ from onnxshrink.passes.embeddings import layers_and_tables
 from onnxshrink.passes.weight_layers import (
     constant,
     held_out_layers,
+    release,
     replace_with_contrib,
     weight_refusal,
 )
@@ -78,10 +79,12 @@ class QuantizeWeightsPass(ShrinkPass):
         chosen = self._hessian(model, nodes)
         before = after = 0
         for node in nodes:
-            w = const_array(node.inputs[1])
-            codes, scales, zps, how = chosen.get(node.name) or (*self._nearest(w, None), "")
+            source, w = node.inputs[1], const_array(node.inputs[1])
+            codes, scales, zps, how = chosen.pop(node.name, None) or (*self._nearest(w, None), "")
             before += w.nbytes
             after += self._emit(model, node, w, codes, scales, zps)
+            del w, codes
+            release(source)
             self.change(
                 f"{node.name}: {self.bits}-bit weights, blocks of {self.block}{how}", node.name
             )
@@ -122,6 +125,8 @@ class QuantizeWeightsPass(ShrinkPass):
                 codes = nbits.gptq_codes(H, w, scales, zps, self.bits, self.block, damp)
                 how += ", Hessian-aware rounding"
             out[node.name] = (codes, scales, zps, how)
+            del w, fit
+            release(node.inputs[1])
         self.details["rounding"] = counts
         return out
 
