@@ -50,6 +50,9 @@ __all__ = ["ReportCollector", "Timing", "Validate"]
 # seconds one validation batch of the input model may take (a Loop of 10^12 steps never ends);
 # a pass's model gets SLOWER_BOUND times the input's slowest batch, and at least MIN_BOUND s
 ORIGINAL_BOUND, SLOWER_BOUND, MIN_BOUND = 600.0, 20.0, 30.0
+# an input model with more weight bytes than this is run one segment at a time for its
+# reference outputs (onnxshrink.sweep.run_in_segments): one session would hold all its weights
+LARGE_MODEL = 1 << 30
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +125,19 @@ class Validate(Instrument):
         try:
             t0 = time.perf_counter()
             self.bound = ORIGINAL_BOUND
-            self.original_outputs = self._run(path, "original")
+            if io.tensor_bytes(model) > LARGE_MODEL and not uses_integer_kernels(model):
+                from onnxshrink.sweep import run_in_segments
+
+                what = "validating original (one segment at a time)"
+                n = min(self.limit, self.data.n_samples)
+                bar = self.progress.task(what, n) if self.progress else NullTask()
+                with phase("validation: the original, one segment at a time"):
+                    self.original_outputs = run_in_segments(
+                        model, self.data, self.limit, progress=bar
+                    )
+                bar.done()
+            else:
+                self.original_outputs = self._run(path, "original")
             batches = max(1, len(self.original_outputs))
             self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
         except Invalid as e:  # the input model's own run did not end
