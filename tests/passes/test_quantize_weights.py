@@ -84,3 +84,33 @@ def test_embeddings_in_4_bits_and_refusals():
     err = np.abs(got[0] - ref[0]).max()
     assert 0 < err < 0.2 * np.abs(ref[0]).max()  # 4 bits: 15 steps over each block's range
     np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_a_decoder_in_external_data_one_segment_at_a_time(tmp_path, monkeypatch):
+    """models/decoder.py's Llama-style decoder (weights in external data) through compress, with
+    the large-model path forced: the original's reference comes from segment sessions, Grams
+    from one sweep; every weight and the embedding become block-quantized."""
+    import onnxshrink
+    from models import decoder
+    from onnxshrink import instruments
+
+    cfg = decoder.Config(layers=2, hidden=128, heads=4, intermediate=256, vocab=512, context=64)
+    src = decoder.build(cfg, tmp_path / "d.onnx")
+    monkeypatch.setattr(instruments, "LARGE_MODEL", 0)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab, (32, 24))
+    out, report = onnxshrink.compress(
+        src, ["quantize-weights"], data={"input_ids": ids}, output=tmp_path / "q.onnx",
+        progress=False,
+    )  # fmt: skip
+    (rec,) = report.passes
+    assert rec.status == "applied", rec.reason
+    assert rec.details["rounding"], rec.details  # rounding chosen on Grams from the sweep
+    proto = onnx.load(str(out))
+    assert op_count(proto, "MatMulNBits") == 7 * cfg.layers + 1
+    assert op_count(proto, "GatherBlockQuantized") == 1
+    test = np.random.default_rng(1).integers(0, cfg.vocab, (2, 24))
+    (y,) = ort_run(str(out), {"input_ids": test})
+    (y0,) = ort_run(str(src), {"input_ids": test})
+    cos = np.sum(y * y0, -1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(y0, axis=-1)
+    assert cos.min() > 0.9, cos.min()
+    assert rec.fidelity.cosine > 0.9
