@@ -196,7 +196,8 @@ def serialized_bytes(model: ir.Model) -> int:
     """Bytes on disk of the model as onnxshrink would save it (model file + external data).
 
     External tensors are counted by their length without being read; the rest is the size of
-    the serialized protobuf. Above protobuf's limit, tensor bytes plus the graph's size.
+    the serialized protobuf. Above 256 MB of tensors in memory, their bytes alone: the graph
+    is a rounding error next to them, and serializing to count would copy them all.
     """
     from onnxshrink import io
 
@@ -207,7 +208,7 @@ def serialized_bytes(model: ir.Model) -> int:
         if isinstance(v.const_value, ir.ExternalTensor)
     )
     in_memory = io.tensor_bytes(model) - external
-    if in_memory > io.EXTERNAL_DATA_THRESHOLD:
+    if in_memory > 1 << 28:
         return in_memory + external
     return ir.to_proto(model).ByteSize() + external
 
