@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnxshrink.analysis.refit import current_solution
 from onnxshrink.analysis.rounding import Grams, round_int8, too_few_rows
 
-__all__ = ["DAMPS", "choose", "choose_rounding", "held_out_grams"]
+__all__ = ["DAMPS", "choose", "choose_in_parts", "choose_rounding", "held_out_grams"]
 
 DAMPS = (0.1, 1.0)
 
@@ -88,15 +88,25 @@ def choose(W, H_fit, H_val, nearest: np.ndarray, fit) -> tuple[float | None, dic
     """(damping of the best candidate, None for nearest; record) for a layer whose system is
     ``W`` [1, D, o]: ``nearest`` its nearest rounding, ``fit(H, damp)`` its GPTQ rounding, both
     as systems; scored by the relative output error on ``H_val``."""
-    den = max(float(np.einsum("gio,gio->", W, H_val @ W)), 1e-30)
+    return choose_in_parts([(W, nearest, fit)], H_fit, H_val)
 
-    def error(W_hat: np.ndarray) -> float:  # tr(EᵀH_val E) / tr(WᵀH_val W)
-        E = W_hat - W
-        return float(np.einsum("gio,gio->", E, H_val @ E)) / den
 
-    errors = {"nearest": error(nearest)}
-    for damp in DAMPS:
-        errors[f"damp {damp:g}"] = error(fit(H_fit, damp))
+def choose_in_parts(parts, H_fit, H_val) -> tuple[float | None, dict]:
+    """:func:`choose` over ``parts``, (W, nearest, fit) of disjoint output columns of one
+    layer: their errors add up, so a wide layer (a vocabulary head) can come one column chunk
+    at a time and hold one chunk's float64 copies."""
+    num: dict[str, float] = {}
+    den = 0.0
+    for W, nearest, fit in parts:
+        den += float(np.einsum("gio,gio->", W, H_val @ W))
+        candidates = {"nearest": nearest}
+        for damp in DAMPS:
+            candidates[f"damp {damp:g}"] = fit(H_fit, damp)
+        for name, W_hat in candidates.items():  # tr(EᵀH_val E), over tr(WᵀH_val W) below
+            E = W_hat - W
+            num[name] = num.get(name, 0.0) + float(np.einsum("gio,gio->", E, H_val @ E))
+        del candidates, W_hat, E
+    errors = {k: v / max(den, 1e-30) for k, v in num.items()}
     best = min(errors, key=errors.get)
     record = {"chosen": best, "held_out_error": {k: round(v, 8) for k, v in errors.items()}}
     return (None if best == "nearest" else float(best.split()[1])), record

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis import nbits
-from onnxshrink.analysis.heldout_rounding import choose
+from onnxshrink.analysis.heldout_rounding import choose_in_parts
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
 from onnxshrink.passes import options
@@ -36,6 +36,10 @@ from onnxshrink.passes.weight_layers import (
 )
 
 __all__ = ["QuantizeWeightsPass"]
+
+# weights per column chunk in the held-out choice: a vocabulary head's float64 systems (W,
+# nearest, three candidates) would otherwise be 0.5 GB each
+COLUMN_CHUNK = 1 << 22
 
 
 def _refusal(node: ir.Node, dtypes) -> str | None:
@@ -109,26 +113,39 @@ class QuantizeWeightsPass(ShrinkPass):
         out, counts = {}, {}
         for node, H_fit, H_val in held_out_layers(self, model, nodes):
             w = const_array(node.inputs[1])
-            k = w.shape[0]
             H = H_fit + H_val
             codes, scales, zps = self._nearest(w, np.einsum("gii->gi", H)[0])
-
-            def fit(Hx, damp, scales=scales, zps=zps, w=w, k=k):
-                c = nbits.gptq_codes(Hx, w, scales, zps, self.bits, self.block, damp)
-                return nbits.dequantized(c, scales, zps, self.block, k)[None]
-
-            nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
-            damp, record = choose(np.asarray(w, np.float64)[None], H_fit, H_val, nearest, fit)
+            step = max(1, COLUMN_CHUNK // w.shape[0])
+            cols = [slice(i, i + step) for i in range(0, w.shape[1], step)]
+            parts = (self._candidates(w[:, c], codes[c], scales[c], zps[c]) for c in cols)
+            damp, record = choose_in_parts(parts, H_fit, H_val)
             counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
             how = ", activation-aware grid"
             if damp is not None:
-                codes = nbits.gptq_codes(H, w, scales, zps, self.bits, self.block, damp)
+                codes = np.concatenate(
+                    [
+                        nbits.gptq_codes(H, w[:, c], scales[c], zps[c], self.bits, self.block, damp)
+                        for c in cols
+                    ]
+                )
                 how += ", Hessian-aware rounding"
             out[node.name] = (codes, scales, zps, how)
-            del w, fit
+            del w
             release(node.inputs[1])
         self.details["rounding"] = counts
         return out
+
+    def _candidates(self, w, codes, scales, zps) -> tuple:
+        """(W, its nearest rounding, GPTQ rounding as a function of (H, damp)) as systems
+        [1, K, n] of the columns ``w`` [K, n], for :func:`choose_in_parts`."""
+        k = w.shape[0]
+
+        def fit(Hx, damp):
+            c = nbits.gptq_codes(Hx, w, scales, zps, self.bits, self.block, damp)
+            return nbits.dequantized(c, scales, zps, self.block, k)[None]
+
+        nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
+        return np.asarray(w, np.float64)[None], nearest, fit
 
     def _emit(self, model: ir.Model, node: ir.Node, w, codes, scales, zps) -> int:
         """Replaces ``node`` by MatMulNBits; the bytes its weight takes now."""

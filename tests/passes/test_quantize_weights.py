@@ -65,6 +65,19 @@ def test_hessian_rounding_lowers_the_output_error_on_unseen_rows():
     assert errs["hessian"] < 0.5 * errs["nearest"], errs
 
 
+def test_a_wide_layer_is_chosen_and_rounded_in_column_chunks_with_the_same_result(monkeypatch):
+    from onnxshrink.passes import quantize_weights
+
+    model, _ = _matmul(64, 96)
+    specs = input_specs(ir.from_proto(model))
+    data = Dataset({"x": shared_rows(1024, 64, 1)}, specs, "test", is_random=False)
+    whole, _, p1 = _quantize(model, data, rounding="hessian", samples=1024)
+    monkeypatch.setattr(quantize_weights, "COLUMN_CHUNK", 64 * 40)  # 40, 40 and 16 columns
+    chunked, _, p2 = _quantize(model, data, rounding="hessian", samples=1024)
+    assert p1.details["rounding"] == p2.details["rounding"] != {"nearest": 1}
+    assert whole.graph.initializer == chunked.graph.initializer
+
+
 def test_embeddings_in_4_bits_and_refusals():
     rng = np.random.default_rng(3)
     model = make_model(
