@@ -84,10 +84,13 @@ class QuantizeWeightsPass(ShrinkPass):
         before = after = 0
         for node in nodes:
             source, w = node.inputs[1], const_array(node.inputs[1])
-            codes, scales, zps, how = chosen.pop(node.name, None) or (*self._nearest(w, None), "")
+            packed, how = chosen.pop(node.name, None) or (
+                self._pack(w, *self._nearest(w, None)),
+                "",
+            )
             before += w.nbytes
-            after += self._emit(model, node, w, codes, scales, zps)
-            del w, codes
+            after += self._emit(model, node, w.shape, packed)
+            del w
             release(source)
             self.change(
                 f"{node.name}: {self.bits}-bit weights, blocks of {self.block}{how}", node.name
@@ -104,7 +107,7 @@ class QuantizeWeightsPass(ShrinkPass):
         return nbits.nearest_codes(w, scales, zps, self.bits, self.block), scales, zps
 
     def _hessian(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple]:
-        """Node name -> (codes, scales, zero points, how) with an activation-aware grid, rounded
+        """Node name -> (packed weight, how) with an activation-aware grid, rounded
         Hessian-aware where that wins on held-out samples."""
         data = self.context.data
         want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
@@ -129,7 +132,7 @@ class QuantizeWeightsPass(ShrinkPass):
                     ]
                 )
                 how += ", Hessian-aware rounding"
-            out[node.name] = (codes, scales, zps, how)
+            out[node.name] = (self._pack(w, codes, scales, zps), how)  # packed: half the codes
             del w
             release(node.inputs[1])
         self.details["rounding"] = counts
@@ -147,11 +150,14 @@ class QuantizeWeightsPass(ShrinkPass):
         nearest = nbits.dequantized(codes, scales, zps, self.block, k)[None]
         return np.asarray(w, np.float64)[None], nearest, fit
 
-    def _emit(self, model: ir.Model, node: ir.Node, w, codes, scales, zps) -> int:
-        """Replaces ``node`` by MatMulNBits; the bytes its weight takes now."""
+    def _pack(self, w, codes, scales, zps) -> tuple:
+        return nbits.pack(w, self.bits, self.block, codes, scales, zps)
+
+    def _emit(self, model: ir.Model, node: ir.Node, shape, packed) -> int:
+        """Replaces ``node`` by MatMulNBits over ``packed`` (:func:`nbits.pack`'s B, scales and
+        zero points); the bytes its weight takes now."""
         graph = model.graph
-        k, n = w.shape
-        b, s, z = nbits.pack(w, self.bits, self.block, codes, scales, zps)
+        (k, n), (b, s, z) = shape, packed
         base = node.name
         inputs = [node.inputs[0]]
         for arr, what in ((b, "weight_quantized"), (s, "weight_scale"), (z, "weight_zero_point")):
