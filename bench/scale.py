@@ -1,5 +1,7 @@
 """How time and memory grow with model size: ``simplify``, ``prune``, ``quantize`` on a
-ResNet-18-style net at 1×, 4× and 16× width (params grow ~ width²).
+ResNet-18-style net at 1×, 4× and 16× width (params grow ~ width²); with ``--decoder``,
+``quantize-weights`` (4-bit) on models/decoder.py's Llama-style decoder (3.2 GB of external
+data by default), whose peak must stay within 2 GB of its largest tensor.
 
 Each (width, pass) runs in its own process (after ``fold-batchnorm``, 16 calibration images
 of 64×64, validation on the same), so the peak resident memory printed is that run's alone;
@@ -7,6 +9,7 @@ the model file size and the baseline peak of loading the model alone are shown f
 
     python bench/scale.py                 # widths 8, 32, 128
     python bench/scale.py --widths 8 32
+    python bench/scale.py --decoder [--layers 13] [--samples 128] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -39,12 +42,79 @@ print(json.dumps({"seconds": time.perf_counter() - t0,
 
 SPECS = ["load", "simplify", "prune:ratio=0.3", "quantize"]
 
+# random token ids (samples x 64); random weights: the floor is off (the cosine is printed),
+# so the run measures the pass and its validation, not a partial application's search
+_DECODER = r"""
+import json, sys, time
+import numpy as np, onnxshrink
+model, spec, out, samples = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ids = np.random.default_rng(0).integers(0, 32000, (samples, 64))
+t0 = time.perf_counter()
+if spec == "load":
+    from onnxshrink import io
+    io.load(model)
+    fidelity = None
+elif spec == "run":  # the output in onnxruntime, one sequence
+    import onnxruntime as ort
+    ort.InferenceSession(model).run(None, {"input_ids": ids[:1]})
+    fidelity = None
+else:
+    _, report = onnxshrink.compress(model, [spec], data={"input_ids": ids}, output=out,
+                                    progress=False)
+    fidelity = report.passes[-1].fidelity.cosine
+print(json.dumps({"seconds": time.perf_counter() - t0, "cosine": fidelity,
+                  "peak_mb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+                             / 1024}))
+"""
+
+
+def decoder(layers: int, samples: int, keep: Path | None) -> None:
+    """4-bit weight-only on the Llama-style decoder, each step in its own process."""
+    from models import decoder as dec
+    from onnxshrink.io import file_bytes
+
+    d = keep or Path(tempfile.mkdtemp())
+    src, out = d / "decoder.onnx", d / "decoder_4bit.onnx"
+    if not src.exists():
+        dec.build(dec.Config(layers=layers), src)
+    data_mb = (src.stat().st_size + Path(f"{src}.data").stat().st_size) / 2**20
+    cfg = dec.Config(layers=layers)
+    largest = 4 * max(cfg.vocab * cfg.hidden, cfg.hidden * cfg.intermediate) / 2**20
+    print(f"decoder: {layers} layers, {data_mb:.0f} MB, largest tensor {largest:.0f} MB, "
+          f"{samples} samples x 64 tokens")  # fmt: skip
+    print(f"{'step':<28} {'seconds':>8} {'peak MB':>8} {'- largest':>9} {'cosine':>7} {'MB':>7}")
+    for spec, model in (
+        ("load", src),
+        ("quantize-weights:floor=0", src),
+        ("quantize-weights:floor=0,rounding=nearest", src),
+        ("run", out),
+    ):
+        argv = [sys.executable, "-c", _DECODER, str(model), spec, str(out), str(samples)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{spec}: failed: {proc.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        size = f"{file_bytes(out) / 2**20:.0f}" if spec.startswith("quantize") else ""
+        cos = "" if r["cosine"] is None else f"{r['cosine']:.4f}"
+        print(
+            f"{spec.replace(':floor=0', '').replace(',', ' '):<28} {r['seconds']:8.1f} "
+            f"{r['peak_mb']:8.0f} {r['peak_mb'] - largest:9.0f} {cos:>7} "
+            f"{size:>7}"
+        )
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--decoder", action="store_true", help="the Llama-style decoder instead")
+    ap.add_argument("--layers", type=int, default=13)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--keep", type=Path, help="build the decoder here (or reuse it)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.decoder:
+        return decoder(args.layers, args.samples, args.keep)
     import onnx
 
     from models import resnet
