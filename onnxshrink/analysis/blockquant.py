@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["block_quantize", "block_size", "dequantize"]
+__all__ = ["CHUNK", "block_quantize", "block_size", "chunks", "dequantize"]
 
 
 def block_size(width: int, sizes: tuple[int, ...] = (128, 64, 32, 16)) -> int | None:
@@ -20,7 +20,14 @@ def block_size(width: int, sizes: tuple[int, ...] = (128, 64, 32, 16)) -> int | 
     return next((b for b in sizes if width % b == 0), None)
 
 
-_CHUNK = 1 << 21
+CHUNK = 1 << 21  # values per chunk: float64 temporaries of 16 MB, not of a whole table
+
+
+def chunks(count: int, width: int, budget: int = CHUNK) -> list[slice]:
+    """Slices cutting ``count`` rows (or columns) of ``width`` values each into chunks of at
+    most ``budget`` values (one row at least)."""
+    step = max(1, budget // max(1, width))
+    return [slice(i, i + step) for i in range(0, count, step)]
 
 
 def block_quantize(
@@ -28,9 +35,8 @@ def block_quantize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q uint8 [.., D], scales float32 [.., D / block], zero points uint8 [.., D / block])."""
     w = np.asarray(w, np.float32)
-    if w.ndim == 2 and w.size > _CHUNK:  # rows in chunks: float64 temporaries of 16 MB each
-        step = max(1, _CHUNK // w.shape[1])
-        parts = [block_quantize(w[i : i + step], bits, block) for i in range(0, len(w), step)]
+    if w.ndim == 2 and w.size > CHUNK:  # rows in chunks
+        parts = [block_quantize(w[c], bits, block) for c in chunks(len(w), w.shape[1])]
         return tuple(np.concatenate(p) for p in zip(*parts))
     *lead, d = w.shape
     b = w.reshape(*lead, d // block, block).astype(np.float64)

@@ -85,18 +85,13 @@ def _grid(lo, hi, top):
     return scale, zp
 
 
-_CHUNK = 1 << 21  # weights per column chunk: float64 temporaries of 16 MB, not of the matrix
-
-
 def _by_columns(fn, w: np.ndarray, *per_column) -> tuple | np.ndarray:
     """``fn(w[:, cols], *(a[cols] ...))`` over chunks of ``w``'s columns, joined on axis 0:
     every function here treats each output column on its own, so its temporaries need not
     span an embedding-sized matrix (float64 copies of a 32000 x 2048 head: 0.5 GB each)."""
-    step = max(1, _CHUNK // max(1, w.shape[0]))
-    parts = [
-        fn(w[:, i : i + step], *(a[i : i + step] for a in per_column))
-        for i in range(0, w.shape[1], step)
-    ]
+    from onnxshrink.analysis.blockquant import chunks
+
+    parts = [fn(w[:, c], *(a[c] for a in per_column)) for c in chunks(w.shape[1], w.shape[0])]
     if isinstance(parts[0], tuple):
         return tuple(np.concatenate(p) for p in zip(*parts))
     return np.concatenate(parts)

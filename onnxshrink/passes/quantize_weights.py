@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.analysis import nbits
+from onnxshrink.analysis.blockquant import chunks
 from onnxshrink.analysis.heldout_rounding import choose_in_parts
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array
@@ -118,8 +119,7 @@ class QuantizeWeightsPass(ShrinkPass):
             w = const_array(node.inputs[1])
             H = H_fit + H_val
             codes, scales, zps = self._nearest(w, np.einsum("gii->gi", H)[0])
-            step = max(1, COLUMN_CHUNK // w.shape[0])
-            cols = [slice(i, i + step) for i in range(0, w.shape[1], step)]
+            cols = chunks(w.shape[1], w.shape[0], COLUMN_CHUNK)
             parts = (self._candidates(w[:, c], codes[c], scales[c], zps[c]) for c in cols)
             damp, record = choose_in_parts(parts, H_fit, H_val)
             counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
