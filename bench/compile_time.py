@@ -2,6 +2,7 @@
 
     python bench/compile_time.py [--models digits,mobilenet,resnet18,minilm] [--passes a,b]
                                  [--target] [--samples N] [--json out.json]
+    python bench/compile_time.py --startup
 
 Every (model, tool) runs in its own process, so the peak resident memory is that run's alone
 (``VmHWM``; ``ru_maxrss`` would be inherited from this parent); wall seconds are measured
@@ -13,7 +14,9 @@ are printed for each run, the four longest in the table. Anchors, on the same mo
 onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, MinMax) and
 ``quantize_dynamic``, and ``onnxsim.simplify``. Ratios are to ``quantize_static`` in the same run.
 ``--samples N``: every tool calibrates on the first N samples of each model's file (the file is
-cut to N + N/3 samples, so ``compress``'s 1/4 hold-out leaves N).
+cut to N + N/3 samples, so ``compress``'s 1/4 hold-out leaves N). ``--startup``: wall seconds
+of the commands that do no compression (``--help``, ``passes``, ``inspect`` on the digits CNN)
+and of the imports under them, median of 5 fresh processes each.
 """
 
 from __future__ import annotations
@@ -142,6 +145,37 @@ def run(tool: str, model: Path, data: Path, tmp: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+STARTUP = {
+    "python (nothing)": [sys.executable, "-c", "pass"],
+    "import numpy": [sys.executable, "-c", "import numpy"],
+    "import ml_dtypes": [sys.executable, "-c", "import ml_dtypes"],
+    "import onnx": [sys.executable, "-c", "import onnx"],
+    "import onnx_ir": [sys.executable, "-c", "import onnx_ir"],
+    "onnxshrink --help": [sys.executable, "-m", "onnxshrink", "--help"],
+    "onnxshrink passes": [sys.executable, "-m", "onnxshrink", "passes"],
+    "onnxshrink inspect": [
+        sys.executable, "-m", "onnxshrink", "inspect",
+        str(ROOT / "models" / "fixtures" / "digits_cnn.onnx"),
+    ],
+}  # fmt: skip
+
+
+def startup(repeats: int = 5) -> None:
+    """Median wall seconds of each command in STARTUP, each a fresh process."""
+    import statistics
+    import time
+    from importlib.metadata import version
+
+    print(f"ml_dtypes {version('ml_dtypes')}, onnx {version('onnx')}, onnx-ir {version('onnx-ir')}")
+    for name, cmd in STARTUP.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+        print(f"{name:20} {statistics.median(times):6.2f} s", flush=True)
+
+
 def main() -> None:
     from bench.common import cpu_line
 
@@ -151,7 +185,11 @@ def main() -> None:
     ap.add_argument("--target", action="store_true", help="also --target speedup=1.5")
     ap.add_argument("--samples", type=int, help="calibrate on the first N samples")
     ap.add_argument("--json")
+    ap.add_argument("--startup", action="store_true", help="only the start-up times")
     args = ap.parse_args()
+    if args.startup:
+        print(cpu_line())
+        return startup()
     tools = [*ANCHORS, *args.passes.split(",")] + (["target:speedup=1.5"] if args.target else [])
     print(cpu_line())
     print(f"{'model':10} {'tool':20} {'seconds':>8} {'x static':>8} {'peak MB':>8}  phases")
