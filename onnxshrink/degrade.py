@@ -8,7 +8,9 @@ d(u) = max(0, D(down) − D(up)), down and up the nearest such tensors after and
 u adds, weighed by how much the rest of the model amplifies it. With the full pass's drop D and
 the floor's F = 1 − floor, the first try spares the fewest worst layers whose share of Σd
 reaches (D − F/2)/D; then the number spared is bisected (:func:`onnxshrink.search.fewest`)
-within ``TRIES`` re-runs, each validated like the pass.
+within ``TRIES`` re-runs, each validated like the pass. Early refusal: a re-run sparing the k
+worst-ranked layers whose drop is no lower than the full pass's shows the ranking is no guide
+(the damage is spread, or arises between layers), so the search stops there (:class:`NoHelp`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxshrink import io, runtime
 from onnxshrink.calibrate import Probe, run_model
@@ -31,13 +32,19 @@ from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.pipeline import cleanup
 from onnxshrink.report import PassRecord, Skip
 from onnxshrink.search import fewest
+from onnxshrink.timing import phase
+from onnxshrink.validate import BelowFloor
 
-__all__ = ["TRIES", "Partial", "damage", "partial", "spareable"]
+__all__ = ["TRIES", "NoHelp", "Partial", "damage", "partial", "spareable"]
 
 logger = logging.getLogger(__name__)
 
 TRIES = 5  # re-runs of the pass (each validated) a partial application may take
 SAMPLES = 8  # validation samples the layer damage is measured on
+
+
+class NoHelp(Exception):
+    """Sparing the layers ranked most damaging did not lower the drop: the search stopped."""
 
 
 @dataclasses.dataclass
@@ -92,14 +99,15 @@ def partial(
     progress=None,
 ) -> Partial | None:
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
-    raises for a failing model) passes; None when no try within ``TRIES`` did. ``drop`` is the
-    full pass's (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one."""
+    raises for a failing model) passes; None when no try within ``TRIES`` did; raises
+    :class:`NoHelp` when a try shows the ranking is no guide. ``drop`` is the full pass's
+    (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one."""
     layers = spareable(p)
     if not layers:
         return None
     try:
         n = min(SAMPLES, data.n_samples)
-        d = damage(before, after, layers, data, n, workdir, drop_of)
+        d = damage(before, after, layers, data, n, workdir, drop_of, progress)
     except Exception as e:  # a model the probes cannot run: spare in the pass's own order
         logger.debug("layer damage not measured: %s", one_line(e))
         d = {u: 1.0 for u in layers}
@@ -122,7 +130,16 @@ def partial(
                 return False
             cleanup(model)
             checked = validate(q, model, len(calls))
-        except Exception as e:  # below the floor, invalid, or the pass raised
+        except BelowFloor as e:
+            logger.debug("%s sparing %d layer(s): %s", p.name, k, one_line(e))
+            if e.drop[0] >= full:
+                raise NoHelp(
+                    f"sparing the {k} layer(s) ranked most damaging left the drop at "
+                    f"{e.drop[0]:.4g} (whole pass {full:.4g}): the damage is spread, not in a few "
+                    "layers"
+                ) from None
+            return False
+        except Exception as e:  # invalid, or the pass raised
             logger.debug("%s sparing %d layer(s): %s", p.name, k, one_line(e))
             return False
         finally:
@@ -157,6 +174,7 @@ def damage(
     n: int,
     workdir: Path,
     drop: Callable[[list, list], float],
+    progress=None,
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
     shapes_before, shapes_after = _shapes(before), _shapes(after)
@@ -171,7 +189,7 @@ def damage(
         if (node := nodes.get(u)) is not None:
             around[u] = (_nearest(node, seen, down=True), _nearest(node, seen, down=False))
     sets = {s for pair in around.values() for s in pair if s}
-    drops = _spliced_drops(before, after, sets, data, n, workdir, drop)
+    drops = _spliced_drops(before, after, sets, data, n, workdir, drop, progress)
     return {
         u: max(0.0, drops.get(down, 0.0) - drops.get(up, 0.0))
         for u, (down, up) in ((u, around.get(u, (frozenset(), frozenset()))) for u in layers)
@@ -214,46 +232,66 @@ def _nearest(node: ir.Node, seen: set[str], *, down: bool) -> frozenset[str]:
     return frozenset(found)
 
 
-def _spliced_drops(before, after, sets, data, n: int, workdir: Path, drop) -> dict:
+def _spliced_drops(before, after, sets, data, n: int, workdir: Path, drop, progress=None) -> dict:
     """Per set S of tensor names: ``drop`` of the model before the pass, run with the tensors S
-    taken from the model after it, against its own outputs (first ``n`` samples)."""
+    taken from the model after it, against its own outputs (first ``n`` samples). One session
+    serves every set (:func:`_switched`): S's switches on and fed, the others off."""
     names = sorted(set().union(*sets)) if sets else []
     if not names:
         return {}
     with Probe(after, names, workdir) as probe:
         values = list(probe.run(data, n))
     reference = run_model(before, data, n, workdir)
-    out = {}
-    for spliced in sets:
-        types = {t: ir.DataType.from_numpy(values[0][t].dtype) for t in spliced}
-        model, taken = _splice(before, types)
-        outputs = [{t: b[t] for t in taken} for b in values]
-        if model.graph.outputs:
-            path = workdir / "spliced.onnx"
-            io.write(model, path)
-            sess = runtime.session(path, optimize=True)
-            wanted = [o.name for o in sess.get_outputs()]
-            for got, feed, b in zip(outputs, data.batches(n), values):
-                feed = {**feed, **{t: b[t] for t in spliced}}
-                got.update(zip(wanted, sess.run(wanted, feed)))
-            del sess
-        out[spliced] = drop(reference, outputs)
-    return out
+    dtypes = {t: values[0][t].dtype for t in names}
+    path = workdir / "switched.onnx"
+    io.write(_switched(before, dtypes), path)
+    task = None
+    try:
+        sess = runtime.session(path, optimize=True)
+        wanted = [o.name for o in sess.get_outputs()]
+        off = {f"{t}.take": np.array(False) for t in names}
+        off.update({f"{t}.fed": np.zeros((), dtypes[t]) for t in names})  # broadcast, unread
+        out = {}
+        task = progress.task("measuring each layer's damage", len(sets)) if progress else None
+        for spliced in sets:
+            outputs = []
+            for feed, b in zip(data.batches(n), values):
+                feed = {**feed, **off}
+                for t in spliced:
+                    feed[f"{t}.take"], feed[f"{t}.fed"] = np.array(True), b[t]
+                with phase("onnxruntime: run"):
+                    outputs.append(dict(zip(wanted, sess.run(wanted, feed))))
+            out[spliced] = drop(reference, outputs)
+            if task:
+                task()
+        del sess
+        return out
+    finally:
+        if task:
+            task.done()
+        for f in workdir.glob(path.name + "*"):
+            f.unlink(missing_ok=True)
 
 
-def _splice(model: ir.Model, types: dict[str, ir.DataType]) -> tuple[ir.Model, list[str]]:
-    """A copy of ``model`` in which the tensors named in ``types`` are graph inputs (what
-    computed only them removed), and the graph outputs among them (then given as fed)."""
+def _switched(model: ir.Model, dtypes: dict[str, np.dtype]) -> ir.Model:
+    """A copy of ``model`` in which each tensor t named in ``dtypes`` becomes
+    ``Where(t.take, t.fed, t)``: two new graph inputs, a boolean scalar and the value fed (any
+    shape that broadcasts), so one session can splice any set of them. A graph output keeps its
+    name on the switched value."""
     clone = model.clone()
-    graph, taken = clone.graph, []
-    values = {v.name: v for node in graph for v in node.outputs if v.name in types}
-    for name, v in values.items():
-        if v in graph.outputs:
-            graph.outputs.remove(v)
-            taken.append(name)
-        fed = ir.Value(name=name, type=ir.TensorType(types[name]))
-        v.name = f"{name}.spliced"
-        v.replace_all_uses_with(fed)
-        graph.inputs.append(fed)
-    RemoveUnusedNodesPass()(clone)
-    return clone, taken
+    graph = clone.graph
+    values = [v for node in list(graph) for v in node.outputs if v.name in dtypes]
+    for v in values:
+        name = v.name
+        take = ir.Value(
+            name=f"{name}.take", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([])
+        )
+        fed = ir.Value(name=f"{name}.fed", type=ir.TensorType(ir.DataType.from_numpy(dtypes[name])))
+        graph.inputs.extend([take, fed])
+        v.name = f"{name}.computed"
+        out = ir.Value(name=name, type=v.type, shape=v.shape)
+        v.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.insert_after(
+            v.producer(), ir.Node("", "Where", [take, fed, v], outputs=[out], name=f"{name}.switch")
+        )
+    return clone

@@ -188,13 +188,18 @@ class Validate(Instrument):
         try:
             checked = self._validate(run.pass_, run.model, f"{run.index:02d}")
         except BelowFloor as e:
+            stopped = None
             try:
                 checked = self._degrade(run, e)
+            except degrade.NoHelp as why:
+                stopped = str(why)
             except Exception as err:  # a bug here must not cost the user the rollback
                 logger.warning("partial application of %s failed: %s", run.pass_.name, err)
             if checked is None:
                 rec.status, rec.reason = "rolled-back", str(e)
-                if layers := degrade.spareable(run.pass_):
+                if stopped:
+                    rec.reason += f"; partial application stopped early: {stopped}"
+                elif layers := degrade.spareable(run.pass_):
                     rec.reason += (
                         f"; nor when sparing the most damaging of its {len(layers)} layers"
                     )

@@ -107,15 +107,21 @@ def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, caps
     assert "of the input's (the whole pass: " in shown
 
 
-def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib):
-    """Every layer loud: no subset short of all holds, so the pass is rolled back, saying that
-    sparing was tried."""
+def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib, monkeypatch):
+    """Every layer loud: no subset short of all holds, so the pass is rolled back. Sparing the
+    worst-ranked layers does not lower the drop, so the search stops after that one re-run
+    (it took all ``TRIES`` before) and the reason says why."""
+    runs = []
+    call = LayerNoisePass.call
+    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
     _, report = onnxshrink.compress(
         onnx.load(str(digits_model)), [LayerNoisePass(quiet=3.0)], data=str(digits_calib)
     )
     rec = report.passes[0]
     assert rec.status == "rolled-back" and rec.partial is None
-    assert "nor when sparing the most damaging of its" in rec.reason
+    assert "partial application stopped early: sparing the " in rec.reason
+    assert "the damage is spread, not in a few layers" in rec.reason
+    assert len(runs) == 2  # the whole pass, one re-run
 
 
 def test_a_failure_inside_partial_application_still_rolls_back(
@@ -186,3 +192,38 @@ def test_quantize_spares_the_one_op_that_breaks_the_floor(tmp_path):
     int8 = {n.name for n in out.graph.node if n.op_type == "DequantizeLinear"}
     assert {"conv1.weight_dq", "conv2.weight_dq"} <= int8
     assert "c.q" not in int8 | {n.name for n in out.graph.node}  # the Add's output stays float
+
+
+def test_one_switched_session_splices_each_set(digits_model, digits_calib, tmp_path):
+    """Each set's drop comes from one shared session: a tensor fed from the model after the
+    pass replaces the model's own (downstream of the only changed weight, the spliced outputs
+    are the changed model's, the other switch off), and splicing in its own values changes
+    nothing."""
+    from onnxshrink import io
+    from onnxshrink.calibrate import run_model
+    from onnxshrink.data import input_specs, load_data
+    from onnxshrink.degrade import _spliced_drops
+
+    before = io.load(str(digits_model)).model
+    data = load_data(str(digits_calib), input_specs(before))
+    after = before.clone()
+    first = next(n for n in after.graph if n.op_type == "Conv")
+    w = const_array(first.inputs[1])
+    set_const_input(after.graph, first, 1, w * 1.5 + 0.1, "noisy")
+    cut = next(n for n in before.graph if n.op_type == "Conv").outputs[0].name
+    last = before.graph.outputs[0].name
+    ref_after = run_model(after, data, 4, tmp_path)
+    got = {}
+
+    def drop(reference, outputs):
+        got[len(got)] = outputs
+        return float(np.abs(outputs[0][last] - reference[0][last]).max())
+
+    sets = [frozenset({cut}), frozenset({last})]
+    drops = _spliced_drops(before, after, sets, data, 4, tmp_path, drop)
+    assert drops[sets[0]] > 0.01 and drops[sets[1]] > 0.01
+    for outputs in got.values():  # spliced at the changed conv or at the output: the pass's
+        for mine, theirs in zip(outputs, ref_after):
+            np.testing.assert_allclose(mine[last], theirs[last], rtol=1e-4, atol=1e-4)
+    nothing = _spliced_drops(before, before, [frozenset({cut})], data, 4, tmp_path, drop)
+    assert nothing[frozenset({cut})] < 1e-5
