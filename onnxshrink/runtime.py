@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # Outputs of a model on a dataset: one dict (output name -> array) per batch, in data order.
 Outputs = list[dict[str, np.ndarray]]
 
+DEFAULT_THREADS: int | None = None  # intra-op threads when a call gives none (None: onnxruntime's)
+
 
 @timed("onnxruntime: open a session")
 def session(
@@ -69,6 +71,7 @@ def session(
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", weights_folder
         )
+    threads = threads or DEFAULT_THREADS
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -1,6 +1,7 @@
 """Compress to a target: allocate the budget across measured candidates, apply, back off.
 
-1. Candidates are measured alone (:mod:`onnxshrink.target.candidates`).
+1. Candidates are measured alone (:mod:`onnxshrink.target.candidates`), on two worker
+   processes (:mod:`onnxshrink.target.pool`).
 2. Allocation: :func:`onnxshrink.search.allocate` on each (method, layer)'s curve of drop
    against saving (one method per layer), until the predicted saving meets the target.
 3. Apply and verify: the choices run as one validated pipeline (one pass per method and level,
@@ -34,6 +35,7 @@ from onnxshrink.search import Curve
 from onnxshrink.search import allocate as allocate_budget
 from onnxshrink.target.candidates import Candidate, Sensitivity, build_pass, candidates, node_times
 from onnxshrink.target.kinds import Budget, Target
+from onnxshrink.target.pool import measure_all
 
 __all__ = ["Runner", "allocate", "plan", "search"]
 
@@ -139,14 +141,9 @@ def search(
     todo = _largest_first(candidates(model, target), sens)
     progress = runner.progress
     task = NullTask() if progress is None else progress.task("target: sensitivity", len(todo))
-    measured = []
-    stop_measuring = time.monotonic() + left() / 2
-    for c in todo:
-        if time.monotonic() > stop_measuring and sens.cached(c) is None:
-            cut.append(f"{len(measured)} of {len(todo)} candidates measured")
-            break
-        measured.append(sens.measure(c))
-        task(1)
+    measured = measure_all(sens, todo, base_path, time.monotonic() + left() / 2, task)
+    if len(measured) < len(todo):
+        cut.append(f"{len(measured)} of {len(todo)} candidates measured")
     task.done()
     orig = original_totals or {"macs": sens.stats.macs, "bytes": sens.stats.bytes}
     budget = Budget(
