@@ -8,8 +8,9 @@ second moment on the calibration data (activation-aware: a large input's weight 
 h = 1 without data). With real data the codes are then rounded Hessian-aware (GPTQ) where that
 beats nearest rounding on held-out calibration samples
 (:mod:`onnxshrink.analysis.heldout_rounding`). Embedding tables become ``GatherBlockQuantized``
-with the same bits (:mod:`onnxshrink.passes.embeddings`). Refused with a reason: Gemm (not
-yet), non-float32 tensors, a weight shared with another node, MatMuls of two activations.
+with the same bits (:mod:`onnxshrink.passes.embeddings`). A Gemm's weight is α·B (Bᵀ when
+transB), β·C added after. Refused with a reason: non-float32 tensors, a weight shared with
+another node, MatMuls of two activations, Gemm with transA or a non-constant C.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnxshrink.analysis import nbits
 from onnxshrink.analysis.blockquant import chunks
 from onnxshrink.analysis.heldout_rounding import choose_in_parts
 from onnxshrink.errors import OptionError
-from onnxshrink.irtools import const_array
+from onnxshrink.irtools import const_array, unique_name
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.passes.embeddings import layers_and_tables
@@ -44,9 +45,30 @@ COLUMN_CHUNK = 1 << 22
 
 
 def _refusal(node: ir.Node, dtypes) -> str | None:
+    if reason := weight_refusal(node, dtypes, "MatMulNBits"):
+        return reason
     if node.op_type == "Gemm":
-        return "Gemm is not rewritten to MatMulNBits yet"
-    return weight_refusal(node, dtypes, "MatMulNBits")
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1 is left float"
+        if _bias(node) is not None and const_array(_bias(node)) is None:
+            return "Gemm with a non-constant C is left float"
+    return None
+
+
+def _bias(node: ir.Node) -> ir.Value | None:
+    """A Gemm's C, or None."""
+    return node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+
+
+def _weight(node: ir.Node) -> np.ndarray:
+    """The [K, N] weight of a MatMul, or a Gemm's α·B (Bᵀ when transB)."""
+    w = const_array(node.inputs[1])
+    if node.op_type != "Gemm":
+        return w
+    if node.attributes.get_int("transB", 0):
+        w = np.ascontiguousarray(w.T)
+    alpha = node.attributes.get_float("alpha", 1.0)
+    return w if alpha == 1.0 else w * np.float32(alpha)
 
 
 @dataclasses.dataclass
@@ -84,7 +106,7 @@ class QuantizeWeightsPass(ShrinkPass):
         chosen = self._hessian(model, nodes)
         before = after = 0
         for node in nodes:
-            source, w = node.inputs[1], const_array(node.inputs[1])
+            source, w = node.inputs[1], _weight(node)
             packed, how = chosen.pop(node.name, None) or (
                 self._pack(w, *self._nearest(w, None)),
                 "",
@@ -116,7 +138,9 @@ class QuantizeWeightsPass(ShrinkPass):
             return {}
         out, counts = {}, {}
         for node, H_fit, H_val in held_out_layers(self, model, nodes):
-            w = const_array(node.inputs[1])
+            w = _weight(node)
+            k = w.shape[0]  # a Gemm's Grams carry a bias row last: C stays float, exact
+            H_fit, H_val = H_fit[..., :k, :k], H_val[..., :k, :k]
             H = H_fit + H_val
             codes, scales, zps = self._nearest(w, np.einsum("gii->gi", H)[0])
             cols = chunks(w.shape[1], w.shape[0], COLUMN_CHUNK)
@@ -163,5 +187,16 @@ class QuantizeWeightsPass(ShrinkPass):
         for arr, what in ((b, "weight_quantized"), (s, "weight_scale"), (z, "weight_zero_point")):
             inputs.append(constant(graph, f"{base}.{what}", arr))
         attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block}
-        replace_with_contrib(model, node, "MatMulNBits", inputs, attrs, f"{base}.nbits")
-        return b.nbytes + s.nbytes + z.nbytes
+        c = _bias(node)
+        if c is not None:  # a Gemm's β·C, added after: Y = X·(α·B) + β·C
+            bias = const_array(c) * np.float32(node.attributes.get_float("beta", 1.0))
+            c = constant(graph, f"{base}.bias", np.asarray(bias, np.float32))
+        new = replace_with_contrib(model, node, "MatMulNBits", inputs, attrs, f"{base}.nbits")
+        if c is not None:
+            y = new.outputs[0]
+            out = ir.Value(name=y.name, type=y.type, shape=y.shape)
+            y.name = unique_name(graph, f"{y.name}.nobias")
+            y.replace_all_uses_with(out, replace_graph_outputs=True)
+            add = ir.Node("", "Add", [y, c], outputs=[out], name=unique_name(graph, f"{base}.b"))
+            graph.insert_after(new, [add])
+        return b.nbytes + s.nbytes + z.nbytes + (0 if c is None else 4 * bias.size)

@@ -82,17 +82,17 @@ def test_embeddings_in_4_bits_and_refusals():
     rng = np.random.default_rng(3)
     model = make_model(
         """<ir_version: 8, opset_import: ["" : 17]>
-        g (int64[N, 5] ids, float[M, 64] h) => (float[N, 5, 64] e, float[M, 64] y) {
+        g (int64[N, 5] ids, float[64, M] h) => (float[N, 5, 64] e, float[M, 64] y) {
             e = Gather (table, ids)
-            y = Gemm (h, v)
+            y = Gemm <transA = 1> (h, v)
         }""",
         {"table": rand(rng, 300, 64), "v": rand(rng, 64, 64)},
     )
     out, modified, p = _quantize(model)
     assert modified and op_count(out, "GatherBlockQuantized") == 1
-    assert [s.reason for s in p.skipped] == ["Gemm is not rewritten to MatMulNBits yet"]
+    assert [s.reason for s in p.skipped] == ["Gemm with transA=1 is left float"]
     ids = rng.integers(0, 300, (3, 5))
-    h = rand(rng, 2, 64)
+    h = rand(rng, 64, 2)
     got, ref = ort_run(out, {"ids": ids, "h": h}), ort_run(model, {"ids": ids, "h": h})
     err = np.abs(got[0] - ref[0]).max()
     assert 0 < err < 0.2 * np.abs(ref[0]).max()  # 4 bits: 15 steps over each block's range
@@ -127,3 +127,40 @@ def test_a_decoder_in_external_data_one_segment_at_a_time(tmp_path, monkeypatch)
     cos = np.sum(y * y0, -1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(y0, axis=-1)
     assert cos.min() > 0.9, cos.min()
     assert rec.fidelity.cosine > 0.9
+
+
+@pytest.mark.parametrize("rounding,alpha,beta", [("nearest", 0.5, 2.0), ("hessian", 1.0, 1.0)])
+def test_a_gemm_becomes_matmulnbits_and_its_bias(rounding, alpha, beta):
+    """Y = α·X·Bᵀ + β·C: MatMulNBits over the codes of α·Bᵀ, then Add(β·C); the output keeps
+    its name, and onnxruntime computes X·dequantized + β·C. Hessian-aware rounding uses the
+    Gram of X alone (the sweep's Gemm Grams carry a bias row)."""
+    rng = np.random.default_rng(5)
+    b, c = rand(rng, 24, 64), rand(rng, 24)
+    model = make_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[M, 64] x) => (float[M, 24] y) {{
+            y = Gemm <transB = 1, alpha = {alpha}, beta = {beta}> (x, b, c)
+        }}""",
+        {"b": b, "c": c},
+    )
+    specs = input_specs(ir.from_proto(model))
+    data = Dataset({"x": shared_rows(512, 64, 1)}, specs, "test", is_random=False)
+    out, modified, p = _quantize(model, data, rounding=rounding, samples=512)
+    assert modified and op_count(out, "MatMulNBits") == 1 and op_count(out, "Gemm") == 0
+    assert op_count(out, "Add") == 1 and [o.name for o in out.graph.output] == ["y"]
+    if rounding == "hessian":
+        assert sum(p.details["rounding"].values()) == 1
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    q = next(v for name, v in init.items() if name.endswith("weight_quantized"))
+    s = next(v for name, v in init.items() if name.endswith("weight_scale"))
+    z = next(v for name, v in init.items() if name.endswith("weight_zero_point"))
+    codes = nbits.unpack_codes(q.reshape(24, -1), 4, 64)
+    deq = nbits.dequantized(codes, s, nbits.unpack_codes(z.reshape(24, -1), 4, 2), 32, 64)
+    w = alpha * b.T
+    assert np.abs(deq - w).max() < np.repeat(s, 32, 1).max()  # the grid is of α·Bᵀ
+    x = shared_rows(64, 64, 2)
+    got = ort_run(out, {"x": x}, optimize=True)[0]
+    np.testing.assert_allclose(got, x @ deq + beta * c, rtol=1e-4, atol=1e-4)
+    ref = ort_run(model, {"x": x})[0]
+    cos = np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref)
+    assert cos > 0.99
