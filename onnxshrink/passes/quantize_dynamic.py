@@ -64,15 +64,7 @@ def _alpha(node: ir.Node) -> float:
 
 def _refusal(node: ir.Node, dtypes: dict[str, ir.DataType]) -> str | None:
     """Why ``node`` (a MatMul/Gemm) is left float, or None."""
-    if reason := weight_refusal(node, dtypes, "a per-column MatMulInteger"):
-        return reason
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return "Gemm with transA=1 is left float"
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if const_array(node.inputs[2]) is None:
-                return "Gemm with a non-constant C is left float"
-    return None
+    return weight_refusal(node, dtypes, "a per-column MatMulInteger")
 
 
 @dataclasses.dataclass

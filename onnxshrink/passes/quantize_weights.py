@@ -45,14 +45,7 @@ COLUMN_CHUNK = 1 << 22
 
 
 def _refusal(node: ir.Node, dtypes) -> str | None:
-    if reason := weight_refusal(node, dtypes, "MatMulNBits"):
-        return reason
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return "Gemm with transA=1 is left float"
-        if _bias(node) is not None and const_array(_bias(node)) is None:
-            return "Gemm with a non-constant C is left float"
-    return None
+    return weight_refusal(node, dtypes, "MatMulNBits")
 
 
 def _bias(node: ir.Node) -> ir.Value | None:

@@ -27,7 +27,8 @@ __all__ = [
 
 
 def weight_refusal(node: ir.Node, dtypes: dict[str, ir.DataType], kernel: str) -> str | None:
-    """Why ``node``'s weight cannot go to ``kernel`` (named in the reason), or None."""
+    """Why ``node``'s weight cannot go to ``kernel`` (named in the reason), or None; a Gemm
+    also needs transA = 0 and a constant C (or none)."""
     w = const_array(node.inputs[1])
     if w is None:
         return "two activations (e.g. attention scores): left float"
@@ -37,6 +38,12 @@ def weight_refusal(node: ir.Node, dtypes: dict[str, ir.DataType], kernel: str) -
         return f"a {w.ndim}-D weight ({kernel} takes 2-D)"
     if weight_users_outside(node.inputs[1], node):
         return "weight is shared with another node"
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1 is left float"
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None and const_array(c) is None:
+            return "Gemm with a non-constant C is left float"
     return None
 
 
