@@ -170,13 +170,19 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 
 
 def insert_after_value(
-    graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value
+    graph: ir.Graph,
+    value: ir.Value,
+    nodes: list[ir.Node],
+    out: ir.Value,
+    readers: set[int] | None = None,
 ) -> None:
     """Puts ``nodes`` (which read ``value`` and compute ``out``) right after ``value``'s producer,
     or first in the graph for an input or initializer, and moves every other reader of ``value``
-    to ``out``. Graph outputs are left to the caller."""
+    (only those whose id is in ``readers``, when given) to ``out``. Graph outputs are left to the
+    caller."""
     for node, i in [(n, i) for n, i in value.uses() if n not in nodes]:
-        node.replace_input_with(i, out)
+        if readers is None or id(node) in readers:
+            node.replace_input_with(i, out)
     producer = value.producer()
     if producer is None:
         graph.insert_before(next(iter(graph)), nodes)

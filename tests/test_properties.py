@@ -157,6 +157,8 @@ TRANSFORMER_SPECS = [
     "quantize-dynamic:weights=mse",
     "quantize-weights",
     "quantize-weights:bits=8,block=16,rounding=nearest",
+    "quantize",
+    "quantize:smooth=off,calibration=percentile,cpu=vnni",
 ]
 
 

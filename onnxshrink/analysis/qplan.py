@@ -10,6 +10,12 @@ ranges differ more than MIXED_RANGES times (a detector's boxes in pixels next to
 scores) stays float, its inputs each on their own scale. Weights are int8,
 symmetric, per output channel (:func:`weight_axis`; MatMul per tensor), scale max|w| / 127 or
 the MSE-best clipping (:func:`quantize_weight`).
+
+*Linear* scope (``linear=True``, attention models: :func:`attention_like`): only MatMul/Gemm
+with constant weights are quantized -- their input (Q -> DQ for them alone; the residual stream
+and every other reader keep the float tensor) and their weight, per output column -- and their
+output stays float (onnxruntime's MatMulIntegerToFloat / QGemm); attention MatMuls of two
+activations, Softmax, LayerNorm, GELU and the residual Adds stay float.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ __all__ = [
     "COMPUTE_OPS",
     "WEIGHTED_OPS",
     "QuantPlan",
+    "attention_like",
     "plan_quantization",
     "quantize_weight",
     "stem_layers",
@@ -96,6 +103,7 @@ class QuantPlan:
     float_out: set[str]  # outputs of Gemm/MatMul left float
     inputs: dict[str, tuple[str, str]]  # Conv/Gemm node name -> (float input, quantized input)
     float_concat: dict[str, str] = dataclasses.field(default_factory=dict)  # output -> why
+    linear: bool = False  # linear scope: Q -> DQ reaches the planned readers only
 
     def params(self, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Each quantized tensor's range: its source's, unified over a Concat, shared through
@@ -201,9 +209,14 @@ def plan_quantization(
     exclude: set[str],
     exclude_types: set[str],
     dtypes: dict[str, ir.DataType] | None = None,
+    *,
+    linear: bool = False,
 ) -> tuple[QuantPlan, list[tuple[ir.Node, str]]]:
     """Decides what to quantize (no change to the model). Returns the plan and refusals.
-    ``dtypes`` (value -> element type, e.g. inferred) completes the types the model leaves out."""
+    ``dtypes`` (value -> element type, e.g. inferred) completes the types the model leaves out;
+    ``linear``: the linear scope (module docstring)."""
+    if linear:
+        return _linear_plan(model, exclude, exclude_types, dtypes or {})
     refused = []
     nodes, tensors, share, concat, fused = [], {}, {}, [], []
     inputs: dict[str, tuple[str, str]] = {}
@@ -264,6 +277,36 @@ def plan_quantization(
             tensors.pop(node.outputs[0].name, None)
             fused = [(n, a) for n, a in fused if n is not node]
     return QuantPlan(nodes, tensors, share, concat, fused, float_out, inputs), refused
+
+
+def _linear_plan(model, exclude, exclude_types, dtypes) -> tuple[QuantPlan, list]:
+    """The linear scope's plan: MatMul/Gemm with constant weights, float outputs."""
+    nodes, tensors, refused = [], {}, []
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.name in exclude or node.op_type in exclude_types:
+            refused.append((node, "excluded by option"))
+        elif const_array(node.inputs[1]) is None:
+            refused.append((node, "MatMul of two activations (attention) left float"))
+        elif reason := _weight_refusal(node) or _not_float(node, dtypes):
+            refused.append((node, reason))
+        else:
+            nodes.append(node)
+            tensors.setdefault(node.inputs[0].name, node.inputs[0].name)
+    inputs = {n.name: (n.inputs[0].name, n.inputs[0].name) for n in nodes if n.op_type == "Gemm"}
+    float_out = {n.outputs[0].name for n in nodes}
+    return QuantPlan(nodes, tensors, {}, [], [], float_out, inputs, linear=True), refused
+
+
+def attention_like(model: ir.Model) -> bool:
+    """A transformer-style graph: a LayerNormalization, or a MatMul of two activations."""
+    for node in model.graph:
+        if node.op_type == "LayerNormalization":
+            return True
+        if node.op_type == "MatMul" and all(const_array(v) is None for v in node.inputs[:2]):
+            return True
+    return False
 
 
 def _not_float(node: ir.Node, dtypes: dict[str, ir.DataType]) -> str | None:
@@ -342,8 +385,11 @@ def weight_scale(w: np.ndarray, axis: int | None, method: str = "minmax", pairs=
     return np.float32(amax if amax > 0 else 1.0)
 
 
-def weight_axis(node: ir.Node) -> int | None:
-    """Output-channel axis of the weight of a quantized node (None: per-tensor)."""
+def weight_axis(node: ir.Node, matmul_columns: bool = False) -> int | None:
+    """Output-channel axis of the weight of a quantized node (None: per-tensor); a 2-D MatMul
+    weight per column with ``matmul_columns`` (the linear scope: MatMulIntegerToFloat)."""
+    if node.op_type == "MatMul" and matmul_columns and len(node.inputs[1].shape or ()) == 2:
+        return 1
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":

@@ -114,7 +114,7 @@ class Calibrate(Step):
             sources,
             data,
             n,
-            p.calibration,
+            state.calibration,
             p.percentile,
             p.cascade_rounds,
             shared_downstream=shared,

@@ -5,7 +5,8 @@ saturation at zero point 0 is the ReLU); then each weighted layer's weight becom
 W -> Q -> DQ per output channel (:func:`~onnxshrink.passes.quantize.weights.int8_weights`, bias
 corrected by ``weights`` / ``full``); then every planned tensor gets Q -> DQ with
 scale = (hi − lo) / 255, zero point = round(−lo / scale) (uint8; int8 symmetric around it),
-tensors with equal parameters sharing one scale/zero-point pair; layers left float get a
+tensors with equal parameters sharing one scale/zero-point pair (in the linear scope, the
+dequantized tensor reaches the quantized layers alone); layers left float get a
 per-channel DQ so onnxruntime keeps them float (:func:`onnxshrink.analysis.qdq.shield_float_layer`).
 """
 
@@ -70,8 +71,9 @@ def rewrite(
         if (node := values[out].producer()) is not None:
             log.skip(node, why)
     shared: dict[tuple[float, int], tuple[ir.Value, ir.Value]] = {}
+    readers = {id(n) for n in plan.nodes} if plan.linear else None
     for t in plan.tensors:
-        _insert(graph, values[t], *qp[t], shared)
+        _insert(graph, values[t], *qp[t], shared, readers)
     for node in list(graph):  # layers left float must stay float in onnxruntime too
         what, refusal = shield_float_layer(graph, node)
         if what:
@@ -83,7 +85,7 @@ def rewrite(
 def _quantize_weights(p, state, graph, node, mu, delta, log: Log, moved) -> None:
     w = const_array(node.inputs[1])
     scale, zp, deq, resolved = int8_weights(p, state, graph, node, w, delta, moved)
-    axis = weight_axis(node)
+    axis = weight_axis(node, state.plan.linear)
     base = node.name or node.op_type
     s_val = _scalar_init(graph, f"{base}.weight_scale", scale)
     z_val = _scalar_init(graph, f"{base}.weight_zero_point", zp)
@@ -111,9 +113,10 @@ def _quantize_weights(p, state, graph, node, mu, delta, log: Log, moved) -> None
     log.change(f"{base}: weights int8 {kind}{how}", node.name)
 
 
-def _insert(graph, value: ir.Value, scale, zp, shared: dict) -> None:
-    """Q -> DQ after ``value``; tensors with equal parameters share one scale/zero point
-    initializer pair (so a scale-preserving op visibly reads and writes the same scale)."""
+def _insert(graph, value: ir.Value, scale, zp, shared: dict, readers: set[int] | None) -> None:
+    """Q -> DQ after ``value`` (for the nodes in ``readers`` alone, when given); tensors with
+    equal parameters share one scale/zero point initializer pair (so a scale-preserving op
+    visibly reads and writes the same scale)."""
     base = value.name
     key = (float(scale), int(zp))
     if key not in shared:
@@ -131,8 +134,9 @@ def _insert(graph, value: ir.Value, scale, zp, shared: dict) -> None:
     dq.name = unique_name(graph, f"{base}.dequantized")
     if value.dtype is not None:
         dq.dtype = value.dtype
-    insert_after_value(graph, value, [q_node, dq_node], dq)
-    if value.is_graph_output():  # the dequantized tensor takes the output's name and type
+    insert_after_value(graph, value, [q_node, dq_node], dq, readers)
+    if value.is_graph_output() and readers is None:
+        # the dequantized tensor takes the output's name and type
         dq.type, dq.shape = value.type, value.shape
         idx = [i for i, o in enumerate(graph.outputs) if o is value]
         name = value.name

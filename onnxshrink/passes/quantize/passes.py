@@ -1,7 +1,7 @@
 """The ``insert-qdq`` and ``quantize`` passes: calibrated int8 QDQ as a declared sequence of steps.
 
-``insert-qdq`` runs :data:`STEPS` in order -- plan, balance, calibrate, round weights, mixed
-precision, bias probes, insert Q/DQ, empirical bias -- each a small step with one job (its
+``insert-qdq`` runs :data:`STEPS` in order -- plan, smooth, balance, calibrate, round weights,
+mixed precision, bias probes, insert Q/DQ, empirical bias -- each a small step with one job (its
 module states its rule and math) sharing a :class:`~onnxshrink.passes.quantize.state.QuantState`.
 ``quantize`` folds BatchNormalization first (a BN left in would stay float between a DQ and a Q)
 and folds the QDQ graph after (``fold-qdq``: weights stored as int8, int32 biases).
@@ -32,6 +32,7 @@ from onnxshrink.passes.quantize.fold import FoldQDQPass
 from onnxshrink.passes.quantize.insert import InsertQDQ
 from onnxshrink.passes.quantize.mixed import MixedPrecision
 from onnxshrink.passes.quantize.plan import PlanLayers
+from onnxshrink.passes.quantize.smooth import Smooth
 from onnxshrink.passes.quantize.state import QuantState, Step
 from onnxshrink.passes.quantize.weights import RoundWeights
 from onnxshrink.timing import phase
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 # the order matters: the saturated reference is taken before the rewrite changes the model
 STEPS: tuple[Step, ...] = (
     PlanLayers(),
+    Smooth(),
     Balance(),
     Calibrate(),
     RoundWeights(),
@@ -84,7 +86,7 @@ class InsertQDQPass(ShrinkPass):
     steps: ClassVar[tuple[Step, ...]] = STEPS
 
     activations: Literal["uint8", "int8"] = "uint8"
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
+    calibration: Literal["auto", "minmax", "percentile", "entropy", "mse"] = "auto"
     percentile: float = 99.99
     cascade_rounds: int = 6
     weights: Literal["minmax", "mse"] = "minmax"
@@ -94,6 +96,8 @@ class InsertQDQPass(ShrinkPass):
     balance_alpha: float = 0.5
     stem: Literal["auto", "float", "int8"] = "auto"
     cpu: Literal["any", "vnni", "auto"] = "any"
+    scope: Literal["auto", "all", "linear"] = "auto"
+    smooth: Literal["auto", "off"] = "auto"
     skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     exclude_types: tuple[str, ...] = ()
     samples: int = options.samples(128)

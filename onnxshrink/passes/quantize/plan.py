@@ -5,13 +5,15 @@ reading the model's image input (≤ 4 channels) and the depthwise Convs that al
 output -- stays float unless ``stem=int8`` (:func:`~onnxshrink.analysis.qplan.stem_layers`):
 onnxruntime's int8 kernels are slow on so few channels, and the image is not rounded.
 ``auto`` settings resolve here: with real data, empirical bias correction and Hessian-aware
-rounding; ``cpu=auto`` follows this machine's int8 kernels.
+rounding; ``cpu=auto`` follows this machine's int8 kernels; ``scope=auto`` is the linear scope
+(MatMul/Gemm alone, :mod:`onnxshrink.analysis.qplan`) on an attention model, else ``all``;
+``calibration=auto`` is minmax in the linear scope, else percentile.
 """
 
 from __future__ import annotations
 
 from onnxshrink import cpu as host
-from onnxshrink.analysis.qplan import WEIGHTED_OPS, plan_quantization, stem_layers
+from onnxshrink.analysis.qplan import WEIGHTED_OPS, attention_like, plan_quantization, stem_layers
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import inferred_dtypes
 from onnxshrink.passes.quantize.state import QuantState, Step
@@ -24,8 +26,11 @@ class PlanLayers(Step):
 
     def run(self, p, state: QuantState) -> None:
         state.dtypes = inferred_dtypes(state.model)  # shape arithmetic is int64: left alone
+        linear = p.scope == "linear" or (p.scope == "auto" and attention_like(state.model))
+        if linear:
+            p.details["scope"] = "linear" + (" (attention model)" if p.scope == "auto" else "")
         plan, refused = plan_quantization(
-            state.model, state.exclude, set(p.exclude_types), state.dtypes
+            state.model, state.exclude, set(p.exclude_types), state.dtypes, linear=linear
         )
         for node, reason in refused:
             p.skip(node, reason)
@@ -42,7 +47,7 @@ class PlanLayers(Step):
             p.details["float_stem"] = stem
             state.exclude |= set(stem)
             plan, _ = plan_quantization(
-                state.model, state.exclude, set(p.exclude_types), state.dtypes
+                state.model, state.exclude, set(p.exclude_types), state.dtypes, linear=linear
             )
         state.plan = plan
         if not plan.nodes:
@@ -63,4 +68,8 @@ class PlanLayers(Step):
             p.bias_correction if p.bias_correction != "auto" else ("empirical" if real else "off")
         )
         state.rounding = p.rounding if p.rounding != "auto" else ("hessian" if real else "nearest")
+        if p.calibration != "auto":
+            state.calibration = p.calibration
+        elif plan.linear:  # a transformer's rare large activations carry its output: not clipped
+            state.calibration = "minmax"
         state.safe = p.cpu == "any" or (p.cpu == "auto" and host.this_cpu().int8 != "exact")

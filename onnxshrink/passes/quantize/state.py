@@ -35,6 +35,7 @@ class QuantState:
     dtypes: dict[str, ir.DataType] | None = None  # value -> element type, inferred once
     bias_mode: str = "off"  # off | weights | full | empirical (``auto`` resolved)
     rounding: str = "nearest"  # nearest | hessian
+    calibration: str = "percentile"  # minmax | percentile | entropy | mse (``auto`` resolved)
     safe: bool = True  # weights keep the pair rule (analysis.saturation)
     balance: list = dataclasses.field(default_factory=list)  # analysis.balance.BalancePair
     ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)

@@ -96,7 +96,7 @@ class RoundWeights(Step):
     @staticmethod
     def _round_layer(p, state: QuantState, node: ir.Node, H: np.ndarray) -> tuple:
         """(scale, int8 weights, bias or None, (error nearest, error Hessian)) of one layer."""
-        axis = weight_axis(node)
+        axis = weight_axis(node, state.plan.linear)
         w = const_array(node.inputs[1])
         scale = weight_scale(w, axis, p.weights, _pairs(state, node, w))
         q, b, errs, moved = round_int8(node, H, scale, axis, safe=state.safe)
@@ -124,7 +124,7 @@ def int8_weights(
 ) -> tuple[object, np.ndarray, np.ndarray, bool]:
     """(scale, zero point, dequantized weight, whether the bias was re-solved) of ``node``'s
     weight ``w``; a Hessian-rounded layer's weight and bias are written to the graph here."""
-    axis = weight_axis(node)
+    axis = weight_axis(node, state.plan.linear)
     preset = state.presets.get(node.name)
     if preset is not None:
         scale, q, b, _ = preset
