@@ -97,15 +97,30 @@ def _by_columns(fn, w: np.ndarray, *per_column) -> tuple | np.ndarray:
     return np.concatenate(parts)
 
 
-def block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None = None):
+def block_grid(
+    w: np.ndarray, bits: int, block: int, h: np.ndarray | None = None, symmetric: bool = False
+):
     """(scales, zero points) [N, blocks] of ``w`` [K, N]: per block, the range [lo, hi] ∋ 0
     shrunk by the share of :data:`CLIPS` that minimises Σ h_k (w_k − ŵ_k)² -- ``h`` the
     input's second moments (diag H, activation-aware: an input that is large costs more), or
-    1 without data."""
-    return _by_columns(lambda part: _block_grid(part, bits, block, h), w)
+    1 without data. ``symmetric``: z = 2^(bits−1) (MatMulNBits' default zero point) and
+    s = r·max|w| / d, d ∈ {2^(bits−1) − 1, 2^(bits−1)}, by the same criterion."""
+    return _by_columns(lambda part: _block_grid(part, bits, block, h, symmetric), w)
 
 
-def _block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None):
+def _candidates(lo0, hi0, bits: int, symmetric: bool):
+    """(scale, zero point) pairs tried per block: the range shrunk by each of :data:`CLIPS`."""
+    top, mid = 2**bits - 1, 2 ** (bits - 1)
+    amax = np.maximum(-lo0, hi0)
+    for r in CLIPS:
+        if not symmetric:
+            yield _grid(lo0 * r, hi0 * r, top)
+            continue
+        for d in (mid - 1, mid):
+            yield np.where(amax > 0, amax * r / d, 1.0), np.full(amax.shape, float(mid))
+
+
+def _block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None, symmetric: bool):
     wt = _pad(w, block)
     n, kp = wt.shape
     b = wt.reshape(n, kp // block, block)
@@ -114,8 +129,7 @@ def _block_grid(w: np.ndarray, bits: int, block: int, h: np.ndarray | None):
     lo0, hi0 = np.minimum(b.min(-1), 0.0), np.maximum(b.max(-1), 0.0)
     top = 2**bits - 1
     best, best_err = None, np.full(lo0.shape, np.inf)
-    for r in CLIPS:
-        scale, zp = _grid(lo0 * r, hi0 * r, top)
+    for scale, zp in _candidates(lo0, hi0, bits, symmetric):
         q = np.clip(np.round(b / scale[..., None]) + zp[..., None], 0, top)
         err = np.sum(hb * (b - (q - zp[..., None]) * scale[..., None]) ** 2, -1)
         better = err < best_err

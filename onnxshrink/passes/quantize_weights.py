@@ -9,7 +9,8 @@ h = 1 without data). With real data the codes are then rounded Hessian-aware (GP
 beats nearest rounding on held-out calibration samples
 (:mod:`onnxshrink.analysis.heldout_rounding`). Embedding tables become ``GatherBlockQuantized``
 with the same bits (:mod:`onnxshrink.passes.embeddings`). A Gemm's weight is α·B (Bᵀ when
-transB), β·C added after. Refused with a reason: non-float32 tensors, a weight shared with
+transB), β·C added after. ``symmetric=true``: every zero point 2^(bits−1), left out of the
+file (MatMulNBits' default). Refused with a reason: non-float32 tensors, a weight shared with
 another node, MatMuls of two activations, Gemm with transA or a non-constant C.
 """
 
@@ -76,6 +77,7 @@ class QuantizeWeightsPass(ShrinkPass):
     block: int = 32
     rounding: Literal["auto", "nearest", "hessian"] = "auto"
     embeddings: bool = True
+    symmetric: bool = False
     skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     samples: int = options.samples(128)
     floor: float | None = options.floor(0.9)
@@ -119,7 +121,7 @@ class QuantizeWeightsPass(ShrinkPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _nearest(self, w: np.ndarray, h):
-        scales, zps = nbits.block_grid(w, self.bits, self.block, h)
+        scales, zps = nbits.block_grid(w, self.bits, self.block, h, self.symmetric)
         return nbits.nearest_codes(w, scales, zps, self.bits, self.block), scales, zps
 
     def _hessian(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple]:
@@ -177,8 +179,11 @@ class QuantizeWeightsPass(ShrinkPass):
         (k, n), (b, s, z) = shape, packed
         base = node.name
         inputs = [node.inputs[0]]
+        if self.symmetric:  # every zero point is the op's default
+            z = z[:0]
         for arr, what in ((b, "weight_quantized"), (s, "weight_scale"), (z, "weight_zero_point")):
-            inputs.append(constant(graph, f"{base}.{what}", arr))
+            if arr.size:
+                inputs.append(constant(graph, f"{base}.{what}", arr))
         attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block}
         c = _bias(node)
         if c is not None:  # a Gemm's β·C, added after: Y = X·(α·B) + β·C

@@ -51,6 +51,31 @@ def test_onnxruntime_computes_the_nearest_codes_on_the_written_grid(bits, block,
     assert (w_bytes["bytes_before"], w_bytes["bytes_after"]) == (k * 24 * 4, packed)
 
 
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 96), (8, 16, 48)])
+def test_symmetric_codes_use_the_default_zero_point_onnxruntime_reads(bits, block, k):
+    model, w = _matmul(k, 24, seed=k)
+    out, modified, p = _quantize(model, bits=bits, block=block, symmetric=True)
+    assert modified and len(out.graph.node[0].input) == 3  # no zero points stored
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    b = next(v for name, v in init.items() if name.endswith("weight_quantized"))
+    s = next(v for name, v in init.items() if name.endswith("weight_scale"))
+    mid = np.full(s.shape, 2 ** (bits - 1), np.uint8)
+    codes = nbits.unpack_codes(b.reshape(24, -1), bits, k)
+    deq = nbits.dequantized(codes, s, mid, block, k)
+    amax = np.abs(w).reshape(k // block, block, 24).max(1).T  # [N, blocks]
+    assert np.all(s <= amax / (2 ** (bits - 1) - 1) + 1e-7)  # at most the full range
+    assert np.abs(deq - w).max() <= np.repeat(s, block, 1).T.max() * 2 ** (bits - 1)
+    x = rand(np.random.default_rng(1), 5, k)
+    got = ort_run(out, {"x": x}, optimize=True)[0]
+    np.testing.assert_allclose(got, x @ deq, rtol=1e-4, atol=1e-4)
+    asym, _, _ = _quantize(model, bits=bits, block=block)
+    err = {
+        "symmetric": np.abs(got - x @ w).mean(),
+        "asymmetric": np.abs(ort_run(asym, {"x": x}, optimize=True)[0] - x @ w).mean(),
+    }
+    assert err["asymmetric"] < err["symmetric"] < 3 * err["asymmetric"], err
+
+
 def test_hessian_rounding_lowers_the_output_error_on_unseen_rows():
     model, _ = _matmul(64, 32)
     specs = input_specs(ir.from_proto(model))
