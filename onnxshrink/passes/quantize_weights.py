@@ -10,7 +10,8 @@ beats nearest rounding on held-out calibration samples
 (:mod:`onnxshrink.analysis.heldout_rounding`). Embedding tables become ``GatherBlockQuantized``
 with the same bits (:mod:`onnxshrink.passes.embeddings`). A Gemm's weight is α·B (Bᵀ when
 transB), β·C added after. ``symmetric=true``: every zero point 2^(bits−1), left out of the
-file (MatMulNBits' default). Refused with a reason: non-float32 tensors, a weight shared with
+file (MatMulNBits' default); ``accuracy-level`` is the op's attribute (4: onnxruntime may
+quantize the activations to int8 per block to multiply). Refused with a reason: non-float32 tensors, a weight shared with
 another node, MatMuls of two activations, Gemm with transA or a non-constant C.
 """
 
@@ -78,6 +79,7 @@ class QuantizeWeightsPass(ShrinkPass):
     rounding: Literal["auto", "nearest", "hessian"] = "auto"
     embeddings: bool = True
     symmetric: bool = False
+    accuracy_level: int = 0
     skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     samples: int = options.samples(128)
     floor: float | None = options.floor(0.9)
@@ -89,6 +91,10 @@ class QuantizeWeightsPass(ShrinkPass):
         if self.block not in (16, 32, 64, 128, 256):
             raise OptionError(
                 f"pass '{self.name}': block must be 16, 32, 64, 128 or 256, got {self.block}"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OptionError(
+                f"pass '{self.name}': accuracy-level must be 0-4, got {self.accuracy_level}"
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -185,6 +191,8 @@ class QuantizeWeightsPass(ShrinkPass):
             if arr.size:
                 inputs.append(constant(graph, f"{base}.{what}", arr))
         attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block}
+        if self.accuracy_level:  # the compute type onnxruntime may use (4: int8 activations)
+            attrs["accuracy_level"] = self.accuracy_level
         c = _bias(node)
         if c is not None:  # a Gemm's β·C, added after: Y = X·(α·B) + β·C
             bias = const_array(c) * np.float32(node.attributes.get_float("beta", 1.0))

@@ -189,3 +189,20 @@ def test_a_gemm_becomes_matmulnbits_and_its_bias(rounding, alpha, beta):
     ref = ort_run(model, {"x": x})[0]
     cos = np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref)
     assert cos > 0.99
+
+
+def test_accuracy_level_4_is_written_and_onnxruntime_stays_close():
+    from onnxshrink.errors import OptionError
+
+    model, w = _matmul(128, 32, seed=3)
+    x = rand(np.random.default_rng(1), 8, 128)
+    exact, _, _ = _quantize(model)
+    fast, _, _ = _quantize(model, accuracy_level=4)
+    attrs = {a.name: a.i for a in fast.graph.node[0].attribute}
+    assert attrs["accuracy_level"] == 4
+    ref = ort_run(exact, {"x": x}, optimize=True)[0]  # same weights, float activations
+    got = ort_run(fast, {"x": x}, optimize=True)[0]
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < 0.02, rel  # int8 activations per block: ~1/254 of each block's range
+    with pytest.raises(OptionError, match="accuracy-level"):
+        QuantizeWeightsPass(accuracy_level=5)
