@@ -11,8 +11,9 @@ beats nearest rounding on held-out calibration samples
 with the same bits (:mod:`onnxshrink.passes.embeddings`). A Gemm's weight is α·B (Bᵀ when
 transB), β·C added after. ``symmetric=true``: every zero point 2^(bits−1), left out of the
 file (MatMulNBits' default); ``accuracy-level`` is the op's attribute (4: onnxruntime may
-quantize the activations to int8 per block to multiply). Refused with a reason: non-float32 tensors, a weight shared with
-another node, MatMuls of two activations, Gemm with transA or a non-constant C.
+quantize the activations to int8 per block to multiply). Refused with a reason: non-float32
+tensors, a weight shared with another node, MatMuls of two activations, Gemm with transA or a
+non-constant C.
 """
 
 from __future__ import annotations
