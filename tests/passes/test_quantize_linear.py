@@ -100,3 +100,33 @@ def test_scope_all_keeps_the_cnn_rule_on_an_attention_model():
     assert modified and "scope" not in p.details and "smoothing" not in p.details
     assert not any("attention" in s.reason for s in p.skipped)
     assert op_count(out, "QuantizeLinear") > 8  # Adds, Muls and attention MatMuls too
+
+
+def test_token_table_becomes_8_bit_rows_in_the_linear_scope():
+    from onnxshrink.data import Dataset, input_specs
+
+    rng = np.random.default_rng(5)
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N, 8] ids) => (float[N, 8, {H}] y) {{
+        e = Gather (table, ids)
+        a = LayerNormalization <axis = -1> (e, gamma, beta)
+        y = MatMul (a, w)
+    }}"""
+    table = rand(rng, 100, H)
+    inits = {
+        "table": table,
+        "gamma": rand(rng, H),
+        "beta": rand(rng, H, scale=0.1),
+        "w": rand(rng, H, H, scale=H**-0.5),
+    }
+    model = make_model(text, inits)
+    ids = rng.integers(0, 100, (32, 8))
+    data = Dataset({"ids": ids}, input_specs(ir.from_proto(model)), "test", is_random=False)
+    out, _, p = _quantize(model, data)
+    assert p.details["embeddings_int8"] == 1 and op_count(out, "GatherBlockQuantized") == 1
+    got = ort_run(out, {"ids": ids}, optimize=True)[0]
+    ref = ort_run(model, {"ids": ids})[0]
+    cos = np.sum(got * ref) / (np.linalg.norm(got) * np.linalg.norm(ref))
+    assert 0.999 < cos < 1.0, cos
+    kept, _, p_off = _quantize(model, data, embeddings=False)
+    assert "embeddings_int8" not in p_off.details and op_count(kept, "Gather") == 1

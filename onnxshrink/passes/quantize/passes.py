@@ -1,8 +1,9 @@
 """The ``insert-qdq`` and ``quantize`` passes: calibrated int8 QDQ as a declared sequence of steps.
 
 ``insert-qdq`` runs :data:`STEPS` in order -- plan, smooth, balance, calibrate, round weights,
-mixed precision, bias probes, insert Q/DQ, empirical bias -- each a small step with one job (its
-module states its rule and math) sharing a :class:`~onnxshrink.passes.quantize.state.QuantState`.
+mixed precision, bias probes, insert Q/DQ, empirical bias, embedding tables -- each a small step
+with one job (its module states its rule and math) sharing a
+:class:`~onnxshrink.passes.quantize.state.QuantState`.
 ``quantize`` folds BatchNormalization first (a BN left in would stay float between a DQ and a Q)
 and folds the QDQ graph after (``fold-qdq``: weights stored as int8, int32 biases).
 
@@ -34,6 +35,7 @@ from onnxshrink.passes.quantize.mixed import MixedPrecision
 from onnxshrink.passes.quantize.plan import PlanLayers
 from onnxshrink.passes.quantize.smooth import Smooth
 from onnxshrink.passes.quantize.state import QuantState, Step
+from onnxshrink.passes.quantize.tables import EmbeddingTables
 from onnxshrink.passes.quantize.weights import RoundWeights
 from onnxshrink.timing import phase
 
@@ -53,6 +55,7 @@ STEPS: tuple[Step, ...] = (
     SaturatedReference(),
     InsertQDQ(),
     EmpiricalBias(),
+    EmbeddingTables(),
 )
 
 
@@ -98,6 +101,7 @@ class InsertQDQPass(ShrinkPass):
     cpu: Literal["any", "vnni", "auto"] = "any"
     scope: Literal["auto", "all", "linear"] = "auto"
     smooth: Literal["auto", "off"] = "auto"
+    embeddings: bool = True
     skip_: tuple[str, ...] = options.layers()  # CLI name: skip (or exclude, its old name)
     exclude_types: tuple[str, ...] = ()
     samples: int = options.samples(128)
