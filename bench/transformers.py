@@ -127,6 +127,7 @@ def ours(model: Path, calib: Path, tmp: Path) -> dict[str, tuple[Path, float]]:
         "quantize-weights:rounding=nearest",
         "quantize-weights",
         "quantize-weights:block=128",
+        "quantize-weights:accuracy-level=4",
         "quantize:smooth=off",
         "quantize",
         "lowrank + quantize-dynamic",
