@@ -302,15 +302,22 @@ def test_smoothing_is_exact_in_float_by_mul_or_folded_into_the_layernorm():
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_smoothing_lowers_the_error_where_channels_are_outliers():
+def smoothing_errors(quantize) -> tuple[dict[str, float], object]:
+    """Squared output error on unseen rows of :func:`_outlier_block` quantized by ``quantize``
+    (``_quantize``'s signature) with smoothing off and auto; the pass of the second."""
     model = _outlier_block()
     data, _ = _data(model, n=64)
     x = np.random.default_rng(3).standard_normal((32, 8, H)).astype(np.float32)
     ref = ort_run(model, {"x": x})
     errs = {}
     for smooth in ("off", "auto"):
-        out, _, p = _quantize(model, data, smooth=smooth, rounding="nearest")
+        out, _, p = quantize(model, data, smooth=smooth, rounding="nearest")
         got = ort_run(out, {"x": x}, optimize=True)
         errs[smooth] = sum(float(np.mean((g - r) ** 2)) for g, r in zip(got, ref))
+    return errs, p
+
+
+def test_smoothing_lowers_the_error_where_channels_are_outliers():
+    errs, p = smoothing_errors(_quantize)
     assert set(p.details["smoothing"]) == {"a", "c"}  # both inputs, each its own α
     assert errs["auto"] < 0.5 * errs["off"], errs

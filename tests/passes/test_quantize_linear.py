@@ -12,7 +12,7 @@ from onnxshrink.analysis.saturation import unsafe_layers
 from onnxshrink.passes.base import PassContext
 from onnxshrink.passes.quantize import QuantizePass
 from tests.helpers import apply, make_model, op_count, ort_run, rand
-from tests.passes.test_quantize_dynamic import H, _block, _data, _fused_ops, _outlier_block
+from tests.passes.test_quantize_dynamic import H, _block, _data, _fused_ops, smoothing_errors
 
 
 def _quantize(model, data, **opts):
@@ -81,14 +81,7 @@ def test_matmul_within_its_rounding_bound_and_residual_exact():
 
 
 def test_smoothing_lowers_the_static_error_where_channels_are_outliers():
-    model = _outlier_block()
-    data, x = _data(model, n=64)
-    ref = ort_run(model, {"x": x})
-    errs = {}
-    for smooth in ("off", "auto"):
-        out, _, p = _quantize(model, data, smooth=smooth, rounding="nearest")
-        got = ort_run(out, {"x": x}, optimize=True)
-        errs[smooth] = sum(float(np.mean((g - r) ** 2)) for g, r in zip(got, ref))
+    errs, p = smoothing_errors(_quantize)
     assert set(p.details["smoothing"]) == {"a", "c"}
     assert errs["auto"] < 0.5 * errs["off"], errs
 
