@@ -287,7 +287,7 @@ def _linear_plan(model, exclude, exclude_types, dtypes) -> tuple[QuantPlan, list
             continue
         if node.name in exclude or node.op_type in exclude_types:
             refused.append((node, "excluded by option"))
-        elif const_array(node.inputs[1]) is None:
+        elif node.op_type == "MatMul" and const_array(node.inputs[1]) is None:
             refused.append((node, "MatMul of two activations (attention) left float"))
         elif reason := _weight_refusal(node) or _not_float(node, dtypes):
             refused.append((node, reason))

@@ -123,3 +123,14 @@ def test_token_table_becomes_8_bit_rows_in_the_linear_scope():
     assert 0.999 < cos < 1.0, cos
     kept, _, p_off = _quantize(model, data, embeddings=False)
     assert "embeddings_int8" not in p_off.details and op_count(kept, "Gather") == 1
+
+
+def test_mixed_precision_keeps_the_linear_scope(tmp_path):
+    model = _block(outlier=8.0)
+    data, x = _data(model)
+    out, modified, p = _quantize(model, data, min_fidelity=0.99999, max_float=2)
+    kept = [s.node for s in p.skipped if s.reason.startswith("kept float by mixed precision")]
+    assert modified and len(kept) == 2 and p.details["scope"] == "linear (attention model)"
+    assert _fused_ops(out, tmp_path).get("MatMulIntegerToFloat", 0) == 5 - len(kept)
+    got, ref = ort_run(out, {"x": x}, optimize=True)[0], ort_run(model, {"x": x})[0]
+    assert np.sum(got * ref) / (np.linalg.norm(got) * np.linalg.norm(ref)) > 0.999

@@ -35,13 +35,19 @@ class MixedPrecision(Step):
         if kept:  # the saturated reference the calibration sweep measured clipped them
             state.reference_moments = None
         state.plan, _ = plan_quantization(
-            state.model, state.exclude, set(p.exclude_types), state.dtypes
+            state.model,
+            state.exclude,
+            set(p.exclude_types),
+            state.dtypes,
+            linear=state.plan.linear,
         )
 
     @staticmethod
     def _variant(p, state: QuantState, exclude: set[str]) -> ir.Model:
         clone = state.model.clone()
-        plan, _ = plan_quantization(clone, exclude, set(p.exclude_types), state.dtypes)
+        plan, _ = plan_quantization(
+            clone, exclude, set(p.exclude_types), state.dtypes, linear=state.plan.linear
+        )
         rewrite(p, state, clone, plan, DISCARD, means=state.means, deltas=None, moved=None)
         FoldQDQPass().call(clone)
         return clone
