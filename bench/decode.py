@@ -3,13 +3,12 @@
 Generating text runs the model on one new token at a time, so every weight is read from memory
 once per token and barely reused: the regime where 4-bit weights pay. models/decoder.py's
 decoder (random weights, no KV cache: a step is the forward pass of one token) at ``--layers``
-x ``--hidden``; candidates: fp32, onnxruntime's ``MatMulNBitsQuantizer`` (default, block 32), ours
-``quantize-weights`` (block 32 with and without the embedding table, block 128, and at
-accuracy level 4). Columns: latency of one token
-at 1 and 2 threads as a ratio of fp32's (medians, interleaved, optimized sessions), file bytes
-as a ratio of fp32's, and the logits' agreement with fp32's on 16 random 32-token prompts
-(top-1 next token, mean cosine; ours calibrated on 32 other prompts) -- random weights: no
-task, the figure is agreement only.
+x ``--hidden``; candidates: fp32, onnxruntime's ``MatMulNBitsQuantizer`` (default, block 32),
+ours ``quantize-weights`` (block 32 with and without the embedding table, block 128, and at
+accuracy level 4). Columns: latency of one token at 1 and 2 threads as a ratio of fp32's
+(medians, interleaved, optimized sessions), file bytes as a ratio of fp32's, and the logits'
+agreement with fp32's on 16 random 32-token prompts (top-1 next token, mean cosine; ours
+calibrated on 32 other prompts) -- random weights: no task, the figure is agreement only.
 
     python bench/decode.py [--layers 4] [--hidden 1024]
 """
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cpu_line, session
+from common import agreement, cpu_line, session
 
 import onnxshrink
 from onnxshrink import runtime
@@ -102,11 +101,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- |")
         for key, (path, seconds) in candidates.items():
             got = session(path, threads=2).run(None, prompts)[0]
-            top1 = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-            a, b = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-            cos = float(
-                np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-            )
+            top1, cos = agreement(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]))
             print(
                 f"| {key} | {ms[1][key] / ms[1]['fp32']:.2f} / {ms[2][key] / ms[2]['fp32']:.2f} "
                 f"| {size(path) / size(fp32):.3f} | {top1:.3f} / {cos:.4f} | {seconds:.1f} |"
