@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxshrink.analysis.qplan import COMPUTE_OPS, plan_quantization
+from onnxshrink.analysis.qplan import COMPUTE_OPS
 from onnxshrink.passes.quantize.fold import FoldQDQPass
 from onnxshrink.passes.quantize.insert import rewrite
 from onnxshrink.passes.quantize.state import DISCARD, QuantState, Step
@@ -34,20 +34,12 @@ class MixedPrecision(Step):
         state.exclude |= set(kept)
         if kept:  # the saturated reference the calibration sweep measured clipped them
             state.reference_moments = None
-        state.plan, _ = plan_quantization(
-            state.model,
-            state.exclude,
-            set(p.exclude_types),
-            state.dtypes,
-            linear=state.plan.linear,
-        )
+        state.plan, _ = state.make_plan(p)
 
     @staticmethod
     def _variant(p, state: QuantState, exclude: set[str]) -> ir.Model:
         clone = state.model.clone()
-        plan, _ = plan_quantization(
-            clone, exclude, set(p.exclude_types), state.dtypes, linear=state.plan.linear
-        )
+        plan, _ = state.make_plan(p, clone, exclude)
         rewrite(p, state, clone, plan, DISCARD, means=state.means, deltas=None, moved=None)
         FoldQDQPass().call(clone)
         return clone

@@ -13,7 +13,7 @@ rounding; ``cpu=auto`` follows this machine's int8 kernels; ``scope=auto`` is th
 from __future__ import annotations
 
 from onnxshrink import cpu as host
-from onnxshrink.analysis.qplan import WEIGHTED_OPS, attention_like, plan_quantization, stem_layers
+from onnxshrink.analysis.qplan import WEIGHTED_OPS, attention_like, stem_layers
 from onnxshrink.errors import OptionError
 from onnxshrink.irtools import inferred_dtypes
 from onnxshrink.passes.quantize.state import QuantState, Step
@@ -26,12 +26,10 @@ class PlanLayers(Step):
 
     def run(self, p, state: QuantState) -> None:
         state.dtypes = inferred_dtypes(state.model)  # shape arithmetic is int64: left alone
-        linear = p.scope == "linear" or (p.scope == "auto" and attention_like(state.model))
-        if linear:
+        state.linear = p.scope == "linear" or (p.scope == "auto" and attention_like(state.model))
+        if state.linear:
             p.details["scope"] = "linear" + (" (attention model)" if p.scope == "auto" else "")
-        plan, refused = plan_quantization(
-            state.model, state.exclude, set(p.exclude_types), state.dtypes, linear=linear
-        )
+        plan, refused = state.make_plan(p)
         for node, reason in refused:
             p.skip(node, reason)
         stem = (
@@ -46,9 +44,7 @@ class PlanLayers(Step):
                 )
             p.details["float_stem"] = stem
             state.exclude |= set(stem)
-            plan, _ = plan_quantization(
-                state.model, state.exclude, set(p.exclude_types), state.dtypes, linear=linear
-            )
+            plan, _ = state.make_plan(p)
         state.plan = plan
         if not plan.nodes:
             state.done = True

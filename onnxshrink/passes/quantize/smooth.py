@@ -10,7 +10,6 @@ since a Mul put in front of the layers is the tensor they now read.
 
 from __future__ import annotations
 
-from onnxshrink.analysis.qplan import plan_quantization
 from onnxshrink.passes.quantize.state import QuantState, Step
 from onnxshrink.passes.quantize_smooth import smooth_inputs
 
@@ -30,6 +29,4 @@ class Smooth(Step):
         for name, r in chosen.items():
             p.change(f"smoothed {name} (alpha {r['alpha']:g}, {r['how']})")
         if chosen:
-            state.plan, _ = plan_quantization(
-                state.model, state.exclude, set(p.exclude_types), state.dtypes, linear=True
-            )
+            state.plan, _ = state.make_plan(p)

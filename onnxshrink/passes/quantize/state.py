@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.qplan import QuantPlan
+from onnxshrink.analysis.qplan import QuantPlan, plan_quantization
 from onnxshrink.passes.base import DISCARD, Log
 
 __all__ = ["DISCARD", "Log", "QuantState", "Step"]
@@ -31,6 +31,7 @@ class QuantState:
     data: Any  # onnxshrink.data.Dataset
     workdir: Path
     exclude: set[str]
+    linear: bool = False  # the linear scope (analysis.qplan): MatMul/Gemm alone
     plan: QuantPlan | None = None
     dtypes: dict[str, ir.DataType] | None = None  # value -> element type, inferred once
     bias_mode: str = "off"  # off | weights | full | empirical (``auto`` resolved)
@@ -50,6 +51,19 @@ class QuantState:
     grams: Any = None  # onnxshrink.analysis.rounding.Grams of the layers Hessian rounding steers
     done: bool = False  # nothing (more) to do: the steps after are not run
     modified: bool = False  # Q/DQ inserted
+
+    def make_plan(
+        self, p, model: ir.Model | None = None, exclude: set[str] | None = None
+    ) -> tuple[QuantPlan, list]:
+        """The plan (and refusals) of ``model`` (the state's) without ``exclude`` (the state's),
+        in this run's scope: made again after a step changes either."""
+        return plan_quantization(
+            self.model if model is None else model,
+            self.exclude if exclude is None else exclude,
+            set(p.exclude_types),
+            self.dtypes,
+            linear=self.linear,
+        )
 
 
 class Step:
