@@ -1,0 +1,1 @@
+"""Block-wise reconstruction on PyTorch (the ``reconstruct`` extra): blocks, ops, training."""

@@ -1,0 +1,217 @@
+"""ONNX ops as PyTorch functions: a small table for the blocks ``reconstruct`` trains.
+
+Each entry takes the node and its inputs (torch tensors; None for an omitted optional input)
+and returns its outputs, computing what the ONNX operator computes in float32 -- Conv with
+explicit pads (asymmetric ones through ``F.pad``), groups, strides and dilations; Gemm with
+alpha, beta and transposes; Clip with its min/max inputs; Flatten and Reshape with ONNX's
+axis and 0-means-copy rules. tests/test_torch_ops.py checks every entry against onnxruntime
+to 1e-5. An op that is not here, or an attribute form an entry does not handle (``auto_pad``,
+Reshape's ``allowzero``), raises :class:`Unsupported`: the block is left as it is, with that
+reason. This is not a general converter: it covers the ops of convolutional classifiers and
+of the MLPs in transformer layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+__all__ = ["OPS", "Unsupported", "run_node"]
+
+
+class Unsupported(Exception):
+    """An op (or an attribute form of it) the table does not compute."""
+
+
+def _ints(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else list(attr.as_ints())
+
+
+def _spatial(node: ir.Node, nd: int):
+    if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise Unsupported(f"{node.op_type} with auto_pad")
+    pads = _ints(node, "pads", [0] * 2 * nd)
+    strides = _ints(node, "strides", [1] * nd)
+    dilations = _ints(node, "dilations", [1] * nd)
+    return pads, strides, dilations
+
+
+def _pad(x, pads: list[int], value: float = 0.0):
+    """ONNX pads [b1, b2, .., e1, e2, ..] in front: ``F.pad`` takes the last axis first."""
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    flat = [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
+    return F.pad(x, flat, value=value)
+
+
+def _conv(node, x, w, b=None):
+    nd = w.dim() - 2
+    if nd not in (1, 2, 3):
+        raise Unsupported(f"Conv over {nd} spatial axes")
+    pads, strides, dilations = _spatial(node, nd)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    group = node.attributes.get_int("group", 1)
+    return [conv(_pad(x, pads), w, b, strides, 0, dilations, group)]
+
+
+def _gemm(node, a, b, c=None):
+    if node.attributes.get_int("transA", 0):
+        a = a.t()
+    if node.attributes.get_int("transB", 0):
+        b = b.t()
+    y = node.attributes.get_float("alpha", 1.0) * (a @ b)
+    if c is not None:
+        y = y + node.attributes.get_float("beta", 1.0) * c
+    return [y]
+
+
+def _clip(node, x, lo=None, hi=None):
+    if node.attributes.get("min") is not None or node.attributes.get("max") is not None:
+        raise Unsupported("Clip with min/max attributes (opset < 11)")
+    return [torch.clamp(x, lo, hi)]
+
+
+def _pool(node, x):
+    nd = x.dim() - 2
+    kernel = _ints(node, "kernel_shape")
+    pads, strides, dilations = _spatial(node, nd)
+    if node.attributes.get_int("ceil_mode", 0):
+        raise Unsupported(f"{node.op_type} with ceil_mode")
+    if node.op_type == "MaxPool":
+        if len(node.outputs) > 1 and node.outputs[1].name:
+            raise Unsupported("MaxPool with indices")
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        return [pool(_pad(x, pads, float("-inf")), kernel, strides, 0, dilations)]
+    if any(d != 1 for d in dilations):
+        raise Unsupported("AveragePool with dilations")
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    if not node.attributes.get_int("count_include_pad", 0) and any(pads):
+        ones = _pad(torch.ones_like(x[:1, :1]), pads)
+        return [pool(_pad(x, pads), kernel, strides) / pool(ones, kernel, strides)]
+    return [pool(_pad(x, pads), kernel, strides)]
+
+
+def _flatten(node, x):
+    axis = node.attributes.get_int("axis", 1) % max(x.dim(), 1)
+    lead = int(np.prod(x.shape[:axis])) if axis else 1
+    return [x.reshape(lead, -1)]
+
+
+def _reshape(node, x, shape):
+    if node.attributes.get_int("allowzero", 0):
+        raise Unsupported("Reshape with allowzero")
+    dims = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(shape.tolist())]
+    return [x.reshape(dims)]
+
+
+def _batchnorm(node, x, scale, bias, mean, var):
+    eps = node.attributes.get_float("epsilon", 1e-5)
+    if len([o for o in node.outputs if o.name]) > 1:
+        raise Unsupported("BatchNormalization in training mode")
+    return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)]
+
+
+def _layernorm(node, x, scale, bias=None):
+    axis = node.attributes.get_int("axis", -1) % x.dim()
+    eps = node.attributes.get_float("epsilon", 1e-5)
+    return [F.layer_norm(x, x.shape[axis:], scale, bias, eps)]
+
+
+def _gelu(node, x):
+    return [F.gelu(x, approximate=node.attributes.get_string("approximate", "none"))]
+
+
+def _hardsigmoid(node, x):
+    alpha = node.attributes.get_float("alpha", 0.2)
+    beta = node.attributes.get_float("beta", 0.5)
+    return [torch.clamp(alpha * x + beta, 0.0, 1.0)]
+
+
+def _softmax(node, x):
+    return [torch.softmax(x, node.attributes.get_int("axis", -1))]
+
+
+def _concat(node, *xs):
+    return [torch.cat(xs, node.attributes.get_int("axis"))]
+
+
+def _transpose(node, x):
+    perm = _ints(node, "perm", list(reversed(range(x.dim()))))
+    return [x.permute(perm)]
+
+
+def _reduce_mean(node, x, axes=None):
+    if axes is None:
+        axes = _ints(node, "axes")
+    dims = list(range(x.dim())) if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+    return [x.mean(dims, keepdim=bool(node.attributes.get_int("keepdims", 1)))]
+
+
+def _constant(node):
+    attr = node.attributes.get("value")
+    if attr is None:
+        raise Unsupported("Constant without a tensor 'value'")
+    return [torch.from_numpy(np.array(attr.as_tensor().numpy()))]
+
+
+def _unary(f: Callable) -> Callable:
+    return lambda node, x: [f(x)]
+
+
+def _binary(f: Callable) -> Callable:
+    return lambda node, a, b: [f(a, b)]
+
+
+OPS: dict[str, Callable] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _binary(torch.matmul),
+    "Add": _binary(torch.add),
+    "Sub": _binary(torch.sub),
+    "Mul": _binary(torch.mul),
+    "Div": _binary(torch.div),
+    "Relu": _unary(torch.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "Erf": _unary(torch.erf),
+    "Sqrt": _unary(torch.sqrt),
+    "HardSwish": _unary(F.hardswish),
+    "HardSigmoid": _hardsigmoid,
+    "Gelu": _gelu,
+    "Clip": _clip,
+    "BatchNormalization": _batchnorm,
+    "LayerNormalization": _layernorm,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": lambda node, x: [x.mean(list(range(2, x.dim())), keepdim=True)],
+    "GlobalMaxPool": lambda node, x: [x.amax(list(range(2, x.dim())), keepdim=True)],
+    "ReduceMean": _reduce_mean,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Concat": _concat,
+    "Softmax": _softmax,
+    "Identity": _unary(lambda x: x),
+    "Constant": _constant,
+}
+
+
+def run_node(node: ir.Node, inputs: list) -> list:
+    """The node's outputs from its inputs (torch tensors, None where omitted)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+        raise Unsupported(f"no PyTorch form for {node.domain or 'ai.onnx'}::{node.op_type}")
+    if node.op_type == "Softmax" and _opset_below_13(node):
+        raise Unsupported("Softmax before opset 13 (coerced to 2-D)")
+    return OPS[node.op_type](node, *inputs)
+
+
+def _opset_below_13(node: ir.Node) -> bool:
+    graph = node.graph
+    model_opset = graph.opset_imports.get("", 13) if graph is not None else 13
+    return (node.version or model_opset) < 13
