@@ -416,6 +416,8 @@ def test_shared_options_are_range_checked_in_every_pass_that_declares_them():
 
     bad = {"floor": "1.5", "ridge": "-1", "samples": "0", "rank": "0", "energy": "2"}
     bad |= {"speedup": "1", "target-macs": "1", "min-fidelity": "0"}
+    bad |= {"iterations": "0", "time-budget": "0", "lr": "0", "batch": "0", "span": "0"}
+    bad |= {"heldout": "1"}
     checked = 0
     for name, cls in REGISTRY.items():
         for f in dataclasses.fields(cls):

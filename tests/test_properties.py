@@ -40,6 +40,7 @@ PASS_SPECS = {
     "cluster": "cluster:bits=4,min-size=16",
     "distill": "distill",
     "sparsify": "sparsify:sparsity=0.5,min-size=16,floor=0",
+    "reconstruct": "reconstruct:iterations=20,batch=4",  # needs torch: skipped without it
 }
 PIPELINES = {
     "default": ["simplify", "fold-batchnorm"],
@@ -52,7 +53,17 @@ PIPELINES = {
         "distill",
         "cluster:bits=6,min-size=16",
     ],
+    "prune+reconstruct": [
+        "fold-batchnorm",
+        "prune:ratio=0.3,min-channels=1,round=0",
+        "reconstruct:iterations=20,batch=4",
+    ],
 }
+
+
+def _needs(specs: list[str]) -> None:
+    if any(s.startswith("reconstruct") for s in specs):
+        pytest.importorskip("torch")
 
 
 def test_every_registered_pass_is_covered():
@@ -139,6 +150,7 @@ _ACTS_ALONE = {
 
 @pytest.mark.parametrize("name", sorted(PASS_SPECS))
 def test_pass_keeps_generated_models_valid(name):
+    _needs([PASS_SPECS[name]])
     statuses: list[str] = []
 
     @given(net=cnn_models())
@@ -177,6 +189,7 @@ def test_transformer_layers_stay_valid(spec):
 @pytest.mark.parametrize("name", sorted(PIPELINES))
 @given(net=cnn_models())
 def test_pipeline_keeps_generated_models_valid(name, net):
+    _needs(PIPELINES[name])
     _check(net, PIPELINES[name])
 
 

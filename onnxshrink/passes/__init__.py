@@ -14,6 +14,7 @@ from onnxshrink.passes.prune_kernel import PruneKernelPass
 from onnxshrink.passes.quantize import FoldQDQPass, InsertQDQPass, QuantizePass
 from onnxshrink.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
+from onnxshrink.passes.reconstruct import ReconstructPass
 from onnxshrink.passes.simplify import SimplifyPass
 from onnxshrink.passes.sparsify import SparsifyPass
 from onnxshrink.passes.tucker_conv import TuckerConvPass
@@ -38,6 +39,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
         FoldQDQPass,
         ClusterWeightsPass,
         DistillPass,
+        ReconstructPass,
     )
 }
 

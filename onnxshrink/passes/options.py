@@ -7,7 +7,8 @@ every declared range and the pass's ``one_of`` group (at most one of them set). 
 * layer selection -- ``skip`` / ``only``: node names (``exclude``, the old name, reads as skip);
 * re-fit -- ``refit`` (None: with real data), ``ridge`` ≥ 0, ``samples`` ≥ 1;
 * rank choice -- ``rank`` and ``energy`` in (0, 1], ``speedup`` > 1, ``target-macs`` in (0, 1);
-* fidelity -- ``floor`` in [0, 1] (None: no floor), ``min-fidelity`` in (0, 1].
+* fidelity -- ``floor`` in [0, 1] (None: no floor), ``min-fidelity`` in (0, 1];
+* training -- :func:`positive` (> 0: a step size, seconds), :func:`count` (iterations, batch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from onnxshrink.errors import OptionError
 
-__all__ = ["ALIASES", "check", "floor", "layers", "ridge", "samples", "share", "speedup"]
+__all__ = ["ALIASES", "check", "count", "floor", "layers", "positive", "ridge", "samples", "share"]
+__all__ += ["speedup"]
 
 ALIASES = {"exclude": "skip"}  # old option name -> its name now
 
@@ -54,6 +56,16 @@ def share(default: float | None = None, *, closed: bool = True) -> Any:
 
 def speedup(default: float | None = None) -> Any:
     return _ranged(default, lambda v: v > 1.0, "> 1")
+
+
+def positive(default: float | None) -> Any:
+    """A float > 0 (a step size, seconds)."""
+    return _ranged(default, lambda v: v > 0.0, "> 0")
+
+
+def count(default: int, least: int = 1) -> Any:
+    """An int >= ``least`` (iterations, a batch size)."""
+    return _ranged(default, lambda v: v >= least, f">= {least}")
 
 
 def check(p: Any) -> None:

@@ -1,0 +1,175 @@
+"""Block-wise reconstruction: fit each block of the compressed model to the original's output.
+
+The original model (the pipeline's input) is the teacher, the model being compressed the
+student. The student is cut into blocks between tensors both models have in the same shape
+(:mod:`onnxshrink.reconstruct.blocks`: residual blocks, MBConv blocks, single layers in a
+chain). Going from input to output, each block's float weights and biases are optimised by
+gradient descent (BRECQ, Li et al. 2021) so that, from the input the *student* computes
+(x̂, with the blocks before it already fitted), it reproduces the *teacher's* output:
+
+    θ = argmin mean ‖f̂_θ(x̂) − f(x)‖²   (Adam; early stopping on held-out samples)
+
+(:mod:`onnxshrink.reconstruct.train`). A block's new weights are kept only where they lower
+its held-out error. Runs on PyTorch, an optional extra (``pip install 'onnxshrink[reconstruct]'``).
+Blocks left alone, with the reason: an op the torch table lacks, no float weights of their own.
+Options: ``iterations`` (per block), ``time-budget`` (seconds, whole pass), ``lr``, ``batch``,
+``samples``, ``heldout`` (share of the samples for early stopping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.errors import OptionError
+from onnxshrink.passes import options
+from onnxshrink.passes.base import ShrinkPass
+
+__all__ = ["ReconstructPass", "torch_missing"]
+
+logger = logging.getLogger(__name__)
+
+
+def torch_missing() -> str | None:
+    """Why reconstruction cannot run here (PyTorch absent), or None."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "PyTorch is not installed: pip install 'onnxshrink[reconstruct]'"
+    return None
+
+
+def _shapes(model: ir.Model, names: list[str], data, workdir) -> dict[str, tuple]:
+    """Shapes (batch axis dropped) of the tensors ``names`` on one sample."""
+    from onnxshrink.calibrate import Probe
+
+    if not names:
+        return {}
+    with Probe(model, names, workdir) as probe:
+        got = next(probe.run(data.subset(slice(0, 1)), 1))
+    return {k: tuple(v.shape[1:]) for k, v in got.items()}
+
+
+@dataclasses.dataclass
+class ReconstructPass(ShrinkPass):
+    """Block-wise reconstruction: each block's weights fitted by gradient descent so that the
+    compressed model reproduces the original's block outputs (needs PyTorch)."""
+
+    name: ClassVar[str] = "reconstruct"
+    lossy: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = True
+    compare_to: ClassVar[str] = "improve"  # validated: the cosine with the original must not fall
+
+    iterations: int = options.count(300)  # per block
+    time_budget: float | None = options.positive(None)  # seconds, the whole pass
+    lr: float = options.positive(1e-3)  # a step, as a share of each tensor's RMS
+    batch: int = options.count(16)
+    samples: int = options.samples(1024, least=4)
+    heldout: float = options.share(0.2, closed=False)
+    span: int = options.count(3)  # blocks fitted together
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if reason := torch_missing():  # refused before any work, in one line
+            raise OptionError(f"pass 'reconstruct': {reason}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        teacher, data = self.context.original, self.context.data
+        if teacher is None or data is None:
+            raise OptionError("pass 'reconstruct' needs the original model and calibration data")
+        if not self.has_real_data:
+            self.skip("model", "random data: reconstructing on noise would fit the noise")
+            return ir.passes.PassResult(model, modified=False)
+        with self.scratch() as workdir:
+            blocks = self._blocks(model, teacher, data, workdir)
+            if not blocks:
+                return ir.passes.PassResult(model, modified=False)
+            results = self._fit_all(model, teacher, blocks, data)
+        self.details["blocks"] = results
+        return ir.passes.PassResult(model, modified=any(r["applied"] for r in results))
+
+    def _blocks(self, model, teacher, data, workdir):
+        """The blocks to fit, each with its torch module; the others skipped with the reason."""
+        from onnxshrink.calibrate import all_values
+        from onnxshrink.reconstruct.blocks import find_blocks, live_cuts, merge
+        from onnxshrink.reconstruct.torch_ops import Unsupported
+        from onnxshrink.reconstruct.train import TorchBlock
+
+        known = {v.name for v in all_values(teacher.graph)}
+        names = [v.name for _, v in live_cuts(model) if v.name in known]
+        shapes = _shapes(model, names, data, workdir)
+        found = find_blocks(model, shapes, _shapes(teacher, names, data, workdir))
+        found = merge(found, self.span)
+        self.details["partition"] = [b.name for b in found]
+        out = []
+        for block in found:
+            if not block.params:
+                self.skip(block.name, "no float weights of its own to fit")
+                continue
+            try:
+                out.append((block, TorchBlock(block)))
+            except Unsupported as e:
+                self.skip(block.name, f"not reconstructed: {e}")
+        return out
+
+    def _fit_all(self, model, teacher, blocks, data) -> list[dict]:
+        from onnxshrink.reconstruct.torch_ops import Unsupported
+        from onnxshrink.reconstruct.train import fit_block
+        from onnxshrink.sweep import Sweep
+
+        student = Sweep(model, [b.input.name for b, _ in blocks], data, self.samples)
+        target = iter(Sweep(teacher, [b.output.name for b, _ in blocks], data, self.samples))
+        task = self.task(f"{self.name}: {len(blocks)} blocks", self.iterations * len(blocks))
+        start, results = time.perf_counter(), []
+        values = {v.name: v for b, _ in blocks for v in b.params}
+        try:
+            for k, ((block, module), (_, x)) in enumerate(zip(blocks, student)):
+                _, y = next(target)
+                x, y = np.concatenate(x), np.concatenate(y)
+                held = max(1, round(len(x) * self.heldout))
+                budget = None
+                if self.time_budget is not None:
+                    left = self.time_budget - (time.perf_counter() - start)
+                    budget = max(left, 0.0) / (len(blocks) - k)
+                try:
+                    fit = fit_block(
+                        module, x, y, held, iterations=self.iterations, lr=self.lr,
+                        batch=self.batch, seconds=budget, progress=task,
+                    )  # fmt: skip
+                except Unsupported as e:
+                    self.skip(block.name, f"not reconstructed: {e}")
+                    task(self.iterations)
+                    continue
+                task(self.iterations - fit.steps)
+                results.append(self._apply(block, fit, values))
+        finally:
+            task.done()
+        return results
+
+    def _apply(self, block, fit, values: dict[str, ir.Value]) -> dict:
+        applied = fit.after < fit.before
+        if applied:
+            for name, arr in fit.weights.items():
+                values[name].const_value = ir.tensor(arr.astype(np.float32), name=name)
+            self.change(
+                f"{block.name}: held-out error {fit.before:.4g} -> {fit.after:.4g} "
+                f"({fit.steps} steps, {fit.seconds:.1f} s)"
+            )
+        else:
+            self.skip(block.name, "reconstruction did not lower the held-out error: kept")
+        return {
+            "block": block.name,
+            "nodes": len(block.nodes),
+            "params": len(block.params),
+            "heldout_error_before": fit.before,
+            "heldout_error_after": fit.after,
+            "steps": fit.steps,
+            "stopped": fit.stopped,
+            "seconds": round(fit.seconds, 2),
+            "applied": applied,
+        }

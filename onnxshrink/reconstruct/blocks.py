@@ -1,0 +1,145 @@
+"""Blocks: the regions of a compressed model between tensors it shares with the original.
+
+A *cut* is a point in the compressed (student) model's node order where exactly one computed
+tensor is live -- everything downstream depends on the inputs only through it -- and the
+original (teacher) model has a tensor of that name and shape. Between two consecutive cuts
+lies a block with one input and one output: in a residual network the cuts fall at the
+residual Adds (inside a block the skip tensor stays live), in a chain after every layer whose
+output kept its shape. Constants (initializers, Constant nodes, and what :func:`constant`
+sees through) never count as live. A block's *parameters* are the float initializers that
+only its Conv/ConvTranspose/Gemm/MatMul nodes read, as weights (input 1) or biases (input 2).
+
+    x ─ Conv ─ Clip ─ Conv ─ Clip ─ Conv ─ Add ─ y        cuts: x, y (the skip keeps x live)
+    └──────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.irtools import const_array
+
+__all__ = ["Block", "constant", "find_blocks", "live_cuts", "merge"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def constant(value: ir.Value) -> np.ndarray | None:
+    """The constant behind ``value`` (an initializer, a Constant node's tensor, through the
+    chains :func:`onnxshrink.irtools.const_array` follows), or None."""
+    arr = const_array(value)
+    if arr is not None:
+        return arr
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        return None if attr is None else attr.as_tensor().numpy()
+    return None
+
+
+@dataclasses.dataclass
+class Block:
+    """Nodes ``nodes`` compute ``output`` from ``input`` (and constants); ``params``: the
+    initializers reconstruction may change."""
+
+    input: ir.Value
+    output: ir.Value
+    nodes: list[ir.Node]
+    params: list[ir.Value]
+
+    @property
+    def name(self) -> str:
+        return f"{self.input.name} -> {self.output.name}"
+
+
+def live_cuts(model: ir.Model) -> list[tuple[int, ir.Value]]:
+    """``(i, value)`` for each point after node ``i`` (-1: before the first) where ``value`` is
+    the only live computed tensor."""
+    nodes = list(model.graph)
+    end = len(nodes)
+    last: dict[int, int] = {}  # id(value) -> index of its last reader (end: a graph output)
+    for i, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is not None:
+                last[id(v)] = i
+    for v in model.graph.outputs:
+        last[id(v)] = end
+    live: dict[int, ir.Value] = {}
+    cuts = []
+    for v in model.graph.inputs:
+        if v.const_value is None and last.get(id(v), -1) >= 0:
+            live[id(v)] = v
+    if len(live) == 1:
+        cuts.append((-1, *live.values()))
+    for i, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is not None and last.get(id(v)) == i:
+                live.pop(id(v), None)
+        if node.op_type != "Constant":
+            for v in node.outputs:
+                if last.get(id(v), -1) > i and constant(v) is None:
+                    live[id(v)] = v
+        if len(live) == 1 and i < end - 1:
+            cuts.append((i, *live.values()))
+    outputs = [v for v in model.graph.outputs if v.producer() is not None]
+    if len(model.graph.outputs) == 1 and outputs:
+        cuts.append((end - 1, outputs[0]))
+    return cuts
+
+
+def _params(nodes: list[ir.Node]) -> list[ir.Value]:
+    inside = {id(n) for n in nodes}
+    out: dict[int, ir.Value] = {}
+    for node in nodes:
+        if node.op_type not in _WEIGHTED or node.domain not in ("", "ai.onnx"):
+            continue
+        for v in node.inputs[1:3]:
+            if v is None or v.const_value is None or v.dtype != ir.DataType.FLOAT:
+                continue
+            if all(id(user) in inside for user in v.consumers()) and v not in out.values():
+                out[id(v)] = v
+    return list(out.values())
+
+
+def find_blocks(
+    model: ir.Model, shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]
+) -> list[Block]:
+    """The blocks between consecutive cuts whose tensor the teacher has in the same shape
+    (``shapes``: the student's tensor shapes on one sample, ``teacher_shapes`` the teacher's)."""
+    nodes = list(model.graph)
+    cuts = [
+        (i, v)
+        for i, v in live_cuts(model)
+        if v.name in teacher_shapes and shapes.get(v.name) == teacher_shapes[v.name]
+    ]
+    blocks = []
+    for (a, x), (b, y) in zip(cuts, cuts[1:]):
+        inner = nodes[a + 1 : b + 1]
+        blocks.append(Block(x, y, inner, _params(inner)))
+    return blocks
+
+
+def merge(blocks: list[Block], span: int) -> list[Block]:
+    """Consecutive blocks joined ``span`` at a time (a block without parameters joins the next
+    without counting): a larger block can correct upstream errors its residual path carries."""
+    out: list[Block] = []
+    run: list[Block] = []
+    for block in blocks:
+        run.append(block)
+        if sum(bool(b.params) for b in run) >= span:
+            out.append(_join(run))
+            run = []
+    if run:
+        out.append(_join(run))
+    return out
+
+
+def _join(run: list[Block]) -> Block:
+    nodes = [n for b in run for n in b.nodes]
+    return Block(run[0].input, run[-1].output, nodes, [p for b in run for p in b.params])
