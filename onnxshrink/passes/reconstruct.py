@@ -1,19 +1,18 @@
 """Block-wise reconstruction: fit each block of the compressed model to the original's output.
 
-The original model (the pipeline's input) is the teacher, the model being compressed the
-student. The student is cut into blocks between tensors both models have in the same shape
-(:mod:`onnxshrink.reconstruct.blocks`: residual blocks, MBConv blocks, single layers in a
-chain). Going from input to output, each block's float weights and biases are optimised by
-gradient descent (BRECQ, Li et al. 2021) so that, from the input the *student* computes
-(x̂, with the blocks before it already fitted), it reproduces the *teacher's* output:
+The original model is the teacher, the model being compressed the student. The student is cut
+into blocks between tensors both models have in the same shape (:mod:`onnxshrink.reconstruct.
+blocks`: residual blocks, or layers in a chain; ``span`` of them fitted together). From input to
+output, each block's float weights and biases are optimised by gradient descent (BRECQ, Li et
+al. 2021) so that, from the input x̂ the *student* computes (earlier blocks already fitted), it
+reproduces the *teacher's* output (:mod:`onnxshrink.reconstruct.train`):
 
     θ = argmin mean ‖f̂_θ(x̂) − f(x)‖²   (Adam; early stopping on held-out samples)
 
-(:mod:`onnxshrink.reconstruct.train`). A block's new weights are kept only where they lower
-its held-out error. Runs on PyTorch, an optional extra (``pip install 'onnxshrink[reconstruct]'``).
-Blocks left alone, with the reason: an op the torch table lacks, no float weights of their own.
-Options: ``iterations`` (per block), ``time-budget`` (seconds, whole pass), ``lr``, ``batch``,
-``samples``, ``heldout`` (share of the samples for early stopping).
+New weights are kept only where they lower the block's held-out error. Left alone, with the
+reason: blocks holding an op the torch table lacks, or no float weights of their own. Needs
+PyTorch (``pip install 'onnxshrink[reconstruct]'``). Options: ``iterations`` (per block),
+``time-budget`` (seconds, whole pass), ``lr``, ``batch``, ``samples``, ``heldout``, ``span``.
 """
 
 from __future__ import annotations
@@ -85,6 +84,9 @@ class ReconstructPass(ShrinkPass):
         if not self.has_real_data:
             self.skip("model", "random data: reconstructing on noise would fit the noise")
             return ir.passes.PassResult(model, modified=False)
+        if min(data.n_samples, self.samples) < 4:
+            self.skip("model", "fewer than 4 calibration samples: nothing to hold out")
+            return ir.passes.PassResult(model, modified=False)
         with self.scratch() as workdir:
             blocks = self._blocks(model, teacher, data, workdir)
             if not blocks:
@@ -124,31 +126,43 @@ class ReconstructPass(ShrinkPass):
 
         student = Sweep(model, [b.input.name for b, _ in blocks], data, self.samples)
         target = iter(Sweep(teacher, [b.output.name for b, _ in blocks], data, self.samples))
-        task = self.task(f"{self.name}: {len(blocks)} blocks", self.iterations * len(blocks))
+        total = self.task(f"{self.name}: {len(blocks)} blocks", self.iterations * len(blocks))
         start, results = time.perf_counter(), []
         values = {v.name: v for b, _ in blocks for v in b.params}
         try:
             for k, ((block, module), (_, x)) in enumerate(zip(blocks, student)):
                 _, y = next(target)
                 x, y = np.concatenate(x), np.concatenate(y)
+                if block.channels is not None:  # a pruned tensor: the channels it kept
+                    y = np.ascontiguousarray(y[:, block.channels])
                 held = max(1, round(len(x) * self.heldout))
                 budget = None
                 if self.time_budget is not None:
                     left = self.time_budget - (time.perf_counter() - start)
                     budget = max(left, 0.0) / (len(blocks) - k)
+                one = self.task(
+                    f"  block {k + 1}/{len(blocks)} -> {block.output.name}", self.iterations
+                )
+
+                def advance(n: int = 1, one=one) -> None:
+                    one(n)
+                    total(n)
+
                 try:
                     fit = fit_block(
                         module, x, y, held, iterations=self.iterations, lr=self.lr,
-                        batch=self.batch, seconds=budget, progress=task,
+                        batch=self.batch, seconds=budget, progress=advance,
                     )  # fmt: skip
                 except Unsupported as e:
                     self.skip(block.name, f"not reconstructed: {e}")
-                    task(self.iterations)
+                    total(self.iterations)
                     continue
-                task(self.iterations - fit.steps)
+                finally:
+                    one.done()
+                total(self.iterations - fit.steps)
                 results.append(self._apply(block, fit, values))
         finally:
-            task.done()
+            total.done()
         return results
 
     def _apply(self, block, fit, values: dict[str, ir.Value]) -> dict:

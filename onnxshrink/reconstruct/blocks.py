@@ -2,7 +2,8 @@
 
 A *cut* is a point in the compressed (student) model's node order where exactly one computed
 tensor is live -- everything downstream depends on the inputs only through it -- and the
-original (teacher) model has a tensor of that name and shape. Between two consecutive cuts
+original (teacher) model has a tensor of that name and shape -- or, for a pruned tensor, the
+channels ``prune`` recorded it kept (:func:`kept_of`). Between two consecutive cuts
 lies a block with one input and one output: in a residual network the cuts fall at the
 residual Adds (inside a block the skip tensor stays live), in a chain after every layer whose
 output kept its shape. Constants (initializers, Constant nodes, and what :func:`constant`
@@ -21,13 +22,17 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.irtools import const_array
 
-__all__ = ["Block", "constant", "find_blocks", "live_cuts", "merge"]
+__all__ = ["Block", "constant", "find_blocks", "kept_of", "live_cuts", "merge"]
 
 logger = logging.getLogger(__name__)
 
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops whose output channel c comes from input channel c (or the same c of every input)
+_CHANNELWISE = ("Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish")
+_CHANNELWISE += ("LeakyRelu", "Identity", "MaxPool", "AveragePool", "BatchNormalization")
 
 
 def constant(value: ir.Value) -> np.ndarray | None:
@@ -43,6 +48,24 @@ def constant(value: ir.Value) -> np.ndarray | None:
     return None
 
 
+def kept_of(value: ir.Value) -> np.ndarray | None:
+    """The original channels (axis 1) a pruned tensor still has: the ``kept_channels`` mark of
+    the weight layer that made it, followed through channel-wise ops; None if unknown."""
+    for _ in range(64):
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.op_type in _WEIGHTED:
+            return marks.kept_channels(producer)
+        if producer.op_type not in _CHANNELWISE:
+            return None
+        inputs = [v for v in producer.inputs if v is not None and constant(v) is None]
+        if not inputs:
+            return None
+        value = inputs[0]
+    return None
+
+
 @dataclasses.dataclass
 class Block:
     """Nodes ``nodes`` compute ``output`` from ``input`` (and constants); ``params``: the
@@ -52,6 +75,7 @@ class Block:
     output: ir.Value
     nodes: list[ir.Node]
     params: list[ir.Value]
+    channels: np.ndarray | None = None  # the teacher's channels of ``output`` (None: all)
 
     @property
     def name(self) -> str:
@@ -102,7 +126,7 @@ def _params(nodes: list[ir.Node]) -> list[ir.Value]:
         for v in node.inputs[1:3]:
             if v is None or v.const_value is None or v.dtype != ir.DataType.FLOAT:
                 continue
-            if all(id(user) in inside for user in v.consumers()) and v not in out.values():
+            if all(id(user) in inside for user in v.consumers()):
                 out[id(v)] = v
     return list(out.values())
 
@@ -110,18 +134,24 @@ def _params(nodes: list[ir.Node]) -> list[ir.Value]:
 def find_blocks(
     model: ir.Model, shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]
 ) -> list[Block]:
-    """The blocks between consecutive cuts whose tensor the teacher has in the same shape
-    (``shapes``: the student's tensor shapes on one sample, ``teacher_shapes`` the teacher's)."""
+    """The blocks between consecutive cuts whose tensor the teacher has in the same shape, or
+    whose pruned channels are known (``shapes``: the student's tensor shapes on one sample,
+    without the batch axis; ``teacher_shapes`` the teacher's)."""
     nodes = list(model.graph)
-    cuts = [
-        (i, v)
-        for i, v in live_cuts(model)
-        if v.name in teacher_shapes and shapes.get(v.name) == teacher_shapes[v.name]
-    ]
+    cuts = []
+    for i, v in live_cuts(model):
+        mine, theirs = shapes.get(v.name), teacher_shapes.get(v.name)
+        if mine is None or theirs is None:
+            continue
+        if mine == theirs:
+            cuts.append((i, v, None))
+        elif (kept := kept_of(v)) is not None and len(mine) == len(theirs) >= 1:
+            if mine == (len(kept), *theirs[1:]) and kept.max() < theirs[0]:
+                cuts.append((i, v, kept))
     blocks = []
-    for (a, x), (b, y) in zip(cuts, cuts[1:]):
+    for (a, x, _), (b, y, kept) in zip(cuts, cuts[1:]):
         inner = nodes[a + 1 : b + 1]
-        blocks.append(Block(x, y, inner, _params(inner)))
+        blocks.append(Block(x, y, inner, _params(inner), kept))
     return blocks
 
 
@@ -142,4 +172,5 @@ def merge(blocks: list[Block], span: int) -> list[Block]:
 
 def _join(run: list[Block]) -> Block:
     nodes = [n for b in run for n in b.nodes]
-    return Block(run[0].input, run[-1].output, nodes, [p for b in run for p in b.params])
+    params = [p for b in run for p in b.params]
+    return Block(run[0].input, run[-1].output, nodes, params, run[-1].channels)

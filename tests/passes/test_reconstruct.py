@@ -64,6 +64,22 @@ def test_merge_joins_blocks_with_parameters():
     ]
 
 
+def test_a_pruned_tensor_is_a_cut_through_the_channels_prune_kept():
+    from onnxshrink import marks
+    from onnxshrink.reconstruct.blocks import find_blocks
+
+    model = _residual_model()
+    shapes = {n: (4, 6, 6) for n in ("x", "d", "e", "y")}
+    pruned = {**shapes, "e": (2, 6, 6), "y": (2, 6, 6)}  # the last conv kept 2 of 4 channels
+    assert [b.name for b in find_blocks(model, pruned, shapes)] == ["x -> d"]  # not recorded
+    conv = next(n for n in model.graph if n.outputs[0].name == "e")
+    marks.keep_channels(conv, np.array([0, 3]))
+    blocks = find_blocks(model, pruned, shapes)
+    assert [b.name for b in blocks] == ["x -> d", "d -> e", "e -> y"]
+    assert blocks[1].channels.tolist() == [0, 3]  # through the Conv's mark
+    assert blocks[2].channels.tolist() == [0, 3]  # and on through the Relu
+
+
 def _cosine(model, ref_model, x) -> float:
     a = ort_run(model, {"input": x})[0].astype(np.float64)
     b = ort_run(ref_model, {"input": x})[0].astype(np.float64)
@@ -87,17 +103,21 @@ def test_reconstruct_after_pruning_raises_fidelity_on_unseen_data(
     out, rep = onnxshrink.compress(original, [*base, spec], data=str(digits_calib), progress=False)
     rec = rep.passes[-1]
     assert rec.name == "reconstruct" and rec.status == "applied", rec
-    # ratio=0.8 prunes the residual stream too: its tensors change shape, so the only tensors
-    # both models have alike are the input and the logits -- one block, the whole network
-    assert rec.details["partition"] == ["input -> logits"]
+    # ratio=0.8 prunes the residual stream too: its tensors are cuts through the channels prune
+    # kept (8 blocks between the 9 cuts, fitted three at a time)
+    assert rec.details["partition"] == [
+        "input -> /2/2.1/BatchNormalization_output_0",
+        "/2/2.1/BatchNormalization_output_0 -> /5/Add_output_0",
+        "/5/Add_output_0 -> logits",
+    ]
     applied = [b for b in rec.details["blocks"] if b["applied"]]
-    assert len(applied) == 1
+    assert len(applied) >= 2
     assert all(b["heldout_error_after"] < b["heldout_error_before"] for b in applied)
     # on the 400 test digits (never calibrated on): closer to the original, and as accurate
     c0, c1 = _cosine(pruned, original, x), _cosine(out, original, x)
     g0, g1 = _agreement(pruned, original, x), _agreement(out, original, x)
-    assert c1 > c0 + 0.01, (c0, c1)  # measured on Zen 4: 0.886 -> 0.918
-    assert g1 > g0 + 0.01, (g0, g1)  # top-1 agreement with the original: 0.908 -> 0.940
+    assert c1 > c0 + 0.01, (c0, c1)  # measured on Zen 4: 0.886 -> 0.914
+    assert g1 > g0 + 0.01, (g0, g1)  # top-1 agreement with the original: 0.908 -> 0.930
 
 
 def test_reconstruct_on_an_unchanged_model_changes_nothing(digits_model, digits_calib):
