@@ -66,10 +66,38 @@ CASES = [
     _case("Transpose", [X4], perm=[0, 2, 3, 1]),
     _case("Concat", [X4, X4], axis=1),
     _case("Softmax", [(2, 5, 8)], opset=13, axis=1),
+    _case("QuantizeLinear", [X4], {1: np.float32(0.02), 2: np.uint8(128)}, out=TensorProto.UINT8),
+    _case("QuantizeLinear", [X4], {1: np.float32(0.005), 2: np.int8(3)}, out=TensorProto.INT8),
+    _case("QuantizeLinear", [X4], {1: np.float32(0.01)}, out=TensorProto.UINT8),  # no zero point
+    _case(
+        "DequantizeLinear",
+        [],
+        {
+            0: RNG.integers(-128, 128, (6, 3, 3, 3)).astype(np.int8),
+            1: np.abs(_w(6)) / 100,
+            2: np.zeros(6, np.int8),
+        },
+        axis=0,
+    ),
+    _case(
+        "DequantizeLinear",
+        [],
+        {0: RNG.integers(0, 256, X4).astype(np.uint8), 1: np.float32(0.03), 2: np.uint8(120)},
+    ),
+    _case(
+        "DequantizeLinear",
+        [],
+        {
+            0: RNG.integers(-9999, 9999, 6).astype(np.int32),
+            1: np.abs(_w(6)) / 1e4,
+            2: np.zeros(6, np.int32),
+        },
+        axis=0,
+    ),
 ]
 
 
-def _model(op, shapes, consts, opset, attrs):
+def _model(op, shapes, consts, opset, attrs, out=TensorProto.FLOAT):
     names = [f"in{i}" for i in range(len(shapes) + len(consts))]
     inits = [numpy_helper.from_array(np.asarray(v), names[i]) for i, v in consts.items()]
     fed = [n for i, n in enumerate(names) if i not in consts]
@@ -78,7 +106,7 @@ def _model(op, shapes, consts, opset, attrs):
         [node],
         "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(fed, shapes)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", out, None)],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -89,7 +117,7 @@ def _model(op, shapes, consts, opset, attrs):
 @pytest.mark.parametrize("op, shapes, consts, opset, attrs", CASES)
 def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
     positive = attrs.pop("positive", False)
-    model, fed = _model(op, shapes, consts, opset, attrs)
+    model, fed = _model(op, shapes, consts, opset, attrs, attrs.pop("out", TensorProto.FLOAT))
     feed = {n: _w(*s) for n, s in zip(fed, shapes)}
     if positive:
         feed = {n: np.abs(v) + 0.01 for n, v in feed.items()}
@@ -103,7 +131,7 @@ def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
         else torch.from_numpy(np.array(v.const_value.numpy()))
         for v in node.inputs
     ]
-    got = run_node(node, args)[0].numpy()
+    got = run_node(node, args)[0].detach().numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -19,8 +19,18 @@ from typing import Any
 
 from onnxshrink.errors import OptionError
 
-__all__ = ["ALIASES", "check", "count", "floor", "layers", "positive", "ridge", "samples", "share"]
-__all__ += ["speedup"]
+__all__ = [
+    "ALIASES",
+    "check",
+    "count",
+    "floor",
+    "layers",
+    "positive",
+    "ridge",
+    "samples",
+    "share",
+    "speedup",
+]
 
 ALIASES = {"exclude": "skip"}  # old option name -> its name now
 

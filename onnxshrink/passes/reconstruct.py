@@ -135,6 +135,7 @@ class ReconstructPass(ShrinkPass):
                 x, y = np.concatenate(x), np.concatenate(y)
                 if block.channels is not None:  # a pruned tensor: the channels it kept
                     y = np.ascontiguousarray(y[:, block.channels])
+                y = module.seen(y)  # the original's output as the compressed model sees it
                 held = max(1, round(len(x) * self.heldout))
                 budget = None
                 if self.time_budget is not None:
@@ -169,11 +170,13 @@ class ReconstructPass(ShrinkPass):
         applied = fit.after < fit.before
         if applied:
             for name, arr in fit.weights.items():
-                values[name].const_value = ir.tensor(arr.astype(np.float32), name=name)
+                values[name].const_value = ir.tensor(arr, name=name)  # its dtype kept
             self.change(
                 f"{block.name}: held-out error {fit.before:.4g} -> {fit.after:.4g} "
                 f"({fit.steps} steps, {fit.seconds:.1f} s)"
             )
+        elif fit.stopped == "exact":
+            self.skip(block.name, "matches the original already: nothing to fit")
         else:
             self.skip(block.name, "reconstruction did not lower the held-out error: kept")
         return {

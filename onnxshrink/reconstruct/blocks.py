@@ -117,16 +117,28 @@ def live_cuts(model: ir.Model) -> list[tuple[int, ir.Value]]:
     return cuts
 
 
+_CODES = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT32)
+
+
 def _params(nodes: list[ir.Node]) -> list[ir.Value]:
+    """Initializers only ``nodes`` read: float weights and biases of weight layers, and the
+    integer codes a DequantizeLinear reads (quantized weights and biases)."""
     inside = {id(n) for n in nodes}
     out: dict[int, ir.Value] = {}
     for node in nodes:
-        if node.op_type not in _WEIGHTED or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        for v in node.inputs[1:3]:
-            if v is None or v.const_value is None or v.dtype != ir.DataType.FLOAT:
+        if node.op_type in _WEIGHTED:
+            wanted, slots = (ir.DataType.FLOAT,), node.inputs[1:3]
+        elif node.op_type == "DequantizeLinear":
+            wanted, slots = _CODES, node.inputs[:1]
+        else:
+            continue
+        for v in slots:
+            if v is None or v.const_value is None or v.dtype not in wanted:
                 continue
-            if all(id(user) in inside for user in v.consumers()):
+            users = v.consumers()
+            if all(id(u) in inside and u.op_type == node.op_type for u in users):
                 out[id(v)] = v
     return list(out.values())
 

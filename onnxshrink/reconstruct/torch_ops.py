@@ -7,8 +7,9 @@ alpha, beta and transposes; Clip with its min/max inputs; Flatten and Reshape wi
 axis and 0-means-copy rules. tests/test_torch_ops.py checks every entry against onnxruntime
 to 1e-5. An op that is not here, or an attribute form an entry does not handle (``auto_pad``,
 Reshape's ``allowzero``), raises :class:`Unsupported`: the block is left as it is, with that
-reason. This is not a general converter: it covers the ops of convolutional classifiers and
-of the MLPs in transformer layers.
+reason. QuantizeLinear gives its integer codes as float tensors (rounded half to even, the
+gradient passed straight through), DequantizeLinear reads them back. This is not a general
+converter: it covers the ops of convolutional classifiers, the MLPs of transformer layers, QDQ.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "Unsupported", "run_node"]
+__all__ = ["OPS", "Unsupported", "code_range", "per_axis", "round_ste", "run_node"]
 
 
 class Unsupported(Exception):
@@ -160,6 +161,44 @@ def _constant(node):
     return [torch.from_numpy(np.array(attr.as_tensor().numpy()))]
 
 
+def round_ste(x):
+    """Round half to even (as QuantizeLinear), with the gradient of the identity (the
+    straight-through estimator), so what feeds a rounding can be trained."""
+    return x + (torch.round(x) - x).detach()
+
+
+def code_range(zero_point) -> tuple[float, float]:
+    """The integer range of a quantized type, from its zero point's dtype (uint8 by default)."""
+    dtype = torch.uint8 if zero_point is None else zero_point.dtype
+    info = torch.iinfo(dtype) if not dtype.is_floating_point else torch.iinfo(torch.uint8)
+    return float(info.min), float(info.max)
+
+
+def per_axis(node, t, x):
+    """A scale or zero point broadcast along the op's ``axis`` of ``x`` (1-D: per channel)."""
+    if t is None or t.dim() == 0 or t.numel() == 1:
+        return t.reshape(()) if t is not None else None
+    axis = node.attributes.get_int("axis", 1) % x.dim()
+    return t.reshape([-1 if i == axis else 1 for i in range(x.dim())])
+
+
+def _quantize(node, x, scale, zero_point=None):
+    if node.attributes.get_int("block_size", 0):
+        raise Unsupported("blocked QuantizeLinear")
+    lo, hi = code_range(zero_point)
+    zp = 0.0 if zero_point is None else per_axis(node, zero_point, x).float()
+    q = torch.clamp(round_ste(x / per_axis(node, scale, x)) + zp, lo, hi)
+    return [q]  # the integer codes, as floats: DequantizeLinear reads them back
+
+
+def _dequantize(node, q, scale, zero_point=None):
+    if node.attributes.get_int("block_size", 0):
+        raise Unsupported("blocked DequantizeLinear")
+    q = q.float()
+    zp = 0.0 if zero_point is None else per_axis(node, zero_point, q).float()
+    return [(q - zp) * per_axis(node, scale, q)]
+
+
 def _unary(f: Callable) -> Callable:
     return lambda node, x: [f(x)]
 
@@ -199,6 +238,8 @@ OPS: dict[str, Callable] = {
     "Softmax": _softmax,
     "Identity": _unary(lambda x: x),
     "Constant": _constant,
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
 }
 
 

@@ -3,9 +3,10 @@
 The block runs node by node through :mod:`onnxshrink.reconstruct.torch_ops`; its parameters
 start from the compressed model's weights. Given x̂ (the block's input as the compressed model
 computes it) and y (the original model's tensor at the block's output) on the calibration
-samples, Adam minimises the mean squared error
+samples, Adam minimises the mean squared error after the block's *tail* t (the Relu / Clip /
+QuantizeLinear → DequantizeLinear that alone reads its output: what the rest sees of it)
 
-    L(θ) = mean ‖f̂_θ(x̂) − y‖²
+    L(θ) = mean ‖t(f̂_θ(x̂)) − t(y)‖²
 
 over mini-batches of the training samples; every ``check`` steps the loss on the held-out
 samples is measured and the best parameters so far are kept, stopping after ``patience``
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from onnxshrink.reconstruct.blocks import Block, constant
-from onnxshrink.reconstruct.torch_ops import Unsupported, run_node
+from onnxshrink.reconstruct.torch_ops import Unsupported, code_range, per_axis, round_ste, run_node
 
 __all__ = ["Fit", "TorchBlock", "fit_block"]
 
@@ -31,19 +32,24 @@ logger = logging.getLogger(__name__)
 
 
 class TorchBlock(torch.nn.Module):
-    """``block`` computed by torch; its ``params`` are trainable, other constants fixed."""
+    """``block`` computed by torch; its ``params`` are trainable, other constants fixed.
+
+    A quantized weight (integer codes q read by a DequantizeLinear with scale s and zero point
+    z) is trained as the float weight w = (q − z)·s and fed to the DequantizeLinear as
+    clamp(round(w / s) + z): the rounding in the forward pass, the gradient straight through.
+    """
 
     def __init__(self, block: Block) -> None:
         super().__init__()
         self.block = block
-        self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.from_numpy(np.array(v.const_value.numpy(), np.float32)))
-            for v in block.params
-        )
+        self.codes: dict[str, tuple] = {}  # name -> (scale, zero point, lo, hi), broadcast
+        self.tail = _tail(block.output)  # the activation / QDQ that reads the output
+        start = [self._start(v) for v in block.params]
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w) for w in start)
         self.slot = {v.name: i for i, v in enumerate(block.params)}
-        made = {v.name for n in block.nodes for v in n.outputs}
+        made = {v.name for n in [*block.nodes, *self.tail] for v in n.outputs}
         self.consts: dict[str, torch.Tensor] = {}
-        for node in block.nodes:
+        for node in [*block.nodes, *self.tail]:
             for v in node.inputs:
                 if v is None or v.name in made or v.name in self.slot or v is block.input:
                     continue
@@ -52,24 +58,99 @@ class TorchBlock(torch.nn.Module):
                     raise Unsupported(f"{node.name} reads {v.name!r}: not computed in the block")
                 self.consts[v.name] = torch.from_numpy(np.array(arr))
 
+    def _start(self, v) -> torch.Tensor:
+        arr = np.array(v.const_value.numpy())
+        if arr.dtype.kind == "f":
+            return torch.from_numpy(arr.astype(np.float32))
+        dq = v.consumers()[0]
+        q = torch.from_numpy(arr)
+        zp = constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        zp = torch.zeros((), dtype=q.dtype) if zp is None else torch.from_numpy(np.array(zp))
+        scale = torch.from_numpy(np.array(constant(dq.inputs[1]), np.float32))
+        lo, hi = code_range(zp)
+        s, z = per_axis(dq, scale, q), per_axis(dq, zp, q).float()
+        self.codes[v.name] = (s, z, lo, hi)
+        return (q.float() - z) * s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env = {self.block.input.name: x}
         for node in self.block.nodes:
             args = [None if v is None else self._get(v.name, env) for v in node.inputs]
             for v, out in zip(node.outputs, run_node(node, args)):
                 env[v.name] = out
-        return env[self.block.output.name]
+        return self.see(env[self.block.output.name])
+
+    def see(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` through the tail: what the rest of the model sees of the block's output."""
+        for node in self.tail:
+            args = [None if v is None else self._get(v.name, {}) for v in node.inputs[1:]]
+            y = run_node(node, [y, *args])[0]
+        return y
 
     def _get(self, name: str, env: dict) -> torch.Tensor:
         if name in env:
             return env[name]
         if name in self.slot:
-            return self.weights[self.slot[name]]
+            w = self.weights[self.slot[name]]
+            if name in self.codes:
+                s, z, lo, hi = self.codes[name]
+                return torch.clamp(round_ste(w / s) + z, lo, hi)
+            return w
         return self.consts[name]
 
+    def seen(self, y: np.ndarray) -> np.ndarray:
+        """:meth:`see` on an array (the original's output, so both sides are compared alike)."""
+        with torch.no_grad():
+            return self.see(torch.from_numpy(y)).numpy()
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """The parameters' present values, by initializer name."""
-        return {n: self.weights[i].detach().cpu().numpy().copy() for n, i in self.slot.items()}
+        """The parameters' present values, by initializer name: float weights as they are,
+        quantized ones as their integer codes (rounded as in the forward pass)."""
+        out = {}
+        for v in self.block.params:
+            w = self.weights[self.slot[v.name]].detach()
+            if v.name in self.codes:
+                s, z, lo, hi = self.codes[v.name]
+                target = (w / s + z).cpu().numpy()
+                code = np.clip(np.round(target), lo, hi).astype(v.const_value.numpy().dtype)
+                out[v.name] = _pair_safe(v, code, target)
+            else:
+                out[v.name] = w.cpu().numpy().copy()
+        return out
+
+
+_TAIL = ("Relu", "Clip", "QuantizeLinear", "DequantizeLinear")
+
+
+def _tail(value) -> list:
+    """The chain of Relu / Clip / QuantizeLinear / DequantizeLinear nodes that alone read
+    ``value`` (each reading the one before, other inputs constant): the loss is taken after
+    them, on what the rest of the model sees -- a QuantizeLinear clips to its calibrated range,
+    which can be far inside the original's Clip."""
+    chain: list = []
+    while len(chain) < 3 and not value.is_graph_output() and len(value.consumers()) == 1:
+        node = value.consumers()[0]
+        if node.op_type not in _TAIL or node.domain not in ("", "ai.onnx"):
+            break
+        if node.inputs[0] is not value:
+            break
+        if any(v is not None and constant(v) is None for v in node.inputs[1:]):
+            break
+        chain.append(node)
+        value = node.outputs[0]
+    return chain
+
+
+def _pair_safe(v, code: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """int8 weight codes kept within the pair rule of onnxruntime's x86 kernels
+    (:mod:`onnxshrink.analysis.saturation`), as ``quantize`` wrote them: the same integers
+    on every CPU."""
+    from onnxshrink.analysis.saturation import make_safe, weight_pairs
+
+    users = v.consumers()[0].outputs[0].consumers()
+    if code.dtype != np.int8 or len(users) != 1:
+        return code
+    return make_safe(code, target, weight_pairs(users[0], code.shape))[0]
 
 
 @dataclasses.dataclass
@@ -120,11 +201,13 @@ def fit_block(
     device = "cuda" if torch.cuda.is_available() else "cpu"  # untested here: no GPU in CI
     module.to(device)
     module.consts = {k: v.to(device) for k, v in module.consts.items()}
+    module.codes = {k: tuple(t.to(device) if torch.is_tensor(t) else t for t in c)
+                    for k, c in module.codes.items()}  # fmt: skip
     xt, yt = torch.from_numpy(x[:-held]).to(device), torch.from_numpy(y[:-held]).to(device)
     xh, yh = torch.from_numpy(x[-held:]).to(device), torch.from_numpy(y[-held:]).to(device)
     best = before = _loss(module, xh, yh, batch)
     best_w, waited, stopped, step = module.arrays(), 0, "iterations", 0
-    if before <= 1e-12 * float(torch.mean(yh**2)):  # the block is exact already
+    if before <= 1e-10 * float(torch.mean(yh**2)):  # exact already (float rounding apart)
         return Fit(before, before, 0, time.perf_counter() - start, "exact", best_w)
     opt = torch.optim.Adam(_groups(module, lr))
     gen = torch.Generator().manual_seed(seed)  # the sample order, on the CPU

@@ -130,6 +130,7 @@ def test_reconstruct_on_an_unchanged_model_changes_nothing(digits_model, digits_
     assert rec.status == "unchanged" and rec.changed == []
     assert rec.details["blocks"] and not any(b["applied"] for b in rec.details["blocks"])
     assert all(b["heldout_error_before"] < 1e-9 for b in rec.details["blocks"])
+    assert all("matches the original already" in s.reason for s in rec.skipped)
 
 
 def test_reconstruct_refuses_random_data(digits_model):
@@ -145,3 +146,51 @@ def test_without_torch_the_pass_refuses_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(OptionError, match=r"onnxshrink\[reconstruct\]"):
         make_pass("reconstruct")
+
+
+def _qdq_model() -> ir.Model:
+    """x -> Conv(DQ(int8 w), DQ(int32 b)) -> Q -> DQ -> y: a quantized layer."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(-64, 65, (4, 4, 3, 3)).astype(np.int8)  # within the pair rule
+    inits = {
+        "w": w, "ws": (rng.random(4) / 50 + 0.01).astype(np.float32), "wz": np.zeros(4, np.int8),
+        "b": rng.integers(-500, 500, 4).astype(np.int32), "bs": np.full(4, 1e-3, np.float32),
+        "bz": np.zeros(4, np.int32), "s": np.float32(0.02), "z": np.uint8(0),
+    }  # fmt: skip
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 6] x) => (float[N, 4, 6, 6] y) {
+        wd = DequantizeLinear <axis = 0> (w, ws, wz)
+        bd = DequantizeLinear <axis = 0> (b, bs, bz)
+        c = Conv <pads = [1, 1, 1, 1]> (x, wd, bd)
+        q = QuantizeLinear (c, s, z)
+        y = DequantizeLinear (q, s, z)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in inits.items())
+    return ir.from_proto(proto)
+
+
+def test_a_quantized_block_matches_onnxruntime_and_gives_back_its_codes():
+    torch = pytest.importorskip("torch")
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.train import TorchBlock
+
+    model = _qdq_model()
+    shapes = {"x": (4, 6, 6), "c": (4, 6, 6), "y": (4, 6, 6)}
+    block = find_blocks(model, shapes, shapes)[0]
+    assert block.name == "x -> c"  # the cut is before the QDQ: that is the block's tail
+    assert sorted(v.name for v in block.params) == ["b", "w"]  # the integer codes
+    module = TorchBlock(block)
+    assert [n.op_type for n in module.tail] == ["QuantizeLinear", "DequantizeLinear"]
+    x = np.random.default_rng(2).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    want = ort_run(ir.to_proto(model), {"x": x})[0]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()  # through the tail: y
+    assert np.abs(got - want).max() <= 0.02 + 1e-6  # one step where a rounding tie flips
+    assert np.mean(got == want) > 0.99
+    codes = module.arrays()
+    np.testing.assert_array_equal(codes["w"], model.graph.initializers["w"].const_value.numpy())
+    np.testing.assert_array_equal(codes["b"], model.graph.initializers["b"].const_value.numpy())
+    assert codes["w"].dtype == np.int8 and codes["b"].dtype == np.int32
