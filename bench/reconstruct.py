@@ -6,8 +6,9 @@ original measured in the same run (onnxruntime, full optimizations, 1 and 2 thre
 40 interleaved runs, batch 1), top-1 agreement and mean logit cosine with the original on the
 *evaluation* photos (never calibrated on), and the seconds each compile took on this machine.
 All calibration photos calibrate (``holdout=0``); reconstruct's own early stopping holds out
-the last fifth of them. ``tucker`` has no MACs target: ``speedup=1/f`` of the decomposed
-convs, and the MACs column says what the whole model kept.
+the last fifth of them. ``--int8``: ``quantize`` with and without ``reconstruct``, measured in
+an optimized session (the integer kernels). ``tucker`` has no MACs target: ``speedup=1/f`` of
+the decomposed convs, and the MACs column says what the whole model kept.
 
     python bench/reconstruct.py                                   # everything (hours on 2 cores)
     python bench/reconstruct.py --models mobilenet --methods prune --macs 0.85
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(SPECS))
     ap.add_argument("--macs", type=float, nargs="+", default=[0.85, 0.70, 0.50])
     ap.add_argument("--reconstruct", default="reconstruct", help="the reconstruct pass spec")
+    ap.add_argument("--int8", action="store_true", help="also quantize, with and without it")
     args = ap.parse_args()
     print(cpu_line())
     for title, original, calib, x_eval in _models(args.models):
@@ -64,13 +66,21 @@ def main() -> None:
                     models[key] = out
                     rows.append((key, out, t.seconds, status))
                     print(f"  done: {key} ({t.seconds:.0f} s, {status})", flush=True)
+        if args.int8:
+            for passes in (["quantize"], ["quantize", args.reconstruct]):
+                with Timer() as t:
+                    out, rep = onnxshrink.compress(original, passes, data=str(calib), holdout=0)
+                key = " + ".join(p.split(":")[0] for p in passes)
+                models[key] = out
+                rows.append((key, out, t.seconds, "/".join(p.status for p in rep.passes)))
         lat = latency_ratios(original, models, x_eval[:1])
         print(f"\n{title}: original {lat['__ms__'][1]:.2f} ms at 1 thread, "
               f"{lat['__ms__'][2]:.2f} ms at 2")  # fmt: skip
         print(f"{'passes':<34} {'MACs':>6} {'lat1':>6} {'lat2':>6} {'top-1':>6} {'cosine':>7} "
               f"{'sec':>5}  status")  # fmt: skip
         for key, out, sec, status in rows:
-            top1, cos = agreement(ref, outputs(out, x_eval))
+            # int8: what users run, the integer kernels of an optimized session
+            top1, cos = agreement(ref, outputs(out, x_eval, optimize=key.startswith("quantize")))
             print(
                 f"{key:<34} {stats(out).macs / base.macs:6.3f} {lat[key][1]:6.3f} "
                 f"{lat[key][2]:6.3f} {top1:6.1%} {cos:7.4f} {sec:5.0f}  {status}"
