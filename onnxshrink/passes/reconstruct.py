@@ -10,7 +10,7 @@ reproduces the *teacher's* output (:mod:`onnxshrink.reconstruct.train`):
     θ = argmin mean ‖f̂_θ(x̂) − f(x)‖²   (Adam; early stopping on held-out samples)
 
 New weights are kept only where they lower the block's held-out error. Left alone, with the
-reason: blocks holding an op the torch table lacks, or no float weights of their own. Needs
+reason: blocks holding an op the torch table lacks, or no weights of their own. Needs
 PyTorch (``pip install 'onnxshrink[reconstruct]'``). Options: ``iterations`` (per block),
 ``time-budget`` (seconds, whole pass), ``lr``, ``batch``, ``samples``, ``heldout``, ``span``.
 """
@@ -111,7 +111,7 @@ class ReconstructPass(ShrinkPass):
         out = []
         for block in found:
             if not block.params:
-                self.skip(block.name, "no float weights of its own to fit")
+                self.skip(block.name, "no weights of its own to fit (float, or quantized codes)")
                 continue
             try:
                 out.append((block, TorchBlock(block)))

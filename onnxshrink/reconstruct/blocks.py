@@ -7,8 +7,9 @@ channels ``prune`` recorded it kept (:func:`kept_of`). Between two consecutive c
 lies a block with one input and one output: in a residual network the cuts fall at the
 residual Adds (inside a block the skip tensor stays live), in a chain after every layer whose
 output kept its shape. Constants (initializers, Constant nodes, and what :func:`constant`
-sees through) never count as live. A block's *parameters* are the float initializers that
-only its Conv/ConvTranspose/Gemm/MatMul nodes read, as weights (input 1) or biases (input 2).
+sees through) never count as live. A block's *parameters* are the initializers only it reads:
+float weights (input 1) and biases (input 2) of Conv/ConvTranspose/Gemm/MatMul, and the integer
+codes a DequantizeLinear reads (quantized weights and biases).
 
     x ─ Conv ─ Clip ─ Conv ─ Clip ─ Conv ─ Add ─ y        cuts: x, y (the skip keeps x live)
     └──────────────────────────────────────┘
