@@ -49,6 +49,7 @@ def compress(
     target: str | None = None,
     max_drop: float = 0.01,
     time_budget: float | None = 300.0,
+    reconstruct: bool | None = None,
     report_html: str | os.PathLike | None = None,
     report_json: str | os.PathLike | None = None,
     metric: Any = None,
@@ -74,6 +75,8 @@ def compress(
         time_budget: seconds the whole call may take with ``target`` (None: no limit): the
             search measures fewer candidates and tries fewer choices to end in time, and the
             best result found by then is the result (the report says when time ran out).
+        reconstruct: with ``target``, finish each attempt's pruning / decomposition with the
+            ``reconstruct`` pass (None: when PyTorch is installed; True without it is an error).
         report_html: write a self-contained HTML report there (plots with matplotlib if installed).
         report_json: write the report as JSON there (after the model).
         metric: a task metric, ``f(reference_outputs, outputs) -> float`` in [0, 1] (1: as good;
@@ -101,6 +104,7 @@ def compress(
             raise OptionError(f"--max-drop must be in [0, 1), got {max_drop}")
         if time_budget is not None and not time_budget > 0:
             raise OptionError(f"--time-budget must be > 0 seconds, got {time_budget}")
+        reconstruct = _with_reconstruct(reconstruct)
     deadline = None if time_budget is None else time.monotonic() + time_budget
     if isinstance(passes, (str, ShrinkPass)):  # compress(model, "quantize"): one pass, not letters
         passes = [passes]
@@ -142,7 +146,9 @@ def compress(
                 "--target needs real calibration data (--data): sensitivity on random "
                 "inputs says nothing about yours"
             )
-        result = _search(result, original, parsed_target, max_drop, run, report, deadline)
+        result = _search(
+            result, original, parsed_target, max_drop, run, report, deadline, reconstruct
+        )
     marks.strip(result)  # notes between this run's passes, not part of the user's model
     if loaded.path is not None:
         report.before["bytes"] = io.file_bytes(loaded.path)
@@ -243,11 +249,24 @@ class _TargetRunner:
         return ms["a"], ms["b"]
 
 
+def _with_reconstruct(asked: bool | None) -> bool:
+    """Whether ``--target`` finishes its attempts with ``reconstruct``: as asked, or (None)
+    when PyTorch is installed; asked for without it, one error line naming the extra."""
+    from onnxshrink.passes.reconstruct import torch_missing
+
+    reason = torch_missing() if asked is not False else None
+    if reason and asked:
+        raise OptionError(f"--reconstruct on: {reason}")
+    return asked is not False and reason is None
+
+
 def _search(
-    model: ir.Model, original: ir.Model, target, max_drop, run: _Run, report, deadline
-) -> ir.Model:
+    model: ir.Model, original: ir.Model, target, max_drop, run: _Run, report, deadline,
+    reconstruct: bool,
+) -> ir.Model:  # fmt: skip
     """``target`` search on ``model`` (the result of the user's passes), to end by ``deadline``
-    (``time.monotonic()``, None: no limit); merges into ``report``."""
+    (``time.monotonic()``, None: no limit), finishing attempts with ``reconstruct`` if asked;
+    merges into ``report``."""
     from onnxshrink.target import search
 
     with tempfile.TemporaryDirectory(prefix="onnxshrink-target-") as tmp:
@@ -262,6 +281,7 @@ def _search(
                 runner,
                 original_totals=report.before,
                 deadline=deadline,
+                reconstruct=reconstruct,
             )
         finally:
             runner.progress.close()

@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         "result found by then (default 300)",
     )
     c.add_argument(
+        "--reconstruct",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --target: finish each attempt's pruning / decomposition with the reconstruct "
+        "pass (default auto: when PyTorch is installed, pip install 'onnxshrink[reconstruct]')",
+    )
+    c.add_argument(
         "--metric",
         metavar="MODULE:FUNCTION",
         help="your task metric, f(reference_outputs, outputs) -> [0, 1] (1: as good), judged "

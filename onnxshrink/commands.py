@@ -48,6 +48,7 @@ def cmd_compress(args) -> int:
         target=args.target,
         max_drop=args.max_drop,
         time_budget=args.time_budget,
+        reconstruct={"auto": None, "on": True, "off": False}[args.reconstruct],
         report_html=args.report_html,
         report_json=args.report,
         metric=args.metric,

@@ -228,6 +228,8 @@ class Report:
             f"{len(t.get('candidates', []))} candidates measured, {len(t.get('attempts', []))} "
             f"attempt(s) in {t.get('seconds', 0):.0f} s"
         )
+        if t.get("reconstruct"):
+            console.print("[dim]each attempt's structural passes finished with reconstruct[/]")
         if t.get("stopped"):
             console.print(f"[yellow]stopped early ({literal(t['stopped'])}); the best so far[/]")
         if not t.get("met"):

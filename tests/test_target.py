@@ -83,6 +83,15 @@ def test_digits_macs_target_keeps_test_accuracy(tmp_path, digits_model, digits_c
     acc = float((ort_run(str(out), {"input": x})[0].argmax(1) == labels).mean())
     assert acc >= 0.99, acc  # the original: 100% on these 400 test images
     assert "target macs=0.4: met" in proc.stdout
+    try:  # attempts with pruning finish with reconstruct when PyTorch is there, and say so
+        import torch  # noqa: F401
+
+        assert t["reconstruct"] is True
+        assert "structural passes finished with reconstruct" in proc.stdout
+        specs = [s for a in t["attempts"] for s in a["passes"]]
+        assert any(s.startswith("reconstruct:time-budget=") for s in specs), specs
+    except ImportError:
+        assert t["reconstruct"] is False
     # a second run with another target reuses the cached sensitivities
     cached = list((env_cache / "sensitivity").glob("*.json"))
     assert len(cached) >= len(t["candidates"])
@@ -195,6 +204,39 @@ def _run_with_cache(args, cache):
         text=True,
         env={**os.environ, "ONNXSHRINK_CACHE": str(cache), "COLUMNS": "120"},
     )
+
+
+def test_plan_orders_structural_distill_reconstruct_then_int8():
+    from onnxshrink.target.loop import plan
+
+    chosen = {
+        "quantize": Candidate("quantize", "", 1.0),
+        "b": Candidate("tucker", "b", 2.0),
+        "a": Candidate("prune", "a", 0.5),
+        "c": Candidate("prune", "c", 0.5),
+    }
+    finish = object()  # plan places the reconstruct pass it is given, as it is
+    passes = plan(chosen, finish)
+    assert [getattr(p, "name", p) for p in passes] == [
+        "prune", "tucker", "distill", finish, "quantize"
+    ]  # fmt: skip
+    assert passes[0].only == ("a", "c")
+    # int8 alone: nothing structural to re-fit, so neither distill nor reconstruct
+    assert [p.name for p in plan({"quantize": chosen["quantize"]}, finish)] == ["quantize"]
+
+
+def test_target_reconstructs_when_torch_is_there(monkeypatch):
+    """auto: with PyTorch only; asked for without it: one error naming the extra."""
+    from onnxshrink import api
+    from onnxshrink.errors import OptionError
+
+    monkeypatch.setattr("onnxshrink.passes.reconstruct.torch_missing", lambda: None)
+    assert api._with_reconstruct(None) is True and api._with_reconstruct(False) is False
+    missing = "PyTorch is not installed: pip install 'onnxshrink[reconstruct]'"
+    monkeypatch.setattr("onnxshrink.passes.reconstruct.torch_missing", lambda: missing)
+    assert api._with_reconstruct(None) is False and api._with_reconstruct(False) is False
+    with pytest.raises(OptionError, match=r"--reconstruct on: .*onnxshrink\[reconstruct\]"):
+        api._with_reconstruct(True)
 
 
 def test_target_errors_are_one_line(tmp_path, digits_model, digits_calib):

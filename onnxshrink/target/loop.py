@@ -5,7 +5,8 @@
 2. Allocation: :func:`onnxshrink.search.allocate` on each (method, layer)'s curve of drop
    against saving (one method per layer), until the predicted saving meets the target.
 3. Apply and verify: the choices run as one validated pipeline (one pass per method and level,
-   structural first, ``distill`` after them, ``quantize`` last). When the drop (1 − top-1
+   structural first, ``distill`` after them -- then ``reconstruct`` when asked (PyTorch), with a
+   third of the time left --, ``quantize`` last). When the drop (1 − top-1
    agreement for classifiers, else 1 − cosine) on held-out data exceeds ``max_drop``, the
    request is bisected between what held and what broke the budget (the greedy takes the least
    damaging steps first, so less compression drops the most damaging layers); when the budget
@@ -77,9 +78,9 @@ def allocate(
     return {(layer or "quantize"): items[(m, layer)][i] for (m, layer), i in chosen.items()}, saved
 
 
-def plan(chosen: dict[str, Candidate]) -> list:
-    """The passes for the choices: one per (method, level), structural first, then ``distill``,
-    then ``quantize``."""
+def plan(chosen: dict[str, Candidate], reconstruct=None) -> list:
+    """The passes for the choices: one per (method, level), structural first, then ``distill``
+    and ``reconstruct`` (a pass instance, or None), then ``quantize``."""
     from onnxshrink.passes import DistillPass
 
     groups: dict[tuple[str, float], list[str]] = {}
@@ -93,6 +94,8 @@ def plan(chosen: dict[str, Candidate]) -> list:
     ]
     if passes:
         passes.append(DistillPass())
+        if reconstruct is not None:
+            passes.append(reconstruct)
     if "quantize" in chosen:
         passes.append(build_pass("quantize", (), 1.0))
     return passes
@@ -118,11 +121,13 @@ def search(
     samples: int = 32,
     original_totals: dict[str, float] | None = None,
     deadline: float | None = None,
+    reconstruct: bool = False,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Finds and applies the compression of ``model`` (the result of the user's passes);
     ``original_totals`` (``macs``, ``bytes``) are the original model's; ``deadline``: the
-    ``time.monotonic()`` to end by. Returns the result and the search's record (with the final
-    pipeline's report under ``"report"``)."""
+    ``time.monotonic()`` to end by; ``reconstruct``: finish each attempt's structural passes with
+    ``reconstruct``. Returns the result and the search's record (with the final pipeline's
+    report under ``"report"``)."""
     from onnxshrink.passes.base import NullTask
 
     started = time.monotonic()
@@ -160,6 +165,7 @@ def search(
         "candidates": [dataclasses.asdict(c) for c in measured],
         "candidates_total": len(todo),
         "attempts": [],
+        "reconstruct": reconstruct,
     }
     caps: dict[tuple[str, str], float] = {}
     want, best, tried = need, None, set()
@@ -178,7 +184,7 @@ def search(
         if _key(chosen) in tried:
             break  # nothing new to try
         tried.add(_key(chosen))
-        passes = plan(chosen)
+        passes = plan(chosen, _reconstruct(left()) if reconstruct else None)
         t0 = time.monotonic()
         result, rep = runner.apply(passes)
         longest = max(longest, time.monotonic() - t0)
@@ -227,6 +233,14 @@ def search(
         }
     )
     return result, info
+
+
+def _reconstruct(left: float):
+    """``reconstruct`` for one attempt: a third of the time left (so that the bisection still
+    has attempts after it), no limit without a deadline."""
+    from onnxshrink.passes.reconstruct import ReconstructPass
+
+    return ReconstructPass(time_budget=None if math.isinf(left) else float(max(round(left / 3), 1)))
 
 
 def _largest_first(todo: list[Candidate], sens: Sensitivity) -> list[Candidate]:
