@@ -36,13 +36,16 @@ class TorchBlock(torch.nn.Module):
 
     A quantized weight (integer codes q read by a DequantizeLinear with scale s and zero point
     z) is trained as the float weight w = (q − z)·s and fed to the DequantizeLinear as
-    clamp(round(w / s) + z): the rounding in the forward pass, the gradient straight through.
+    P(clamp(round(w / s) + z)): the rounding -- and P, the pair rule of onnxruntime's x86 int8
+    kernels (:func:`onnxshrink.analysis.saturation.make_safe`) -- in the forward pass, the
+    gradient straight through. So the codes trained, measured and written are the same.
     """
 
     def __init__(self, block: Block) -> None:
         super().__init__()
         self.block = block
         self.codes: dict[str, tuple] = {}  # name -> (scale, zero point, lo, hi), broadcast
+        self.pairs: dict[str, tuple] = {}  # name -> the int8 weight pairs of the pair rule
         self.tail = _tail(block.output)  # the activation / QDQ that reads the output
         start = [self._start(v) for v in block.params]
         self.weights = torch.nn.ParameterList(torch.nn.Parameter(w) for w in start)
@@ -70,6 +73,8 @@ class TorchBlock(torch.nn.Module):
         lo, hi = code_range(zp)
         s, z = per_axis(dq, scale, q), per_axis(dq, zp, q).float()
         self.codes[v.name] = (s, z, lo, hi)
+        if (idx := _pairs(v, arr)) is not None:
+            self.pairs[v.name] = idx
         return (q.float() - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +99,20 @@ class TorchBlock(torch.nn.Module):
             w = self.weights[self.slot[name]]
             if name in self.codes:
                 s, z, lo, hi = self.codes[name]
-                return torch.clamp(round_ste(w / s) + z, lo, hi)
+                code = torch.clamp(round_ste(w / s) + z, lo, hi)
+                if name in self.pairs:  # the pair rule, its gradient straight through
+                    safe = self._safe(name, code.detach(), (w / s + z).detach())
+                    code = code + (safe - code).detach()
+                return code
             return w
         return self.consts[name]
+
+    def _safe(self, name: str, code: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from onnxshrink.analysis.saturation import make_safe
+
+        q = code.cpu().numpy().astype(np.int32)
+        safe = make_safe(q, target.cpu().numpy(), self.pairs[name])[0]
+        return torch.from_numpy(safe.astype(np.float32)).to(code.device)
 
     def seen(self, y: np.ndarray) -> np.ndarray:
         """:meth:`see` on an array (the original's output, so both sides are compared alike)."""
@@ -113,7 +129,10 @@ class TorchBlock(torch.nn.Module):
                 s, z, lo, hi = self.codes[v.name]
                 target = (w / s + z).cpu().numpy()
                 code = np.clip(np.round(target), lo, hi).astype(v.const_value.numpy().dtype)
-                out[v.name] = _pair_safe(v, code, target)
+                if v.name in self.pairs:
+                    code = self._safe(v.name, torch.from_numpy(code), torch.from_numpy(target))
+                    code = code.numpy().astype(np.int8)
+                out[v.name] = code
             else:
                 out[v.name] = w.cpu().numpy().copy()
         return out
@@ -141,16 +160,16 @@ def _tail(value) -> list:
     return chain
 
 
-def _pair_safe(v, code: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """int8 weight codes kept within the pair rule of onnxruntime's x86 kernels
-    (:mod:`onnxshrink.analysis.saturation`), as ``quantize`` wrote them: the same integers
-    on every CPU."""
-    from onnxshrink.analysis.saturation import make_safe, weight_pairs
+def _pairs(v, code: np.ndarray):
+    """The pairs of int8 weight codes ``v`` that onnxruntime's x86 u8s8 kernels add in int16
+    (:func:`onnxshrink.analysis.saturation.weight_pairs`), or None: ``quantize`` wrote them
+    within the pair rule, the same integers on every CPU, and reconstruction keeps it."""
+    from onnxshrink.analysis.saturation import weight_pairs
 
     users = v.consumers()[0].outputs[0].consumers()
     if code.dtype != np.int8 or len(users) != 1:
-        return code
-    return make_safe(code, target, weight_pairs(users[0], code.shape))[0]
+        return None
+    return weight_pairs(users[0], code.shape)
 
 
 @dataclasses.dataclass

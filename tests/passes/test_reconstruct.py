@@ -194,3 +194,27 @@ def test_a_quantized_block_matches_onnxruntime_and_gives_back_its_codes():
     np.testing.assert_array_equal(codes["w"], model.graph.initializers["w"].const_value.numpy())
     np.testing.assert_array_equal(codes["b"], model.graph.initializers["b"].const_value.numpy())
     assert codes["w"].dtype == np.int8 and codes["b"].dtype == np.int32
+
+
+def test_trained_int8_codes_keep_the_pair_rule_in_the_forward_pass_and_when_written():
+    """Weights trained past the pair rule (every code at 127): the Conv sees the codes
+    ``make_safe`` gives, the same ones are written back, and every pair's |a + b| <= 128."""
+    torch = pytest.importorskip("torch")
+    from onnxshrink.analysis.saturation import LIMIT, weight_pairs
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.train import TorchBlock
+
+    model = _qdq_model()
+    shapes = {"x": (4, 6, 6), "c": (4, 6, 6), "y": (4, 6, 6)}
+    module = TorchBlock(find_blocks(model, shapes, shapes)[0])
+    scale, *_ = module.codes["w"]
+    with torch.no_grad():
+        module.weights[module.slot["w"]].copy_(127 * scale * torch.ones(4, 4, 3, 3))
+    seen = module._get("w", {}).detach().numpy().astype(np.int32)
+    written = module.arrays()["w"]
+    np.testing.assert_array_equal(seen, written)
+    conv = model.graph.node(2)
+    a, b = weight_pairs(conv, written.shape)
+    sums = np.abs(written.ravel()[a].astype(np.int32) + written.ravel()[b])
+    assert len(a) and sums.max() == LIMIT  # moved back to the limit, no further
+    assert (seen == 64).all()  # 127 + 127 = 254: the excess of 126 split evenly, 64 + 64
