@@ -3,7 +3,9 @@
 Candidates: every prunable channel group (``prune`` at ratios 0.25 / 0.5 / 0.75), every K×K
 convolution (``tucker`` at speed-ups 1.5 / 2 / 4 / 8), every MatMul, Gemm and 1×1 convolution
 (``lowrank`` at the same speed-ups) and, unless the target is MACs, int8 ``quantize`` of the
-whole model. Each is applied alone and run on calibration samples: drop = 1 − cosine of the
+whole model. Each is applied alone, fitted on the first ``samples`` calibration samples and
+judged on the next ones (in-sample, a re-fit hid its damage: a MobileNetV2 layer pruned at 0.75
+kept cosine 0.99 on the 32 samples it was fitted on, 0.52 on others): drop = 1 − cosine of the
 outputs with the model's; MACs and bytes saved are counted. Time saved is predicted from
 onnxruntime's profiler: Σ over the nodes it changes of node time × share of the node's MACs
 removed (int8 is timed directly). Results are cached on disk (``$ONNXSHRINK_CACHE/sensitivity``,
@@ -31,7 +33,7 @@ LEVELS = {
     "tucker": (1.5, 2.0, 4.0, 8.0),
     "lowrank": (1.5, 2.0, 4.0, 8.0),
 }
-CACHE_VERSION = "4"  # bump when a candidate pass changes its output (4: cache keyed by label)
+CACHE_VERSION = "5"  # bump when a candidate's measure changes (4: keyed by label, 5: held out)
 
 
 def build_pass(method: str, layers: tuple[str, ...], level: float):
@@ -152,6 +154,15 @@ def _ms_saved(before: dict[str, int], after: dict[str, int], times: dict[str, fl
     return saved
 
 
+def _fit_and_judged(data, samples: int):
+    """(the samples a candidate is fitted on, the ones it is judged on): the first ``samples``
+    and the next as many -- halves when there are fewer; the same ones with fewer than 8."""
+    if data.n_samples < 8:
+        return data, data
+    k = min(samples, data.n_samples // 2)
+    return data.subset(slice(0, k)), data.subset(slice(k, 2 * k))
+
+
 # -- sensitivity --------------------------------------------------------------------------------
 class Sensitivity:
     """Measures candidates one at a time against ``model`` on ``data``; caches on disk."""
@@ -169,14 +180,15 @@ class Sensitivity:
             shapes,
         )
         self.times = times
-        self.ref = run_model(model, data, samples, workdir)
+        self.fit, self.judged = _fit_and_judged(data, samples)
+        self.ref = run_model(model, self.judged, None, workdir)
         self.stats = metrics.model_stats(model, input_shapes=shapes)
         self.macs = _macs_by_name(model, shapes)
         self.cache = cache
         digest = hashlib.sha256(CACHE_VERSION.encode())
         digest.update(ir.to_proto(model).SerializeToString(deterministic=True))
         for k in sorted(data.arrays):
-            digest.update(np.ascontiguousarray(data.arrays[k][:samples]).tobytes())
+            digest.update(np.ascontiguousarray(data.arrays[k][: 2 * samples]).tobytes())
         self.key = digest.hexdigest()[:24]
 
     def measure(self, c: Candidate) -> Candidate:
@@ -192,7 +204,7 @@ class Sensitivity:
         p = c.make_pass()
         p.bind(
             PassContext(
-                data=self.data.subset(slice(0, self.samples)),
+                data=self.fit,
                 workdir=self.workdir,
                 original=self.model,
             )
@@ -206,7 +218,7 @@ class Sensitivity:
             c.note = c.note or "; ".join(s.reason for s in p.skipped[:1]) or "nothing to change"
             return self._store(c)
         cleanup(clone)
-        out = run_model(clone, self.data, self.samples, self.workdir)
+        out = run_model(clone, self.judged, None, self.workdir)
         c.drop = max(0.0, 1.0 - compare(self.ref, out).cosine)
         st = metrics.model_stats(clone, input_shapes=self.shapes)
         c.macs_saved = float(self.stats.macs - st.macs)

@@ -4,7 +4,7 @@ Candidates already in the cache are read here (they cost nothing); the others go
 given, to ``workers`` child processes (``python -m onnxshrink.target.pool``: nothing of the
 caller's ``__main__`` is re-run), each with its own
 :class:`~onnxshrink.target.candidates.Sensitivity` of the model (written once, read by each)
-on the first ``samples`` calibration samples, and one onnxruntime and BLAS thread: half of a
+on the first 2 × ``samples`` calibration samples, and one onnxruntime and BLAS thread: half of a
 measurement is single-threaded Python (the pass, shape inference, writing), so two
 one-thread processes beat one two-thread process. Messages are pickles over the children's
 stdin/stdout. A new candidate starts only before ``stop_at`` (``time.monotonic()``); results
@@ -56,7 +56,7 @@ def measure_all(
     except OSError as e:
         logger.debug("no sensitivity workers: %s", e)
         return _here(sens, todo, stop_at, done)
-    setup = (str(model_path), sens.data.subset(slice(0, sens.samples)), str(sens.workdir))
+    setup = (str(model_path), sens.data.subset(slice(0, 2 * sens.samples)), str(sens.workdir))
     setup += (sens.samples, sens.shapes, sens.times, sens.cache, sens.key)
     busy: dict[_Child, int] = {}
     sel = selectors.DefaultSelector()
