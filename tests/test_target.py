@@ -419,3 +419,20 @@ def test_html_report_shows_the_model_before_the_passes(
         r"<tr class=''><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", html.read_text()
     )
     assert rows and sum(before != after for _, before, after in rows) >= 5, rows[:5]
+
+
+def test_candidates_are_judged_on_samples_they_were_not_fitted_on():
+    from onnxshrink.data import Dataset
+    from onnxshrink.target.candidates import _fit_and_judged
+
+    def split(n):
+        data = Dataset({"x": np.arange(n, dtype=np.float32)[:, None]}, [], source="t")
+        fit, judged = _fit_and_judged(data, 32)
+        return fit.arrays["x"][:, 0].tolist(), judged.arrays["x"][:, 0].tolist()
+
+    fit, judged = split(120)
+    assert fit == list(range(32)) and judged == list(range(32, 64))
+    fit, judged = split(40)  # fewer than twice 32: halves
+    assert fit == list(range(20)) and judged == list(range(20, 40))
+    fit, judged = split(6)  # too few to split: judged in-sample
+    assert fit == judged == list(range(6))
