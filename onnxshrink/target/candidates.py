@@ -4,12 +4,12 @@ Candidates: every prunable channel group (``prune`` at ratios 0.25 / 0.5 / 0.75)
 convolution (``tucker`` at speed-ups 1.5 / 2 / 4 / 8), every MatMul, Gemm and 1×1 convolution
 (``lowrank`` at the same speed-ups) and, unless the target is MACs, int8 ``quantize`` of the
 whole model. Each is applied alone, fitted on the first ``samples`` calibration samples and
-judged on the next ones (in-sample, a re-fit hid its damage: a MobileNetV2 layer pruned at 0.75
-kept cosine 0.99 on the 32 samples it was fitted on, 0.52 on others): drop = 1 − cosine of the
-outputs with the model's; MACs and bytes saved are counted. Time saved is predicted from
-onnxruntime's profiler: Σ over the nodes it changes of node time × share of the node's MACs
-removed (int8 is timed directly). Results are cached on disk (``$ONNXSHRINK_CACHE/sensitivity``,
-keyed by the model, the data and the candidate), so a second run with another target is fast.
+judged on the next ones (judged on the samples its re-fit used, a candidate hides its damage):
+drop = 1 − cosine of the outputs with the model's; MACs and bytes saved are counted. Time
+saved is predicted from onnxruntime's profiler: Σ over the nodes it changes of node time ×
+share of the node's MACs removed (int8 is timed directly). Results are cached on disk
+(``$ONNXSHRINK_CACHE/sensitivity``, keyed by the model, the data and the candidate), so a
+second run with another target is fast.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 2. Allocation: :func:`onnxshrink.search.allocate` on each (method, layer)'s curve of drop
    against saving (one method per layer), until the predicted saving meets the target.
 3. Apply and verify: the choices run as one validated pipeline (one pass per method and level,
-   structural first, ``distill`` after them -- then ``reconstruct`` when asked (PyTorch), with a
-   third of the time left --, ``quantize`` last). When the drop (1 − top-1
+   structural first, then ``distill``, then ``reconstruct`` when asked (PyTorch; a third of
+   the time left), ``quantize`` last). When the drop (1 − top-1
    agreement for classifiers, else 1 − cosine) on held-out data exceeds ``max_drop``, the
    request is bisected between what held and what broke the budget (the greedy takes the least
    damaging steps first, so less compression drops the most damaging layers); when the budget
