@@ -121,20 +121,14 @@ class TorchBlock(torch.nn.Module):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The parameters' present values, by initializer name: float weights as they are,
-        quantized ones as their integer codes (rounded as in the forward pass)."""
+        quantized ones as the integer codes the forward pass feeds the DequantizeLinear."""
         out = {}
-        for v in self.block.params:
-            w = self.weights[self.slot[v.name]].detach()
-            if v.name in self.codes:
-                s, z, lo, hi = self.codes[v.name]
-                target = (w / s + z).cpu().numpy()
-                code = np.clip(np.round(target), lo, hi).astype(v.const_value.numpy().dtype)
-                if v.name in self.pairs:
-                    code = self._safe(v.name, torch.from_numpy(code), torch.from_numpy(target))
-                    code = code.numpy().astype(np.int8)
-                out[v.name] = code
-            else:
-                out[v.name] = w.cpu().numpy().copy()
+        with torch.no_grad():
+            for v in self.block.params:
+                got = self._get(v.name, {}).cpu().numpy()
+                out[v.name] = (
+                    got.astype(v.const_value.numpy().dtype) if v.name in self.codes else got.copy()
+                )
         return out
 
 
