@@ -11,12 +11,16 @@ reaches (D − F/2)/D; then the number spared is bisected (:func:`onnxshrink.sea
 within ``TRIES`` re-runs, each validated like the pass. Early refusal: a re-run sparing the k
 worst-ranked layers whose drop is no lower than the full pass's shows the ranking is no guide
 (the damage is spread, or arises between layers), so the search stops there (:class:`NoHelp`).
+A model too large for one session (``segments``) gets each layer's own damage instead, from two
+sweeps in lockstep: d(u) = 1 − cosine at u's down tensors of the pass's nodes fed the values of
+the model before it -- what u adds, not amplified. Only the best try is kept, its outputs on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from onnxshrink.passes.base import ShrinkPass
 from onnxshrink.pipeline import cleanup
 from onnxshrink.report import PassRecord, Skip
 from onnxshrink.search import fewest
+from onnxshrink.sweep import Sweep
 from onnxshrink.timing import phase
-from onnxshrink.validate import BelowFloor
+from onnxshrink.validate import BelowFloor, compare
 
 __all__ = ["TRIES", "NoHelp", "Partial", "damage", "partial", "spareable"]
 
@@ -97,17 +102,20 @@ def partial(
     data,
     workdir: Path,
     progress=None,
+    *,
+    segments: bool = False,
 ) -> Partial | None:
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did; raises
     :class:`NoHelp` when a try shows the ranking is no guide. ``drop`` is the full pass's
-    (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one."""
+    (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one; ``segments``: the
+    model is too large for one session (each layer's own damage, see the module docstring)."""
     layers = spareable(p)
     if not layers:
         return None
     try:
         n = min(SAMPLES, data.n_samples)
-        d = damage(before, after, layers, data, n, workdir, drop_of, progress)
+        d = damage(before, after, layers, data, n, workdir, drop_of, progress, segments=segments)
     except Exception as e:  # a model the probes cannot run: spare in the pass's own order
         logger.debug("layer damage not measured: %s", one_line(e))
         d = {u: 1.0 for u in layers}
@@ -116,7 +124,7 @@ def partial(
     full, allowed = drop
     need = (full - allowed / 2) / full if full > 0 else 1.0
     first = int(np.searchsorted(share, min(need, 1.0) - 1e-9)) + 1
-    found: dict[int, Partial] = {}
+    best: list[Partial] = []  # the holding try that spares the fewest layers, outputs on disk
     calls: list[int] = []
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
 
@@ -145,7 +153,12 @@ def partial(
         finally:
             if task:
                 task()
-        found[k] = Partial(q, model, checked, order[:k], len(layers), 0, d, full)
+        if not best or k < len(best[0].kept):
+            stash = workdir / "partial-outputs.pickle"
+            with stash.open("wb") as f:  # the next try's validation must not hold two sets
+                pickle.dump(checked[0], f, protocol=pickle.HIGHEST_PROTOCOL)
+            checked = (stash, *checked[1:])
+            best[:] = [Partial(q, model, checked, order[:k], len(layers), 0, d, full)]
         return True
 
     most, k = len(layers) - 1, None
@@ -160,10 +173,14 @@ def partial(
     finally:
         if task:
             task.done()
-    if k is None:
+    if k is None or not best:
         return None
-    found[k].tries = len(calls)
-    return found[k]
+    found, stash = best[0], best[0].checked[0]
+    with stash.open("rb") as f:
+        found.checked = (pickle.load(f), *found.checked[1:])
+    stash.unlink()
+    found.tries = len(calls)
+    return found
 
 
 def damage(
@@ -175,6 +192,8 @@ def damage(
     workdir: Path,
     drop: Callable[[list, list], float],
     progress=None,
+    *,
+    segments: bool = False,
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
     shapes_before, shapes_after = _shapes(before), _shapes(after)
@@ -189,6 +208,9 @@ def damage(
         if (node := nodes.get(u)) is not None:
             around[u] = (_nearest(node, seen, down=True), _nearest(node, seen, down=False))
     sets = {s for pair in around.values() for s in pair if s}
+    if segments:
+        own = _own_drops(before, after, set().union(*sets) if sets else set(), data, n, progress)
+        return {u: sum(own[t] for t in around[u][0]) if u in around else 0.0 for u in layers}
     drops = _spliced_drops(before, after, sets, data, n, workdir, drop, progress)
     return {
         u: max(0.0, drops.get(down, 0.0) - drops.get(up, 0.0))
@@ -271,6 +293,30 @@ def _spliced_drops(before, after, sets, data, n: int, workdir: Path, drop, progr
             task.done()
         for f in workdir.glob(path.name + "*"):
             f.unlink(missing_ok=True)
+
+
+def _own_drops(before, after, names: set[str], data, n: int, progress=None) -> dict[str, float]:
+    """Per tensor t in ``names``: 1 − cosine of ``after``'s t, computed from ``before``'s values
+    at the tensors of ``names`` ahead of it, with ``before``'s t -- what the nodes since those add
+    on their own. Two sweeps in lockstep (one segment at a time: no session holds the model);
+    raises ValueError if the two models order the tensors differently."""
+    own: dict[str, float] = {}
+    if not names:
+        return own
+    task = progress.task("measuring each layer's own damage", len(names)) if progress else None
+    try:
+        clean, spliced = Sweep(before, sorted(names), data, n), Sweep(after, sorted(names), data, n)
+        for (name, ref), (other, got) in zip(clean, spliced):
+            if name != other:
+                raise ValueError(f"the models compute {name!r} and {other!r} in another order")
+            own[name] = 1.0 - compare([{name: r} for r in ref], [{name: g} for g in got]).cosine
+            got[:] = ref  # downstream of here, the pass's nodes see the clean values
+            if task:
+                task()
+    finally:
+        if task:
+            task.done()
+    return own
 
 
 def _switched(model: ir.Model, dtypes: dict[str, np.dtype]) -> ir.Model:

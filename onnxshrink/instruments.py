@@ -98,13 +98,22 @@ class Validate(Instrument):
         self.kernel_gap = 0.0  # 1 − cosine of the current model's integer kernels vs as written
         self.bound = ORIGINAL_BOUND  # seconds a validation batch may take
 
-    def _run(self, path: Path, what: str, *, optimize: bool = False) -> runtime.Outputs:
-        task = (
-            self.progress.task(f"validating {what}", min(self.limit, self.data.n_samples))
-            if self.progress
-            else NullTask()
-        )
+    def _run(
+        self, path: Path, what: str, *, optimize: bool = False, model: ir.Model | None = None
+    ) -> runtime.Outputs:
+        """Outputs of the model at ``path``; one segment at a time when ``model`` (the same, in
+        memory) is too large for one session and runs no integer kernels."""
+        segments = model is not None and _large(model) and not optimize
+        if segments:
+            what += " (one segment at a time)"
+        n = min(self.limit, self.data.n_samples)
+        task = self.progress.task(f"validating {what}", n) if self.progress else NullTask()
         try:
+            if segments:
+                from onnxshrink.sweep import run_in_segments
+
+                with phase("validation: one segment at a time"):
+                    return run_in_segments(model, self.data, self.limit, progress=task)
             sess = runtime.session(path, optimize=optimize)
             return runtime.run(sess, self.data, limit=self.limit, on_batch=task, timeout=self.bound)
         except runtime.RunTimeout as e:
@@ -125,19 +134,7 @@ class Validate(Instrument):
         try:
             t0 = time.perf_counter()
             self.bound = ORIGINAL_BOUND
-            if io.tensor_bytes(model) > LARGE_MODEL and not uses_integer_kernels(model):
-                from onnxshrink.sweep import run_in_segments
-
-                what = "validating original (one segment at a time)"
-                n = min(self.limit, self.data.n_samples)
-                bar = self.progress.task(what, n) if self.progress else NullTask()
-                with phase("validation: the original, one segment at a time"):
-                    self.original_outputs = run_in_segments(
-                        model, self.data, self.limit, progress=bar
-                    )
-                bar.done()
-            else:
-                self.original_outputs = self._run(path, "original")
+            self.original_outputs = self._run(path, "original", model=model)
             batches = max(1, len(self.original_outputs))
             self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
         except Invalid as e:  # the input model's own run did not end
@@ -230,7 +227,7 @@ class Validate(Instrument):
                         "ops)"
                     )
                 return None, None, None, {"bytes": size}, None
-            outputs = self._run(path, p.name)
+            outputs = self._run(path, p.name, model=model)
             step = self._compare(self.before_outputs, outputs)
             total = self._compare(self.original_outputs, outputs)
             self._judge(p, step, total)
@@ -259,6 +256,7 @@ class Validate(Instrument):
                 self.data,
                 self.workdir,
                 self.progress,
+                segments=_large(run.snapshot),
             )
         if found is None:
             return None
@@ -326,6 +324,12 @@ class Validate(Instrument):
                 )
             return
         _hold_floor(p, _gate(step if p.compare_to == "before" else total), what)
+
+
+def _large(model: ir.Model) -> bool:
+    """Too large for one validation session: run one segment at a time (integer kernels need
+    the optimized session over the whole graph)."""
+    return io.tensor_bytes(model) > LARGE_MODEL and not uses_integer_kernels(model)
 
 
 def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "") -> None:

@@ -227,3 +227,52 @@ def test_one_switched_session_splices_each_set(digits_model, digits_calib, tmp_p
             np.testing.assert_allclose(mine[last], theirs[last], rtol=1e-4, atol=1e-4)
     nothing = _spliced_drops(before, before, [frozenset({cut})], data, 4, tmp_path, drop)
     assert nothing[frozenset({cut})] < 1e-5
+
+
+def test_a_model_too_large_for_one_session_is_measured_one_segment_at_a_time(
+    digits_model, digits_calib, monkeypatch
+):
+    """Above ``LARGE_MODEL`` partial application opens no session over a whole model: the
+    layers' own damage comes from two sweeps, every try is validated in segments, and it still
+    finds the one loud layer."""
+    from onnxshrink import degrade, instruments, runtime
+
+    monkeypatch.setattr(instruments, "LARGE_MODEL", 0)
+    monkeypatch.setattr(degrade, "_spliced_drops", lambda *a, **k: pytest.fail("whole session"))
+    opened = []
+    session = runtime.session
+    monkeypatch.setattr(
+        runtime, "session", lambda path, **k: opened.append(path) or session(path, **k)
+    )
+    original = onnx.load(str(digits_model))
+    target = list(_weights(original))[1]
+    _, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target)], data=str(digits_calib), progress=False
+    )
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert rec.partial["kept"] == [target] and rec.partial["tries"] <= 2
+    assert rec.partial["damage"][target] > 0.01
+    assert rec.partial["whole_fidelity"] < 0.99 <= rec.fidelity.cosine
+    assert opened and not [p for p in opened if not isinstance(p, bytes)], opened
+
+
+def test_own_damage_is_what_a_layer_adds_on_clean_inputs(digits_model, digits_calib):
+    """The changed conv's output differs; downstream, fed the clean values, nothing does
+    (spliced at the output, the drop would be the whole model's)."""
+    from onnxshrink import io
+    from onnxshrink.data import input_specs, load_data
+    from onnxshrink.degrade import _own_drops
+
+    before = io.load(str(digits_model)).model
+    data = load_data(str(digits_calib), input_specs(before))
+    after = before.clone()
+    convs = [n for n in after.graph if n.op_type == "Conv"]
+    w = const_array(convs[0].inputs[1])
+    set_const_input(after.graph, convs[0], 1, w * 1.5 + 0.1, "noisy")
+    names = {convs[0].outputs[0].name, convs[1].outputs[0].name, before.graph.outputs[0].name}
+    own = _own_drops(before, after, names, data, 8)
+    assert own[convs[0].outputs[0].name] > 0.01
+    assert own[convs[1].outputs[0].name] < 1e-6
+    assert own[before.graph.outputs[0].name] < 1e-6
+    assert max(_own_drops(before, before.clone(), names, data, 8).values()) < 1e-6

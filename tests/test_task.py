@@ -119,8 +119,8 @@ def test_the_metric_is_judged_in_the_integer_kernels_too(digits_model, digits_ca
 
     run = Validate._run
 
-    def shuffled_in_kernels(self, path, what, *, optimize=False):
-        outputs = run(self, path, what, optimize=optimize)
+    def shuffled_in_kernels(self, path, what, *, optimize=False, model=None):
+        outputs = run(self, path, what, optimize=optimize, model=model)
         if optimize and "integer kernels" in what:  # the kernels, not the float reference
             outputs = [{k: np.roll(v, 1, axis=-1) for k, v in b.items()} for b in outputs]
         return outputs
