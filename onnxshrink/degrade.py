@@ -196,11 +196,12 @@ def damage(
     segments: bool = False,
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
-    shapes_before, shapes_after = _shapes(before), _shapes(after)
-    seen = {  # node outputs only: a graph input is never spliced (its drop is 0)
-        name
+    shapes_before, shapes_after = _shapes(before), _shapes(after, untyped=segments)
+    seen = {  # node outputs only: a graph input is never spliced (its drop is 0); in segments
+        name  # a shape inference lost (a contrib op upstream) is checked when the tensor is run
         for name, shape in shapes_before.items()
-        if name in shapes_after and shape == shapes_after[name]
+        if name in shapes_after
+        and (shape == shapes_after[name] or (segments and None in (shape, shapes_after[name])))
     }
     nodes = {node.name: node for node in before.graph if node.name}
     around = {}
@@ -218,15 +219,17 @@ def damage(
     }
 
 
-def _shapes(model: ir.Model) -> dict[str, tuple | None]:
+def _shapes(model: ir.Model, *, untyped: bool = False) -> dict[str, tuple | None]:
     """Float node output name -> inferred shape of the main graph, a symbolic dim as None
-    (inference names unknown dims afresh per model: ``unk__0`` here is ``unk__3`` there)."""
+    (inference names unknown dims afresh per model: ``unk__0`` here is ``unk__3`` there);
+    ``untyped``: outputs whose type inference did not reach too (shape None)."""
     clone = model.clone()
     infer_types(clone)
     out = {}
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
     for node in clone.graph:
         for v in node.outputs:
-            if v.name and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            if v.name and (v.dtype in floats or (untyped and v.dtype is None)):
                 out[v.name] = (
                     None
                     if v.shape is None
@@ -309,8 +312,11 @@ def _own_drops(before, after, names: set[str], data, n: int, progress=None) -> d
         for (name, ref), (other, got) in zip(clean, spliced):
             if name != other:
                 raise ValueError(f"the models compute {name!r} and {other!r} in another order")
-            own[name] = 1.0 - compare([{name: r} for r in ref], [{name: g} for g in got]).cosine
-            got[:] = ref  # downstream of here, the pass's nodes see the clean values
+            if [r.shape for r in ref] != [g.shape for g in got]:
+                own[name] = 0.0  # not shared after all (its shape was not inferred)
+            else:
+                own[name] = 1.0 - compare([{name: r} for r in ref], [{name: g} for g in got]).cosine
+                got[:] = ref  # downstream of here, the pass's nodes see the clean values
             if task:
                 task()
     finally:

@@ -185,6 +185,7 @@ class Validate(Instrument):
         try:
             checked = self._validate(run.pass_, run.model, f"{run.index:02d}")
         except BelowFloor as e:
+            e.__traceback__ = None  # its frames hold the failed candidate's outputs
             stopped = None
             try:
                 checked = self._degrade(run, e)

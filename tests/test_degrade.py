@@ -276,3 +276,26 @@ def test_own_damage_is_what_a_layer_adds_on_clean_inputs(digits_model, digits_ca
     assert own[convs[1].outputs[0].name] < 1e-6
     assert own[before.graph.outputs[0].name] < 1e-6
     assert max(_own_drops(before, before.clone(), names, data, 8).values()) < 1e-6
+
+
+def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(tmp_path, monkeypatch):
+    """Shape inference stops at ``GatherBlockQuantized``/``MatMulNBits``, so after 4-bit no
+    tensor downstream had an inferred type and no layer's damage was measured (the search
+    spared in the pass's order, or gave up); in segments each layer's output is compared as
+    it runs."""
+    from models import decoder
+    from onnxshrink import instruments
+
+    monkeypatch.setattr(instruments, "LARGE_MODEL", 0)
+    cfg = decoder.Config(layers=2, hidden=128, heads=4, intermediate=256, vocab=512, context=64)
+    src = decoder.build(cfg, tmp_path / "d.onnx")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab, (32, 24))
+    _, report = onnxshrink.compress(
+        src, ["quantize-weights:floor=0.999,rounding=nearest"], data={"input_ids": ids},
+        output=tmp_path / "q.onnx", progress=False,
+    )  # fmt: skip
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert rec.partial["whole_fidelity"] < 0.999 <= rec.fidelity.cosine
+    assert 0 < rec.partial["applied"] < rec.partial["layers"] == 7 * cfg.layers + 2
+    assert min(rec.partial["damage"].values()) > 1e-4  # measured, every layer kept back
