@@ -124,7 +124,8 @@ def partial(
     full, allowed = drop
     need = (full - allowed / 2) / full if full > 0 else 1.0
     first = int(np.searchsorted(share, min(need, 1.0) - 1e-9)) + 1
-    best: list[Partial] = []  # the holding try that spares the fewest layers, outputs on disk
+    best: list[Partial] = []  # the holding try that spares the fewest layers; outputs in stash
+    stash = workdir / "partial-outputs.pickle"
     calls: list[int] = []
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
 
@@ -154,10 +155,9 @@ def partial(
             if task:
                 task()
         if not best or k < len(best[0].kept):
-            stash = workdir / "partial-outputs.pickle"
             with stash.open("wb") as f:  # the next try's validation must not hold two sets
                 pickle.dump(checked[0], f, protocol=pickle.HIGHEST_PROTOCOL)
-            checked = (stash, *checked[1:])
+            checked = (None, *checked[1:])
             best[:] = [Partial(q, model, checked, order[:k], len(layers), 0, d, full)]
         return True
 
@@ -175,7 +175,7 @@ def partial(
             task.done()
     if k is None or not best:
         return None
-    found, stash = best[0], best[0].checked[0]
+    found = best[0]
     with stash.open("rb") as f:
         found.checked = (pickle.load(f), *found.checked[1:])
     stash.unlink()
@@ -210,7 +210,7 @@ def damage(
             around[u] = (_nearest(node, seen, down=True), _nearest(node, seen, down=False))
     sets = {s for pair in around.values() for s in pair if s}
     if segments:
-        own = _own_drops(before, after, set().union(*sets) if sets else set(), data, n, progress)
+        own = _own_drops(before, after, set().union(*sets), data, n, progress)
         return {u: sum(own[t] for t in around[u][0]) if u in around else 0.0 for u in layers}
     drops = _spliced_drops(before, after, sets, data, n, workdir, drop, progress)
     return {
@@ -308,7 +308,7 @@ def _own_drops(before, after, names: set[str], data, n: int, progress=None) -> d
         return own
     task = progress.task("measuring each layer's own damage", len(names)) if progress else None
     try:
-        clean, spliced = Sweep(before, sorted(names), data, n), Sweep(after, sorted(names), data, n)
+        clean, spliced = Sweep(before, list(names), data, n), Sweep(after, list(names), data, n)
         for (name, ref), (other, got) in zip(clean, spliced):
             if name != other:
                 raise ValueError(f"the models compute {name!r} and {other!r} in another order")
