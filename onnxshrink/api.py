@@ -111,9 +111,9 @@ def compress(
     pass_list = [make_pass(p) for p in (passes if passes is not None else DEFAULT_PIPELINE)]
     loaded = io.load(model)
     reports = [Path(r) for r in (report_json, report_html) if r is not None]
-    atomic.check_outputs(
-        Path(output) if output is not None else None, reports, loaded.protected_paths
-    )
+    protected = loaded.protected_paths  # the input's files, read before a pass rewrites it
+    split_input = bool(io.external_files(loaded.model))  # it keeps tensors in other files
+    atomic.check_outputs(Path(output) if output is not None else None, reports, protected)
     dataset = load_data(data, input_specs(loaded.model), images=images)
     if holdout > 0 and not dataset.is_random and dataset.n_samples >= 8:
         calibration, validation = dataset.split(holdout)
@@ -135,11 +135,12 @@ def compress(
         report.notes.append(
             f"{loaded.lifted_constants} Constant-node weights were turned into initializers"
         )
-    # the passes rewrite loaded.model in place: the report's "before" and --target's reference
-    # are a clone taken first (tensors shared, never mutated)
+    # the passes rewrite the model in place: the report's "before" and --target's reference are
+    # a clone taken first (tensors shared, never mutated); the pipeline gets the only reference,
+    # so a pass it rolls back or applies partly leaves no weights held here
     original = loaded.model.clone()
     run = _Run(calibration, validation, strict, validate_samples, progress, console, task_metric)
-    result = run(loaded, pass_list, report)
+    result = run(loaded.release(), loaded.path, pass_list, report)
     if parsed_target is not None:
         if dataset.is_random:
             raise OptionError(
@@ -156,15 +157,15 @@ def compress(
         loaded.path is not None
         and not loaded.lifted_constants
         and report.target is None
-        and not io.external_files(loaded.model)
+        and not split_input
         and all(p.status != "applied" for p in report.passes)
     )
     if output is not None and unchanged:  # what the user gave, byte for byte (not re-serialized)
-        atomic.copy_file(loaded.path, Path(output), protect=loaded.protected_paths)
+        atomic.copy_file(loaded.path, Path(output), protect=protected)
         report.output = str(output)
         report.notes.append("no pass changed the model: the output is a copy of the input")
     elif output is not None:
-        atomic.save(result, output, protect=loaded.protected_paths)
+        atomic.save(result, output, protect=protected)
         report.output = str(output)
         report.after["bytes"] = io.file_bytes(output)
     if report_json is not None:
@@ -192,7 +193,11 @@ class _Run:
     console: Any
     metric: Any = None  # the user's task metric (onnxshrink.task)
 
-    def __call__(self, loaded: io.LoadedModel, pass_list: list, report: Report) -> ir.Model:
+    def __call__(
+        self, model: ir.Model, path: Path | None, pass_list: list, report: Report
+    ) -> ir.Model:
+        """``model`` (rewritten in place) through ``pass_list``; ``path``: the file it was
+        loaded from, if any (the original's outputs are computed from it as it is)."""
         with tempfile.TemporaryDirectory(prefix="onnxshrink-") as tmp:
             workdir = Path(tmp)
             bar = Progress(console=self.console, enabled=self.progress)
@@ -201,12 +206,12 @@ class _Run:
                 workdir,
                 limit=self.limit,
                 progress=bar,
-                original_path=loaded.path,
+                original_path=path,
                 metric=self.metric,
             )
             shapes = self.calibration.input_shapes()
             context = PassContext(
-                data=self.calibration, workdir=workdir, original=loaded.model.clone(), progress=bar
+                data=self.calibration, workdir=workdir, original=model.clone(), progress=bar
             )
             pipeline = Pipeline(
                 pass_list,
@@ -215,7 +220,7 @@ class _Run:
                 strict=self.strict,
             )
             try:
-                return pipeline.run(loaded.model)
+                return pipeline.run(model)
             finally:
                 bar.close()
 
@@ -234,7 +239,7 @@ class _TargetRunner:
 
     def apply(self, passes: list) -> tuple[ir.Model, Report]:
         rep = Report(model="target", data=self.data)
-        return self.run(io.LoadedModel(self.model.clone(), "ir"), passes, rep), rep
+        return self.run(self.model.clone(), None, passes, rep), rep
 
     def latency(self, model: ir.Model) -> tuple[float, float]:
         from onnxshrink import runtime

@@ -59,6 +59,11 @@ class LoadedModel:
             paths.add(self.path.resolve())
         return paths
 
+    def release(self) -> ir.Model:
+        """The model, no longer held here: whoever rewrites it holds its only reference."""
+        model, self.model = self.model, None
+        return model
+
 
 def _read_proto(path: Path) -> onnx.ModelProto:
     if not path.exists():

@@ -466,6 +466,35 @@ def test_a_model_no_pass_changed_is_written_byte_identical(tmp_path):
     )
 
 
+def test_a_rolled_back_rewrite_of_every_external_weight_still_writes_the_data(tmp_path):
+    """The input is judged 'split in files' as it was loaded, not after a pass rewrote its only
+    weight in place and was rolled back: a copy of the .onnx alone would miss its data file."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    import onnxshrink
+    from tests.helpers import ort_run
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 128])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["n", 128])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    path, out = tmp_path / "in" / "m.onnx", tmp_path / "out" / "o.onnx"
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    onnx.save(model, str(path), save_as_external_data=True, location="m.bin", size_threshold=0)
+    _, report = onnxshrink.compress(
+        path, ["quantize-weights:floor=0.999999"], data="random:16", output=out
+    )
+    assert report.passes[0].status == "rolled-back"  # 4-bit keeps cosine ~0.997 here
+    x = np.ones((1, 128), np.float32)
+    np.testing.assert_allclose(ort_run(str(out), {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)
+
+
 # -- 7. nothing hangs ------------------------------------------------------------------------
 def _endless_loop(path: Path) -> Path:
     from onnx import TensorProto as T
