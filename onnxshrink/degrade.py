@@ -13,7 +13,8 @@ worst-ranked layers whose drop is no lower than the full pass's shows the rankin
 (the damage is spread, or arises between layers), so the search stops there (:class:`NoHelp`).
 A model too large for one session (``segments``) gets each layer's own damage instead, from two
 sweeps in lockstep: d(u) = 1 − cosine at u's down tensors of the pass's nodes fed the values of
-the model before it -- what u adds, not amplified. Only the best try is kept, its outputs on disk.
+the model before it -- what u adds, not amplified. The best try waits on disk (its outputs
+and new weights); the whole pass's weights are dropped once its damage is measured.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def partial(
     raises for a failing model) passes; None when no try within ``TRIES`` did; raises
     :class:`NoHelp` when a try shows the ranking is no guide. ``drop`` is the full pass's
     (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one; ``segments``: the
-    model is too large for one session (each layer's own damage, see the module docstring)."""
+    model is too large for one session (each layer's own damage, see the module docstring).
+    ``after``, the whole pass's result, is consumed: its weights are dropped once measured."""
     layers = spareable(p)
     if not layers:
         return None
@@ -119,13 +121,15 @@ def partial(
     except Exception as e:  # a model the probes cannot run: spare in the pass's own order
         logger.debug("layer damage not measured: %s", one_line(e))
         d = {u: 1.0 for u in layers}
+    _drop_weights(after)  # discarded either way: the try found, or the model before, replaces it
     order = sorted(layers, key=lambda u: -d[u])
     share = np.cumsum([d[u] for u in order]) / max(sum(d.values()), 1e-30)
     full, allowed = drop
     need = (full - allowed / 2) / full if full > 0 else 1.0
     first = int(np.searchsorted(share, min(need, 1.0) - 1e-9)) + 1
-    best: list[Partial] = []  # the holding try that spares the fewest layers; outputs in stash
-    stash = workdir / "partial-outputs.pickle"
+    best: list[Partial] = []  # the holding try that spares the fewest layers, and what it
+    stash = workdir / "partial-outputs.pickle"  # returned and wrote out, until the search ends
+    spilled: list = []
     calls: list[int] = []
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
 
@@ -155,8 +159,12 @@ def partial(
             if task:
                 task()
         if not best or k < len(best[0].kept):
-            with stash.open("wb") as f:  # the next try's validation must not hold two sets
-                pickle.dump(checked[0], f, protocol=pickle.HIGHEST_PROTOCOL)
+            with stash.open("wb") as f:  # the next try must not hold two sets of outputs, nor
+                pickle.dump(checked[0], f, protocol=pickle.HIGHEST_PROTOCOL)  # two of weights
+            weights = workdir / "partial-weights.bin"
+            best.clear()  # the previous best's tensors may still map the file: a new one
+            weights.unlink(missing_ok=True)
+            spilled[:] = io.spill(model, weights)
             checked = (None, *checked[1:])
             best[:] = [Partial(q, model, checked, order[:k], len(layers), 0, d, full)]
         return True
@@ -178,9 +186,19 @@ def partial(
     found = best[0]
     with stash.open("rb") as f:
         found.checked = (pickle.load(f), *found.checked[1:])
+    io.unspill(spilled)
     stash.unlink()
+    (workdir / "partial-weights.bin").unlink()
     found.tries = len(calls)
     return found
+
+
+def _drop_weights(model: ir.Model) -> None:
+    """``model``'s initializers emptied (it is not used again): a model too large for one
+    session must not hold the whole pass's weights through the tries."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = None
 
 
 def damage(

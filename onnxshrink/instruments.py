@@ -97,13 +97,15 @@ class Validate(Instrument):
         self.static: str | None = None  # why outputs cannot be compared (custom ops), if so
         self.kernel_gap = 0.0  # 1 − cosine of the current model's integer kernels vs as written
         self.bound = ORIGINAL_BOUND  # seconds a validation batch may take
+        self.segmented = False  # the original ran one segment at a time
 
     def _run(
         self, path: Path, what: str, *, optimize: bool = False, model: ir.Model | None = None
     ) -> runtime.Outputs:
         """Outputs of the model at ``path``; one segment at a time when ``model`` (the same, in
-        memory) is too large for one session and runs no integer kernels."""
-        segments = model is not None and _large(model) and not optimize
+        memory) runs no integer kernels and is too large for one session, or the original was
+        (a candidate just under the bound would hold it all again, beside the run's own)."""
+        segments = model is not None and not optimize and self._in_segments(model)
         if segments:
             what += " (one segment at a time)"
         n = min(self.limit, self.data.n_samples)
@@ -121,6 +123,9 @@ class Validate(Instrument):
         finally:
             task.done()
 
+    def _in_segments(self, model: ir.Model) -> bool:
+        return _large(model) or (self.segmented and not uses_integer_kernels(model))
+
     def enter(self, model: ir.Model) -> None:
         # The user's file is the original as it is; an in-memory model is written out once.
         path = self.original_path or self.workdir / "original.onnx"
@@ -134,6 +139,7 @@ class Validate(Instrument):
         try:
             t0 = time.perf_counter()
             self.bound = ORIGINAL_BOUND
+            self.segmented = _large(model)
             self.original_outputs = self._run(path, "original", model=model)
             batches = max(1, len(self.original_outputs))
             self.bound = max(MIN_BOUND, SLOWER_BOUND * (time.perf_counter() - t0) / batches)
@@ -216,8 +222,9 @@ class Validate(Instrument):
         """(outputs, fidelity against the model before, against the original, stats, kernels)
         of ``model``, ``p``'s result; raises :class:`Invalid` (:class:`BelowFloor`) if it fails."""
         path = self.workdir / f"pass{tag}.onnx"
+        segments = self._in_segments(model)
         try:
-            size = io.write(model, path)
+            size = io.write(model, path, external_data=segments or None)
             sig = check_file(path, strict_inference=self._strict)
             if diff := sig.differs(self._signature):
                 raise Invalid(diff)
@@ -228,7 +235,9 @@ class Validate(Instrument):
                         "ops)"
                     )
                 return None, None, None, {"bytes": size}, None
-            outputs = self._run(path, p.name, model=model)
+            # in segments the sweep reads the weights from the file just written: serialized
+            # from memory, a segment's tensors are copied thrice on their way into onnxruntime
+            outputs = self._run(path, p.name, model=ir.load(path) if segments else model)
             step = self._compare(self.before_outputs, outputs)
             total = self._compare(self.original_outputs, outputs)
             self._judge(p, step, total)
@@ -246,6 +255,9 @@ class Validate(Instrument):
         """The pass re-run sparing its most damaging layers (:mod:`onnxshrink.degrade`); the
         record then tells what was kept back. None when no try held."""
         t0 = time.perf_counter()
+        whole = metrics.model_stats(
+            run.model, input_shapes=self.data.input_shapes(), with_bytes=False
+        )  # what the whole pass reached, for the summary (partial drops its weights)
         with phase("partial application"):
             found = degrade.partial(
                 run.pass_,
@@ -261,9 +273,6 @@ class Validate(Instrument):
             )
         if found is None:
             return None
-        whole = metrics.model_stats(
-            run.model, input_shapes=self.data.input_shapes(), with_bytes=False
-        )  # what the whole pass reached, for the summary
         run.model = found.model
         found.record(run.record, str(failure))
         run.record.partial.update(

@@ -34,6 +34,8 @@ __all__ = [
     "tensor_bytes",
     "file_bytes",
     "write",
+    "spill",
+    "unspill",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,3 +296,33 @@ def write(
         for value, tensor in swapped:
             value.const_value = tensor
     return path.stat().st_size
+
+
+def spill(model: ir.Model, path: Path) -> list[tuple[ir.Value, ir.ExternalTensor]]:
+    """Moves ``model``'s in-memory initializers into the file ``path``: each becomes an
+    ``ir.ExternalTensor`` reading it back, so a model waiting for its turn holds no weights.
+    Returns what :func:`unspill` reads back; the tensors themselves are not mutated."""
+    spilled = []
+    with path.open("wb") as f:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                    continue
+                offset, data = f.tell(), tensor.tobytes()
+                f.write(data)
+                value.const_value = ir.ExternalTensor(
+                    path.name, offset, len(data), tensor.dtype, shape=tensor.shape,
+                    name=tensor.name, base_dir=path.parent,
+                )  # fmt: skip
+                spilled.append((value, value.const_value))
+    return spilled
+
+
+def unspill(spilled: list[tuple[ir.Value, ir.ExternalTensor]]) -> None:
+    """What :func:`spill` moved out, back in memory (the file may then be deleted)."""
+    for value, tensor in spilled:
+        value.const_value = ir.Tensor(
+            np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name
+        )
+        tensor.release()

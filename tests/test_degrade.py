@@ -83,6 +83,44 @@ def test_the_one_damaging_layer_is_measured_and_kept_back(digits_model, digits_c
     assert all(not np.array_equal(after[n], before[n]) for n in layers if n != target)
 
 
+def test_each_try_is_validated_with_no_other_candidate_s_weights_in_memory(
+    digits_model, digits_calib, monkeypatch
+):
+    """While a try is validated, the whole pass's new weights are dropped and the best try so
+    far waits on disk: on a model of gigabytes each would be another set of packed weights."""
+    import gc
+    import weakref
+
+    from onnxshrink.instruments import Validate
+
+    earlier: list[list[weakref.ref]] = []
+    alive: list[int] = []  # at each validation, earlier candidates' tensors still in memory
+    validate = Validate._validate
+
+    def spy(self, p, model, tag):
+        gc.collect()
+        alive.append(sum(r() is not None for refs in earlier for r in refs))
+        earlier.append([
+            weakref.ref(v.const_value) for v in model.graph.initializers.values()
+            if v.name.endswith(".noisy") and not isinstance(v.const_value, ir.ExternalTensor)
+        ])  # fmt: skip
+        return validate(self, p, model, tag)
+
+    monkeypatch.setattr(Validate, "_validate", spy)
+    original = onnx.load(str(digits_model))
+    target = list(_weights(original))[-1]
+    out, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target, quiet=0.2)], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert len(earlier) == 1 + rec.partial["tries"] >= 3 and all(earlier), len(earlier)
+    assert alive == [0] * len(earlier)
+    after, before = _weights(out), _weights(original)  # the best try, back from the disk
+    assert np.array_equal(after[target], before[target])
+    assert sum(not np.array_equal(after[n], before[n]) for n in before) == rec.partial["applied"]
+
+
 def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, capsys):
     """Tucker at 3x fewer MACs breaks a 0.99 floor on the digits CNN as a whole; applied to part
     of its layers it holds the floor and still saves MACs."""
@@ -299,3 +337,4 @@ def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(tmp_path, monkeyp
     assert rec.partial["whole_fidelity"] < 0.999 <= rec.fidelity.cosine
     assert 0 < rec.partial["applied"] < rec.partial["layers"] == 7 * cfg.layers + 2
     assert min(rec.partial["damage"].values()) > 1e-4  # measured, every layer kept back
+

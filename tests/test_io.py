@@ -150,3 +150,32 @@ def test_loading_costs_about_twice_the_file(tmp_path):
     assert run.returncode == 0, run.stderr.decode()
     cost = int(run.stdout) * 1024 / path.stat().st_size
     assert 1.0 < cost < 2.3, cost
+
+
+def test_spilled_weights_come_back_bit_for_bit(tmp_path):
+    """A model waiting on disk (:func:`io.spill`) holds no in-memory tensor; read back, every
+    tensor (4-bit packed ones too) has its bytes, and external ones were never touched."""
+    import ml_dtypes
+
+    arrays = {
+        "f": (np.arange(6, dtype=np.float32).reshape(2, 3), None),
+        "i4": (np.array([1, -2, 3, -8, 7], dtype=ml_dtypes.int4), ir.DataType.INT4),
+        "u4": (np.array([1, 2, 15], dtype=ml_dtypes.uint4), ir.DataType.UINT4),
+    }
+    graph = ir.Graph([], [], nodes=[], name="g")
+    for name, (arr, dtype) in arrays.items():
+        graph.register_initializer(
+            ir.Value(name=name, const_value=ir.Tensor(arr, dtype=dtype, name=name))
+        )
+    ext = _big_external_model(tmp_path, n_rows=8)
+    table = io.load(ext).model.graph.initializers["table"]
+    graph.register_initializer(ir.Value(name="table", const_value=table.const_value))
+    model = ir.Model(graph, ir_version=10)
+    before = {k: v.const_value.tobytes() for k, v in graph.initializers.items()}
+    spilled = io.spill(model, tmp_path / "w.bin")
+    assert {v.name for v, _ in spilled} == set(arrays)
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
+    io.unspill(spilled)
+    (tmp_path / "w.bin").unlink()
+    assert {k: v.const_value.tobytes() for k, v in graph.initializers.items()} == before
+    assert graph.initializers["table"].const_value.path.endswith("model.data")
