@@ -18,6 +18,7 @@ from onnxshrink import atomic, io, marks
 from onnxshrink.data import Dataset, ImageOptions, input_specs, load_data
 from onnxshrink.errors import OptionError
 from onnxshrink.instruments import ReportCollector, Timing, Validate
+from onnxshrink.memo import Memo
 from onnxshrink.passes import DEFAULT_PIPELINE, PassContext, ShrinkPass, make_pass
 from onnxshrink.pipeline import Pipeline
 from onnxshrink.progress import Progress
@@ -211,7 +212,11 @@ class _Run:
             )
             shapes = self.calibration.input_shapes()
             context = PassContext(
-                data=self.calibration, workdir=workdir, original=model.clone(), progress=bar
+                data=self.calibration,
+                workdir=workdir,
+                original=model.clone(),
+                progress=bar,
+                memo=Memo(workdir / "memo"),
             )
             pipeline = Pipeline(
                 pass_list,

@@ -135,6 +135,8 @@ class Pipeline:
             for inst in self.instruments:
                 with phase(f"after each pass: {type(inst).__name__}"):
                     inst.after_pass(run)
+            if self.context.memo is not None:  # its results were for this pass's model only
+                self.context.memo.clear()
             if record.status != "rolled-back":
                 model = run.model  # an instrument may hand back another (a partial application)
             else:

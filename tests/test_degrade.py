@@ -338,3 +338,40 @@ def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(tmp_path, monkeyp
     assert 0 < rec.partial["applied"] < rec.partial["layers"] == 7 * cfg.layers + 2
     assert min(rec.partial["damage"].values()) > 1e-4  # measured, every layer kept back
 
+
+def test_re_runs_reuse_each_layer_s_result(tmp_path, monkeypatch):
+    """A re-run of ``quantize-weights`` while sparing layers computes no layer again: the Grams
+    and the Hessian-aware rounding of every layer it compresses come from the whole pass's run
+    (:mod:`onnxshrink.memo`), bit for bit what the whole pass wrote for that layer."""
+    from models import decoder
+    from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
+
+    cfg = decoder.Config(layers=2, hidden=128, heads=4, intermediate=256, vocab=512, context=64)
+    src = decoder.build(cfg, tmp_path / "d.onnx")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab, (48, 24))
+    computed: list[int] = []  # layers each run of the pass rounded itself
+    hessian = QuantizeWeightsPass._hessian
+    monkeypatch.setattr(
+        QuantizeWeightsPass, "_hessian",
+        lambda self, model, nodes: computed.append(len(nodes)) or hessian(self, model, nodes),
+    )  # fmt: skip
+
+    def run(floor):
+        out = tmp_path / f"{floor}.onnx"
+        _, report = onnxshrink.compress(
+            src, [f"quantize-weights:floor={floor},rounding=hessian"], data={"input_ids": ids},
+            output=out, progress=False,
+        )  # fmt: skip
+        return report.passes[0], {i.name: onnx.numpy_helper.to_array(i) for i in
+                                  onnx.load(str(out)).graph.initializer}  # fmt: skip
+
+    rec, weights = run(0.995)
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert computed == [7 * cfg.layers + 1] + [0] * rec.partial["tries"], computed
+    tables = "embed" not in rec.partial["kept"]  # 4-bit too, not rounded Hessian-aware
+    assert sum(rec.details["rounding"].values()) == rec.partial["applied"] - tables
+    _, whole = run(0.0)
+    packed = [k for k in weights if k.endswith(".weight_quantized")]
+    assert len(packed) == rec.partial["applied"] - tables
+    for k in packed + [k.replace("_quantized", "_scale") for k in packed]:
+        assert np.array_equal(weights[k], whole[k]), k

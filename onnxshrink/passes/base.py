@@ -58,6 +58,7 @@ class PassContext:
     workdir: Path | None = None
     original: ir.Model | None = None
     progress: Any = None  # callable(description, total) -> advance(n) callback, or None
+    memo: Any = None  # onnxshrink.memo.Memo: per-layer results kept for a pass's re-runs
 
 
 @dataclasses.dataclass

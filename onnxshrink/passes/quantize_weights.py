@@ -24,6 +24,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import memo
 from onnxshrink.analysis import nbits
 from onnxshrink.analysis.blockquant import chunks
 from onnxshrink.analysis.heldout_rounding import choose_in_parts
@@ -67,6 +68,12 @@ def _weight(node: ir.Node) -> np.ndarray:
     return w if alpha == 1.0 else w * np.float32(alpha)
 
 
+def _shape(node: ir.Node) -> tuple[int, int]:
+    """[K, N] of :func:`_weight`, without reading it."""
+    k, n = (int(d) for d in node.inputs[1].const_value.shape)
+    return (n, k) if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else (k, n)
+
+
 @dataclasses.dataclass
 class QuantizeWeightsPass(ShrinkPass):
     """Weight-only 4/8-bit MatMul (onnxruntime's MatMulNBits) with activation-aware block grids
@@ -105,21 +112,30 @@ class QuantizeWeightsPass(ShrinkPass):
         nodes, tables = layers_and_tables(self, model, _refusal, bits=self.bits)
         if not nodes and not tables:
             return ir.passes.PassResult(model, modified=False)
-        chosen = self._hessian(model, nodes)
+        chosen = self._hessian(model, [n for n in nodes if not memo.known(self, n.name)])
         before = after = 0
+        counts: dict[str, int] = {}  # layers per rounding chosen on held-out samples
         for node in nodes:
-            source, w = node.inputs[1], _weight(node)
-            packed, how = chosen.pop(node.name, None) or (
-                self._pack(w, *self._nearest(w, None)),
-                "",
-            )
-            before += w.nbytes
-            after += self._emit(model, node, w.shape, packed)
-            del w
+            source, shape = node.inputs[1], _shape(node)
+            if (got := memo.recall(self, node.name)) is not None:  # a re-run (partial application)
+                packed, (how, label) = tuple(got[0]), got[1]
+            else:
+                w = _weight(node)
+                packed, how, label = chosen.pop(node.name, None) or (
+                    self._pack(w, *self._nearest(w, None)), "", None
+                )  # fmt: skip
+                del w
+                memo.remember(self, node.name, list(packed), (how, label))
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+            before += 4 * shape[0] * shape[1]  # float32 (others are refused)
+            after += self._emit(model, node, shape, packed)
             release(source)
             self.change(
                 f"{node.name}: {self.bits}-bit weights, blocks of {self.block}{how}", node.name
             )
+        if self._wants_hessian():
+            self.details["rounding"] = counts
         self.details["weight_only"] = {
             "layers": len(nodes),
             "bytes_before": before,
@@ -131,14 +147,17 @@ class QuantizeWeightsPass(ShrinkPass):
         scales, zps = nbits.block_grid(w, self.bits, self.block, h, self.symmetric)
         return nbits.nearest_codes(w, scales, zps, self.bits, self.block), scales, zps
 
+    def _wants_hessian(self) -> bool:
+        return self.context.data is not None and (
+            self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
+        )
+
     def _hessian(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple]:
-        """Node name -> (packed weight, how) with an activation-aware grid, rounded
-        Hessian-aware where that wins on held-out samples."""
-        data = self.context.data
-        want = self.rounding == "hessian" or (self.rounding == "auto" and self.has_real_data)
-        if not want or data is None:
+        """Node name -> (packed weight, how, the rounding chosen) with an activation-aware
+        grid, rounded Hessian-aware where that wins on held-out samples."""
+        if not self._wants_hessian():
             return {}
-        out, counts = {}, {}
+        out = {}
         for node, H_fit, H_val in held_out_layers(self, model, nodes):
             w = _weight(node)
             k = w.shape[0]  # a Gemm's Grams carry a bias row last: C stays float, exact
@@ -148,7 +167,6 @@ class QuantizeWeightsPass(ShrinkPass):
             cols = chunks(w.shape[1], w.shape[0], COLUMN_CHUNK)
             parts = (self._candidates(w[:, c], codes[c], scales[c], zps[c]) for c in cols)
             damp, record = choose_in_parts(parts, H_fit, H_val)
-            counts[record["chosen"]] = counts.get(record["chosen"], 0) + 1
             how = ", activation-aware grid"
             if damp is not None:
                 codes = np.concatenate(
@@ -158,10 +176,10 @@ class QuantizeWeightsPass(ShrinkPass):
                     ]
                 )
                 how += ", Hessian-aware rounding"
-            out[node.name] = (self._pack(w, codes, scales, zps), how)  # packed: half the codes
+            packed = self._pack(w, codes, scales, zps)  # half the codes' bytes
+            out[node.name] = (packed, how, record["chosen"])
             del w
             release(node.inputs[1])
-        self.details["rounding"] = counts
         return out
 
     def _candidates(self, w, codes, scales, zps) -> tuple:
