@@ -214,13 +214,13 @@ def damage(
     segments: bool = False,
 ) -> dict[str, float]:
     """d(u) per layer name (see the module docstring); 0 for a layer not found."""
-    shapes_before, shapes_after = _shapes(before), _shapes(after, untyped=segments)
-    seen = {  # node outputs only: a graph input is never spliced (its drop is 0); in segments
-        name  # a shape inference lost (a contrib op upstream) is checked when the tensor is run
-        for name, shape in shapes_before.items()
-        if name in shapes_after
-        and (shape == shapes_after[name] or (segments and None in (shape, shapes_after[name])))
-    }
+    shapes_before, shapes_after = _shapes(before), _shapes(after, untyped=True)
+    common = [name for name in shapes_before if name in shapes_after]  # node outputs only: a
+    seen = {n for n in common if shapes_before[n] == shapes_after[n] is not None}  # graph input
+    lost = {n for n in common if None in (shapes_before[n], shapes_after[n])}  # is never spliced
+    # a shape inference lost (a contrib op upstream): in segments checked when the tensor is
+    # run, else both models are run once to compare them
+    seen |= lost if segments or not lost else _alike(before, after, lost, data)
     nodes = {node.name: node for node in before.graph if node.name}
     around = {}
     for u in layers:
@@ -254,6 +254,19 @@ def _shapes(model: ir.Model, *, untyped: bool = False) -> dict[str, tuple | None
                     else tuple(d if isinstance(d, int) else None for d in v.shape)
                 )
     return out
+
+
+def _alike(before: ir.Model, after: ir.Model, names: set[str], data) -> set[str]:
+    """Of ``names``, those both models compute as floats of one shape, run on one sample."""
+    watch = sorted(names)
+    got = [{n: a[0] for n, a in Sweep(m, [], data, 1, watch=watch)} for m in (before, after)]
+    return {
+        n
+        for n in names
+        if got[0][n].shape == got[1][n].shape
+        and got[0][n].dtype == got[1][n].dtype
+        and np.issubdtype(got[0][n].dtype, np.floating)
+    }
 
 
 def _nearest(node: ir.Node, seen: set[str], *, down: bool) -> frozenset[str]:

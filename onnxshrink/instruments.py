@@ -23,12 +23,7 @@ from onnxshrink import degrade, io, metrics, runtime, task
 from onnxshrink.data import Dataset
 from onnxshrink.errors import ModelError, OptionError, first_line, one_line
 from onnxshrink.passes.base import NullTask, ShrinkPass
-from onnxshrink.pipeline import (
-    DEFAULT_FLOOR,
-    Instrument,
-    PassRun,
-    custom_ops,
-)
+from onnxshrink.pipeline import DEFAULT_FLOOR, Instrument, PassRun, custom_ops
 from onnxshrink.progress import Progress
 from onnxshrink.report import Fidelity, Report
 from onnxshrink.timing import phase

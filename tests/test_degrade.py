@@ -316,15 +316,18 @@ def test_own_damage_is_what_a_layer_adds_on_clean_inputs(digits_model, digits_ca
     assert max(_own_drops(before, before.clone(), names, data, 8).values()) < 1e-6
 
 
-def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("large", [True, False], ids=["segments", "one-session"])
+def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(large, tmp_path, monkeypatch):
     """Shape inference stops at ``GatherBlockQuantized``/``MatMulNBits``, so after 4-bit no
     tensor downstream had an inferred type and no layer's damage was measured (the search
-    spared in the pass's order, or gave up); in segments each layer's output is compared as
-    it runs."""
+    spared in the pass's order, or gave up: rolled back in one session); in segments each
+    layer's output is compared as it runs, in one session both models are run once to find
+    the tensors they share."""
     from models import decoder
     from onnxshrink import instruments
 
-    monkeypatch.setattr(instruments, "LARGE_MODEL", 0)
+    if large:
+        monkeypatch.setattr(instruments, "LARGE_MODEL", 0)
     cfg = decoder.Config(layers=2, hidden=128, heads=4, intermediate=256, vocab=512, context=64)
     src = decoder.build(cfg, tmp_path / "d.onnx")
     ids = np.random.default_rng(0).integers(0, cfg.vocab, (32, 24))
