@@ -345,8 +345,10 @@ def test_a_decoder_past_contrib_ops_is_measured_layer_by_layer(large, tmp_path, 
 def test_re_runs_reuse_each_layer_s_result(tmp_path, monkeypatch):
     """A re-run of ``quantize-weights`` while sparing layers computes no layer again: the Grams
     and the Hessian-aware rounding of every layer it compresses come from the whole pass's run
-    (:mod:`onnxshrink.memo`), bit for bit what the whole pass wrote for that layer."""
+    (:mod:`onnxshrink.memo`), bit for bit what the whole pass wrote for that layer -- and what
+    a re-run computing it afresh gets."""
     from models import decoder
+    from onnxshrink import api
     from onnxshrink.passes.quantize_weights import QuantizeWeightsPass
 
     cfg = decoder.Config(layers=2, hidden=128, heads=4, intermediate=256, vocab=512, context=64)
@@ -378,3 +380,9 @@ def test_re_runs_reuse_each_layer_s_result(tmp_path, monkeypatch):
     assert len(packed) == rec.partial["applied"] - tables
     for k in packed + [k.replace("_quantized", "_scale") for k in packed]:
         assert np.array_equal(weights[k], whole[k]), k
+    # and what a re-run would compute afresh: the Grams come from the model before the pass,
+    # its embedding table still float, whichever layers a try spares
+    monkeypatch.setattr(api, "Memo", lambda folder: None)
+    fresh_rec, fresh = run(0.995)
+    assert fresh_rec.partial["kept"] == rec.partial["kept"] and fresh.keys() == weights.keys()
+    assert all(np.array_equal(weights[k], fresh[k]) for k in weights)

@@ -32,12 +32,13 @@ from onnxshrink.errors import OptionError
 from onnxshrink.irtools import const_array, unique_name
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
-from onnxshrink.passes.embeddings import layers_and_tables
+from onnxshrink.passes.embeddings import embedding_gathers, quantize_gather
 from onnxshrink.passes.weight_layers import (
     constant,
     held_out_layers,
     release,
     replace_with_contrib,
+    select_layers,
     weight_refusal,
 )
 
@@ -109,10 +110,15 @@ class QuantizeWeightsPass(ShrinkPass):
         if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph):
             self.skip("model", "the model already has block-quantized weights")
             return ir.passes.PassResult(model, modified=False)
-        nodes, tables = layers_and_tables(self, model, _refusal, bits=self.bits)
+        nodes = select_layers(self, model, _refusal)
+        tables = embedding_gathers(self, model) if self.embeddings else []
         if not nodes and not tables:
             return ir.passes.PassResult(model, modified=False)
+        # Grams from the model before the pass, tables still float: a layer's result then does
+        # not depend on which others a re-run spares (onnxshrink.memo)
         chosen = self._hessian(model, [n for n in nodes if not memo.known(self, n.name)])
+        for table in tables:
+            quantize_gather(self, model, table, bits=self.bits)
         before = after = 0
         counts: dict[str, int] = {}  # layers per rounding chosen on held-out samples
         for node in nodes:
