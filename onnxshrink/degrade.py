@@ -129,6 +129,7 @@ def partial(
     first = int(np.searchsorted(share, min(need, 1.0) - 1e-9)) + 1
     best: list[Partial] = []  # the holding try that spares the fewest layers, and what it
     stash = workdir / "partial-outputs.pickle"  # returned and wrote out, until the search ends
+    weights = workdir / "partial-weights.bin"
     spilled: list = []
     calls: list[int] = []
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
@@ -161,7 +162,6 @@ def partial(
         if not best or k < len(best[0].kept):
             with stash.open("wb") as f:  # the next try must not hold two sets of outputs, nor
                 pickle.dump(checked[0], f, protocol=pickle.HIGHEST_PROTOCOL)  # two of weights
-            weights = workdir / "partial-weights.bin"
             best.clear()  # the previous best's tensors may still map the file: a new one
             weights.unlink(missing_ok=True)
             spilled[:] = io.spill(model, weights)
@@ -188,7 +188,7 @@ def partial(
         found.checked = (pickle.load(f), *found.checked[1:])
     io.unspill(spilled)
     stash.unlink()
-    (workdir / "partial-weights.bin").unlink()
+    weights.unlink()
     found.tries = len(calls)
     return found
 
