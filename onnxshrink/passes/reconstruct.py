@@ -3,16 +3,18 @@
 The original model is the teacher, the model being compressed the student. The student is cut
 into blocks between tensors both models have in the same shape (:mod:`onnxshrink.reconstruct.
 blocks`: residual blocks, or layers in a chain; ``span`` of them fitted together). From input to
-output, each block's float weights and biases are optimised by gradient descent (BRECQ, Li et
-al. 2021) so that, from the input x̂ the *student* computes (earlier blocks already fitted), it
-reproduces the *teacher's* output (:mod:`onnxshrink.reconstruct.train`):
+output, each block's float weights and biases (and in a quantized model its activation
+scales, ``scales``: :mod:`onnxshrink.reconstruct.scales`) are optimised by gradient descent
+(BRECQ, Li et al. 2021) so that, from the input x̂ the *student* computes (earlier blocks
+already fitted), it reproduces the *teacher's* output (:mod:`onnxshrink.reconstruct.train`):
 
     θ = argmin mean ‖f̂_θ(x̂) − f(x)‖²   (Adam; early stopping on held-out samples)
 
-New weights are kept only where they lower the block's held-out error. Left alone, with the
-reason: blocks holding an op the torch table lacks, or no weights of their own. Needs
-PyTorch (``pip install 'onnxshrink[reconstruct]'``). Options: ``iterations`` (per block),
-``time-budget`` (seconds, whole pass), ``lr``, ``batch``, ``samples``, ``heldout``, ``span``.
+A block's new weights are kept where they lower its held-out error; at the end, only the
+blocks up to the whole model's best held-out cosine stay. Left alone, with the reason: blocks
+holding an op the torch table lacks, or no weights of their own. Needs PyTorch (``pip install
+'onnxshrink[reconstruct]'``). Options: ``iterations`` (per block), ``time-budget`` (seconds,
+whole pass), ``lr``, ``batch``, ``samples``, ``heldout``, ``span``, ``scales``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class ReconstructPass(ShrinkPass):
     samples: int = options.samples(1024, least=4)
     heldout: float = options.share(0.2, closed=False)
     span: int = options.count(3)  # blocks fitted together
+    scales: bool = True  # quantized models: learn the activation scales inside blocks too
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +81,8 @@ class ReconstructPass(ShrinkPass):
             raise OptionError(f"pass 'reconstruct': {reason}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxshrink.reconstruct.scales import own_scales
+
         teacher, data = self.context.original, self.context.data
         if teacher is None or data is None:
             raise OptionError("pass 'reconstruct' needs the original model and calibration data")
@@ -87,18 +92,20 @@ class ReconstructPass(ShrinkPass):
         if min(data.n_samples, self.samples) < 4:
             self.skip("model", "fewer than 4 calibration samples: nothing to hold out")
             return ir.passes.PassResult(model, modified=False)
+        if self.scales and (made := own_scales(model)):
+            self.details["scales_unshared"] = made
         with self.scratch() as workdir:
             blocks = self._blocks(model, teacher, data, workdir)
             if not blocks:
                 return ir.passes.PassResult(model, modified=False)
-            results = self._fit_all(model, teacher, blocks, data)
+            results = self._fit_all(model, teacher, blocks, data, workdir)
         self.details["blocks"] = results
         return ir.passes.PassResult(model, modified=any(r["applied"] for r in results))
 
     def _blocks(self, model, teacher, data, workdir):
         """The blocks to fit, each with its torch module; the others skipped with the reason."""
         from onnxshrink.calibrate import all_values
-        from onnxshrink.reconstruct.blocks import find_blocks, live_cuts, merge
+        from onnxshrink.reconstruct.blocks import find_blocks, is_scale, live_cuts, merge
         from onnxshrink.reconstruct.torch_ops import Unsupported
         from onnxshrink.reconstruct.train import TorchBlock
 
@@ -110,6 +117,8 @@ class ReconstructPass(ShrinkPass):
         self.details["partition"] = [b.name for b in found]
         out = []
         for block in found:
+            if not self.scales:
+                block.params = [v for v in block.params if not is_scale(v)]
             if not block.params:
                 self.skip(block.name, "no weights of its own to fit (float, or quantized codes)")
                 continue
@@ -119,10 +128,16 @@ class ReconstructPass(ShrinkPass):
                 self.skip(block.name, f"not reconstructed: {e}")
         return out
 
-    def _fit_all(self, model, teacher, blocks, data) -> list[dict]:
+    def _fit_all(self, model, teacher, blocks, data, workdir) -> list[dict]:
         from onnxshrink.reconstruct.torch_ops import Unsupported
         from onnxshrink.reconstruct.train import fit_block
+        from onnxshrink.search import Fidelity
         from onnxshrink.sweep import Sweep
+
+        n = min(self.samples, data.n_samples)
+        held_out = data.subset(slice(n - max(1, round(n * self.heldout)), n))
+        judge = Fidelity(teacher, held_out, held_out.n_samples, workdir)
+        trail = [(judge(model), None, None)]  # (held-out cosine, block's row, state before it)
 
         student = Sweep(model, [b.input.name for b, _ in blocks], data, self.samples)
         target = iter(Sweep(teacher, [b.output.name for b, _ in blocks], data, self.samples))
@@ -161,16 +176,45 @@ class ReconstructPass(ShrinkPass):
                 finally:
                     one.done()
                 total(self.iterations - fit.steps)
-                results.append(self._apply(block, fit, values))
+                state = {v: v.const_value for v in model.graph.initializers.values()}
+                results.append(row := self._apply(block, fit, values))
+                if row["applied"]:
+                    row["heldout_cosine"] = round(now := judge(model), 6)
+                    trail.append((now, (block, row, self.changed[-1]), state))
         finally:
             total.done()
+        self._best_prefix(trail)
         return results
 
+    def _best_prefix(self, trail: list) -> None:
+        """Keeps the fitted blocks up to the one after which the whole model's output on the
+        held-out samples was closest to the original's (cosine), and undoes the rest: a
+        lower block error can still hurt downstream (a range clipped where a later layer
+        weighs it most), and a later block may win back what an earlier one lost, so the
+        cut is taken at the end, not block by block."""
+        cosines = [c for c, _, _ in trail]
+        best = int(np.argmax(cosines))  # the first of equals: the fewest changes
+        if best == len(trail) - 1:
+            return
+        for value, tensor in trail[best + 1][2].items():
+            value.const_value = tensor
+        undone = [said for _, (_, _, said), _ in trail[best + 1 :]]
+        self.changed = [c for c in self.changed if c not in undone]
+        for _, (block, row, _), _ in trail[best + 1 :]:
+            row["applied"] = False
+            self.skip(block.name, f"undone: the output's held-out cosine was highest "
+                      f"({cosines[best]:.5f}) before this block, {row['heldout_cosine']:.5f} "
+                      "after")  # fmt: skip
+
     def _apply(self, block, fit, values: dict[str, ir.Value]) -> dict:
+        from onnxshrink.reconstruct.blocks import is_scale
+        from onnxshrink.reconstruct.scales import rescale_biases
+
         applied = fit.after < fit.before
         if applied:
             for name, arr in fit.weights.items():
                 values[name].const_value = ir.tensor(arr, name=name)  # its dtype kept
+            rescale_biases([v for v in block.params if is_scale(v)])
             self.change(
                 f"{block.name}: held-out error {fit.before:.4g} -> {fit.after:.4g} "
                 f"({fit.steps} steps, {fit.seconds:.1f} s)"

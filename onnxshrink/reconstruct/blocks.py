@@ -119,11 +119,21 @@ def live_cuts(model: ir.Model) -> list[tuple[int, ir.Value]]:
 
 
 _CODES = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT32)
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def is_scale(value: ir.Value) -> bool:
+    """An activation QuantizeLinear's scale (what :func:`_params` offers besides weights)."""
+    return any(
+        u.op_type == "QuantizeLinear" and u.inputs[1] is value and u.inputs[0].const_value is None
+        for u in value.consumers()
+    )
 
 
 def _params(nodes: list[ir.Node]) -> list[ir.Value]:
-    """Initializers only ``nodes`` read: float weights and biases of weight layers, and the
-    integer codes a DequantizeLinear reads (quantized weights and biases)."""
+    """Initializers only ``nodes`` read: float weights and biases of weight layers, the
+    integer codes a DequantizeLinear reads (quantized weights and biases), and the scales of
+    activation Q/DQ pairs (:mod:`onnxshrink.reconstruct.scales`)."""
     inside = {id(n) for n in nodes}
     out: dict[int, ir.Value] = {}
     for node in nodes:
@@ -133,13 +143,16 @@ def _params(nodes: list[ir.Node]) -> list[ir.Value]:
             wanted, slots = (ir.DataType.FLOAT,), node.inputs[1:3]
         elif node.op_type == "DequantizeLinear":
             wanted, slots = _CODES, node.inputs[:1]
+        elif node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None:
+            wanted, slots = (ir.DataType.FLOAT,), node.inputs[1:2]  # an activation's scale
         else:
             continue
         for v in slots:
             if v is None or v.const_value is None or v.dtype not in wanted:
                 continue
             users = v.consumers()
-            if all(id(u) in inside and u.op_type == node.op_type for u in users):
+            ops = _QDQ if node.op_type == "QuantizeLinear" else (node.op_type,)
+            if all(id(u) in inside and u.op_type in ops for u in users):
                 out[id(v)] = v
     return list(out.values())
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from onnxshrink.reconstruct.blocks import Block, constant
+from onnxshrink.reconstruct.blocks import Block, constant, is_scale
 from onnxshrink.reconstruct.torch_ops import Unsupported, code_range, per_axis, round_ste, run_node
 
 __all__ = ["Fit", "TorchBlock", "fit_block"]
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 class TorchBlock(torch.nn.Module):
     """``block`` computed by torch; its ``params`` are trainable, other constants fixed.
 
+    An activation Q/DQ pair's scale, when among the params, is trained as it is (LSQ: the
+    rounding's gradient straight through; :mod:`onnxshrink.reconstruct.scales`).
     A quantized weight (integer codes q read by a DequantizeLinear with scale s and zero point
     z) is trained as the float weight w = (q − z)·s and fed to the DequantizeLinear as
     P(clamp(round(w / s) + z)): the rounding -- and P, the pair rule of onnxruntime's x86 int8
@@ -47,6 +49,8 @@ class TorchBlock(torch.nn.Module):
         self.codes: dict[str, tuple] = {}  # name -> (scale, zero point, lo, hi), broadcast
         self.pairs: dict[str, tuple] = {}  # name -> the int8 weight pairs of the pair rule
         self.tail = _tail(block.output)  # the activation / QDQ that reads the output
+        # learned activation scales (LSQ) stay positive
+        self.positive = {v.name for v in block.params if is_scale(v)}
         start = [self._start(v) for v in block.params]
         self.weights = torch.nn.ParameterList(torch.nn.Parameter(w) for w in start)
         self.slot = {v.name: i for i, v in enumerate(block.params)}
@@ -104,7 +108,7 @@ class TorchBlock(torch.nn.Module):
                     safe = self._safe(name, code.detach(), (w / s + z).detach())
                     code = code + (safe - code).detach()
                 return code
-            return w
+            return w.clamp_min(1e-12) if name in self.positive else w
         return self.consts[name]
 
     def _safe(self, name: str, code: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -218,3 +218,144 @@ def test_trained_int8_codes_keep_the_pair_rule_in_the_forward_pass_and_when_writ
     sums = np.abs(written.ravel()[a].astype(np.int32) + written.ravel()[b])
     assert len(a) and sums.max() == LIMIT  # moved back to the limit, no further
     assert (seen == 64).all()  # 127 + 127 = 254: the excess of 126 split evenly, 64 + 64
+
+
+def _qdq_input_model() -> ir.Model:
+    """x -> Q -> DQ -> Conv(DQ(int8 w), DQ(int32 b)) -> Q -> DQ -> y: a quantized layer with
+    its input's pair inside (onnxruntime fuses it into QLinearConv)."""
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 6] x) => (float[N, 4, 6, 6] y) {
+        q = QuantizeLinear (x, s, z)
+        xd = DequantizeLinear (q, s, z)
+        wd = DequantizeLinear <axis = 0> (w, ws, wz)
+        bd = DequantizeLinear <axis = 0> (b, bs, bz)
+        c = Conv <pads = [1, 1, 1, 1]> (xd, wd, bd)
+        cq = QuantizeLinear (c, s, z)
+        y = DequantizeLinear (cq, s, z)
+    }
+    """)
+    rng = np.random.default_rng(3)
+    ws = (rng.random(4) / 50 + 0.01).astype(np.float32)
+    inits = {
+        "w": rng.integers(-64, 65, (4, 4, 3, 3)).astype(np.int8), "ws": ws,
+        "wz": np.zeros(4, np.int8), "b": rng.integers(-5000, 5000, 4).astype(np.int32),
+        "bs": (0.03 * ws).astype(np.float32), "bz": np.zeros(4, np.int32),
+        "s": np.float32(0.03), "z": np.uint8(128),
+    }  # fmt: skip
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in inits.items())
+    return ir.from_proto(proto)
+
+
+def test_an_activation_scale_inside_a_block_is_a_parameter_with_a_gradient():
+    torch = pytest.importorskip("torch")
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.scales import own_scales
+    from onnxshrink.reconstruct.train import TorchBlock
+
+    model = _qdq_input_model()
+    own_scales(model)  # the output's pair shared the input's scale
+    shapes = {"x": (4, 6, 6), "c": (4, 6, 6), "y": (4, 6, 6)}
+    block = find_blocks(model, shapes, shapes)[0]
+    assert sorted(v.name for v in block.params) == ["b", "w", "x.scale"]
+    module = TorchBlock(block)
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 4, 6, 6), np.float32) * 3)
+    module(x).square().sum().backward()  # x beyond the range: clipping depends on s
+    grad = module.weights[module.slot["x.scale"]].grad
+    assert grad is not None and float(grad.abs()) > 0
+
+
+def _optimized_ops(model: ir.Model, tmp_path) -> list[str]:
+    """The ops of the model as onnxruntime's optimized session runs it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts)
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_a_learned_input_scale_moves_the_int32_biases_onto_its_grid(tmp_path):
+    """onnxruntime fuses Q/DQ into QLinearConv only when the bias codes are on the grid
+    s_x·s_w: after a new s_x, :func:`rescale_biases` brings the integer kernel back, equal to
+    the model as written, the float bias within half a new step."""
+    from onnxshrink.reconstruct.scales import own_scales, rescale_biases
+
+    model = _qdq_input_model()
+    inits = model.graph.initializers
+    ws = inits["ws"].const_value.numpy()
+    bias = inits["b"].const_value.numpy() * inits["bs"].const_value.numpy()
+    assert "QLinearConv" in _optimized_ops(model, tmp_path)
+    own_scales(model)
+    s = model.graph.node(0).inputs[1]  # the input's own scale now
+    s.const_value = ir.tensor(np.float32(0.045), name=s.name)
+    assert "QLinearConv" not in _optimized_ops(model, tmp_path)  # float Conv: slow
+    rescale_biases([s])
+    assert "QLinearConv" in _optimized_ops(model, tmp_path)
+    x = np.random.default_rng(5).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    ref = ort_run(ir.to_proto(model), {"x": x})[0]
+    got = ort_run(ir.to_proto(model), {"x": x}, optimize=True)[0]
+    assert np.mean(np.abs(got - ref) <= 1e-6) > 0.99  # a rounding tie may flip a step
+    new = inits["b"].const_value.numpy() * inits["bs"].const_value.numpy()
+    np.testing.assert_allclose(inits["bs"].const_value.numpy(), 0.045 * ws, rtol=1e-6)
+    assert np.all(np.abs(new - bias) <= 0.045 * ws / 2 + 1e-7)
+
+
+def test_own_scales_unshares_pairs_but_not_around_pass_through_ops():
+    from onnxshrink.reconstruct.scales import own_scales
+
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+        q1 = QuantizeLinear (x, s, z)
+        a = DequantizeLinear (q1, s, z)
+        r = Relu (a)
+        q2 = QuantizeLinear (r, s, z)
+        b = DequantizeLinear (q2, s, z)
+        f = Flatten (b)
+        q3 = QuantizeLinear (f, s, z)
+        y = DequantizeLinear (q3, s, z)
+    }
+    """)
+    proto.graph.initializer.extend(
+        [onnx.numpy_helper.from_array(np.float32(0.1), "s"),
+         onnx.numpy_helper.from_array(np.uint8(0), "z")]
+    )  # fmt: skip
+    model = ir.from_proto(proto)
+    assert own_scales(model) == 1  # q1's pair; q2 and q3 are either side of the Flatten
+    scale_of = {n.outputs[0].name: n.inputs[1].name for n in model.graph if "Linear" in n.op_type}
+    assert scale_of["q1"] == scale_of["a"] != "s"
+    assert scale_of["q2"] == scale_of["b"] == scale_of["q3"] == "s"
+    assert own_scales(model) == 0  # its own already
+
+
+def test_blocks_after_the_best_held_out_cosine_are_undone():
+    """Block errors fell, but the whole model's held-out cosine peaked after the second of
+    three fitted blocks: the third's weights go back, the first two stay (the second won back
+    what the first lost), and the report says why."""
+    pytest.importorskip("torch")
+    from onnxshrink.passes.base import PassContext
+    from onnxshrink.passes.reconstruct import ReconstructPass
+
+    model = _residual_model()
+    inits = model.graph.initializers
+    p = ReconstructPass()
+    p.bind(PassContext())
+    trail, start = [(0.95, None, None)], {n: inits[n].const_value for n in ("w1", "w2", "w3")}
+    for name, cosine in (("w1", 0.93), ("w2", 0.97), ("w3", 0.96)):
+        state = {v: v.const_value for v in inits.values()}
+        inits[name].const_value = ir.tensor(np.zeros((4, 4, 1, 1), np.float32), name=name)
+        p.change(f"{name}: fitted")
+        row = {"block": name, "applied": True, "heldout_cosine": cosine}
+        trail.append((cosine, (type("B", (), {"name": name}), row, f"{name}: fitted"), state))
+    p._best_prefix(trail)
+    assert inits["w3"].const_value is start["w3"]
+    assert all(inits[n].const_value is not start[n] for n in ("w1", "w2"))
+    assert p.changed == ["w1: fitted", "w2: fitted"]
+    assert [row["applied"] for _, (_, row, _), _ in trail[1:]] == [True, True, False]
+    assert "highest (0.97000) before this block, 0.96000 after" in p.skipped[0].reason
+    # the original was best: everything goes back
+    trail[1:] = [(c - 0.1, *rest) for c, *rest in trail[1:]]
+    p._best_prefix(trail)
+    assert all(inits[n].const_value is start[n] for n in ("w1", "w2", "w3"))
