@@ -194,8 +194,8 @@ def partial(
 
 
 def _drop_weights(model: ir.Model) -> None:
-    """``model``'s initializers emptied (it is not used again): a model too large for one
-    session must not hold the whole pass's weights through the tries."""
+    """``model``'s initializers emptied (it is not used again), whatever the model's size:
+    no try is validated while the whole pass's weights are still held beside it."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             value.const_value = None
