@@ -5,8 +5,9 @@ and the method followed by ``reconstruct``, side by side -- MACs ratio, latency 
 original measured in the same run (onnxruntime, full optimizations, 1 and 2 threads, median of
 40 interleaved runs, batch 1), top-1 agreement and mean logit cosine with the original on the
 *evaluation* photos (never calibrated on), and the seconds each compile took on this machine.
-All calibration photos calibrate (``holdout=0``); reconstruct's own early stopping holds out
-the last fifth of them. ``--int8``: ``quantize`` with and without ``reconstruct``, measured in
+As ``compress`` does by default, the last quarter of the calibration crops (two photos) is
+kept for validation and never fitted; reconstruct's own early stopping and choice of blocks
+hold out the last fifth of the rest. ``--int8``: ``quantize`` with and without ``reconstruct``, measured in
 an optimized session (the integer kernels). ``tucker`` has no MACs target: ``speedup=1/f`` of
 the decomposed convs, and the MACs column says what the whole model kept.
 
@@ -60,7 +61,7 @@ def main() -> None:
                 spec = SPECS[method].format(f=f, s=1 / f)
                 for passes in ([spec], [spec, args.reconstruct]):
                     with Timer() as t:
-                        out, rep = onnxshrink.compress(original, passes, data=str(calib), holdout=0)
+                        out, rep = onnxshrink.compress(original, passes, data=str(calib))
                     key = " + ".join(p.split(":")[0] for p in passes) + f" @ {f}"
                     status = "/".join(p.status for p in rep.passes)
                     models[key] = out
@@ -69,7 +70,7 @@ def main() -> None:
         if args.int8:
             for passes in (["quantize"], ["quantize", args.reconstruct]):
                 with Timer() as t:
-                    out, rep = onnxshrink.compress(original, passes, data=str(calib), holdout=0)
+                    out, rep = onnxshrink.compress(original, passes, data=str(calib))
                 key = " + ".join(p.split(":")[0] for p in passes)
                 models[key] = out
                 rows.append((key, out, t.seconds, "/".join(p.status for p in rep.passes)))
