@@ -50,7 +50,7 @@ COMPUTE_OPS = {
     "GlobalAveragePool",
     "Concat",
 }
-_SHARE = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+SHARE_OPS = {"MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MIXED_RANGES = 16  # a Concat whose narrowest input is this many times narrower stays float
 _FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
@@ -224,7 +224,7 @@ def plan_quantization(
     alias: dict[str, str] = {}  # output of a fused activation -> output of the op it is fused into
     for node in model.graph:
         op = node.op_type
-        if node.domain not in ("", "ai.onnx") or (op not in COMPUTE_OPS and op not in _SHARE):
+        if node.domain not in ("", "ai.onnx") or (op not in COMPUTE_OPS and op not in SHARE_OPS):
             continue
         if node.name in exclude or op in exclude_types:
             refused.append((node, "excluded by option"))
@@ -237,7 +237,7 @@ def plan_quantization(
             refused.append((node, reason))
             continue
         data_in = [alias.get(v.name, v.name) for v in _data_inputs(node)]
-        if op in _SHARE:
+        if op in SHARE_OPS:
             if not data_in or data_in[0] not in quantized:
                 continue  # only worth it between quantized ops
             nodes.append(node)

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from onnxshrink import marks
 from onnxshrink.irtools import const_array
+from onnxshrink.reconstruct.scales import is_activation_q
 
 __all__ = ["Block", "constant", "find_blocks", "kept_of", "live_cuts", "merge"]
 
@@ -124,10 +125,7 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 def is_scale(value: ir.Value) -> bool:
     """An activation QuantizeLinear's scale (what :func:`_params` offers besides weights)."""
-    return any(
-        u.op_type == "QuantizeLinear" and u.inputs[1] is value and u.inputs[0].const_value is None
-        for u in value.consumers()
-    )
+    return any(is_activation_q(u) and u.inputs[1] is value for u in value.consumers())
 
 
 def _params(nodes: list[ir.Node]) -> list[ir.Value]:
@@ -143,7 +141,7 @@ def _params(nodes: list[ir.Node]) -> list[ir.Value]:
             wanted, slots = (ir.DataType.FLOAT,), node.inputs[1:3]
         elif node.op_type == "DequantizeLinear":
             wanted, slots = _CODES, node.inputs[:1]
-        elif node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None:
+        elif is_activation_q(node):
             wanted, slots = (ir.DataType.FLOAT,), node.inputs[1:2]  # an activation's scale
         else:
             continue

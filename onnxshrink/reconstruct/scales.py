@@ -15,19 +15,26 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.analysis.qplan import SHARE_OPS
 from onnxshrink.irtools import unique_name
 
-__all__ = ["own_scales", "rescale_biases"]
+__all__ = ["is_activation_q", "own_scales", "rescale_biases"]
 
-# ops onnxruntime runs on quantized values as they are, when their Q/DQ scales match
-_PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize"}
-_PASS_THROUGH |= {"Gather", "Slice", "Split", "Identity", "Expand", "Tile", "DepthToSpace"}
+# ops onnxruntime runs on quantized values as they are, when their Q/DQ scales match: those
+# ``quantize`` gives one scale (SHARE_OPS), and those other quantizers do
+_PASS_THROUGH = SHARE_OPS | {"Gather", "Slice", "Split", "Identity", "Expand", "Tile"}
+_PASS_THROUGH |= {"DepthToSpace"}
+
+
+def is_activation_q(node: ir.Node) -> bool:
+    """A QuantizeLinear of an activation (not of a constant weight)."""
+    return node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None
 
 
 def _pairs(model: ir.Model):
     """(Q, its DequantizeLinear readers) of each activation QuantizeLinear."""
     for node in model.graph:
-        if node.op_type != "QuantizeLinear" or node.inputs[0].const_value is not None:
+        if not is_activation_q(node):
             continue
         readers = node.outputs[0].consumers()
         if readers and all(r.op_type == "DequantizeLinear" for r in readers):
