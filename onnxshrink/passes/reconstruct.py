@@ -94,13 +94,25 @@ class ReconstructPass(ShrinkPass):
             return ir.passes.PassResult(model, modified=False)
         if self.scales and (made := own_scales(model)):
             self.details["scales_unshared"] = made
+        data, held = self._held_out_last(data)
         with self.scratch() as workdir:
             blocks = self._blocks(model, teacher, data, workdir)
             if not blocks:
                 return ir.passes.PassResult(model, modified=False)
-            results = self._fit_all(model, teacher, blocks, data, workdir)
+            results = self._fit_all(model, teacher, blocks, data, held, workdir)
         self.details["blocks"] = results
         return ir.passes.PassResult(model, modified=any(r["applied"] for r in results))
+
+    def _held_out_last(self, data):
+        """(the first ``samples`` of the data, the held-out ``heldout`` share of them last; how
+        many): every k-th sample is held out, spread over them all. Not the tail: ``compress``
+        validates the pass on the tail it held out already (inputs unlike those fitted); these
+        only stop a fit before it learns its samples by heart, and data files come grouped (by
+        photo), so a tail would judge every block on one or two groups alone."""
+        n = min(self.samples, data.n_samples)
+        out = np.unique(np.linspace(0, n - 1, max(1, round(n * self.heldout))).round().astype(int))
+        order = np.concatenate([np.setdiff1d(np.arange(n), out), out])
+        return data.subset(order), len(out)
 
     def _blocks(self, model, teacher, data, workdir):
         """The blocks to fit, each with its torch module; the others skipped with the reason."""
@@ -128,19 +140,18 @@ class ReconstructPass(ShrinkPass):
                 self.skip(block.name, f"not reconstructed: {e}")
         return out
 
-    def _fit_all(self, model, teacher, blocks, data, workdir) -> list[dict]:
+    def _fit_all(self, model, teacher, blocks, data, held, workdir) -> list[dict]:
         from onnxshrink.reconstruct.torch_ops import Unsupported
         from onnxshrink.reconstruct.train import fit_block
         from onnxshrink.search import Fidelity
         from onnxshrink.sweep import Sweep
 
-        n = min(self.samples, data.n_samples)
-        held_out = data.subset(slice(n - max(1, round(n * self.heldout)), n))
+        held_out = data.subset(slice(data.n_samples - held, data.n_samples))
         judge = Fidelity(teacher, held_out, held_out.n_samples, workdir)
         trail = [(judge(model), None, None)]  # (held-out cosine, block's row, state before it)
 
-        student = Sweep(model, [b.input.name for b, _ in blocks], data, self.samples)
-        target = iter(Sweep(teacher, [b.output.name for b, _ in blocks], data, self.samples))
+        student = Sweep(model, [b.input.name for b, _ in blocks], data, None)
+        target = iter(Sweep(teacher, [b.output.name for b, _ in blocks], data, None))
         total = self.task(f"{self.name}: {len(blocks)} blocks", self.iterations * len(blocks))
         start, results = time.perf_counter(), []
         values = {v.name: v for b, _ in blocks for v in b.params}
@@ -151,7 +162,6 @@ class ReconstructPass(ShrinkPass):
                 if block.channels is not None:  # a pruned tensor: the channels it kept
                     y = np.ascontiguousarray(y[:, block.channels])
                 y = module.seen(y)  # the original's output as the compressed model sees it
-                held = max(1, round(len(x) * self.heldout))
                 budget = None
                 if self.time_budget is not None:
                     left = self.time_budget - (time.perf_counter() - start)

@@ -359,3 +359,19 @@ def test_blocks_after_the_best_held_out_cosine_are_undone():
     trail[1:] = [(c - 0.1, *rest) for c, *rest in trail[1:]]
     p._best_prefix(trail)
     assert all(inits[n].const_value is start[n] for n in ("w1", "w2", "w3"))
+
+
+def test_held_out_samples_are_spread_over_the_data_and_come_last():
+    """Data files come grouped (20 crops per photo): the held-out fifth is every fifth sample,
+    so early stopping and the choice of blocks see every photo, not the last one alone."""
+    pytest.importorskip("torch")
+    from onnxshrink.data import Dataset, InputSpec
+    from onnxshrink.passes.reconstruct import ReconstructPass
+
+    x = np.arange(120, dtype=np.float32)[:, None]
+    spec = [InputSpec("input", np.dtype(np.float32), (None, 1), (None, None))]
+    data, held = ReconstructPass(samples=100)._held_out_last(Dataset({"input": x}, spec, "t"))
+    got = data.arrays["input"][:, 0].astype(int)
+    assert held == 20 and len(got) == 100 and sorted(got) == list(range(100))
+    assert set(got[-held:] // 20) == set(range(5))  # every group of 20 has held-out samples
+    assert np.all(np.diff(got[-held:]) >= 4) and got[-1] == 99
