@@ -110,7 +110,8 @@ class ReconstructPass(ShrinkPass):
         only stop a fit before it learns its samples by heart, and data files come grouped (by
         photo), so a tail would judge every block on one or two groups alone."""
         n = min(self.samples, data.n_samples)
-        out = np.unique(np.linspace(0, n - 1, max(1, round(n * self.heldout))).round().astype(int))
+        k = min(n - 1, max(1, round(n * self.heldout)))  # at least one sample each side
+        out = np.unique(np.linspace(0, n - 1, k).round().astype(int))
         order = np.concatenate([np.setdiff1d(np.arange(n), out), out])
         return data.subset(order), len(out)
 

@@ -375,3 +375,6 @@ def test_held_out_samples_are_spread_over_the_data_and_come_last():
     assert held == 20 and len(got) == 100 and sorted(got) == list(range(100))
     assert set(got[-held:] // 20) == set(range(5))  # every group of 20 has held-out samples
     assert np.all(np.diff(got[-held:]) >= 4) and got[-1] == 99
+    # a held-out share near 1 still leaves a sample to fit
+    data, held = ReconstructPass(samples=4, heldout=0.9)._held_out_last(data)
+    assert data.n_samples == 4 and held == 3
