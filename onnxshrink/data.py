@@ -137,11 +137,20 @@ class Dataset:
         contiguous hold-out then measures fidelity on inputs unlike those a pass fitted to.
         """
         n = self.n_samples
-        k = min(n - 1, max(1, round(n * holdout)))
+        k = _held_count(n, holdout)
         return (
             self.subset(slice(0, n - k), f"{self.source} [first {n - k}]"),
             self.subset(slice(n - k, n), f"{self.source} [last {k}]"),
         )
+
+    def spread(self, holdout: float) -> tuple[Dataset, int]:
+        """(the samples with a ``holdout`` share of them moved to the end, how many): every
+        k-th sample, spread over them all, so that every group of a grouped file has some held
+        out -- for early stopping, where :meth:`split`'s tail would stand for one group alone.
+        """
+        n = self.n_samples
+        out = np.unique(np.linspace(0, n - 1, _held_count(n, holdout)).round().astype(int))
+        return self.subset(np.concatenate([np.setdiff1d(np.arange(n), out), out])), len(out)
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """The concrete shape each input has when fed one batch of one sample."""
@@ -152,6 +161,11 @@ class Dataset:
                 tuple(arr.shape[1:]) if self.per_sample_batch else (1, *arr.shape[1:])
             )
         return shapes
+
+
+def _held_count(n: int, holdout: float) -> int:
+    """How many of ``n`` samples a ``holdout`` share holds out: at least one on each side."""
+    return min(n - 1, max(1, round(n * holdout)))
 
 
 def _parse_floats(text: str | tuple[float, ...] | list[float], what: str) -> tuple[float, ...]:

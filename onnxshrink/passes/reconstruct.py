@@ -105,15 +105,10 @@ class ReconstructPass(ShrinkPass):
 
     def _held_out_last(self, data):
         """(the first ``samples`` of the data, the held-out ``heldout`` share of them last; how
-        many): every k-th sample is held out, spread over them all. Not the tail: ``compress``
+        many), spread over them all (:meth:`Dataset.spread`). Not the tail: ``compress``
         validates the pass on the tail it held out already (inputs unlike those fitted); these
-        only stop a fit before it learns its samples by heart, and data files come grouped (by
-        photo), so a tail would judge every block on one or two groups alone."""
-        n = min(self.samples, data.n_samples)
-        k = min(n - 1, max(1, round(n * self.heldout)))  # at least one sample each side
-        out = np.unique(np.linspace(0, n - 1, k).round().astype(int))
-        order = np.concatenate([np.setdiff1d(np.arange(n), out), out])
-        return data.subset(order), len(out)
+        only stop a fit before it learns its samples by heart and choose the blocks kept."""
+        return data.subset(slice(0, min(self.samples, data.n_samples))).spread(self.heldout)
 
     def _blocks(self, model, teacher, data, workdir):
         """The blocks to fit, each with its torch module; the others skipped with the reason."""
