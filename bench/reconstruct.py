@@ -7,7 +7,7 @@ original measured in the same run (onnxruntime, full optimizations, 1 and 2 thre
 *evaluation* photos (never calibrated on), and the seconds each compile took on this machine.
 As ``compress`` does by default, the last quarter of the calibration crops (two photos) is
 kept for validation and never fitted; reconstruct's own early stopping and choice of blocks
-hold out the last fifth of the rest. ``--int8``: ``quantize`` with and without
+hold out every fifth sample of the rest. ``--int8``: ``quantize`` with and without
 ``reconstruct``, measured in an optimized session (the integer kernels). ``tucker`` has no
 MACs target: ``speedup=1/f`` of the decomposed convs, and the MACs column says what the
 whole model kept.

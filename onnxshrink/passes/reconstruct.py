@@ -1,20 +1,18 @@
 """Block-wise reconstruction: fit each block of the compressed model to the original's output.
 
-The original model is the teacher, the model being compressed the student. The student is cut
-into blocks between tensors both models have in the same shape (:mod:`onnxshrink.reconstruct.
-blocks`: residual blocks, or layers in a chain; ``span`` of them fitted together). From input to
-output, each block's float weights and biases (and in a quantized model its activation
-scales, ``scales``: :mod:`onnxshrink.reconstruct.scales`) are optimised by gradient descent
-(BRECQ, Li et al. 2021) so that, from the input x̂ the *student* computes (earlier blocks
-already fitted), it reproduces the *teacher's* output (:mod:`onnxshrink.reconstruct.train`):
+The original is the teacher, the compressed model the student, cut into blocks between tensors
+both have in the same shape (:mod:`onnxshrink.reconstruct.blocks`: residual blocks, or layers
+in a chain; ``span`` of them fitted together). From input to output, each block's float weights
+and biases (in a quantized model also its activation ``scales``) are optimised by gradient
+descent (BRECQ, Li et al. 2021; :mod:`onnxshrink.reconstruct.train`) so that, from the input x̂
+the *student* computes (earlier blocks already fitted), it gives the *teacher's* output:
 
     θ = argmin mean ‖f̂_θ(x̂) − f(x)‖²   (Adam; early stopping on held-out samples)
 
-A block's new weights are kept where they lower its held-out error; at the end, only the
-blocks up to the whole model's best held-out cosine stay. Left alone, with the reason: blocks
-holding an op the torch table lacks, or no weights of their own. Needs PyTorch (``pip install
-'onnxshrink[reconstruct]'``). Options: ``iterations`` (per block), ``time-budget`` (seconds,
-whole pass), ``lr``, ``batch``, ``samples``, ``heldout``, ``span``, ``scales``.
+Held-out samples (a ``heldout`` share, spread over the data) keep a block's new weights only
+where they lower its error, then only the blocks up to the best held-out cosine. Left alone,
+with the reason: ops the torch table lacks, no weights of their own. Needs PyTorch (extra
+``onnxshrink[reconstruct]``); ``iterations`` per block and ``time-budget`` bound the work.
 """
 
 from __future__ import annotations
