@@ -1,25 +1,23 @@
-"""Activation range balancing in front of depthwise convolutions, for per-tensor quantization.
+"""Activation range balancing in front of depthwise and pointwise convolutions.
 
 A per-tensor uint8 activation gives every channel the step R/255 of the widest channel's range
-R; a channel whose values stay below m_c ≪ R keeps only m_c/R of the 256 levels. After an
-expand Conv of an inverted residual block the channel ranges differ by one to two orders of
-magnitude, and the tensor feeds a depthwise Conv: each of its channels is read by its own
-filter. So channel c can be multiplied by s_c in the producer (weight row and bias) and divided
-by s_c in the depthwise filter, leaving the function unchanged while the quantized tensor uses
-more of its levels -- in effect per-channel activation scales, at no cost in the weights
-(both layers' weights are per-channel quantized: a whole channel scaled is the same grid).
+R; a channel whose values stay below m_c ≪ R keeps only m_c/R of the 256 levels. So channel c
+is multiplied by s_c in the producer (weight row and bias) and divided by s_c where it is read:
+the function is unchanged, and the quantized tensor uses more of its levels.
 
-    s_c = (R / m_c)^α,  α = 0.5 by default (SmoothQuant's migration strength, Xiao et al. 2023)
+    s_c = (R / m_c)^α      (SmoothQuant's migration, Xiao et al. 2023)
 
-m_c is channel c's largest |value| on the calibration data, R the largest over channels, so
-s_c ≥ 1 and s_c·m_c ≤ R: with a ReLU6 / Clip(0, u) between the layers (u ≥ R), the scaled
-channel never reaches the clip on the calibration data, so the rewrite is exact there; above
-the calibration maximum a channel clips at u/s_c instead of u (the quantized tensor saturates
-at R anyway). α < 1 leaves headroom (R/m_c)^(1−α) above the calibration maximum (α = 1 fills
-the range and clips unseen inputs: docs/design.md).
+A depthwise reader (inverted residuals: expand Conv → ReLU6 → depthwise) reads each channel with
+its own per-channel-quantized filter, so the division costs nothing: α = ``balance-alpha``
+(0.5). A pointwise (1×1, group 1) reader holds channel c in column c of every filter, which
+then gets a coarser share of its row's grid: α is chosen per tensor among α·{¼, ½, ¾, 1}, or
+none, by the readers' output error ‖Q(X·s)·Q(W/s) − X·W‖² on sampled calibration rows (uint8
+per tensor, int8 per filter, nearest).
 
-Handled: Conv → (Relu | Clip(min = 0, any max) | nothing) → only depthwise Convs (group =
-channels), weights constant and not shared. Everything else is left alone.
+m_c is channel c's largest |value| on the calibration data, so s_c ≥ 1 and s_c·m_c ≤ R: with a
+ReLU6 / Clip(0, u) between the layers (u ≥ R) the rewrite is exact on the calibration data;
+above it a channel clips at u/s_c (the tensor saturates at R anyway; docs/design.md).
+Handled: Conv → (Relu | Clip(min = 0)) → depthwise or 1×1 Convs only, constant unshared weights.
 """
 
 from __future__ import annotations
@@ -29,9 +27,19 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.analysis.smoothing import dynamic_fake_quant
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 
-__all__ = ["BalancePair", "apply_balance", "balance_pairs", "tensor_maxima"]
+__all__ = [
+    "BalancePair",
+    "apply_balance",
+    "balance_pairs",
+    "choose_alpha",
+    "sample_rows",
+    "tensor_maxima",
+]
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of balance-alpha, tried with pointwise readers
 
 
 @dataclasses.dataclass
@@ -39,7 +47,12 @@ class BalancePair:
     producer: ir.Node  # the Conv whose output channels are scaled
     activation: ir.Node | None  # Relu / Clip in between
     tensor: ir.Value  # the activation tensor that gets quantized
-    consumers: list[ir.Node]  # depthwise Convs reading it
+    consumers: list[ir.Node]  # depthwise or pointwise Convs reading it
+
+    @property
+    def pointwise(self) -> list[ir.Node]:
+        """The readers that mix channels (1×1, group 1): the division costs weight precision."""
+        return [u for u in self.consumers if u.attributes.get_int("group", 1) == 1]
 
 
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
@@ -68,8 +81,18 @@ def _owned(node: ir.Node, index: int) -> bool:
     return v is not None and const_array(v) is not None and not weight_users_outside(v, node)
 
 
+def _reads_channels(u: ir.Node, channels: int) -> bool:
+    """A depthwise Conv over ``channels``, or a pointwise one (1×1 kernel, group 1)."""
+    group = u.attributes.get_int("group", 1)
+    if group == channels:
+        return True
+    w = const_array(u.inputs[1])
+    return group == 1 and w.ndim == 4 and w.shape[1] == channels and w.shape[2:] == (1, 1)
+
+
 def balance_pairs(graph: ir.Graph) -> list[BalancePair]:
-    """Every Conv → (Relu | Clip(min = 0)) → depthwise-Conv-only tensor that can be balanced."""
+    """Every Conv → (Relu | Clip(min = 0)) → depthwise/pointwise-Conv-only tensor that can be
+    balanced."""
     pairs = []
     for node in graph:
         if node.op_type != "Conv" or not _owned(node, 1):
@@ -95,7 +118,7 @@ def balance_pairs(graph: ir.Graph) -> list[BalancePair]:
             u.op_type != "Conv"
             or u.inputs[0] is not out
             or not _owned(u, 1)
-            or u.attributes.get_int("group", 1) != channels
+            or not _reads_channels(u, channels)
             for u in users
         ):
             continue
@@ -121,12 +144,8 @@ def tensor_maxima(pair: BalancePair, outputs: list[np.ndarray]) -> np.ndarray:
 
 
 def apply_balance(graph: ir.Graph, pair: BalancePair, m: np.ndarray, alpha: float) -> np.ndarray:
-    """Scales ``pair``'s channels by s_c = (R / m_c)^α (dead channels: 1); returns s."""
-    R = float(m.max())
-    s = np.ones_like(m)
-    live = m > 1e-6 * R
-    s[live] = (R / m[live]) ** alpha
-    s = np.minimum(s, 1e4)
+    """Scales ``pair``'s channels by s_c = (R / m_c)^α (:func:`factors`); returns s."""
+    s = factors(m, alpha)
     w = const_array(pair.producer.inputs[1])
     dtype = w.dtype
     shape = (-1,) + (1,) * (w.ndim - 1)
@@ -139,13 +158,75 @@ def apply_balance(graph: ir.Graph, pair: BalancePair, m: np.ndarray, alpha: floa
             graph, pair.producer, 2, (b.astype(np.float64) * s).astype(dtype), "balanced"
         )
     for u in pair.consumers:
-        wu = const_array(u.inputs[1])
-        per = wu.shape[0] // len(s)  # depthwise multiplier: filters per input channel
-        set_const_input(
-            graph,
-            u,
-            1,
-            (wu.astype(np.float64) / np.repeat(s, per).reshape(shape)).astype(wu.dtype),
-            "balanced",
-        )
+        w_u = const_array(u.inputs[1])
+        wu = w_u.astype(np.float64)
+        if u.attributes.get_int("group", 1) == 1 and len(s) > 1:  # column c of every filter
+            scaled = wu / s.reshape(1, -1, 1, 1)
+        else:  # depthwise: filters per input channel, one after the other
+            scaled = wu / np.repeat(s, wu.shape[0] // len(s)).reshape(shape)
+        set_const_input(graph, u, 1, scaled.astype(w_u.dtype), "balanced")
     return s
+
+
+def factors(m: np.ndarray, alpha: float) -> np.ndarray:
+    """s_c = (R / m_c)^α, 1 for dead channels, at most 1e4."""
+    R = float(m.max())
+    s = np.ones_like(m, dtype=np.float64)
+    live = m > 1e-6 * R
+    s[live] = (R / m[live]) ** alpha
+    return np.minimum(s, 1e4)
+
+
+def sample_rows(pair: BalancePair, outputs: list[np.ndarray], rows: int = 2048) -> np.ndarray:
+    """Up to ``rows`` positions [R, C] of ``pair.tensor`` (the activation applied to the
+    producer's output batches), sampled with a fixed seed."""
+    rng = np.random.default_rng(0)
+    per = max(1, rows // max(len(outputs), 1))
+    floor, ceiling = _clip_bounds(pair.activation) if pair.activation is not None else (None, None)
+    taken = []
+    for y in outputs:
+        flat = y.reshape(y.shape[0], y.shape[1], -1).transpose(0, 2, 1).reshape(-1, y.shape[1])
+        flat = flat[rng.choice(len(flat), min(per, len(flat)), replace=False)]
+        taken.append(np.clip(flat, floor, ceiling) if pair.activation is not None else flat)
+    return np.concatenate(taken).astype(np.float32)
+
+
+def _fake_int8(u: ir.Node, w: np.ndarray, safe: bool) -> np.ndarray:
+    """A pointwise reader's weights [O, C] through its int8 grid: symmetric per filter, nearest,
+    the step at least the largest pair sum / 128 with ``safe`` (the pair rule, ``cpu=any``)."""
+    from onnxshrink.analysis.qplan import quantize_weight
+    from onnxshrink.analysis.saturation import weight_pairs
+
+    w4 = w[:, :, None, None]
+    scale, q = quantize_weight(w4, 0, pairs=weight_pairs(u, w4.shape) if safe else None)
+    return (q[:, :, 0, 0] * scale[:, None]).astype(np.float32)
+
+
+def choose_alpha(
+    pair: BalancePair, x: np.ndarray, m: np.ndarray, alpha: float, safe: bool = False
+) -> tuple[float | None, dict[str, float]]:
+    """(α for ``pair``, or None: no balancing; relative error per candidate). Depthwise readers
+    only: ``alpha``. With pointwise readers: the candidate α·FRACTIONS (or none) whose readers'
+    quantized output on the rows ``x`` [R, C] is closest to the float one (``safe``: weights
+    within the pair rule)."""
+    readers = [const_array(u.inputs[1])[:, :, 0, 0].astype(np.float32) for u in pair.pointwise]
+    if not readers:
+        return alpha, {}
+    refs = [x @ w.T for w in readers]
+    norm = sum(float(np.sum(r * r)) for r in refs) or 1.0
+
+    def error(s: np.ndarray) -> float:
+        xs = dynamic_fake_quant(x * s.astype(np.float32))
+        total = 0.0
+        for u, w, r in zip(pair.pointwise, readers, refs):
+            d = xs @ _fake_int8(u, w / s.astype(np.float32), safe).T - r
+            total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        return total / norm
+
+    errors = {"none": error(np.ones(len(m)))}
+    best = None
+    for a in (alpha * f for f in FRACTIONS):
+        errors[f"{a:g}"] = e = error(factors(m, a))
+        if e < errors["none" if best is None else f"{best:g}"]:
+            best = a
+    return best, errors

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxshrink.analysis.balance import apply_balance, balance_pairs
+from onnxshrink.analysis.balance import apply_balance, balance_pairs, choose_alpha
 from onnxshrink.analysis.rounding import hessian_round, output_error
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass
 from onnxshrink.passes.quantize import QuantizePass
@@ -130,11 +130,17 @@ def test_balance_is_exact_on_calibration_data():
     x = _data(model, 32).arrays["x"]
     m = ir.from_proto(model)
     pairs = balance_pairs(m.graph)
-    assert len(pairs) == 1 and pairs[0].consumers[0].attributes.get_int("group", 1) == 32
+    # expand -> depthwise, and depthwise -> pointwise projection
+    assert [[u.attributes.get_int("group", 1) for u in p.consumers] for p in pairs] == [[32], [1]]
+    assert pairs[0].pointwise == [] and len(pairs[1].pointwise) == 1
     e = ort_run(model, {"x": x})[0]
     r = np.clip(ort_run(_with_output(model, "r"), {"x": x})[1], 0, 6)
     s = apply_balance(m.graph, pairs[0], np.abs(r).max((0, 2, 3)), 0.5)
     assert s.min() >= 1.0 and s.max() > 3.0  # channels 100x apart: the small ones scaled up
+    balanced = ir.to_proto(m)
+    r2 = np.clip(ort_run(_with_output(balanced, "d"), {"x": x})[1], 0, 6)
+    s2 = apply_balance(m.graph, pairs[1], np.abs(r2).max((0, 2, 3)), 0.5)
+    assert s2.max() > 1.0
     np.testing.assert_allclose(ort_run(ir.to_proto(m), {"x": x})[0], e, rtol=1e-4, atol=1e-5)
 
 
@@ -147,7 +153,27 @@ def test_balance_refuses_what_does_not_commute_with_scaling():
         "float[32, 1, 3, 3] D", "float[32, 32, 3, 3] D"
     )
     inits = dict(onnx_inits(_block()), D=rand(rng, 32, 32, 3, 3, scale=0.1))
-    assert balance_pairs(ir.from_proto(make_model(plain, inits)).graph) == []  # not depthwise
+    pairs = balance_pairs(ir.from_proto(make_model(plain, inits)).graph)
+    # a dense 3x3 reader mixes channels over a window: refused; its 1x1 reader is not
+    assert [p.consumers[0].inputs[1].name for p in pairs] == ["W2"]
+
+
+def test_pointwise_readers_get_the_alpha_with_the_least_output_error():
+    rng = np.random.default_rng(3)
+    spread = np.geomspace(0.01, 1.0, 32).astype(np.float32)  # ranges 100x apart, each channel
+    w2 = rand(rng, 16, 32, 1, 1, scale=0.3) / spread[:, None, None]
+    inits = dict(onnx_inits(_block()), W2=w2)
+    model = ir.from_proto(make_model(NET, inits))  # as strong in the output: balancing pays
+    pair = balance_pairs(model.graph)[1]
+    x = (rng.random((4096, 32)) * spread).astype(np.float32)
+    alpha, errors = choose_alpha(pair, x, x.max(0), 0.5)
+    # measured 54x lower at alpha 0.5 (0.016 -> 0.0003)
+    assert alpha is not None and errors[f"{alpha:g}"] < 0.1 * errors["none"], errors
+    even = rng.random((4096, 32)).astype(np.float32)  # channels alike: nothing to balance
+    alpha, errors = choose_alpha(pair, even, even.max(0), 0.5)
+    assert alpha is None or errors[f"{alpha:g}"] > 0.9 * errors["none"], errors
+    depthwise = balance_pairs(model.graph)[0]  # its readers pay nothing: alpha as given
+    assert choose_alpha(depthwise, x, x.max(0), 0.5) == (0.5, {})
 
 
 def onnx_inits(model):

@@ -1,8 +1,9 @@
 """Steps 2-3: range balancing, then activation ranges measured in cascade.
 
-Balance (``balance``; ``auto`` = on with real data): a tensor that only depthwise Convs read has
-its channels scaled by (R/m_c)^α in the producer and divided back in the depthwise filters
-(:mod:`onnxshrink.analysis.balance`): exact, per-channel activation steps in effect.
+Balance (``balance``; ``auto`` = on with real data): a tensor that only depthwise or 1×1 Convs
+read has its channels scaled by (R/m_c)^α in the producer and divided back in the readers
+(:mod:`onnxshrink.analysis.balance`; α by the readers' error with 1×1 ones): exact, per-channel
+activation steps in effect.
 
 Calibrate: each quantized tensor's range by ``calibration`` (minmax | percentile | entropy |
 mse), measured in one sweep on the float model saturated at the quantized grids upstream
@@ -19,7 +20,13 @@ import dataclasses
 
 import numpy as np
 
-from onnxshrink.analysis.balance import apply_balance, balance_pairs, tensor_maxima
+from onnxshrink.analysis.balance import (
+    apply_balance,
+    balance_pairs,
+    choose_alpha,
+    sample_rows,
+    tensor_maxima,
+)
 from onnxshrink.analysis.cascade import MomentTap, Tap, cascade_calibrate
 from onnxshrink.analysis.qplan import QuantPlan
 from onnxshrink.analysis.ranges import SETTLED, grid_bounds
@@ -60,23 +67,31 @@ class Balance(Step):
 
 class BalanceTap(Tap):
     """Balances each pair where its producer's output is computed, before anything reads it:
-    m_c from the output's batches, s_c written into both layers (:func:`apply_balance`), and
-    the output's values multiplied by s_c -- what the scaled producer now computes (s_c·m_c ≤ R
-    stays below a Clip's ceiling). Once: a further sweep finds the model balanced."""
+    m_c (and, with pointwise readers, α) from the output's batches, s_c written into both
+    layers (:func:`apply_balance`), and the output's values multiplied by s_c -- what the
+    scaled producer now computes (s_c·m_c ≤ R stays below a Clip's ceiling). Once: a further
+    sweep finds the model balanced."""
 
     edits = True
 
-    def __init__(self, graph, pairs, alpha: float) -> None:
-        self.graph, self.alpha = graph, alpha
+    def __init__(self, graph, pairs, alpha: float, safe: bool) -> None:
+        self.graph, self.alpha, self.safe = graph, alpha, safe
         self.pairs = {pr.producer.outputs[0].name: pr for pr in pairs}
         self.names = frozenset(self.pairs)
         self.scales: dict[str, np.ndarray] = {}
+        self.alphas: dict[str, float | None] = {}  # tensors with pointwise readers
 
     def see(self, name: str, arrays: list[np.ndarray]) -> None:
         pr = self.pairs[name]
-        if pr.tensor.name in self.scales:
+        if pr.tensor.name in self.scales or pr.tensor.name in self.alphas:
             return
-        s = apply_balance(self.graph, pr, tensor_maxima(pr, arrays), self.alpha)
+        m, alpha = tensor_maxima(pr, arrays), self.alpha
+        if pr.pointwise:
+            alpha, _ = choose_alpha(pr, sample_rows(pr, arrays), m, self.alpha, self.safe)
+            self.alphas[pr.tensor.name] = alpha
+            if alpha is None:
+                return
+        s = apply_balance(self.graph, pr, m, alpha)
         self.scales[pr.tensor.name] = s
         for a in arrays:
             a *= s.reshape((-1,) + (1,) * (a.ndim - 2)).astype(a.dtype)
@@ -86,15 +101,21 @@ class BalanceTap(Tap):
             s = self.scales.get(pr.tensor.name)
             if s is None:
                 continue
+            chosen = self.alphas.get(pr.tensor.name)
+            how = f", alpha {chosen:g} by the readers' error" if chosen is not None else ""
             p.change(
                 f"balanced {pr.tensor.name} ({len(s)} channels, scale "
-                f"x{s.min():.2g}..x{s.max():.2g}) "
+                f"x{s.min():.2g}..x{s.max():.2g}{how}) "
                 f"between {pr.producer.name} and {', '.join(u.name for u in pr.consumers)}"
             )
         if self.scales:
             p.details["balanced"] = {
                 "tensors": len(self.scales),
                 "mean_scale": round(float(np.mean([s.mean() for s in self.scales.values()])), 3),
+                "pointwise_readers": {
+                    "balanced": sum(a is not None for a in self.alphas.values()),
+                    "left": sum(a is None for a in self.alphas.values()),
+                },
             }
 
 
@@ -153,7 +174,9 @@ class Calibrate(Step):
         layers Hessian-aware rounding steers (those that fit in memory at once)."""
         taps: dict[str, Tap] = {}
         if state.balance:
-            taps["balance"] = BalanceTap(state.model.graph, state.balance, p.balance_alpha)
+            taps["balance"] = BalanceTap(
+                state.model.graph, state.balance, p.balance_alpha, state.safe
+            )
         convs = [n for n in state.model.graph if n.op_type in ("Conv", "Gemm")]
         if state.bias_mode != "off":  # empirical too: it starts from the weights' correction
             inputs = {n.inputs[0].name for n in state.plan.nodes if n.op_type in ("Conv", "Gemm")}
