@@ -1,23 +1,18 @@
 """Activation range balancing in front of depthwise and pointwise convolutions.
 
 A per-tensor uint8 activation gives every channel the step R/255 of the widest channel's range
-R; a channel whose values stay below m_c ≪ R keeps only m_c/R of the 256 levels. So channel c
-is multiplied by s_c in the producer (weight row and bias) and divided by s_c where it is read:
-the function is unchanged, and the quantized tensor uses more of its levels.
+R: a channel below m_c ≪ R keeps m_c/R of the levels. So channel c is multiplied by s_c in the
+producer (weight row, bias) and divided by s_c in its readers -- the same function, more levels:
 
     s_c = (R / m_c)^α      (SmoothQuant's migration, Xiao et al. 2023)
 
-A depthwise reader (inverted residuals: expand Conv → ReLU6 → depthwise) reads each channel with
-its own per-channel-quantized filter, so the division costs nothing: α = ``balance-alpha``
-(0.5). A pointwise (1×1, group 1) reader holds channel c in column c of every filter, which
-then gets a coarser share of its row's grid: α is chosen per tensor among α·{¼, ½, ¾, 1}, or
-none, by the readers' output error ‖Q(X·s)·Q(W/s) − X·W‖² on sampled calibration rows (uint8
-per tensor, int8 per filter, nearest).
-
-m_c is channel c's largest |value| on the calibration data, so s_c ≥ 1 and s_c·m_c ≤ R: with a
-ReLU6 / Clip(0, u) between the layers (u ≥ R) the rewrite is exact on the calibration data;
-above it a channel clips at u/s_c (the tensor saturates at R anyway; docs/design.md).
-Handled: Conv → (Relu | Clip(min = 0)) → depthwise or 1×1 Convs only, constant unshared weights.
+A depthwise reader quantizes each channel's filter on its own grid, so the division is free:
+α = ``balance-alpha``. A pointwise (1×1) reader's filters get a coarser share of their grid in
+column c: α is chosen among α·{¼, ½, ¾, 1} or none by the readers' error ‖Q(X·s)·Q(W/s) − XW‖²
+on sampled calibration rows. m_c is channel c's calibration maximum, so s_c ≥ 1, s_c·m_c ≤ R:
+with a ReLU6 / Clip(0, u) in between (u ≥ R) the rewrite is exact on the calibration data;
+above it a channel clips at u/s_c (docs/design.md). Handled: Conv → (Relu | Clip(min = 0)) →
+depthwise or 1×1 Convs only, constant unshared weights.
 """
 
 from __future__ import annotations
