@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.analysis.smoothing import dynamic_fake_quant
+from onnxshrink.analysis.smoothing import readers_error
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 
 __all__ = [
@@ -204,24 +204,16 @@ def choose_alpha(
     only: ``alpha``. With pointwise readers: the candidate α·FRACTIONS (or none) whose readers'
     quantized output on the rows ``x`` [R, C] is closest to the float one (``safe``: weights
     within the pair rule)."""
-    readers = [const_array(u.inputs[1])[:, :, 0, 0].astype(np.float32) for u in pair.pointwise]
+    readers = [const_array(u.inputs[1])[:, :, 0, 0].T for u in pair.pointwise]  # [C, O]
     if not readers:
         return alpha, {}
-    refs = [x @ w.T for w in readers]
-    norm = sum(float(np.sum(r * r)) for r in refs) or 1.0
-
-    def error(s: np.ndarray) -> float:
-        xs = dynamic_fake_quant(x * s.astype(np.float32))
-        total = 0.0
-        for u, w, r in zip(pair.pointwise, readers, refs):
-            d = xs @ _fake_int8(u, w / s.astype(np.float32), safe).T - r
-            total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
-        return total / norm
-
-    errors = {"none": error(np.ones(len(m)))}
+    error = readers_error(  # its s divides X: 1/s here
+        x, readers, lambda w, i: _fake_int8(pair.pointwise[i], w.T, safe).T
+    )
+    errors = {"none": error(None)}
     best = None
     for a in (alpha * f for f in FRACTIONS):
-        errors[f"{a:g}"] = e = error(factors(m, a))
+        errors[f"{a:g}"] = e = error(1.0 / factors(m, a))
         if e < errors["none" if best is None else f"{best:g}"]:
             best = a
     return best, errors

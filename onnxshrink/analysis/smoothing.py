@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ALPHAS", "InputStats", "choose_alpha", "collect", "dynamic_fake_quant", "factors"]
+__all__ = [
+    "ALPHAS",
+    "InputStats",
+    "choose_alpha",
+    "collect",
+    "dynamic_fake_quant",
+    "factors",
+    "readers_error",
+]
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -75,15 +83,14 @@ def factors(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.n
     return np.where(np.isfinite(s) & (s > 0), s, 1.0)
 
 
-def choose_alpha(
+def readers_error(
     x: np.ndarray,
-    absmax: np.ndarray,
     weights: list[np.ndarray],
     quantize_w: Callable[[np.ndarray, int], np.ndarray],
-) -> tuple[float | None, np.ndarray | None, dict[str, float]]:
-    """(α or None, factors s or None, relative error per candidate) for the rows ``x`` [R, K]
-    read by ``weights`` (each [K, N]); ``quantize_w(w, i)`` gives reader i's dequantized
-    weight. None: no smoothing is best."""
+) -> Callable[[np.ndarray | None], float]:
+    """error(s) = Σ_i ‖Q(X/s)·Q_i(diag(s)·W_i) − X·W_i‖² / Σ_i ‖X·W_i‖² for the rows ``x`` [R, K]
+    read by ``weights`` (each [K, N]); Q is one uint8 grid (:func:`dynamic_fake_quant`),
+    ``quantize_w(w, i)`` reader i's dequantized weight; s = None: no factors."""
     x = np.asarray(x, np.float32)  # float32 products: ~1e-7 relative, the errors ~1e-4
     refs = [x @ w.astype(np.float32) for w in weights]
     norm = sum(float(np.sum(r * r)) for r in refs) or 1.0
@@ -97,6 +104,19 @@ def choose_alpha(
             total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
         return total / norm
 
+    return error
+
+
+def choose_alpha(
+    x: np.ndarray,
+    absmax: np.ndarray,
+    weights: list[np.ndarray],
+    quantize_w: Callable[[np.ndarray, int], np.ndarray],
+) -> tuple[float | None, np.ndarray | None, dict[str, float]]:
+    """(α or None, factors s or None, relative error per candidate) for the rows ``x`` [R, K]
+    read by ``weights`` (each [K, N]); ``quantize_w(w, i)`` gives reader i's dequantized
+    weight. None: no smoothing is best."""
+    error = readers_error(x, weights, quantize_w)
     errors = {"none": error(None)}
     best, best_s = None, None
     for alpha in ALPHAS:
