@@ -295,15 +295,22 @@ class Validate(Instrument):
         cpu = this_cpu()
         run = self._run(path, f"{p.name} (integer kernels)", optimize=True)
         agree = compare(written, run)
-        info = {"cpu": cpu.summary(), "cosine": agree.cosine, "max_abs": agree.max_abs}
+        against = compare(self.original_outputs, run)
+        info = {
+            "cpu": cpu.summary(),
+            "cosine": agree.cosine,
+            "max_abs": agree.max_abs,
+            "cosine_with_original": against.cosine,
+        }
         if self.metric is not None and p.lossy and p.compare_to != "improve":
             # the task decides on what users run: a detection can flip on one rounding step
             ref = self.before_outputs if p.compare_to == "before" else self.original_outputs
             info["metric"] = value = task.score(self.metric, ref, run)
             _hold_floor(p, value, "task metric", " in onnxruntime's integer kernels")
-        unsafe = {} if kernels_agree(agree, total, self.kernel_gap) else unsafe_layers(model)
+        ok = kernels_agree(agree, total, self.kernel_gap, against)
+        unsafe = {} if ok else unsafe_layers(model)
         failure, warning = kernel_verdict(
-            agree, total, cpu, unsafe, getattr(p, "cpu", None) == "vnni", self.kernel_gap
+            agree, total, cpu, unsafe, getattr(p, "cpu", None) == "vnni", self.kernel_gap, against
         )
         if failure:
             raise Invalid(failure)

@@ -198,9 +198,12 @@ class Report:
             elif p.partial:
                 _render_partial(console, p, verbose, self.before)
             if p.kernels and p.status != "rolled-back":
+                original = p.kernels.get("cosine_with_original")
                 console.print(
                     f"  [dim]{literal(p.name)}: cosine {p.kernels['cosine']:.6f} between the model "
-                    f"as written and an optimized session on {literal(p.kernels['cpu'])}[/]"
+                    f"as written and an optimized session on {literal(p.kernels['cpu'])}"
+                    + (f" ({original:.6f} with the original)" if original is not None else "")
+                    + "[/]"
                 )
             if verbose:
                 for s in p.skipped:

@@ -220,6 +220,20 @@ def test_kernel_verdict():
     # an int8 input that already saturated here (its gap 6e-3) is not the next pass's doing
     assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 6e-3) == (None, None)
     assert kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 4e-3)[0] is not None
+    # chaos: the kernels round one requantization the other way and every layer after it
+    # follows (MobileNetV2 at percentile 99.999: the runs part by 1.7e-3 of 2.2e-3), yet the
+    # optimized run is no further from the original than the run as written
+    assert kernel_verdict(_fid(1 - 1.7e-3), quantized, vnni, {}, False, 0.0, _fid(1 - 2.3e-3)) == (
+        None,
+        None,
+    )
+    # saturation moves the optimized run away from the original too: still refused
+    failure, _ = kernel_verdict(_fid(1 - 6.7e-3), quantized, avx2, {"a": 3}, False, 0.0, _fid(0.99))
+    assert (
+        failure.startswith("integer kernels saturate") and "optimized session: 1.00e-02" in failure
+    )
+    failure, _ = kernel_verdict(_fid(1 - 1.7e-3), quantized, vnni, {}, False, 0.0, _fid(1 - 3.7e-3))
+    assert failure is not None  # 3.7e-3 > 1.5 × 2.4e-3
 
 
 def test_quantize_is_validated_with_integer_kernels(model, digits_calib, tmp_path):
