@@ -8,9 +8,11 @@ d(u) = max(0, D(down) − D(up)), down and up the nearest such tensors after and
 u adds, weighed by how much the rest of the model amplifies it. With the full pass's drop D and
 the floor's F = 1 − floor, the first try spares the fewest worst layers whose share of Σd
 reaches (D − F/2)/D; then the number spared is bisected (:func:`onnxshrink.search.fewest`)
-within ``TRIES`` re-runs, each validated like the pass. Early refusal: a re-run sparing the k
-worst-ranked layers whose drop is no lower than the full pass's shows the ranking is no guide
-(the damage is spread, or arises between layers), so the search stops there (:class:`NoHelp`).
+within ``TRIES`` re-runs, each validated like the pass. Early refusal: ``MISSES`` re-runs in a
+row sparing the k worst-ranked layers whose drop is no lower than the full pass's -- nor, when
+the floor judges a task metric that moves in steps, their cosine higher -- show the ranking is no
+guide (the damage is spread, or arises between layers), so the search stops there
+(:class:`NoHelp`). One such re-run alone is no proof: an int8 network is chaotic.
 A model too large for one session (``segments``) gets each layer's own damage instead, from two
 sweeps in lockstep: d(u) = 1 − cosine at u's down tensors of the pass's nodes fed the values of
 the model before it -- what u adds, not amplified. The best try waits on disk (its outputs
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 TRIES = 5  # re-runs of the pass (each validated) a partial application may take
 SAMPLES = 8  # validation samples the layer damage is measured on
+MISSES = 2  # tries in a row no better than the whole pass that stop the search
 
 
 class NoHelp(Exception):
@@ -98,6 +101,7 @@ def partial(
     before: ir.Model,
     after: ir.Model,
     drop: tuple[float, float],
+    cosine: float | None,
     validate: Callable[[ShrinkPass, ir.Model, int], Any],
     drop_of: Callable[[list, list], float],
     data,
@@ -109,7 +113,8 @@ def partial(
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did; raises
     :class:`NoHelp` when a try shows the ranking is no guide. ``drop`` is the full pass's
-    (1 − fidelity, 1 − floor); ``drop_of(reference, outputs)`` measures one; ``segments``: the
+    (1 − fidelity, 1 − floor), ``cosine`` its outputs' cosine when that is a task metric (else
+    None); ``drop_of(reference, outputs)`` measures one; ``segments``: the
     model is too large for one session (each layer's own damage, see the module docstring).
     ``after``, the whole pass's result, is consumed: its weights are dropped once measured."""
     layers = spareable(p)
@@ -132,6 +137,7 @@ def partial(
     weights = workdir / "partial-weights.bin"
     spilled: list = []
     calls: list[int] = []
+    misses: list[int] = []  # the last tries in a row that were no better than the whole pass
     task = progress.task(f"{p.name}: sparing the worst layers", TRIES) if progress else None
 
     def holds(k: int) -> bool:
@@ -146,9 +152,17 @@ def partial(
             checked = validate(q, model, len(calls))
         except BelowFloor as e:
             logger.debug("%s sparing %d layer(s): %s", p.name, k, one_line(e))
-            if e.drop[0] >= full:
+            no_better = e.drop[0] >= full and (
+                cosine is None or e.cosine is None or e.cosine <= cosine
+            )
+            if not no_better:
+                misses.clear()
+                return False
+            misses.append(k)
+            if len(misses) >= MISSES:
+                spared = " then ".join(map(str, misses))
                 raise NoHelp(
-                    f"sparing the {k} layer(s) ranked most damaging left the drop at "
+                    f"sparing the {spared} layer(s) ranked most damaging left the drop at "
                     f"{e.drop[0]:.4g} (whole pass {full:.4g}): the damage is spread, not in a few "
                     "layers"
                 ) from None

@@ -259,6 +259,7 @@ class Validate(Instrument):
                 run.snapshot,
                 run.model,
                 failure.drop,
+                failure.cosine,
                 lambda q, model, k: self._validate(q, model, f"{run.index:02d}k{k}"),
                 lambda reference, outputs: _damage(self._compare(reference, outputs)),
                 self.data,
@@ -306,7 +307,8 @@ class Validate(Instrument):
             # the task decides on what users run: a detection can flip on one rounding step
             ref = self.before_outputs if p.compare_to == "before" else self.original_outputs
             info["metric"] = value = task.score(self.metric, ref, run)
-            _hold_floor(p, value, "task metric", " in onnxruntime's integer kernels")
+            where = " in onnxruntime's integer kernels"
+            _hold_floor(p, value, "task metric", where, cosine=against.cosine)
         ok = kernels_agree(agree, total, self.kernel_gap, against)
         unsafe = {} if ok else unsafe_layers(model)
         failure, warning = kernel_verdict(
@@ -335,7 +337,8 @@ class Validate(Instrument):
                     f"{_gate(total):.5f}"
                 )
             return
-        _hold_floor(p, _gate(step if p.compare_to == "before" else total), what)
+        judged = step if p.compare_to == "before" else total
+        _hold_floor(p, _gate(judged), what, cosine=None if judged.metric is None else judged.cosine)
 
 
 def _large(model: ir.Model) -> bool:
@@ -344,9 +347,12 @@ def _large(model: ir.Model) -> bool:
     return io.tensor_bytes(model) > LARGE_MODEL and not uses_integer_kernels(model)
 
 
-def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "") -> None:
+def _hold_floor(
+    p: ShrinkPass, value: float, what: str, where: str = "", cosine: float | None = None
+) -> None:
     """Raises :class:`BelowFloor` when ``value`` (against the original, or against the model
-    before the pass for ``compare_to == "before"``) is below ``p``'s floor."""
+    before the pass for ``compare_to == "before"``) is below ``p``'s floor; ``cosine``: the
+    outputs' when ``value`` is a task metric."""
     floor = getattr(p, "floor", None)
     floor = DEFAULT_FLOOR if floor is None else floor
     than = "the model before the pass" if p.compare_to == "before" else "the original"
@@ -354,6 +360,7 @@ def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "") -> None
         raise BelowFloor(
             f"fidelity below the floor: {what} with {than}{where} {value:.5f} < {floor}",
             (1.0 - value, 1.0 - floor),
+            cosine,
         )
 
 

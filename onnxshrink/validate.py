@@ -74,11 +74,15 @@ class Invalid(Exception):
 
 
 class BelowFloor(Invalid):
-    """A lossy pass's fidelity fell below its floor: ``drop`` = (1 − cosine, 1 − floor)."""
+    """A lossy pass's fidelity fell below its floor: ``drop`` = (1 − what the floor judges,
+    1 − floor); ``cosine``: the outputs' cosine when the floor judged a task metric (it moves
+    in steps on a few samples), else None."""
 
-    def __init__(self, message: str, drop: tuple[float, float]) -> None:
+    def __init__(
+        self, message: str, drop: tuple[float, float], cosine: float | None = None
+    ) -> None:
         super().__init__(message)
-        self.drop = drop
+        self.drop, self.cosine = drop, cosine
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,9 +146,10 @@ def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, caps
 
 
 def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib, monkeypatch):
-    """Every layer loud: no subset short of all holds, so the pass is rolled back. Sparing the
-    worst-ranked layers does not lower the drop, so the search stops after that one re-run
-    (it took all ``TRIES`` before) and the reason says why."""
+    """Every layer loud: no subset short of all holds, so the pass is rolled back within
+    ``TRIES`` re-runs, and the reason says so."""
+    from onnxshrink import degrade
+
     runs = []
     call = LayerNoisePass.call
     monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
@@ -157,9 +158,53 @@ def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib
     )
     rec = report.passes[0]
     assert rec.status == "rolled-back" and rec.partial is None
+    assert "below the floor" in rec.reason
+    assert 2 <= len(runs) <= 1 + degrade.TRIES
+
+
+def test_two_tries_no_better_stop_the_search(digits_model, digits_calib, monkeypatch):
+    """The ranking puts the one loud layer last: sparing the worst-ranked layers leaves the drop
+    where it was, twice in a row, so the search stops after those two re-runs and says why."""
+    from onnxshrink import degrade
+
+    original = onnx.load(str(digits_model))
+    layers = list(_weights(original))
+    target = layers[len(layers) // 2]
+    ranked = {u: 0.0 if u == target else 1e-4 for u in layers}
+    ranked[layers[0]] = 1.0
+    monkeypatch.setattr(degrade, "damage", lambda *a, **k: dict(ranked))
+    runs = []
+    call = LayerNoisePass.call
+    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
+    _, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target, quiet=0.0)], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "rolled-back" and rec.partial is None
     assert "partial application stopped early: sparing the " in rec.reason
-    assert "the damage is spread, not in a few layers" in rec.reason
-    assert len(runs) == 2  # the whole pass, one re-run
+    assert " then " in rec.reason and "the damage is spread, not in a few layers" in rec.reason
+    assert len(runs) == 3  # the whole pass, two re-runs
+
+
+def test_one_try_no_better_does_not_stop_the_search(digits_model, digits_calib, monkeypatch):
+    """The damage ranking puts a harmless layer first: sparing it alone leaves the drop where
+    it was. That one miss is no proof the ranking is no guide (an int8 network reruns
+    chaotically), so the search goes on, spares the loud layer too, and applies the rest."""
+    from onnxshrink import degrade
+
+    original = onnx.load(str(digits_model))
+    layers = list(_weights(original))
+    target, harmless = layers[len(layers) // 2], layers[0]
+    ranked = {u: 0.5 if u == harmless else 0.4 if u == target else 0.001 for u in layers}
+    monkeypatch.setattr(degrade, "damage", lambda *a, **k: dict(ranked))
+    _, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target)], data=str(digits_calib)
+    )
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.partial is not None, rec.reason
+    assert rec.partial["kept"] == [harmless, target]
+    assert rec.partial["tries"] == 2  # sparing the harmless one missed; with the loud one, held
+    assert rec.partial["applied"] == len(layers) - 2
 
 
 def test_a_failure_inside_partial_application_still_rolls_back(

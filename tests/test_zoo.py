@@ -4,8 +4,10 @@ No pass may raise on any of them (the pass manager would turn it into a rollback
 failure), and every pass that applies writes a model that onnx's checker accepts, that an
 optimized onnxruntime session runs with the original's output names and shapes, and whose
 fidelity with the original holds the pass's floor -- judged, for a model with a task metric
-(the detector: nudenet's own decoding), on that metric. The table of what each pass did is
-printed at the end of the run (``pytest -m zoo``) and is the README's zoo table.
+(the detector: nudenet's own decoding), on that metric. ``quantize`` is never rolled back whole:
+where the whole pass breaks the floor, partial application keeps the damaging ops float. The
+table of what each pass did is printed at the end of the run (``pytest -m zoo``) and is the
+README's zoo table.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def test_every_pass_on(name, tmp_path):
         if rec.traceback is not None:
             failures.append(f"{spec} raised: {rec.reason}")
             continue
+        if spec == "quantize" and rec.status == "rolled-back":  # partial application's job
+            failures.append(f"quantize rolled back whole: {rec.reason}")
         if rec.status != "applied":
             continue
         written = onnx.load(str(out))
