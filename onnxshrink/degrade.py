@@ -112,10 +112,10 @@ def partial(
 ) -> Partial | None:
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did; raises
-    :class:`NoHelp` when a try shows the ranking is no guide. ``drop`` is the full pass's
-    (1 − fidelity, 1 − floor), ``cosine`` its outputs' cosine when that is a task metric (else
-    None); ``drop_of(reference, outputs)`` measures one; ``segments``: the
-    model is too large for one session (each layer's own damage, see the module docstring).
+    :class:`NoHelp` when ``MISSES`` tries in a row show the ranking is no guide. ``drop`` is the
+    full pass's (1 − fidelity, 1 − floor), ``cosine`` its outputs' cosine when that is a task
+    metric (else None); ``drop_of(reference, outputs)`` measures one; ``segments``: the model
+    is too large for one session (each layer's own damage, see the module docstring).
     ``after``, the whole pass's result, is consumed: its weights are dropped once measured."""
     layers = spareable(p)
     if not layers:

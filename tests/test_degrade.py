@@ -207,6 +207,30 @@ def test_one_try_no_better_does_not_stop_the_search(digits_model, digits_calib, 
     assert rec.partial["applied"] == len(layers) - 2
 
 
+def test_with_a_task_metric_a_higher_cosine_is_progress(digits_model, digits_calib, monkeypatch):
+    """A task metric in steps (here: 1 only for identical outputs) stays put whatever is
+    spared, but the cosine rises once the loud layer is spared: no try is a miss, so the search
+    spends its ``TRIES`` instead of stopping after two (and, nothing holding, rolls back)."""
+    from onnxshrink import degrade
+
+    runs = []
+    call = LayerNoisePass.call
+    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
+    original = onnx.load(str(digits_model))
+    target = list(_weights(original))[len(_weights(original)) // 2]
+
+    def identical(ref, out):
+        return 1.0 if all(np.array_equal(ref[k], out[k]) for k in ref) else 0.5
+
+    _, report = onnxshrink.compress(
+        original, [LayerNoisePass(target=target)], data=str(digits_calib), metric=identical
+    )
+    rec = report.passes[0]
+    assert rec.status == "rolled-back" and rec.partial is None
+    assert "task metric" in rec.reason and "stopped early" not in rec.reason, rec.reason
+    assert len(runs) == 1 + degrade.TRIES
+
+
 def test_a_failure_inside_partial_application_still_rolls_back(
     digits_model, digits_calib, monkeypatch
 ):
