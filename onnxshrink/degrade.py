@@ -101,7 +101,7 @@ def partial(
     before: ir.Model,
     after: ir.Model,
     drop: tuple[float, float],
-    cosine: float | None,
+    cosine: float,
     validate: Callable[[ShrinkPass, ir.Model, int], Any],
     drop_of: Callable[[list, list], float],
     data,
@@ -113,8 +113,8 @@ def partial(
     """``p`` re-run on ``before`` sparing its most damaging layers until ``validate`` (which
     raises for a failing model) passes; None when no try within ``TRIES`` did; raises
     :class:`NoHelp` when ``MISSES`` tries in a row show the ranking is no guide. ``drop`` is the
-    full pass's (1 − fidelity, 1 − floor), ``cosine`` its outputs' cosine when that is a task
-    metric (else None); ``drop_of(reference, outputs)`` measures one; ``segments``: the model
+    full pass's (1 − fidelity, 1 − floor), ``cosine`` its outputs' cosine (a try no better
+    on either is a miss); ``drop_of(reference, outputs)`` measures one; ``segments``: the model
     is too large for one session (each layer's own damage, see the module docstring).
     ``after``, the whole pass's result, is consumed: its weights are dropped once measured."""
     layers = spareable(p)
@@ -152,10 +152,7 @@ def partial(
             checked = validate(q, model, len(calls))
         except BelowFloor as e:
             logger.debug("%s sparing %d layer(s): %s", p.name, k, one_line(e))
-            no_better = e.drop[0] >= full and (
-                cosine is None or e.cosine is None or e.cosine <= cosine
-            )
-            if not no_better:
+            if e.drop[0] < full or e.cosine > cosine:  # progress: not a miss
                 misses.clear()
                 return False
             misses.append(k)

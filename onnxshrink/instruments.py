@@ -338,7 +338,7 @@ class Validate(Instrument):
                 )
             return
         judged = step if p.compare_to == "before" else total
-        _hold_floor(p, _gate(judged), what, cosine=None if judged.metric is None else judged.cosine)
+        _hold_floor(p, _gate(judged), what, cosine=judged.cosine)
 
 
 def _large(model: ir.Model) -> bool:
@@ -347,12 +347,10 @@ def _large(model: ir.Model) -> bool:
     return io.tensor_bytes(model) > LARGE_MODEL and not uses_integer_kernels(model)
 
 
-def _hold_floor(
-    p: ShrinkPass, value: float, what: str, where: str = "", cosine: float | None = None
-) -> None:
+def _hold_floor(p: ShrinkPass, value: float, what: str, where: str = "", *, cosine: float) -> None:
     """Raises :class:`BelowFloor` when ``value`` (against the original, or against the model
     before the pass for ``compare_to == "before"``) is below ``p``'s floor; ``cosine``: the
-    outputs' when ``value`` is a task metric."""
+    outputs' (``value`` itself unless that is a task metric)."""
     floor = getattr(p, "floor", None)
     floor = DEFAULT_FLOOR if floor is None else floor
     than = "the model before the pass" if p.compare_to == "before" else "the original"

@@ -75,12 +75,10 @@ class Invalid(Exception):
 
 class BelowFloor(Invalid):
     """A lossy pass's fidelity fell below its floor: ``drop`` = (1 − what the floor judges,
-    1 − floor); ``cosine``: the outputs' cosine when the floor judged a task metric (it moves
-    in steps on a few samples), else None."""
+    1 − floor); ``cosine``: the outputs' cosine (what the floor judges, unless that is a task
+    metric: it moves in steps on a few samples)."""
 
-    def __init__(
-        self, message: str, drop: tuple[float, float], cosine: float | None = None
-    ) -> None:
+    def __init__(self, message: str, drop: tuple[float, float], cosine: float) -> None:
         super().__init__(message)
         self.drop, self.cosine = drop, cosine
 

@@ -57,6 +57,15 @@ class LayerNoisePass(ShrinkPass):
         return ir.passes.PassResult(model, modified=bool(self.layers))
 
 
+@pytest.fixture
+def runs(monkeypatch) -> list[int]:
+    """One entry per run of :class:`LayerNoisePass`: the whole pass, then each re-run."""
+    counted: list[int] = []
+    call = LayerNoisePass.call
+    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: counted.append(1) or call(self, m))
+    return counted
+
+
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
@@ -145,14 +154,11 @@ def test_a_real_pass_applies_partly_and_says_so(digits_model, digits_calib, caps
     assert "of the input's (the whole pass: " in shown
 
 
-def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib, monkeypatch):
+def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib, runs):
     """Every layer loud: no subset short of all holds, so the pass is rolled back within
     ``TRIES`` re-runs, and the reason says so."""
     from onnxshrink import degrade
 
-    runs = []
-    call = LayerNoisePass.call
-    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
     _, report = onnxshrink.compress(
         onnx.load(str(digits_model)), [LayerNoisePass(quiet=3.0)], data=str(digits_calib)
     )
@@ -162,7 +168,7 @@ def test_no_partial_application_that_breaks_the_floor(digits_model, digits_calib
     assert 2 <= len(runs) <= 1 + degrade.TRIES
 
 
-def test_two_tries_no_better_stop_the_search(digits_model, digits_calib, monkeypatch):
+def test_two_tries_no_better_stop_the_search(digits_model, digits_calib, monkeypatch, runs):
     """The ranking puts the one loud layer last: sparing the worst-ranked layers leaves the drop
     where it was, twice in a row, so the search stops after those two re-runs and says why."""
     from onnxshrink import degrade
@@ -173,9 +179,6 @@ def test_two_tries_no_better_stop_the_search(digits_model, digits_calib, monkeyp
     ranked = {u: 0.0 if u == target else 1e-4 for u in layers}
     ranked[layers[0]] = 1.0
     monkeypatch.setattr(degrade, "damage", lambda *a, **k: dict(ranked))
-    runs = []
-    call = LayerNoisePass.call
-    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
     _, report = onnxshrink.compress(
         original, [LayerNoisePass(target=target, quiet=0.0)], data=str(digits_calib)
     )
@@ -207,15 +210,12 @@ def test_one_try_no_better_does_not_stop_the_search(digits_model, digits_calib, 
     assert rec.partial["applied"] == len(layers) - 2
 
 
-def test_with_a_task_metric_a_higher_cosine_is_progress(digits_model, digits_calib, monkeypatch):
+def test_with_a_task_metric_a_higher_cosine_is_progress(digits_model, digits_calib, runs):
     """A task metric in steps (here: 1 only for identical outputs) stays put whatever is
     spared, but the cosine rises once the loud layer is spared: no try is a miss, so the search
     spends its ``TRIES`` instead of stopping after two (and, nothing holding, rolls back)."""
     from onnxshrink import degrade
 
-    runs = []
-    call = LayerNoisePass.call
-    monkeypatch.setattr(LayerNoisePass, "call", lambda self, m: runs.append(1) or call(self, m))
     original = onnx.load(str(digits_model))
     target = list(_weights(original))[len(_weights(original)) // 2]
 
