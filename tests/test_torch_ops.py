@@ -66,6 +66,102 @@ CASES = [
     _case("Transpose", [X4], perm=[0, 2, 3, 1]),
     _case("Concat", [X4, X4], axis=1),
     _case("Softmax", [(2, 5, 8)], opset=13, axis=1),
+    _case("Softmax", [(2, 3, 4, 5)], opset=11, axis=-2),  # before 13: coerced to 2-D
+    _case("Softmax", [(2, 5, 8)], opset=11),  # ... and axis 1 by default
+    _case("ConvTranspose", [X4], {1: _w(6, 4, 2, 2), 2: _w(4)}, strides=[2, 2]),
+    _case(
+        "ConvTranspose",
+        [X4],
+        {1: _w(6, 2, 3, 3)},
+        group=3,
+        strides=[2, 2],
+        pads=[1, 0, 0, 1],
+        output_padding=[1, 1],
+        dilations=[1, 2],
+    ),  # fmt: skip
+    _case("Pow", [X4], {1: np.float32(2.0)}),
+    _case("Pow", [X4], {1: np.float32(0.5)}, positive=True),
+    _case("Max", [X4, X4, (9,)]),
+    _case("Min", [X4, (6, 1, 1)]),
+    *(_case(op, [X4]) for op in ("Neg", "Abs", "Exp", "Softplus", "LeakyRelu")),
+    *(_case(op, [X4], positive=True) for op in ("Log", "Reciprocal")),
+    _case("LeakyRelu", [X4], alpha=0.2),
+    _case("PRelu", [X4], {1: _w(6, 1, 1)}),
+    _case("ReduceSum", [X4], {1: np.array([1, -1], np.int64)}, opset=13, keepdims=0),
+    _case("ReduceSum", [X4], opset=13),  # no axes: all of them
+    _case("ReduceMax", [X4], opset=13, axes=[1]),
+    _case("ReduceMax", [X4], {1: np.array([2, 3], np.int64)}, opset=18),
+    _case("Split", [X4], {1: np.array([2, 4], np.int64)}, opset=13, axis=1, outs=2),
+    _case("Split", [X4], opset=13, axis=-1, outs=3),
+    _case("Split", [X4], opset=18, axis=2, num_outputs=2, outs=2),  # 9 = 5 + 4
+    _case("Split", [X4], opset=11, axis=1, split=[1, 5], outs=2),
+    _case(
+        "Slice",
+        [X4],
+        {
+            1: np.array([1, -4], np.int64),
+            2: np.array([2**62, 100], np.int64),
+            3: np.array([1, 3], np.int64),
+            4: np.array([2, 1], np.int64),
+        },
+    ),
+    _case("Slice", [X4], {1: np.array([0], np.int64), 2: np.array([-1], np.int64)}),
+    _case("Squeeze", [(2, 1, 9, 1)], {1: np.array([1, -1], np.int64)}, opset=13),
+    _case("Squeeze", [(2, 1, 9, 1)], opset=11, axes=[3]),
+    _case("Unsqueeze", [X4], {1: np.array([0, -1], np.int64)}, opset=13),
+    _case("Unsqueeze", [(2, 9)], opset=11, axes=[1, 3]),
+    _case(
+        "Resize",
+        [X4],
+        {1: np.zeros(0, np.float32), 2: np.array([1, 1, 2, 1.5], np.float32)},
+        opset=11,
+        mode="nearest",
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="floor",
+    ),  # fmt: skip -- the form torch and paddle export
+    _case(
+        "Resize",
+        [X4],
+        {1: np.zeros(0, np.float32), 2: np.zeros(0, np.float32), 3: np.array([2, 6, 5, 13])},
+        mode="nearest",
+        coordinate_transformation_mode="half_pixel",
+        nearest_mode="round_prefer_ceil",
+    ),  # fmt: skip
+    *(
+        _case(
+            "Resize",
+            [X4],
+            {1: np.zeros(0, np.float32), 2: np.array([1, 1, 1.5, 2], np.float32)},
+            mode="linear",
+            coordinate_transformation_mode=coord,
+        )  # fmt: skip
+        for coord in ("half_pixel", "pytorch_half_pixel", "align_corners")
+    ),
+    _case("Pad", [X4], {1: np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64), 2: np.float32(-1)}),
+    *(
+        _case("Pad", [X4], {1: np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)}, mode=mode)
+        for mode in ("reflect", "edge")
+    ),
+    _case("Shape", [X4], out=TensorProto.INT64),
+    _case("Shape", [X4], opset=15, start=1, end=-1, out=TensorProto.INT64),
+    _case("Gather", [X4], {1: np.array([[2, -1]], np.int64)}, axis=1),
+    _case("Gather", [X4], {1: np.int64(3)}, axis=-1),
+    _case("Cast", [X4], to=TensorProto.INT64, out=TensorProto.INT64),
+    _case(
+        "ConstantOfShape",
+        [],
+        {0: np.array([2, 3], np.int64)},
+        value=numpy_helper.from_array(np.array([1.5], np.float32)),
+    ),
+    _case("Expand", [(6, 1, 9)], {1: np.array([2, 1, 4, 1], np.int64)}),
+    _case(
+        "Range",
+        [],
+        {0: np.int64(2), 1: np.int64(11), 2: np.int64(3)},
+        out=TensorProto.INT64,
+    ),
+    _case("Equal", [], {0: np.arange(6), 1: np.array([0, 2, 2, 3, 0, 5])}, out=TensorProto.BOOL),
+    _case("Where", [X4, X4], {0: RNG.random(X4) > 0.5}),
     _case("QuantizeLinear", [X4], {1: np.float32(0.02), 2: np.uint8(128)}, out=TensorProto.UINT8),
     _case("QuantizeLinear", [X4], {1: np.float32(0.005), 2: np.int8(3)}, out=TensorProto.INT8),
     _case("QuantizeLinear", [X4], {1: np.float32(0.01)}, out=TensorProto.UINT8),  # no zero point
@@ -97,16 +193,17 @@ CASES = [
 ]
 
 
-def _model(op, shapes, consts, opset, attrs, out=TensorProto.FLOAT):
+def _model(op, shapes, consts, opset, attrs, out=TensorProto.FLOAT, outs=1):
     names = [f"in{i}" for i in range(len(shapes) + len(consts))]
     inits = [numpy_helper.from_array(np.asarray(v), names[i]) for i, v in consts.items()]
     fed = [n for i, n in enumerate(names) if i not in consts]
-    node = helper.make_node(op, names, ["y"], **attrs)
+    ys = [f"y{i}" for i in range(outs)]
+    node = helper.make_node(op, names, ys, **attrs)
     graph = helper.make_graph(
         [node],
         "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(fed, shapes)],
-        [helper.make_tensor_value_info("y", out, None)],
+        [helper.make_tensor_value_info(y, out, None) for y in ys],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -117,13 +214,14 @@ def _model(op, shapes, consts, opset, attrs, out=TensorProto.FLOAT):
 @pytest.mark.parametrize("op, shapes, consts, opset, attrs", CASES)
 def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
     positive = attrs.pop("positive", False)
-    model, fed = _model(op, shapes, consts, opset, attrs, attrs.pop("out", TensorProto.FLOAT))
+    out, outs = attrs.pop("out", TensorProto.FLOAT), attrs.pop("outs", 1)
+    model, fed = _model(op, shapes, consts, opset, attrs, out, outs)
     feed = {n: _w(*s) for n, s in zip(fed, shapes)}
     if positive:
         feed = {n: np.abs(v) + 0.01 for n, v in feed.items()}
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    want = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)[0]
+    want = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)
     node = next(iter(ir.from_proto(model).graph))
     args = [
         torch.from_numpy(feed[v.name])
@@ -131,9 +229,11 @@ def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
         else torch.from_numpy(np.array(v.const_value.numpy()))
         for v in node.inputs
     ]
-    got = run_node(node, args)[0].detach().numpy()
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = [t.detach().numpy() for t in run_node(node, args)]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype or op == "QuantizeLinear"  # codes as floats, by design
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_every_op_in_the_table_is_tested():
@@ -150,7 +250,8 @@ def test_constant_node():
     "op, attrs, why",
     [
         ("Conv", {"auto_pad": "SAME_UPPER"}, "auto_pad"),
-        ("Resize", {}, "no PyTorch form"),
+        ("GridSample", {}, "no PyTorch form"),
+        ("Resize", {"mode": "cubic"}, "Resize cubic"),
         ("MaxPool", {"kernel_shape": [2, 2], "ceil_mode": 1}, "ceil_mode"),
     ],
 )

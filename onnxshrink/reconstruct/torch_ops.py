@@ -2,18 +2,21 @@
 
 Each entry takes the node and its inputs (torch tensors; None for an omitted optional input)
 and returns its outputs, computing what the ONNX operator computes in float32 -- Conv with
-explicit pads (asymmetric ones through ``F.pad``), groups, strides and dilations; Gemm with
-alpha, beta and transposes; Clip with its min/max inputs; Flatten and Reshape with ONNX's
-axis and 0-means-copy rules. tests/test_torch_ops.py checks every entry against onnxruntime
-to 1e-5. An op that is not here, or an attribute form an entry does not handle (``auto_pad``,
-Reshape's ``allowzero``), raises :class:`Unsupported`: the block is left as it is, with that
-reason. QuantizeLinear gives its integer codes as float tensors (rounded half to even, the
-gradient passed straight through), DequantizeLinear reads them back. This is not a general
-converter: it covers the ops of convolutional classifiers, the MLPs of transformer layers, QDQ.
+explicit pads (asymmetric ones through ``F.pad``), groups, strides and dilations; ConvTranspose
+cropped by its pads; Gemm with alpha, beta and transposes; Clip with its min/max inputs;
+Flatten and Reshape with ONNX's axis and 0-means-copy rules; Softmax before opset 13 on its
+2-D view. tests/test_torch_ops.py checks every entry against onnxruntime to 1e-5. An op that
+is not here, or an attribute form an entry does not handle (``auto_pad``, Reshape's
+``allowzero``), raises :class:`Unsupported`: the block is left as it is, with that reason.
+QuantizeLinear gives its integer codes as floats (rounded half to even, the gradient straight
+through), DequantizeLinear reads them back. Tensor plumbing (Split, Slice, Resize, shape
+arithmetic) is in :mod:`onnxshrink.reconstruct.torch_shape_ops`. Not a general converter: the
+ops of convolutional classifiers and detectors, transformer MLPs, QDQ.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -21,11 +24,10 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
+from onnxshrink.reconstruct import Unsupported
+from onnxshrink.reconstruct.torch_shape_ops import SHAPE_OPS
+
 __all__ = ["OPS", "Unsupported", "code_range", "per_axis", "round_ste", "run_node"]
-
-
-class Unsupported(Exception):
-    """An op (or an attribute form of it) the table does not compute."""
 
 
 def _ints(node: ir.Node, name: str, default=None):
@@ -59,6 +61,19 @@ def _conv(node, x, w, b=None):
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     group = node.attributes.get_int("group", 1)
     return [conv(_pad(x, pads), w, b, strides, 0, dilations, group)]
+
+
+def _conv_transpose(node, x, w, b=None):
+    """PyTorch pads nothing; ONNX's ``pads`` then crop the output, each side its own."""
+    nd = w.dim() - 2
+    if nd not in (1, 2, 3) or node.attributes.get("output_shape") is not None:
+        raise Unsupported(f"ConvTranspose over {nd} axes or with output_shape")
+    pads, strides, dilations = _spatial(node, nd)
+    extra = _ints(node, "output_padding", [0] * nd)
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    y = conv(x, w, b, strides, 0, extra, node.attributes.get_int("group", 1), dilations)
+    crop = [slice(pads[i], y.shape[2 + i] - pads[i + nd]) for i in range(nd)]
+    return [y[(slice(None), slice(None), *crop)]]
 
 
 def _gemm(node, a, b, c=None):
@@ -135,7 +150,11 @@ def _hardsigmoid(node, x):
 
 
 def _softmax(node, x):
-    return [torch.softmax(x, node.attributes.get_int("axis", -1))]
+    if not _opset_below_13(node):
+        return [torch.softmax(x, node.attributes.get_int("axis", -1))]
+    axis = node.attributes.get_int("axis", 1)
+    flat = x.reshape(int(np.prod(x.shape[: axis % x.dim()])), -1)  # coerced to 2-D (axis 1)
+    return [torch.softmax(flat, 1).reshape(x.shape)]
 
 
 def _concat(node, *xs):
@@ -147,11 +166,19 @@ def _transpose(node, x):
     return [x.permute(perm)]
 
 
-def _reduce_mean(node, x, axes=None):
-    if axes is None:
-        axes = _ints(node, "axes")
-    dims = list(range(x.dim())) if axes is None else [int(a) for a in np.asarray(axes).ravel()]
-    return [x.mean(dims, keepdim=bool(node.attributes.get_int("keepdims", 1)))]
+def _reduce(f: Callable) -> Callable:
+    def reduce(node, x, axes=None):
+        axes = _ints(node, "axes") if axes is None else np.asarray(axes).ravel().tolist()
+        if not axes and node.attributes.get_int("noop_with_empty_axes", 0):
+            return [x]
+        dims = list(range(x.dim())) if not axes else [int(a) % x.dim() for a in axes]
+        return [f(x, dims, keepdim=bool(node.attributes.get_int("keepdims", 1)))]
+
+    return reduce
+
+
+def _prelu(node, x, slope):
+    return [torch.where(x >= 0, x, x * slope)]
 
 
 def _constant(node):
@@ -209,12 +236,24 @@ def _binary(f: Callable) -> Callable:
 
 OPS: dict[str, Callable] = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _binary(torch.matmul),
     "Add": _binary(torch.add),
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
     "Div": _binary(torch.div),
+    "Pow": _binary(torch.pow),
+    "Max": lambda node, *xs: [functools.reduce(torch.maximum, xs)],
+    "Min": lambda node, *xs: [functools.reduce(torch.minimum, xs)],
+    "Neg": _unary(torch.neg),
+    "Abs": _unary(torch.abs),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Softplus": _unary(F.softplus),
+    "LeakyRelu": lambda node, x: [F.leaky_relu(x, node.attributes.get_float("alpha", 0.01))],
+    "PRelu": _prelu,
     "Relu": _unary(torch.relu),
     "Sigmoid": _unary(torch.sigmoid),
     "Tanh": _unary(torch.tanh),
@@ -230,7 +269,9 @@ OPS: dict[str, Callable] = {
     "AveragePool": _pool,
     "GlobalAveragePool": lambda node, x: [x.mean(list(range(2, x.dim())), keepdim=True)],
     "GlobalMaxPool": lambda node, x: [x.amax(list(range(2, x.dim())), keepdim=True)],
-    "ReduceMean": _reduce_mean,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Transpose": _transpose,
@@ -240,6 +281,7 @@ OPS: dict[str, Callable] = {
     "Constant": _constant,
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
+    **SHAPE_OPS,
 }
 
 
@@ -247,8 +289,6 @@ def run_node(node: ir.Node, inputs: list) -> list:
     """The node's outputs from its inputs (torch tensors, None where omitted)."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
         raise Unsupported(f"no PyTorch form for {node.domain or 'ai.onnx'}::{node.op_type}")
-    if node.op_type == "Softmax" and _opset_below_13(node):
-        raise Unsupported("Softmax before opset 13 (coerced to 2-D)")
     return OPS[node.op_type](node, *inputs)
 
 
