@@ -121,6 +121,9 @@ class ReconstructPass(ShrinkPass):
         found = find_blocks(model, shapes, _shapes(teacher, names, data, workdir))
         found = merge(found, self.span)
         self.details["partition"] = [b.name for b in found]
+        if not found:
+            self.skip("model", "no blocks: no two points where one tensor, shared with the "
+                      "original in its shape, alone carries the computation")  # fmt: skip
         out = []
         for block in found:
             if not self.scales:

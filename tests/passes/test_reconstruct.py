@@ -133,6 +133,31 @@ def test_reconstruct_on_an_unchanged_model_changes_nothing(digits_model, digits_
     assert all("matches the original already" in s.reason for s in rec.skipped)
 
 
+def test_a_model_with_no_blocks_says_why(tmp_path):
+    pytest.importorskip("torch")
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2, 4, 4] x, float[N, 3, 4, 4] z) => (float[N, 3, 4, 4] y) {
+        c = Conv (x, w)
+        y = Add (c, z)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    w = np.ones((3, 2, 1, 1), np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.random((8, 2, 4, 4), np.float32), z=rng.random((8, 3, 4, 4), np.float32))
+    _, rep = onnxshrink.compress(proto, ["reconstruct"], data=str(data), progress=False)
+    rec = rep.passes[0]
+    # two inputs stay live up to the output: no tensor alone carries the computation
+    assert rec.status == "unchanged" and rec.details["partition"] == []
+    assert [s.reason for s in rec.skipped] == [
+        "no blocks: no two points where one tensor, shared with the original in its shape, "
+        "alone carries the computation"
+    ]
+
+
 def test_reconstruct_refuses_random_data(digits_model):
     pytest.importorskip("torch")
     _, rep = onnxshrink.compress(
@@ -194,6 +219,26 @@ def test_a_quantized_block_matches_onnxruntime_and_gives_back_its_codes():
     np.testing.assert_array_equal(codes["w"], model.graph.initializers["w"].const_value.numpy())
     np.testing.assert_array_equal(codes["b"], model.graph.initializers["b"].const_value.numpy())
     assert codes["w"].dtype == np.int8 and codes["b"].dtype == np.int32
+
+
+def test_a_block_is_exact_by_the_scale_of_all_its_outputs_not_the_held_out_few():
+    """ppocr-det's sigmoid map is ~1e-7 on photos without text: float rounding there is large
+    next to the held-out samples' own tiny outputs, but not next to the text pages'."""
+    torch = pytest.importorskip("torch")
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.train import TorchBlock, fit_block
+
+    model = _residual_model()
+    shapes = {"x": (4, 6, 6), "d": (4, 6, 6), "y": (4, 6, 6)}
+    block = find_blocks(model, shapes, shapes)[1]  # d -> y: Conv, Relu
+    module = TorchBlock(block)
+    d = np.random.default_rng(3).standard_normal((12, 4, 6, 6)).astype(np.float32)
+    d[-4:] *= 1e-6  # the held-out samples: outputs near zero
+    with torch.no_grad():
+        y = module(torch.from_numpy(d)).numpy()
+    y[-4:] *= 1 + 1e-3  # a kernel's relative error on tiny values
+    fit = fit_block(module, d, y, 4, iterations=5, lr=1e-3, batch=4, seconds=None)
+    assert fit.stopped == "exact" and fit.steps == 0
 
 
 def test_trained_int8_codes_keep_the_pair_rule_in_the_forward_pass_and_when_written():
