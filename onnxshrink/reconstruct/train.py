@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from onnxshrink.errors import one_line
 from onnxshrink.reconstruct.blocks import Block, constant, is_scale
 from onnxshrink.reconstruct.torch_ops import Unsupported, code_range, per_axis, round_ste, run_node
 
@@ -49,6 +50,7 @@ class TorchBlock(torch.nn.Module):
         self.codes: dict[str, tuple] = {}  # name -> (scale, zero point, lo, hi), broadcast
         self.pairs: dict[str, tuple] = {}  # name -> the int8 weight pairs of the pair rule
         self.tail = _tail(block.output)  # the activation / QDQ that reads the output
+        self.per_sample = False  # set by :meth:`batching`
         # learned activation scales (LSQ) stay positive
         self.positive = {v.name for v in block.params if is_scale(v)}
         start = [self._start(v) for v in block.params]
@@ -82,6 +84,28 @@ class TorchBlock(torch.nn.Module):
         return (q.float() - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_sample:  # the graph fixes the batch at 1: one sample at a time
+            return torch.cat([self._forward(x[i : i + 1]) for i in range(len(x))])
+        return self._forward(x)
+
+    def batching(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Runs the block one sample at a time if its graph fixes the batch at 1 (a Reshape to
+        [1, ...], as exporters write for batch-1 models, folds a batch of 2 into another axis);
+        raises :class:`Unsupported` if neither way gives the original's output shape."""
+        with torch.no_grad():
+            for one in (False, True):
+                self.per_sample = one
+                try:
+                    shape = tuple(self(torch.from_numpy(x[:2])).shape)
+                except RuntimeError as e:  # a Reshape to [1, 4, 36] of two samples' elements
+                    got = one_line(e)
+                    continue
+                if shape == y[:2].shape:
+                    return
+                got = f"comes out {shape[1:]}"
+        raise Unsupported(f"its output {got}, the original's {y.shape[1:]}")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         env = {self.block.input.name: x}
         for node in self.block.nodes:
             args = [None if v is None else self._get(v.name, env) for v in node.inputs]
@@ -215,6 +239,7 @@ def fit_block(
 ) -> Fit:
     """Fits ``module`` to ``y`` from ``x``; the last ``held`` samples are held out."""
     start = time.perf_counter()
+    module.batching(x, y)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # untested here: no GPU in CI
     module.to(device)
     module.consts = {k: v.to(device) for k, v in module.consts.items()}

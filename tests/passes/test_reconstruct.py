@@ -241,6 +241,45 @@ def test_a_block_is_exact_by_the_scale_of_all_its_outputs_not_the_held_out_few()
     assert fit.stopped == "exact" and fit.steps == 0
 
 
+@pytest.mark.parametrize("shape", [[1, -1, 36], [1, 4, 36]])
+def test_a_block_whose_graph_fixes_the_batch_runs_one_sample_at_a_time(shape):
+    """ddddocr-det's head reshapes to a fixed batch of 1: a batch of 10 came out with axis 2
+    ten times longer (35490 against 3549) and the pass raised. Such a block is fitted one
+    sample at a time."""
+    pytest.importorskip("torch")
+    from onnxshrink.reconstruct import Unsupported
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.train import TorchBlock, fit_block
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 6, 6] x) => (float[1, 36, 4] y) {
+        c = Conv (x, w)
+        r = Reshape (c, shape)
+        y = Transpose <perm = [0, 2, 1]> (r)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(w, "w"),
+            onnx.numpy_helper.from_array(np.array(shape), "shape"),
+        ]
+    )
+    model = ir.from_proto(proto)
+    shapes = {"x": (4, 6, 6), "y": (36, 4)}
+    module = TorchBlock(find_blocks(model, shapes, shapes)[0])
+    x = rng.standard_normal((12, 4, 6, 6)).astype(np.float32)
+    y = np.concatenate([ort_run(proto, {"x": s[None]})[0] for s in x])  # as the sweeps give it
+    y *= 1.1  # something to fit
+    fit = fit_block(module, x, y, 4, iterations=30, lr=1e-2, batch=4, seconds=None)
+    assert module.per_sample and fit.steps > 0 and fit.after < fit.before
+    with pytest.raises(Unsupported, match=r"comes out \(36, 4\), the original's \(4, 36\)"):
+        module.batching(x, y.transpose(0, 2, 1))
+
+
 def test_trained_int8_codes_keep_the_pair_rule_in_the_forward_pass_and_when_written():
     """Weights trained past the pair rule (every code at 127): the Conv sees the codes
     ``make_safe`` gives, the same ones are written back, and every pair's |a + b| <= 128."""
