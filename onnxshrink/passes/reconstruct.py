@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.errors import OptionError
+from onnxshrink.errors import OptionError, one_line
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
 
@@ -176,8 +176,10 @@ class ReconstructPass(ShrinkPass):
                         module, x, y, held, iterations=self.iterations, lr=self.lr,
                         batch=self.batch, seconds=budget, progress=advance,
                     )  # fmt: skip
-                except Unsupported as e:
-                    self.skip(block.name, f"not reconstructed: {e}")
+                except Exception as e:  # one block never fails the pass
+                    why = e if isinstance(e, Unsupported) else f"{type(e).__name__}: {one_line(e)}"
+                    logger.debug("block %s not reconstructed", block.name, exc_info=True)
+                    self.skip(block.name, f"not reconstructed: {why}")
                     total(self.iterations)
                     continue
                 finally:

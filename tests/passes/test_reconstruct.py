@@ -158,6 +158,26 @@ def test_a_model_with_no_blocks_says_why(tmp_path):
     ]
 
 
+def test_a_block_that_raises_is_skipped_with_the_reason_not_the_pass(
+    digits_model, digits_calib, monkeypatch
+):
+    pytest.importorskip("torch")
+    from onnxshrink.reconstruct import train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("shape '[1, 4, 36]' is invalid\nfor input of size 288")
+
+    monkeypatch.setattr(train, "fit_block", boom)
+    original = onnx.load(str(digits_model))
+    _, rep = onnxshrink.compress(original, ["reconstruct"], data=str(digits_calib), progress=False)
+    rec = rep.passes[-1]
+    assert rec.status == "unchanged" and rec.traceback is None
+    assert len(rec.skipped) == len(rec.details["partition"]) > 1
+    assert {s.reason for s in rec.skipped} == {
+        "not reconstructed: RuntimeError: shape '[1, 4, 36]' is invalid for input of size 288"
+    }
+
+
 def test_reconstruct_refuses_random_data(digits_model):
     pytest.importorskip("torch")
     _, rep = onnxshrink.compress(
