@@ -236,6 +236,19 @@ def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("zero_point", [np.uint8(128), np.int8(3)])
+def test_quantize_linear_saturates_infinities_as_onnxruntime_does(zero_point):
+    """A LayerNorm's Reciprocal of a variance rounded to 0 feeds inf to the QuantizeLinear
+    after it (magika's, quantized): onnxruntime saturates it, inf − inf would be NaN."""
+    out = TensorProto.UINT8 if zero_point.dtype == np.uint8 else TensorProto.INT8
+    x = np.array([[np.inf, -np.inf, 0.5, 2.5, -1e30, 1e30]], np.float32)
+    model, _ = _model("QuantizeLinear", [x.shape], {1: np.float32(0.5), 2: zero_point}, 17, {}, out)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"in0": x})[0]
+    node = next(iter(ir.from_proto(model).graph))
+    args = [torch.from_numpy(x), torch.tensor(0.5), torch.from_numpy(np.array(zero_point))]
+    np.testing.assert_array_equal(run_node(node, args)[0].numpy(), want.astype(np.float32))
+
+
 def test_every_op_in_the_table_is_tested():
     tested = {c.values[0] for c in CASES} | {"Constant"}  # Constant: test below
     assert set(OPS) == tested

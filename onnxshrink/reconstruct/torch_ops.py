@@ -213,9 +213,10 @@ def _quantize(node, x, scale, zero_point=None):
     if node.attributes.get_int("block_size", 0):
         raise Unsupported("blocked QuantizeLinear")
     lo, hi = code_range(zero_point)
-    zp = 0.0 if zero_point is None else per_axis(node, zero_point, x).float()
-    q = torch.clamp(round_ste(x / per_axis(node, scale, x)) + zp, lo, hi)
-    return [q]  # the integer codes, as floats: DequantizeLinear reads them back
+    zp = torch.zeros(()) if zero_point is None else per_axis(node, zero_point, x).float()
+    # saturated before rounding too: ±inf (a Reciprocal of 0) gives a bound, not inf − inf = NaN
+    steps = torch.clamp(x / per_axis(node, scale, x), lo - zp, hi - zp)
+    return [torch.clamp(round_ste(steps) + zp, lo, hi)]  # the codes, as floats, for the DQ
 
 
 def _dequantize(node, q, scale, zero_point=None):
