@@ -51,6 +51,10 @@ class TorchBlock(torch.nn.Module):
         self.pairs: dict[str, tuple] = {}  # name -> the int8 weight pairs of the pair rule
         self.tail = _tail(block.output)  # the activation / QDQ that reads the output
         self.per_sample = False  # set by :meth:`batching`
+        # an op that can make inf (Reciprocal of a variance rounded to 0): where it is
+        # saturated, the gradient is 0 · inf = NaN, made 0 where it arises, or it spreads
+        # to whole weights (a hook per tensor; blocks without such ops do without)
+        self.guard = any(n.op_type in _INF for n in block.nodes)
         # learned activation scales (LSQ) stay positive
         self.positive = {v.name for v in block.params if is_scale(v)}
         start = [self._start(v) for v in block.params]
@@ -110,6 +114,8 @@ class TorchBlock(torch.nn.Module):
         for node in self.block.nodes:
             args = [None if v is None else self._get(v.name, env) for v in node.inputs]
             for v, out in zip(node.outputs, run_node(node, args)):
+                if self.guard and out.requires_grad:
+                    out.register_hook(_finite)
                 env[v.name] = out
         return self.see(env[self.block.output.name])
 
@@ -158,6 +164,13 @@ class TorchBlock(torch.nn.Module):
                     got.astype(v.const_value.numpy().dtype) if v.name in self.codes else got.copy()
                 )
         return out
+
+
+_INF = ("Reciprocal", "Div", "Sqrt", "Log", "Pow", "Exp")
+
+
+def _finite(grad: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(grad, 0.0, 0.0, 0.0)
 
 
 _TAIL = ("Relu", "Clip", "QuantizeLinear", "DequantizeLinear")

@@ -300,6 +300,44 @@ def test_a_block_whose_graph_fixes_the_batch_runs_one_sample_at_a_time(shape):
         module.batching(x, y.transpose(0, 2, 1))
 
 
+def test_gradients_that_are_not_finite_do_not_stop_the_fit():
+    """A Reciprocal of 0 is inf; clipped, the output is finite, but the gradient of the Mul's
+    other input is 0 · inf = NaN. One such entry made every weight NaN after the first step
+    (magika's LayerNorm, quantized: 338 s fitting NaN). The teacher's weights are 1.2×."""
+    pytest.importorskip("torch")
+    from onnxshrink.reconstruct.blocks import find_blocks
+    from onnxshrink.reconstruct.train import TorchBlock, fit_block
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 6] x) => (float[N, 4, 6, 6] y) {
+        c = Conv (x, w)
+        r = Relu (c)
+        i = Reciprocal (r)
+        s = Sigmoid (c)
+        m = Mul (i, s)
+        y = Clip (m, lo, hi)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    proto.graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.asarray(v, np.float32), k)
+        for k, v in (("w", w), ("lo", 0.0), ("hi", 2.0))
+    )
+    shapes = {"x": (4, 6, 6), "y": (4, 6, 6)}
+    module = TorchBlock(find_blocks(ir.from_proto(proto), shapes, shapes)[0])
+    x = rng.standard_normal((12, 4, 6, 6)).astype(np.float32)
+    teacher = onnx.ModelProto()
+    teacher.CopyFrom(proto)
+    teacher.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(1.2 * w, "w"))
+    y = ort_run(teacher, {"x": x})[0]  # half of them 2: inf clipped
+    fit = fit_block(module, x, y, 4, iterations=100, lr=1e-2, batch=4, seconds=None)
+    assert fit.after < 0.01 * fit.before
+    np.testing.assert_allclose(fit.weights["w"], 1.2 * w, rtol=1e-2)
+
+
 def test_trained_int8_codes_keep_the_pair_rule_in_the_forward_pass_and_when_written():
     """Weights trained past the pair rule (every code at 127): the Conv sees the codes
     ``make_safe`` gives, the same ones are written back, and every pair's |a + b| <= 128."""
