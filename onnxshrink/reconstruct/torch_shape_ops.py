@@ -2,12 +2,12 @@
 
 :mod:`onnxshrink.reconstruct.torch_ops` computes the layers and their arithmetic; this module
 moves, cuts and resizes tensors -- Split (C2f blocks of YOLO detectors), Slice with positive
-steps, Squeeze / Unsqueeze, Resize (nearest with the exporters' asymmetric / floor form, linear
-and cubic-free forms PyTorch's ``interpolate`` computes exactly), Pad, Expand -- and evaluates the
-integer shape arithmetic exporters write in front of a Reshape (Shape, Gather, Cast,
-ConstantOfShape, Range, Equal, Where), as onnxruntime does, on each batch. Anything else
-raises :class:`~onnxshrink.reconstruct.Unsupported` with the form it met;
-tests/test_torch_ops.py checks each entry against onnxruntime to 1e-5.
+steps, Squeeze / Unsqueeze, Resize over the spatial axes (nearest in the asymmetric / floor
+form exporters write, or half-pixel / round up; linear with half-pixel or aligned corners),
+Pad, Expand -- and evaluates the integer shape arithmetic exporters write in front of a
+Reshape (Shape, Gather, Cast, ConstantOfShape, Range, Equal, Where) on each batch, as
+onnxruntime does. Any other form raises :class:`~onnxshrink.reconstruct.Unsupported` saying
+which; tests/test_torch_ops.py checks each entry against onnxruntime to 1e-5.
 """
 
 from __future__ import annotations
