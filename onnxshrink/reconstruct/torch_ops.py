@@ -25,32 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from onnxshrink.reconstruct import Unsupported
-from onnxshrink.reconstruct.torch_shape_ops import SHAPE_OPS
+from onnxshrink.reconstruct.torch_shape_ops import SHAPE_OPS, ints, pad
 
 __all__ = ["OPS", "Unsupported", "code_range", "per_axis", "round_ste", "run_node"]
-
-
-def _ints(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else list(attr.as_ints())
 
 
 def _spatial(node: ir.Node, nd: int):
     if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise Unsupported(f"{node.op_type} with auto_pad")
-    pads = _ints(node, "pads", [0] * 2 * nd)
-    strides = _ints(node, "strides", [1] * nd)
-    dilations = _ints(node, "dilations", [1] * nd)
+    pads = ints(node, "pads", [0] * 2 * nd)
+    strides = ints(node, "strides", [1] * nd)
+    dilations = ints(node, "dilations", [1] * nd)
     return pads, strides, dilations
-
-
-def _pad(x, pads: list[int], value: float = 0.0):
-    """ONNX pads [b1, b2, .., e1, e2, ..] in front: ``F.pad`` takes the last axis first."""
-    nd = len(pads) // 2
-    if not any(pads):
-        return x
-    flat = [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
-    return F.pad(x, flat, value=value)
 
 
 def _conv(node, x, w, b=None):
@@ -60,7 +46,7 @@ def _conv(node, x, w, b=None):
     pads, strides, dilations = _spatial(node, nd)
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     group = node.attributes.get_int("group", 1)
-    return [conv(_pad(x, pads), w, b, strides, 0, dilations, group)]
+    return [conv(pad(x, pads), w, b, strides, 0, dilations, group)]
 
 
 def _conv_transpose(node, x, w, b=None):
@@ -69,7 +55,7 @@ def _conv_transpose(node, x, w, b=None):
     if nd not in (1, 2, 3) or node.attributes.get("output_shape") is not None:
         raise Unsupported(f"ConvTranspose over {nd} axes or with output_shape")
     pads, strides, dilations = _spatial(node, nd)
-    extra = _ints(node, "output_padding", [0] * nd)
+    extra = ints(node, "output_padding", [0] * nd)
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
     y = conv(x, w, b, strides, 0, extra, node.attributes.get_int("group", 1), dilations)
     crop = [slice(pads[i], y.shape[2 + i] - pads[i + nd]) for i in range(nd)]
@@ -95,7 +81,7 @@ def _clip(node, x, lo=None, hi=None):
 
 def _pool(node, x):
     nd = x.dim() - 2
-    kernel = _ints(node, "kernel_shape")
+    kernel = ints(node, "kernel_shape")
     pads, strides, dilations = _spatial(node, nd)
     if node.attributes.get_int("ceil_mode", 0):
         raise Unsupported(f"{node.op_type} with ceil_mode")
@@ -103,14 +89,14 @@ def _pool(node, x):
         if len(node.outputs) > 1 and node.outputs[1].name:
             raise Unsupported("MaxPool with indices")
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
-        return [pool(_pad(x, pads, float("-inf")), kernel, strides, 0, dilations)]
+        return [pool(pad(x, pads, float("-inf")), kernel, strides, 0, dilations)]
     if any(d != 1 for d in dilations):
         raise Unsupported("AveragePool with dilations")
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     if not node.attributes.get_int("count_include_pad", 0) and any(pads):
-        ones = _pad(torch.ones_like(x[:1, :1]), pads)
-        return [pool(_pad(x, pads), kernel, strides) / pool(ones, kernel, strides)]
-    return [pool(_pad(x, pads), kernel, strides)]
+        ones = pad(torch.ones_like(x[:1, :1]), pads)
+        return [pool(pad(x, pads), kernel, strides) / pool(ones, kernel, strides)]
+    return [pool(pad(x, pads), kernel, strides)]
 
 
 def _flatten(node, x):
@@ -162,13 +148,13 @@ def _concat(node, *xs):
 
 
 def _transpose(node, x):
-    perm = _ints(node, "perm", list(reversed(range(x.dim()))))
+    perm = ints(node, "perm", list(reversed(range(x.dim()))))
     return [x.permute(perm)]
 
 
 def _reduce(f: Callable) -> Callable:
     def reduce(node, x, axes=None):
-        axes = _ints(node, "axes") if axes is None else np.asarray(axes).ravel().tolist()
+        axes = ints(node, "axes") if axes is None else np.asarray(axes).ravel().tolist()
         if not axes and node.attributes.get_int("noop_with_empty_axes", 0):
             return [x]
         dims = list(range(x.dim())) if not axes else [int(a) % x.dim() for a in axes]

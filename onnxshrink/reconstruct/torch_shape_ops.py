@@ -20,24 +20,35 @@ import torch.nn.functional as F
 
 from onnxshrink.reconstruct import Unsupported
 
-__all__ = ["SHAPE_OPS"]
+__all__ = ["SHAPE_OPS", "ints", "pad"]
 
 
-def _ints(node: ir.Node, name: str, default=None):
+def ints(node: ir.Node, name: str, default=None):
+    """A list-of-ints attribute, or ``default`` when the node has none."""
     attr = node.attributes.get(name)
     return default if attr is None else list(attr.as_ints())
 
 
+def pad(x, pads: list[int], value: float = 0.0, mode: str = "constant"):
+    """ONNX pads [b1, b2, .., e1, e2, ..] (for the last len(pads) / 2 axes): ``F.pad`` takes
+    the last axis first."""
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    flat = [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
+    return F.pad(x, flat, mode=mode, value=value if mode == "constant" else None)
+
+
 def _axes(node: ir.Node, given, rank: int) -> list[int] | None:
     """Axes from the input (opset 13+) or the attribute, made non-negative against ``rank``."""
-    axes = _ints(node, "axes") if given is None else [int(a) for a in given.reshape(-1).tolist()]
+    axes = ints(node, "axes") if given is None else [int(a) for a in given.reshape(-1).tolist()]
     return None if axes is None else [a % rank for a in axes]
 
 
 def _split(node, x, split=None):
     axis = node.attributes.get_int("axis", 0) % x.dim()
     n = len(node.outputs)
-    sizes = _ints(node, "split") if split is None else [int(s) for s in split.tolist()]
+    sizes = ints(node, "split") if split is None else [int(s) for s in split.tolist()]
     if sizes is None:  # equal parts; since opset 18 the last may be smaller
         sizes = -(-x.shape[axis] // n)
     return list(torch.split(x, sizes, axis))
@@ -104,18 +115,18 @@ def _resize(node, x, roi=None, scales=None, sizes=None):
     return [F.interpolate(x, mode=kind, align_corners=_LINEAR[coord], **how)]
 
 
-def _pad(node, x, pads=None, value=None, axes=None):
+def _pad_op(node, x, pads=None, value=None, axes=None):
     if axes is not None:
         raise Unsupported("Pad with axes")
-    pads = _ints(node, "pads") if pads is None else [int(p) for p in pads.tolist()]
+    pads = ints(node, "pads") if pads is None else [int(p) for p in pads.tolist()]
     mode = node.attributes.get_string("mode", "constant")
     nd = len(pads) // 2
-    flat = [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
     if mode == "constant":
         fill = node.attributes.get_float("value", 0.0) if value is None else float(value)
-        return [F.pad(x, flat, value=fill)]
+        return [pad(x, pads, fill)]
     if mode in ("reflect", "edge") and not any(pads[:2] + pads[nd : nd + 2]):
-        return [F.pad(x, flat[: 2 * (nd - 2)], mode={"edge": "replicate"}.get(mode, mode))]
+        spatial = pads[2:nd] + pads[nd + 2 :]  # F.pad reflects / replicates only those
+        return [pad(x, spatial, mode={"edge": "replicate"}.get(mode, mode))]
     raise Unsupported(f"Pad {mode} over the batch or channel axis")
 
 
@@ -166,7 +177,7 @@ SHAPE_OPS = {
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
     "Resize": _resize,
-    "Pad": _pad,
+    "Pad": _pad_op,
     "Shape": _shape,
     "Gather": _gather,
     "Cast": _cast,
