@@ -7,7 +7,8 @@ inputs and output share one range; a Relu / Clip(min >= 0) that is the only read
 Gemm, MatMul or Add output is *fused* (its range used for the op's output, the node removed at
 rewrite); a Gemm / MatMul that feeds no quantized op keeps a float output; a Concat whose inputs'
 ranges differ more than MIXED_RANGES times (a detector's boxes in pixels next to its class
-scores) stays float, its inputs each on their own scale. Weights are int8,
+scores) stays float, its inputs each on their own scale; an Add / Mul computing a normaliser's
+denominator stays float (:mod:`onnxshrink.analysis.denominators`). Weights are int8,
 symmetric, per output channel (:func:`weight_axis`; MatMul per tensor), scale max|w| / 127 or
 the MSE-best clipping (:func:`quantize_weight`).
 
@@ -25,6 +26,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink.analysis.denominators import denominator_ops
 from onnxshrink.irtools import const_array, weight_users_outside
 
 __all__ = [
@@ -218,6 +220,7 @@ def plan_quantization(
     if linear:
         return _linear_plan(model, exclude, exclude_types, dtypes or {})
     refused = []
+    denominators = denominator_ops(model)
     nodes, tensors, share, concat, fused = [], {}, {}, [], []
     inputs: dict[str, tuple[str, str]] = {}
     quantized: set[str] = set()
@@ -233,7 +236,7 @@ def plan_quantization(
             if reason := _weight_refusal(node):
                 refused.append((node, reason))
                 continue
-        if reason := _not_float(node, dtypes or {}):
+        if reason := _not_float(node, dtypes or {}) or denominators.get(id(node)):
             refused.append((node, reason))
             continue
         data_in = [alias.get(v.name, v.name) for v in _data_inputs(node)]

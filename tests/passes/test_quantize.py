@@ -998,3 +998,42 @@ def test_a_concat_of_boxes_and_scores_stays_float():
     ref, got = ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]
     score_err = np.abs(got[:, 4:] - ref[:, 4:]).max()
     assert score_err < 0.02, score_err  # a shared 0-320 scale: errors up to 0.6
+
+
+def test_a_normalisers_variance_stays_float():
+    """A LayerNorm decomposed as exporters write it (magika: E[x²] − E[x]², Max 0, + ε, Sqrt,
+    Reciprocal) over channels that nearly agree: the variance is tiny beside the squares it is
+    the difference of. On int8 grids it cancels to 0 and 1/√ε blows the output up; the
+    statistic's Adds and Muls stay float, with the reason, and the normalised output holds."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 8, 8] x, float[8, 3, 1, 1] W1, float[4, 8, 1, 1] W2, float zero, float eps)
+      => (float[N, 4, 8, 8] y) {
+        h = Conv (x, W1)
+        mean = ReduceMean <axes = [1]> (h)
+        sq = Mul (h, h)
+        m2 = ReduceMean <axes = [1]> (sq)
+        msq = Mul (mean, mean)
+        d = Sub (m2, msq)
+        var = Max (d, zero)
+        ve = Add (var, eps)
+        sd = Sqrt (ve)
+        inv = Reciprocal (sd)
+        c = Sub (h, mean)
+        n = Mul (c, inv)
+        y = Conv (n, W2)
+    }"""
+    rng = np.random.default_rng(11)
+    w1 = (np.ones((8, 3, 1, 1)) + 0.2 * rng.standard_normal((8, 3, 1, 1))).astype(np.float32)
+    inits = {"W1": w1, "W2": rand(rng, 4, 8, 1, 1), "zero": np.float32(0), "eps": np.float32(1e-6)}
+    model = make_model(text, inits)
+    data = _data(model)
+    p = QuantizePass(stem="int8")
+    out, modified = _run(p, model, data)
+    assert modified and op_count(out, "QuantizeLinear") > 0
+    reasons = {s.node: s.reason for s in p.skipped if "denominator" in s.reason}
+    names = {n.output[0]: n.name for n in out.graph.node}
+    assert {names[v] for v in ("msq", "ve")} <= set(reasons), reasons
+    assert names["sq"] in reasons and names["n"] not in reasons  # the normalised output: int8
+    x = data.arrays["x"][:16]
+    ref, got = ort_run(model, {"x": x})[0], ort_run(out, {"x": x}, optimize=True)[0]
+    assert _cosine(ref, got) > 0.99, _cosine(ref, got)  # 0.868 with the statistic in int8
