@@ -4,14 +4,15 @@ A decomposed LayerNorm / RMSNorm divides by √(var + ε). Its variance spans a 
 (magika: [0, 0.023]), and on a uint8 grid over [0, max] the small variances round to 0: then
 1/√(0 + ε) is huge, or with ε folded away, Reciprocal(0) = inf. Computed as E[x²] − E[x]²
 from quantized terms, it cancels to 0 as well. So every Add and Mul of the statistic's own
-arithmetic stays float: walking back from the inputs of
+arithmetic stays float: walking back from the inputs of the ops singular at 0,
 
-    Sqrt · Reciprocal · Log · Div (as the divisor) · Pow (the base of x^0.5, x^-0.5)
+    Reciprocal · Div (its divisor) · Log · Pow (a negative exponent)
 
-through Add, Sub, Mul, Max, Min, Abs and the ops that only move data (Reshape, Expand,
-Squeeze, Unsqueeze, Flatten, Transpose, Identity, Cast), marking the Adds and Muls. A
+through Add, Sub, Mul, Max, Min, Abs, Sqrt, Pow and the ops that only move data (Reshape,
+Expand, Squeeze, Unsqueeze, Flatten, Transpose, Identity, Cast), marking the Adds and Muls. A
 ReduceMean / ReduceSum ends the walk, its input's square x · x (E[x²]) marked too; so does any
-other producer (a Conv, the residual stream).
+other producer (a Conv, the residual stream). A Sqrt alone is continuous at 0 and is not a
+reason (a spectrogram's magnitude √(re² + im²) is quantized as before).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from onnxshrink.irtools import const_array
 __all__ = ["denominator_ops"]
 
 _WALK = {"Add", "Sub", "Mul", "Max", "Min", "Abs", "Reshape", "Expand", "Squeeze", "Unsqueeze"}
-_WALK |= {"Flatten", "Transpose", "Identity", "Cast"}
+_WALK |= {"Flatten", "Transpose", "Identity", "Cast", "Sqrt", "Pow"}
 _REDUCE = {"ReduceMean", "ReduceSum"}
-_READERS = {"Sqrt": 0, "Reciprocal": 0, "Log": 0, "Div": 1, "Pow": 0}
+_READERS = {"Reciprocal": 0, "Div": 1, "Log": 0, "Pow": 0}  # singular at 0
 
 
 def denominator_ops(model: ir.Model) -> dict[int, str]:
@@ -35,8 +36,8 @@ def denominator_ops(model: ir.Model) -> dict[int, str]:
         slot = _READERS.get(node.op_type)
         if slot is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= slot:
             continue
-        if node.op_type == "Pow" and not _root(node):
-            continue  # x², x³: no division
+        if node.op_type == "Pow" and not _negative(node):
+            continue  # x², √x: no division
         todo, seen = [node.inputs[slot]], set()
         while todo and len(seen) < 32:  # the statistic's arithmetic, not the network: bounded
             value = todo.pop()
@@ -53,10 +54,10 @@ def denominator_ops(model: ir.Model) -> dict[int, str]:
     return out
 
 
-def _root(pow_: ir.Node) -> bool:
-    """A Pow whose exponent is a constant below 1: a root (x^0.5) or a division (x^-0.5)."""
+def _negative(pow_: ir.Node) -> bool:
+    """A Pow whose exponent is a negative constant: a division (x^-0.5)."""
     e = const_array(pow_.inputs[1]) if len(pow_.inputs) > 1 else None
-    return e is not None and e.size == 1 and float(e.reshape(-1)[0]) < 1
+    return e is not None and e.size == 1 and float(e.reshape(-1)[0]) < 0
 
 
 def _square(value: ir.Value | None) -> ir.Node | None:
