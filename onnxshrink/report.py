@@ -240,6 +240,8 @@ class Report:
                 "[yellow]the target cannot be met within the fidelity budget; the result is the "
                 "most compression that kept it[/]"
             )
+            if t.get("coarse"):
+                console.print(f"[yellow]{literal(t['coarse'])}[/]")
         if verbose:
             for c in t.get("choices", []):
                 console.print(

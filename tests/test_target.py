@@ -436,3 +436,30 @@ def test_candidates_are_judged_on_samples_they_were_not_fitted_on():
     assert fit == list(range(20)) and judged == list(range(20, 40))
     fit, judged = split(6)  # too few to split: judged in-sample
     assert fit == judged == list(range(6))
+
+
+@pytest.mark.parametrize(("samples", "max_drop", "said"), [(40, 0.02, True), (40, 0.025, False)])
+def test_a_budget_finer_than_one_held_out_decision_is_named(samples, max_drop, said):
+    """40 held-out crops measure top-1 agreement in steps of 2.5%: ``--max-drop 0.02`` then
+    allows no changed decision, and a target not met says so, with the way out."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from onnxshrink.report import Report
+    from onnxshrink.target.loop import _coarse
+    from onnxshrink.validate import Fidelity
+
+    f = Fidelity(0.999, 0.99, 0.1, 0.01, top1_agreement=0.975, samples=samples)
+    coarse = _coarse(SimpleNamespace(fidelity=f), max_drop)
+    assert (coarse is not None) is said
+    if not said:
+        return
+    assert "40 held-out samples, in steps of 2.5%" in coarse and "--max-drop 0.025" in coarse
+    f.metric = 0.9  # a task metric: its steps are the metric's own, not named
+    assert _coarse(SimpleNamespace(fidelity=f), max_drop) is None
+    target = {"target": "speedup=1.5", "met": False, "reached": {}, "drop": 0.025}
+    report = Report("m.onnx", "d.npz", target={**target, "max_drop": max_drop, "coarse": coarse})
+    console = Console(record=True, width=200)
+    report.render(console)
+    assert "allows no changed decision" in console.export_text()
