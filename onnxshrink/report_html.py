@@ -239,6 +239,8 @@ def render(report: Report, figs: dict[str, bytes], layer_rows) -> str:
             f"<h2>Target {html.escape(t['target'])}: {'met' if t.get('met') else 'not met'}</h2>"
             f"<p>reached {html.escape(r)}; drop {t['drop']:.2%} (budget {t['max_drop']:.2%})</p>"
         )
+        if not t.get("met") and t.get("coarse"):
+            parts.append(f"<p>{html.escape(t['coarse'])}</p>")
         parts.append(
             _table(
                 ["layer", "method", "level", "drop (alone)"],

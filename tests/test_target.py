@@ -447,6 +447,7 @@ def test_a_budget_finer_than_one_held_out_decision_is_named(samples, max_drop, s
     from rich.console import Console
 
     from onnxshrink.report import Report
+    from onnxshrink.report_html import render
     from onnxshrink.target.loop import _coarse
     from onnxshrink.validate import Fidelity
 
@@ -463,3 +464,4 @@ def test_a_budget_finer_than_one_held_out_decision_is_named(samples, max_drop, s
     console = Console(record=True, width=200)
     report.render(console)
     assert "allows no changed decision" in console.export_text()
+    assert "allows no changed decision" in render(report, {}, [])  # the HTML report too
