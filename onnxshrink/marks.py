@@ -4,6 +4,11 @@
   the original output channels it still has, composed over repeated pruning, so ``distill`` can
   fit it to the original layer's kept channels. Meaningful only against this run's original
   model: :func:`strip` removes it from the result.
+* ``onnxshrink.channel_scale`` (balance, equalize, smoothing -> distill, reconstruct): on a node
+  whose output channels were rescaled by a rewrite exact in float (its readers divide them
+  back), the factors s_c: its output is s_c times the original's in channel c (axis 1 of a Conv,
+  the last axis otherwise), composed over rescalings and pruning. A fit against the original
+  must compare s_c·y, or it undoes the rescaling its readers still assume. Run-only too.
 * ``onnxshrink.lowrank`` (lowrank -> lowrank): on each plain low-rank factor, so it is never
   factorised again, in this run or a later one: it stays in the file.
 """
@@ -13,11 +18,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["KEPT_CHANNELS", "LOWRANK_FACTOR", "is_factor", "keep_channels", "kept_channels"]
+__all__ = [
+    "CHANNEL_SCALE",
+    "KEPT_CHANNELS",
+    "LOWRANK_FACTOR",
+    "channel_scale",
+    "is_factor",
+    "keep_channels",
+    "kept_channels",
+    "scale_channels",
+]
 
 KEPT_CHANNELS = "onnxshrink.kept_channels"
 LOWRANK_FACTOR = "onnxshrink.lowrank"
-_RUN_ONLY = (KEPT_CHANNELS,)
+CHANNEL_SCALE = "onnxshrink.channel_scale"
+_RUN_ONLY = (KEPT_CHANNELS, CHANNEL_SCALE)
 
 
 def kept_channels(node: ir.Node) -> np.ndarray | None:
@@ -29,9 +44,29 @@ def kept_channels(node: ir.Node) -> np.ndarray | None:
 def keep_channels(node: ir.Node, kept: np.ndarray) -> None:
     """Records that ``node`` keeps output channels ``kept`` of its current ones (composed with
     what an earlier pruning kept)."""
+    if (scale := channel_scale(node)) is not None:
+        node.metadata_props[CHANNEL_SCALE] = _floats(scale[kept])
     if (prior := kept_channels(node)) is not None:
         kept = prior[kept]
     node.metadata_props[KEPT_CHANNELS] = ",".join(map(str, np.asarray(kept).tolist()))
+
+
+def channel_scale(node: ir.Node) -> np.ndarray | None:
+    """s_c: ``node``'s output channel c is s_c times the original's; None if never rescaled."""
+    scale = node.metadata_props.get(CHANNEL_SCALE)
+    return None if not scale else np.array([float(x) for x in scale.split(",")])
+
+
+def scale_channels(node: ir.Node, s: np.ndarray) -> None:
+    """Records that ``node``'s output channel c was multiplied by ``s[c]`` (composed with what
+    an earlier rescaling recorded)."""
+    if (prior := channel_scale(node)) is not None:
+        s = prior * s
+    node.metadata_props[CHANNEL_SCALE] = _floats(s)
+
+
+def _floats(values: np.ndarray) -> str:
+    return ",".join(f"{float(x):.9g}" for x in np.ravel(values))
 
 
 def mark_factor(node: ir.Node) -> None:

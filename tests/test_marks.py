@@ -18,6 +18,17 @@ def test_kept_channels_compose_over_repeated_pruning():
     assert marks.kept_channels(node).tolist() == [2, 5]
 
 
+def test_channel_scales_compose_and_follow_pruning():
+    node = ir.node("Conv", [])
+    assert marks.channel_scale(node) is None
+    marks.scale_channels(node, np.array([1.0, 2.0, 4.0, 0.5]))
+    marks.scale_channels(node, np.array([3.0, 1.0, 0.25, 2.0]))  # a second rescaling
+    assert marks.channel_scale(node).tolist() == [3.0, 2.0, 1.0, 1.0]
+    marks.keep_channels(node, np.array([1, 3]))  # pruned afterwards: the kept channels' factors
+    assert marks.channel_scale(node).tolist() == [2.0, 1.0]
+    assert marks.kept_channels(node).tolist() == [1, 3]
+
+
 def test_run_only_marks_do_not_reach_the_file_lasting_ones_do(tmp_path, digits_model, digits_calib):
     out = tmp_path / "p.onnx"
     _, report = onnxshrink.compress(

@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.analysis.smoothing import readers_error
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 
@@ -160,6 +161,7 @@ def apply_balance(graph: ir.Graph, pair: BalancePair, m: np.ndarray, alpha: floa
         else:  # depthwise: filters per input channel, one after the other
             scaled = wu / np.repeat(s, wu.shape[0] // len(s)).reshape(shape)
         set_const_input(graph, u, 1, scaled.astype(w_u.dtype), "balanced")
+    marks.scale_channels(pair.producer, s)
     return s
 
 

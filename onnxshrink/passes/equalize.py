@@ -29,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.irtools import const_array, set_const_input, weight_users_outside
 from onnxshrink.passes import options
 from onnxshrink.passes.base import ShrinkPass
@@ -169,5 +170,6 @@ class EqualizePass(ShrinkPass):
         if len(first.inputs) > 2 and first.inputs[2] is not None:
             b1 = const_array(first.inputs[2]).astype(np.float64)
             set_const_input(graph, first, 2, (b1 / s).astype(dtype), "equalized.bias")
+        marks.scale_channels(first, 1 / s)
         w2s = w2 * (s[:, None, None, None] if dw2 else s[None, :, None, None])
         set_const_input(graph, second, 1, w2s.astype(dtype), "equalized.weight")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.analysis.qplan import quantize_weight
 from onnxshrink.analysis.saturation import make_safe, pairs
 from onnxshrink.analysis.smoothing import choose_alpha, collect
@@ -62,6 +63,7 @@ def _apply(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], s: np.ndarray) 
             if i < len(norm.inputs) and norm.inputs[i] is not None:
                 v = const_array(norm.inputs[i])
                 set_const_input(graph, norm, i, (v / s).astype(v.dtype), "smoothed")
+        marks.scale_channels(norm, 1 / s)
         return "folded into its LayerNormalization"
     inv = ir.val(
         unique_name(graph, f"{x.name}.smooth"), const_value=ir.tensor((1 / s).astype(np.float32))

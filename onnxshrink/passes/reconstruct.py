@@ -155,9 +155,7 @@ class ReconstructPass(ShrinkPass):
         try:
             for k, ((block, module), (_, x)) in enumerate(zip(blocks, student)):
                 _, y = next(target)
-                x, y = np.concatenate(x), np.concatenate(y)
-                if block.channels is not None:  # a pruned tensor: the channels it kept
-                    y = np.ascontiguousarray(y[:, block.channels])
+                x, y = np.concatenate(x), block.as_student(np.concatenate(y))
                 y = module.seen(y)  # the original's output as the compressed model sees it
                 budget = None
                 if self.time_budget is not None:

@@ -3,13 +3,14 @@
 A *cut* is a point in the compressed (student) model's node order where exactly one computed
 tensor is live -- everything downstream depends on the inputs only through it -- and the
 original (teacher) model has a tensor of that name and shape -- or, for a pruned tensor, the
-channels ``prune`` recorded it kept (:func:`kept_of`). Between two consecutive cuts
-lies a block with one input and one output: in a residual network the cuts fall at the
-residual Adds (inside a block the skip tensor stays live), in a chain after every layer whose
-output kept its shape. Constants (initializers, Constant nodes, and what :func:`constant`
-sees through) never count as live. A block's *parameters* are the initializers only it reads:
-float weights (input 1) and biases (input 2) of Conv/ConvTranspose/Gemm/MatMul, and the integer
-codes a DequantizeLinear reads (quantized weights and biases).
+channels ``prune`` recorded it kept (:func:`kept_of`); a tensor rescaled per channel (balanced
+by ``quantize``, equalized) is compared as s_c times the original's (:func:`scale_of`).
+Between two consecutive cuts lies a block with one input and one output: in a residual network
+the cuts fall at the residual Adds (inside a block the skip tensor stays live), in a chain after
+every layer whose output kept its shape. Constants (initializers, Constant nodes, and what
+:func:`constant` sees through) never count as live. A block's *parameters* are the initializers
+only it reads: float weights (input 1) and biases (input 2) of Conv/ConvTranspose/Gemm/MatMul,
+and the integer codes a DequantizeLinear reads (quantized weights and biases).
 
     x ─ Conv ─ Clip ─ Conv ─ Clip ─ Conv ─ Add ─ y        cuts: x, y (the skip keeps x live)
     └──────────────────────────────────────┘
@@ -27,7 +28,7 @@ from onnxshrink import marks
 from onnxshrink.irtools import const_array
 from onnxshrink.reconstruct.scales import is_activation_q
 
-__all__ = ["Block", "constant", "find_blocks", "kept_of", "live_cuts", "merge"]
+__all__ = ["Block", "constant", "find_blocks", "kept_of", "live_cuts", "merge", "scale_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # ops whose output channel c comes from input channel c (or the same c of every input)
 _CHANNELWISE = ("Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish")
 _CHANNELWISE += ("LeakyRelu", "Identity", "MaxPool", "AveragePool", "BatchNormalization")
+# ops that carry a per-channel factor s > 0 through: f(s·x) = s·f(x) (a Clip(0, u) on the data
+# the rescaling was chosen on), Q/DQ on a grid set for the rescaled values
+_HOMOGENEOUS = ("Relu", "Clip", "LeakyRelu", "Identity", "MaxPool", "AveragePool")
+_HOMOGENEOUS += ("QuantizeLinear", "DequantizeLinear")
 
 
 def constant(value: ir.Value) -> np.ndarray | None:
@@ -68,6 +73,22 @@ def kept_of(value: ir.Value) -> np.ndarray | None:
     return None
 
 
+def scale_of(value: ir.Value) -> tuple[np.ndarray, int] | None:
+    """(s, axis): ``value`` is s_c times the original's tensor in channel c of ``axis`` -- the
+    ``channel_scale`` mark of the node that made it, followed back through positively
+    homogeneous ops; None: as the original's (or unknown)."""
+    for _ in range(64):
+        producer = value.producer()
+        if producer is None:
+            return None
+        if (scale := marks.channel_scale(producer)) is not None:
+            return scale, 1 if producer.op_type in ("Conv", "ConvTranspose") else -1
+        if producer.op_type not in _HOMOGENEOUS or not producer.inputs:
+            return None
+        value = producer.inputs[0]
+    return None
+
+
 @dataclasses.dataclass
 class Block:
     """Nodes ``nodes`` compute ``output`` from ``input`` (and constants); ``params``: the
@@ -78,10 +99,23 @@ class Block:
     nodes: list[ir.Node]
     params: list[ir.Value]
     channels: np.ndarray | None = None  # the teacher's channels of ``output`` (None: all)
+    scale: tuple | None = None  # (s, axis): ``output`` is s[c] times the teacher's channel c
 
     @property
     def name(self) -> str:
         return f"{self.input.name} -> {self.output.name}"
+
+    def as_student(self, y: np.ndarray) -> np.ndarray:
+        """The teacher's ``output`` values ``y`` as the student should compute them: its kept
+        channels, each times its scale (axis 1 of a Conv's output, the last axis otherwise)."""
+        if self.channels is not None:
+            y = y[:, self.channels]
+        if self.scale is not None:
+            s, axis = self.scale
+            shape = [1] * y.ndim
+            shape[axis] = -1
+            y = (y * s.reshape(shape)).astype(y.dtype)
+        return np.ascontiguousarray(y)
 
 
 def live_cuts(model: ir.Model) -> list[tuple[int, ir.Value]]:
@@ -167,6 +201,10 @@ def find_blocks(
         mine, theirs = shapes.get(v.name), teacher_shapes.get(v.name)
         if mine is None or theirs is None:
             continue
+        if (scale := scale_of(v)) is not None and (
+            not mine or scale[0].size != mine[0 if scale[1] == 1 else -1]
+        ):
+            continue  # rescaled, but not along an axis of this size: no known relation
         if mine == theirs:
             cuts.append((i, v, None))
         elif (kept := kept_of(v)) is not None and len(mine) == len(theirs) >= 1:
@@ -175,7 +213,7 @@ def find_blocks(
     blocks = []
     for (a, x, _), (b, y, kept) in zip(cuts, cuts[1:]):
         inner = nodes[a + 1 : b + 1]
-        blocks.append(Block(x, y, inner, _params(inner), kept))
+        blocks.append(Block(x, y, inner, _params(inner), kept, scale_of(y)))
     return blocks
 
 
@@ -197,4 +235,4 @@ def merge(blocks: list[Block], span: int) -> list[Block]:
 def _join(run: list[Block]) -> Block:
     nodes = [n for b in run for n in b.nodes]
     params = [p for b in run for p in b.params]
-    return Block(run[0].input, run[-1].output, nodes, params, run[-1].channels)
+    return Block(run[0].input, run[-1].output, nodes, params, run[-1].channels, run[-1].scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 import onnxshrink
 from tests.helpers import ort_run
@@ -64,13 +65,15 @@ def test_distill_refuses_quantized_layers_and_random_data(digits_model, digits_c
     assert "random data" in rep.passes[0].skipped[0].reason
 
 
-def test_distill_on_an_unchanged_model_changes_nothing(digits_model, digits_calib):
+@pytest.mark.parametrize("rescale", [[], ["equalize"]])
+def test_distill_on_an_unchanged_model_changes_nothing(digits_model, digits_calib, rescale):
     original = onnx.load(str(digits_model))
     out, rep = onnxshrink.compress(
-        original, ["fold-batchnorm", "distill"], data=str(digits_calib), progress=False
+        original, ["fold-batchnorm", *rescale, "distill"], data=str(digits_calib), progress=False
     )
     # the student is the teacher: every layer's held-out error is 0 already, no re-fit beats it,
-    # so every layer is kept as it was (skipped with that reason) and the pass changes nothing
+    # so every layer is kept as it was (skipped with that reason) and the pass changes nothing;
+    # equalized layers too: their targets are the original's outputs times their factors
     rec = rep.passes[-1]
     assert rec.status == "unchanged" and rec.changed == []
     layers = rec.details["layers"]

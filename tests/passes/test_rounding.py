@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxshrink import marks
 from onnxshrink.analysis.balance import apply_balance, balance_pairs, choose_alpha
 from onnxshrink.analysis.rounding import hessian_round, output_error
 from onnxshrink.passes.cluster_weights import ClusterWeightsPass
@@ -141,6 +142,9 @@ def test_balance_is_exact_on_calibration_data():
     r2 = np.clip(ort_run(_with_output(balanced, "d"), {"x": x})[1], 0, 6)
     s2 = apply_balance(m.graph, pairs[1], np.abs(r2).max((0, 2, 3)), 0.5)
     assert s2.max() > 1.0
+    # each producer records its factors, for the fits that compare it with the original
+    np.testing.assert_allclose(marks.channel_scale(pairs[0].producer), s, rtol=1e-7)
+    np.testing.assert_allclose(marks.channel_scale(pairs[1].producer), s2, rtol=1e-7)
     np.testing.assert_allclose(ort_run(ir.to_proto(m), {"x": x})[0], e, rtol=1e-4, atol=1e-5)
 
 
