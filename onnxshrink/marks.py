@@ -6,8 +6,8 @@
   model: :func:`strip` removes it from the result.
 * ``onnxshrink.channel_scale`` (balance, equalize, smoothing -> distill, reconstruct): on a node
   whose output channels were rescaled by a rewrite exact in float (its readers divide them
-  back), the factors s_c: its output is s_c times the original's in channel c (axis 1 of a Conv,
-  the last axis otherwise), composed over rescalings and pruning. A fit against the original
+  back), the factors s_c: its output is s_c times the original's in channel c (of
+  :func:`channel_axis`), composed over rescalings and pruning. A fit against the original
   must compare s_c·y, or it undoes the rescaling its readers still assume. Run-only too.
 * ``onnxshrink.lowrank`` (lowrank -> lowrank): on each plain low-rank factor, so it is never
   factorised again, in this run or a later one: it stays in the file.
@@ -22,6 +22,7 @@ __all__ = [
     "CHANNEL_SCALE",
     "KEPT_CHANNELS",
     "LOWRANK_FACTOR",
+    "channel_axis",
     "channel_scale",
     "is_factor",
     "keep_channels",
@@ -55,6 +56,12 @@ def channel_scale(node: ir.Node) -> np.ndarray | None:
     """s_c: ``node``'s output channel c is s_c times the original's; None if never rescaled."""
     scale = node.metadata_props.get(CHANNEL_SCALE)
     return None if not scale else np.array([float(x) for x in scale.split(",")])
+
+
+def channel_axis(node: ir.Node) -> int:
+    """The axis of ``node``'s output channels that ``channel_scale`` counts: NCHW's for a
+    convolution, the last otherwise (Gemm, MatMul, LayerNormalization)."""
+    return 1 if node.op_type in ("Conv", "ConvTranspose") else -1
 
 
 def scale_channels(node: ir.Node, s: np.ndarray) -> None:

@@ -361,22 +361,26 @@ def _rows(
     """(X, Y) rows of one batch: sampled im2col patches for a Conv, samples for Gemm/MatMul
     (sampled positions for a batched MatMul). Y: the teacher's kept channels, each times the
     node's ``channel_scale`` mark (its readers divide a rescaled channel back)."""
-    axis = 1 if node.op_type == "Conv" else -1  # the output channels: NCHW's, or the last axis
+    axis = marks.channel_axis(node)
     keep = np.setdiff1d(np.arange(y.shape[axis]), removed_out if removed_out is not None else [])
     scale = marks.channel_scale(node)
-    scale = np.ones(len(keep)) if scale is None or scale.size != len(keep) else scale
+    if scale is not None and scale.size != len(keep):
+        scale = None  # not a factor per kept channel: no known relation, compared as it is
     if node.op_type == "Conv":
         w = const_array(node.inputs[1])
         total = y.shape[0] * y.shape[2] * y.shape[3]
         idx = np.sort(rng.choice(total, min(rows, total), replace=False))
         ni, hi, wi = np.unravel_index(idx, (y.shape[0], y.shape[2], y.shape[3]))
-        X, Y = conv_patches(x, node, (w.shape[2], w.shape[3]), idx), y[ni, :, hi, wi][:, keep]
-        Y = (Y * scale).astype(Y.dtype)
+        X = conv_patches(x, node, (w.shape[2], w.shape[3]), idx)
+        Y = _times(y[ni, :, hi, wi][:, keep], scale)
         g = _groups(node)  # channel-major patches: group i's inputs are one contiguous block
         return (X.reshape(len(idx), g, -1), Y.reshape(len(idx), g, -1)) if g > 1 else (X, Y)
     if x.ndim > 2:  # a batched MatMul [..., K] @ [K, M]: every leading position is a row
         X, Y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         idx = np.sort(rng.choice(len(X), min(rows, len(X)), replace=False))
-        return X[idx], (Y[idx][:, keep] * scale).astype(Y.dtype)
-    Y = y.reshape(y.shape[0], -1)[:, keep]
-    return x.reshape(x.shape[0], -1), (Y * scale).astype(Y.dtype)
+        return X[idx], _times(Y[idx][:, keep], scale)
+    return x.reshape(x.shape[0], -1), _times(y.reshape(y.shape[0], -1)[:, keep], scale)
+
+
+def _times(Y: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    return Y if scale is None else (Y * scale).astype(Y.dtype)

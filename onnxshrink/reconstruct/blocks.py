@@ -82,7 +82,7 @@ def scale_of(value: ir.Value) -> tuple[np.ndarray, int] | None:
         if producer is None:
             return None
         if (scale := marks.channel_scale(producer)) is not None:
-            return scale, 1 if producer.op_type in ("Conv", "ConvTranspose") else -1
+            return scale, marks.channel_axis(producer)
         if producer.op_type not in _HOMOGENEOUS or not producer.inputs:
             return None
         value = producer.inputs[0]
@@ -107,7 +107,7 @@ class Block:
 
     def as_student(self, y: np.ndarray) -> np.ndarray:
         """The teacher's ``output`` values ``y`` as the student should compute them: its kept
-        channels, each times its scale (axis 1 of a Conv's output, the last axis otherwise)."""
+        channels, each times its scale (along :func:`onnxshrink.marks.channel_axis`)."""
         if self.channels is not None:
             y = y[:, self.channels]
         if self.scale is not None:
@@ -206,14 +206,14 @@ def find_blocks(
         ):
             continue  # rescaled, but not along an axis of this size: no known relation
         if mine == theirs:
-            cuts.append((i, v, None))
+            cuts.append((i, v, None, scale))
         elif (kept := kept_of(v)) is not None and len(mine) == len(theirs) >= 1:
             if mine == (len(kept), *theirs[1:]) and kept.max() < theirs[0]:
-                cuts.append((i, v, kept))
+                cuts.append((i, v, kept, scale))
     blocks = []
-    for (a, x, _), (b, y, kept) in zip(cuts, cuts[1:]):
+    for (a, x, _, _), (b, y, kept, scale) in zip(cuts, cuts[1:]):
         inner = nodes[a + 1 : b + 1]
-        blocks.append(Block(x, y, inner, _params(inner), kept, scale_of(y)))
+        blocks.append(Block(x, y, inner, _params(inner), kept, scale))
     return blocks
 
 
