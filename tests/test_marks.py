@@ -29,6 +29,13 @@ def test_channel_scales_compose_and_follow_pruning():
     assert marks.kept_channels(node).tolist() == [1, 3]
 
 
+def test_the_scaled_channels_are_nchws_for_a_convolution_the_last_axis_otherwise():
+    assert marks.channel_axis(ir.node("Conv", [])) == 1
+    assert marks.channel_axis(ir.node("ConvTranspose", [])) == 1
+    for op in ("Gemm", "MatMul", "LayerNormalization"):
+        assert marks.channel_axis(ir.node(op, [])) == -1
+
+
 def test_run_only_marks_do_not_reach_the_file_lasting_ones_do(tmp_path, digits_model, digits_calib):
     out = tmp_path / "p.onnx"
     _, report = onnxshrink.compress(
