@@ -29,15 +29,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import DataError, first_line
+from onnxshrink.random_data import random_arrays
 
 __all__ = ["InputSpec", "Dataset", "ImageOptions", "input_specs", "load_data"]
 
 logger = logging.getLogger(__name__)
 
-_SEED = 20240229
 _MAX_BATCH = 16
 MAX_RANDOM = 4096  # random:N samples at most
-_RANDOM_BYTES = 1 << 31  # and at most 2 GiB of them
 MAX_DATA_BYTES = 4 << 30  # arrays of a .npz, decompressed
 
 
@@ -206,7 +205,7 @@ def load_data(
                 f"--data random:{n}: at most random:{MAX_RANDOM} (calibration uses a few "
                 "hundred samples, validation 64)"
             )
-        return _random(specs, n)
+        return Dataset(random_arrays(specs, n), specs, f"random:{n}", is_random=True)
     path = Path(text)
     if not path.exists():
         raise DataError(
@@ -269,46 +268,6 @@ def _check_headers(z, specs: list[InputSpec], source: str) -> None:
             "GiB; "
             "calibration uses a few hundred samples)"
         )
-
-
-def _random(specs: list[InputSpec], n: int) -> Dataset:
-    if n <= 0:
-        raise DataError("random:N needs N >= 1")
-    rng = np.random.default_rng(_SEED)
-    arrays = {}
-    for s in specs:
-        dims = list(s.dims)
-        for axis, d in enumerate(dims):
-            if d is None:
-                if axis == 0:
-                    dims[0] = 1
-                else:
-                    raise DataError(
-                        f"input '{s.name}' has a dynamic dimension "
-                        f"'{s.dim_names[axis] or '?'}' (axis {axis}); random data cannot guess "
-                        "its size: give --data with real samples"
-                    )
-        if (
-            any(d < 1 for d in dims[1:])
-            or np.prod(dims[1:], dtype=np.float64) * n * 4 > _RANDOM_BYTES
-        ):
-            raise DataError(
-                f"input '{s.name}' has shape {list(s.dims)}: random data cannot fill "
-                f"{n} samples of it (at most {_RANDOM_BYTES >> 30} GiB); give --data"
-            )
-        shape = (n, *dims[1:]) if dims else (n,)
-        if np.issubdtype(s.dtype, np.floating):
-            arr = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype, copy=False)
-        elif s.dtype == np.bool_:
-            arr = rng.integers(0, 2, shape).astype(np.bool_)
-        elif np.issubdtype(s.dtype, np.integer):
-            arr = rng.integers(0, 2, shape).astype(s.dtype)
-        else:
-            raise DataError(f"input '{s.name}' has dtype {s.dtype}: random data cannot fill it")
-        arrays[s.name] = arr
-    if not specs or not specs[0].dims:
-        raise DataError("random data needs inputs with a batch axis")
-    return Dataset(arrays, specs, f"random:{n}", is_random=True)
 
 
 def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> Dataset:
