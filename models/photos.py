@@ -8,7 +8,8 @@ shorter side is resized to 224, 256, 320 and 400 pixels, and at each scale the c
 four corners are cropped (20 crops per photo), then normalised with ImageNet's mean and std,
 NCHW float32.
 
-The split is **by photo**: no photo has crops in both parts.
+The split is **by photo**: no photo has crops in both parts. Each file's ``groups`` names the
+photo of every crop, so ``compress``'s own validation also holds out whole photos.
 
 * calibration: china, astronaut, coffee, motorcycle, hubble, camera, coins, grass   (160 crops)
 * evaluation:  flower, chelsea, rocket, retina, ihc, moon, clock, gravel, brick     (180 crops)
@@ -94,19 +95,29 @@ def normalise(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def _has_groups(path: Path) -> bool:
+    """Whether ``path`` exists and names each crop's photo (files of before 2026-12-07 do not)."""
+    if not path.exists():
+        return False
+    with np.load(path) as z:
+        return "groups" in z.files
+
+
 def build(force: bool = False) -> dict[str, Path]:
-    """Builds (once) ``photos_calib.npz`` and ``photos_eval.npz`` (key ``input``)."""
+    """Builds (once) ``photos_calib.npz`` and ``photos_eval.npz``: key ``input``, and ``groups``,
+    each crop's photo, so that ``compress`` validates on whole photos."""
     out = cache_dir() / "photos"
     out.mkdir(exist_ok=True)
     paths = {"calib": out / "photos_calib.npz", "eval": out / "photos_eval.npz"}
-    if not force and all(p.exists() for p in paths.values()):
+    if not force and all(_has_groups(p) for p in paths.values()):
         return paths
     imgs = photos()
     assert not set(CALIBRATION) & set(EVALUATION)
     for key, names in (("calib", CALIBRATION), ("eval", EVALUATION)):
         batch = np.stack([c for n in names for c in crops(imgs[n])])
+        groups = np.repeat(np.array(names), len(batch) // len(names))  # the photo of each crop
         tmp = paths[key].with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, input=normalise(batch))
+        np.savez_compressed(tmp, input=normalise(batch), groups=groups)
         tmp.replace(paths[key])
     return paths
 

@@ -65,8 +65,9 @@ def compress(
         output: where to write the result (atomically); required when ``model`` is a path.
         strict: raise :class:`~onnxshrink.errors.ValidationError` when a pass is rolled back.
         validate_samples: how many samples of ``data`` validation runs on.
-        holdout: share of real ``data`` (the last samples) kept out of calibration and used for
-            validation, so data-fitted passes are judged on inputs they did not fit; 0 (or
+        holdout: share of real ``data`` (the last samples; whole groups when the data gives
+            ``groups``) kept out of calibration and used for validation, so data-fitted passes
+            are judged on inputs they did not fit; 0 (or
             fewer than 8 samples, or random data) validates on the calibration data itself.
         progress: show progress bars (on a terminal).
         target: ``"speedup=2"``, ``"macs=0.5"``, ``"size=0.25"`` or ``"latency-ms=5"``: after
@@ -122,6 +123,8 @@ def compress(
             f"{dataset.source}: {calibration.n_samples} calibration + "
             f"{validation.n_samples} held-out validation samples"
         )
+        if (groups := dataset.n_groups()) and groups > 1:
+            source += f" ({calibration.n_groups()} + {validation.n_groups()} whole groups)"
     else:
         calibration = validation = dataset
         source = f"{dataset.source}: {dataset.n_samples} samples (calibration = validation)"

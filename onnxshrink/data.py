@@ -2,7 +2,8 @@
 
 Accepted forms (first axis = samples everywhere):
 
-* ``.npz`` -- one array per model input, keyed by input name;
+* ``.npz`` -- one array per model input, keyed by input name, and optionally ``groups``, a
+  label per sample: validation holds out whole groups (:mod:`onnxshrink.holdout`);
 * ``.npy`` -- one array, for single-input models;
 * a folder of images -- resized (shorter side to ``image_size / 0.875``), centre-cropped to
   ``image_size``, scaled to [0, 1], normalised with ``mean``/``std``, laid out NCHW or NHWC;
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxshrink import holdout as holdout_rules
 from onnxshrink.errors import DataError, first_line
 from onnxshrink.random_data import random_arrays
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 _MAX_BATCH = 16
 MAX_RANDOM = 4096  # random:N samples at most
 MAX_DATA_BYTES = 4 << 30  # arrays of a .npz, decompressed
+GROUPS = "groups"  # the optional key of a label per sample (see onnxshrink.holdout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Dataset:
     is_random: bool = False
     per_sample_batch: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)  # conversions made, for the report
+    groups: np.ndarray | None = None  # a label per sample: validation takes whole groups
 
     @property
     def n_samples(self) -> int:
@@ -126,30 +130,39 @@ class Dataset:
     def subset(self, indices: np.ndarray | list[int] | slice, source: str | None = None) -> Dataset:
         idx = indices if isinstance(indices, slice) else np.asarray(indices)
         return dataclasses.replace(
-            self, arrays={k: v[idx] for k, v in self.arrays.items()}, source=source or self.source
+            self,
+            arrays={k: v[idx] for k, v in self.arrays.items()},
+            source=source or self.source,
+            groups=None if self.groups is None else self.groups[idx],
         )
 
     def split(self, holdout: float) -> tuple[Dataset, Dataset]:
-        """(calibration, validation): the last ``holdout`` share of the samples is held out.
+        """(calibration, validation): the last ``holdout`` share of the samples is held out,
+        whole groups when the data names them (:func:`onnxshrink.holdout.tail`).
 
         The tail, not a random draw: data files are often grouped (by photo, by speaker), and a
         contiguous hold-out then measures fidelity on inputs unlike those a pass fitted to.
         """
-        n = self.n_samples
-        k = _held_count(n, holdout)
+        held = holdout_rules.tail(self.n_samples, holdout, self.groups)
+        k, n = int(held.sum()), self.n_samples
         return (
-            self.subset(slice(0, n - k), f"{self.source} [first {n - k}]"),
-            self.subset(slice(n - k, n), f"{self.source} [last {k}]"),
+            self.subset(np.flatnonzero(~held), f"{self.source} [first {n - k}]"),
+            self.subset(np.flatnonzero(held), f"{self.source} [last {k}]"),
         )
 
     def spread(self, holdout: float) -> tuple[Dataset, int]:
         """(the samples with a ``holdout`` share of them moved to the end, how many): every
         k-th sample, spread over them all, so that every group of a grouped file has some held
-        out -- for early stopping, where :meth:`split`'s tail would stand for one group alone.
-        """
-        n = self.n_samples
-        out = np.unique(np.linspace(0, n - 1, _held_count(n, holdout)).round().astype(int))
-        return self.subset(np.concatenate([np.setdiff1d(np.arange(n), out), out])), len(out)
+        out -- for early stopping, where :meth:`split`'s tail would stand for one group alone
+        (:func:`onnxshrink.holdout.spread`)."""
+        held = holdout_rules.spread(self.n_samples, holdout)
+        return self.subset(np.concatenate([np.flatnonzero(~held), np.flatnonzero(held)])), int(
+            held.sum()
+        )
+
+    def n_groups(self) -> int | None:
+        """How many groups the data names (None: samples are not grouped)."""
+        return None if self.groups is None else len(np.unique(self.groups))
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """The concrete shape each input has when fed one batch of one sample."""
@@ -160,11 +173,6 @@ class Dataset:
                 tuple(arr.shape[1:]) if self.per_sample_batch else (1, *arr.shape[1:])
             )
         return shapes
-
-
-def _held_count(n: int, holdout: float) -> int:
-    """How many of ``n`` samples a ``holdout`` share holds out: at least one on each side."""
-    return min(n - 1, max(1, round(n * holdout)))
 
 
 def _parse_floats(text: str | tuple[float, ...] | list[float], what: str) -> tuple[float, ...]:
@@ -196,7 +204,7 @@ def load_data(
             raise DataError(f"a single array was given but the model has {len(specs)} inputs")
         return _check(dict({specs[0].name: spec}), specs, "array")
     if isinstance(spec, Mapping):
-        return _check(dict(spec), specs, "arrays")
+        return _grouped(dict(spec), specs, "arrays")
     text = os.fspath(spec)
     if m := re.fullmatch(r"random(?::(\d+))?", text):
         n = int(m.group(1) or default_random)
@@ -228,7 +236,7 @@ def load_data(
             raise
         except Exception as e:
             raise DataError(f"--data {path}: cannot read .npz: {first_line(e, 200)}") from e
-        return _check(arrays, specs, str(path))
+        return _grouped(arrays, specs, str(path))
     if path.suffix == ".npy":
         if len(specs) != 1:
             raise DataError(
@@ -268,6 +276,28 @@ def _check_headers(z, specs: list[InputSpec], source: str) -> None:
             "GiB; "
             "calibration uses a few hundred samples)"
         )
+
+
+def _grouped(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> Dataset:
+    """:func:`_check`, with the optional ``groups`` array (one label per sample, an integer or a
+    string; unless the model has an input of that name) taken out first and checked."""
+    if GROUPS not in arrays or any(s.name == GROUPS for s in specs):
+        return _check(arrays, specs, source)
+    groups = np.asarray(arrays.pop(GROUPS))
+    found = _check(arrays, specs, source)
+    if groups.ndim != 1 or len(groups) != found.n_samples or groups.dtype.kind not in "iubUS":
+        raise DataError(
+            f"--data {source}: '{GROUPS}' must be one integer or string label per sample "
+            f"({found.n_samples}), got {groups.dtype} of shape {list(groups.shape)}"
+        )
+    found.groups = groups
+    n = found.n_groups()
+    found.notes.append(
+        f"--data {source}: {n} groups; validation holds out whole groups"
+        if n > 1
+        else f"--data {source}: one group only; validation holds out single samples"
+    )
+    return found
 
 
 def _check(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> Dataset:
