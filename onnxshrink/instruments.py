@@ -110,7 +110,9 @@ class Validate(Instrument):
                 from onnxshrink.sweep import run_in_segments
 
                 with phase("validation: one segment at a time"):
-                    return run_in_segments(model, self.data, self.limit, progress=task)
+                    return run_in_segments(
+                        model, self.data, self.limit, progress=task, timeout=self.bound
+                    )
             sess = runtime.session(path, optimize=optimize)
             return runtime.run(sess, self.data, limit=self.limit, on_batch=task, timeout=self.bound)
         except runtime.RunTimeout as e:

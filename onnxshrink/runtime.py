@@ -20,7 +20,7 @@ import numpy as np
 from onnxshrink.data import Dataset
 from onnxshrink.timing import phase, timed
 
-__all__ = ["Outputs", "RunTimeout", "latency", "run", "session"]
+__all__ = ["Outputs", "RunTimeout", "bounded", "latency", "run", "session"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run(
     for feed in data.batches(limit):
         with phase("onnxruntime: run"):
             values = (
-                sess.run(names, feed) if timeout is None else _bounded(sess, names, feed, timeout)
+                sess.run(names, feed) if timeout is None else bounded(sess, names, feed, timeout)
             )
         outputs.append({n: np.asarray(v) for n, v in zip(names, values)})
         if on_batch is not None:
@@ -121,12 +121,16 @@ def run(
     return outputs
 
 
-def _bounded(sess, names, feed, timeout: float):
+def bounded(sess, names, feed, timeout: float, options=None):
+    """``sess.run`` stopped after ``timeout`` seconds (:class:`RunTimeout`); ``options``, the
+    run's own ``RunOptions`` if it has some."""
     import threading
 
     import onnxruntime as ort
 
-    options = ort.RunOptions()
+    options = options or ort.RunOptions()
+    if timeout <= 0:
+        raise RunTimeout("a batch took longer than its bound and was stopped")
     timer = threading.Timer(timeout, lambda: setattr(options, "terminate", True))
     timer.start()
     try:

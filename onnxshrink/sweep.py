@@ -16,6 +16,7 @@ segment that computes it, without a cut: changing it changes nothing downstream.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -86,9 +87,11 @@ class Sweep:
         watch: Sequence[str] = (),
         optimize: bool = True,
         progress=None,
+        timeout: float | None = None,
     ) -> None:
         self.model, self.data, self.samples = model, data, samples
         self.optimize, self.progress = optimize, progress
+        self.timeout = timeout  # seconds a batch may take through all segments
         self.nodes = list(model.graph)
         where = {}
         for i, node in enumerate(self.nodes):
@@ -119,6 +122,7 @@ class Sweep:
     def __iter__(self) -> Iterator[tuple[str, list[np.ndarray]]]:
         feeds = list(self.data.batches(self.samples))
         self._batches = len(feeds)
+        self._spent = [0.0] * len(feeds)  # seconds each batch has run so far
         n = self.data.n_samples
         self._samples = n if self.samples is None else min(self.samples, n)
         fed = [v.name for v in self.model.graph.inputs if feeds and v.name in feeds[0]]
@@ -160,9 +164,14 @@ class Sweep:
         with phase("onnxruntime: run"):
             for i in range(self._batches):
                 end = last and i == self._batches - 1
-                got = session.run(
-                    outputs, {n: live[n][i] for n in inputs}, _release() if end else None
-                )
+                feed, options = {n: live[n][i] for n in inputs}, _release() if end else None
+                if self.timeout is None:
+                    got = session.run(outputs, feed, options)
+                else:
+                    t0 = time.perf_counter()
+                    left = self.timeout - self._spent[i]
+                    got = runtime.bounded(session, outputs, feed, left, options)
+                    self._spent[i] += time.perf_counter() - t0
                 for name, arr in zip(outputs, got):
                     live.setdefault(name, []).append(arr)
 
@@ -212,11 +221,17 @@ class Sweep:
 
 
 def run_in_segments(
-    model: ir.Model, data, limit: int | None, budget: int = 1 << 28, progress=None
+    model: ir.Model,
+    data,
+    limit: int | None,
+    budget: int = 1 << 28,
+    progress=None,
+    timeout: float | None = None,
 ) -> list:
     """The model's outputs per batch (as :func:`onnxshrink.runtime.run` gives them), from a
     sweep cut wherever the weights read since the last cut pass ``budget`` bytes: each
-    session holds a segment's weights, never the whole model's (a model larger than memory)."""
+    session holds a segment's weights, never the whole model's (a model larger than memory).
+    ``timeout``: seconds a batch may take through all segments (:class:`RunTimeout`)."""
     cuts, held = [], 0
     for node in model.graph:
         held += sum(
@@ -226,6 +241,8 @@ def run_in_segments(
             cuts.append(node.outputs[0].name)
             held = 0
     names = [v.name for v in model.graph.outputs]
-    sweep = Sweep(model, [*cuts, *names], data, limit, optimize=False, progress=progress)
+    sweep = Sweep(
+        model, [*cuts, *names], data, limit, optimize=False, progress=progress, timeout=timeout
+    )
     got = {name: arrays for name, arrays in sweep if name in names}
     return [{n: got[n][i] for n in names} for i in range(len(got[names[0]]))]

@@ -530,13 +530,18 @@ def _endless_loop(path: Path) -> Path:
     return path
 
 
-def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("segments", [False, True], ids=["one-session", "in-segments"])
+def test_a_validation_run_that_never_ends_is_stopped(tmp_path, monkeypatch, capsys, segments):
+    """In one session, and one segment at a time as a model over 1 GiB runs: the bound holds
+    for the whole batch through all its segments."""
     import time
 
     from onnxshrink import instruments
 
     path = _endless_loop(tmp_path / "loop.onnx")
     monkeypatch.setattr(instruments, "ORIGINAL_BOUND", 2.0)  # 600 s by default
+    if segments:
+        monkeypatch.setattr(instruments, "LARGE_MODEL", -1)  # every model is "large"
     t0 = time.perf_counter()
     code = cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
