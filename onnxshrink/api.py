@@ -67,8 +67,8 @@ def compress(
         validate_samples: how many samples of ``data`` validation runs on.
         holdout: share of real ``data`` (the last samples; whole groups when the data gives
             ``groups``) kept out of calibration and used for validation, so data-fitted passes
-            are judged on inputs they did not fit; 0 (or
-            fewer than 8 samples, or random data) validates on the calibration data itself.
+            are judged on inputs they did not fit; 0 (or fewer than 8 samples, or random data)
+            validates on the calibration data itself.
         progress: show progress bars (on a terminal).
         target: ``"speedup=2"``, ``"macs=0.5"``, ``"size=0.25"`` or ``"latency-ms=5"``: after
             ``passes`` (default: the exact ones), search per-layer pruning, decomposition and

@@ -211,8 +211,10 @@ def _model(op, shapes, consts, opset, attrs, out=TensorProto.FLOAT, outs=1):
     return model, fed
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])  # reconstruct feeds the latter
 @pytest.mark.parametrize("op, shapes, consts, opset, attrs", CASES)
-def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
+def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs, layout):
+    attrs = dict(attrs)  # the case's own is shared by both layouts
     positive = attrs.pop("positive", False)
     out, outs = attrs.pop("out", TensorProto.FLOAT), attrs.pop("outs", 1)
     model, fed = _model(op, shapes, consts, opset, attrs, out, outs)
@@ -229,6 +231,14 @@ def test_op_matches_onnxruntime(op, shapes, consts, opset, attrs):
         else torch.from_numpy(np.array(v.const_value.numpy()))
         for v in node.inputs
     ]
+    if layout == "channels-last":  # a fed image batch in the layout fit_block gives it
+        fed_names = set(feed)
+        args = [
+            a.contiguous(memory_format=torch.channels_last)
+            if v.name in fed_names and a.ndim == 4
+            else a
+            for v, a in zip(node.inputs, args)
+        ]
     got = [t.detach().numpy() for t in run_node(node, args)]
     assert [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want):
