@@ -121,23 +121,25 @@ def run(
     return outputs
 
 
-def bounded(sess, names, feed, timeout: float, options=None):
+def bounded(sess, names, feed, timeout: float, options=None, bound: float | None = None):
     """``sess.run`` stopped after ``timeout`` seconds (:class:`RunTimeout`); ``options``, the
-    run's own ``RunOptions`` if it has some."""
+    run's own ``RunOptions`` if it has some; ``bound``, the batch's whole bound when ``timeout``
+    is what is left of it (a batch run one segment at a time), for the message."""
     import threading
 
     import onnxruntime as ort
 
     options = options or ort.RunOptions()
+    said = f"a batch took longer than {timeout if bound is None else bound:.0f} s and was stopped"
     if timeout <= 0:
-        raise RunTimeout("a batch took longer than its bound and was stopped")
+        raise RunTimeout(said)
     timer = threading.Timer(timeout, lambda: setattr(options, "terminate", True))
     timer.start()
     try:
         return sess.run(names, feed, options)
     except Exception as e:
         if options.terminate:
-            raise RunTimeout(f"a batch took longer than {timeout:.0f} s and was stopped") from e
+            raise RunTimeout(said) from e
         raise
     finally:
         timer.cancel()

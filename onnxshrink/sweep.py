@@ -170,7 +170,7 @@ class Sweep:
                 else:
                     t0 = time.perf_counter()
                     left = self.timeout - self._spent[i]
-                    got = runtime.bounded(session, outputs, feed, left, options)
+                    got = runtime.bounded(session, outputs, feed, left, options, self.timeout)
                     self._spent[i] += time.perf_counter() - t0
                 for name, arr in zip(outputs, got):
                     live.setdefault(name, []).append(arr)

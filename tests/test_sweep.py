@@ -160,3 +160,23 @@ def test_external_weights_and_a_whole_run_in_segments(tmp_path):
             assert a.keys() == b.keys()
             np.testing.assert_allclose(a["y"], b["y"], rtol=1e-6, atol=1e-6)
             np.testing.assert_array_equal(a["shape"], b["shape"])
+
+
+def test_a_batch_run_in_segments_is_stopped_at_its_bound(tmp_path):
+    """A Loop of 10^12 steps, run one segment at a time, ends at the batch's bound; once a
+    batch's earlier segments have used it up, the next is not started, and the message names
+    the whole bound, not what was left of it."""
+    import time
+
+    from onnxshrink import io, runtime
+    from onnxshrink.sweep import run_in_segments
+    from tests.test_hardening import _endless_loop
+
+    m = io.load(_endless_loop(tmp_path / "loop.onnx")).model
+    data = Dataset({"x": np.ones((2, 4), np.float32)}, input_specs(m), "test")
+    t0 = time.perf_counter()
+    with pytest.raises(runtime.RunTimeout, match="longer than 2 s"):
+        run_in_segments(m, data, None, budget=0, timeout=2.0)
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(runtime.RunTimeout, match="longer than 30 s"):
+        runtime.bounded(None, [], {}, 0.0, bound=30.0)  # nothing left: not started
